@@ -1,0 +1,312 @@
+"""Opening a cache, reading features for any set of members, and adding arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+
+from cache import layout
+from cache.errors import CacheError
+from cache.writer import FeatureWriter
+
+# zarr warns that consolidated metadata is not in the v3 spec yet; we rely on it
+# only as a read-side speed-up and rewrite it after every stage.
+warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+
+
+def open(path: str, mode: str = "r", storage_options: dict | None = None) -> Cache:  # noqa: A001
+    """Open the cache at ``path`` (a local path or any fsspec URL zarr accepts).
+
+    ``mode`` is ``"r"`` to read, ``"a"`` to read and add arrays (created if absent).
+    """
+    if mode not in ("r", "a"):
+        raise CacheError(f"unknown mode {mode!r}; choose 'r' or 'a'")
+    try:
+        if mode == "r":
+            group = zarr.open_group(store=path, mode="r", storage_options=storage_options)
+        else:
+            # Writers never trust consolidated metadata: it may be stale.
+            group = zarr.open_group(store=path, mode="a", use_consolidated=False, storage_options=storage_options)
+            group.attrs.setdefault("format_version", layout.FORMAT_VERSION)
+    except FileNotFoundError:
+        raise CacheError(f"no feature cache at {path}: run `timecat extract` first") from None
+    version = group.attrs.get("format_version")
+    if version != layout.FORMAT_VERSION:
+        raise CacheError(f"{path} is not a timecat cache of format {layout.FORMAT_VERSION} (found {version!r})")
+    return Cache(group, path, mode)
+
+
+def labels_digest(labels: np.ndarray) -> str:
+    """sha256 of a label vector, stored with each member to prove row agreement."""
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()
+
+
+class Cache:
+    """A feature cache: datasets -> splits -> labels and one array per member."""
+
+    def __init__(self, group: zarr.Group, path: str, mode: str):
+        self.group = group
+        self.path = path
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        return f"Cache({self.path!r}, datasets={self.datasets()})"
+
+    # -- listing ---------------------------------------------------------------
+
+    def datasets(self) -> list[str]:
+        """Dataset names in the cache."""
+        return sorted(name for name, _ in self.group.groups())
+
+    def splits(self, dataset: str) -> list[str]:
+        """Split names cached for ``dataset``."""
+        ds = self._group(dataset)
+        return sorted(name for name, _ in ds.groups())
+
+    def members(self, dataset: str, split: str, complete_only: bool = False) -> list[str]:
+        """Members with an array for this split (only complete ones if asked)."""
+        path = layout.features_group(dataset, split)
+        if path not in self.group:
+            return []
+        names = sorted(name for name, _ in self.group[path].arrays())
+        if complete_only:
+            names = [m for m in names if self.status(dataset, split, m) == layout.STATUS_COMPLETE]
+        return names
+
+    def summary(self) -> list[dict]:
+        """One row per (dataset, split, member): shape, dtype, status and provenance."""
+        rows = []
+        for dataset in self.datasets():
+            for split in self.splits(dataset):
+                for member in self.members(dataset, split):
+                    array = self._features_array(dataset, split, member)
+                    rows.append(
+                        {
+                            "dataset": dataset,
+                            "split": split,
+                            "member": member,
+                            "rows": array.shape[0],
+                            "dim": array.shape[1],
+                            "dtype": str(array.dtype),
+                            "status": array.attrs.get("status"),
+                            "provenance": dict(array.attrs.get("provenance", {})),
+                        }
+                    )
+        return rows
+
+    # -- reading ---------------------------------------------------------------
+
+    def labels(self, dataset: str, split: str) -> np.ndarray:
+        """The (n,) int64 labels of a split, in dataset order."""
+        return self._labels_array(dataset, split)[:]
+
+    def split_attrs(self, dataset: str, split: str) -> dict:
+        """Attributes of a split's labels: fingerprint, classes, rows."""
+        return dict(self._labels_array(dataset, split).attrs)
+
+    def status(self, dataset: str, split: str, member: str) -> str:
+        """``writing`` or ``complete``."""
+        return self._features_array(dataset, split, member).attrs.get("status")
+
+    def provenance(self, dataset: str, split: str, member: str) -> dict:
+        """Where a member's features came from: checkpoint sha256, arch, preprocessing..."""
+        return dict(self._features_array(dataset, split, member).attrs.get("provenance", {}))
+
+    def dim(self, dataset: str, split: str, member: str) -> int:
+        """Feature width of one member."""
+        return self._features_array(dataset, split, member).shape[1]
+
+    def check_members(self, dataset: str, split: str, members: Sequence[str]) -> list[zarr.Array]:
+        """Refuse, by name, members that are unknown, unfinished or from other rows."""
+        if not members:
+            raise CacheError("no members given: pass at least one member name")
+        if len(set(members)) != len(members):
+            raise CacheError(f"a member is named twice in {list(members)}")
+        available = self.members(dataset, split)
+        unknown = [m for m in members if m not in available]
+        if unknown:
+            raise CacheError(
+                f"unknown member(s) {unknown} for {dataset}/{split}; "
+                f"available: {available or 'none (run `timecat extract`)'}"
+            )
+        split_attrs = self.split_attrs(dataset, split)
+        digest = split_attrs.get("labels_sha256")
+        arrays = []
+        for m in members:
+            array = self._features_array(dataset, split, m)
+            status = array.attrs.get("status")
+            if status != layout.STATUS_COMPLETE:
+                raise CacheError(f"member {m} is {status!r} for {dataset}/{split}: rerun `timecat extract` for it")
+            prov = array.attrs.get("provenance", {})
+            if array.shape[0] != split_attrs.get("rows"):
+                raise CacheError(f"member {m} has {array.shape[0]} rows, the split has {split_attrs.get('rows')}")
+            if prov.get("labels_sha256") != digest:
+                raise CacheError(f"member {m} was extracted with other labels than {dataset}/{split}")
+            if prov.get("dataset_fingerprint") != split_attrs.get("fingerprint"):
+                raise CacheError(
+                    f"member {m} was extracted from a different {dataset}/{split} "
+                    f"(fingerprint {prov.get('dataset_fingerprint')} vs {split_attrs.get('fingerprint')})"
+                )
+            arrays.append(array)
+        return arrays
+
+    def features(self, dataset: str, split: str, members: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Concatenate members' features: ``(X float32 (n, sum of d), y int64 (n,))``.
+
+        X is allocated once and each member fills its own column block in place:
+        an ``np.hstack`` of per-member arrays would double peak memory and was
+        4-10x slower (REFERENCE.md).
+        """
+        arrays = self.check_members(dataset, split, members)
+        n = arrays[0].shape[0]
+        X = np.empty((n, sum(a.shape[1] for a in arrays)), dtype=np.float32)
+        col = 0
+        for member, array in zip(members, arrays, strict=True):
+            block = X[:, col : col + array.shape[1]]
+            _read_into(array, slice(0, n), block)
+            if np.isnan(block).any():
+                raise CacheError(f"member {member} holds NaN rows in {dataset}/{split}: re-extract it")
+            col += array.shape[1]
+        return X, self.labels(dataset, split)
+
+    def iter_rows(
+        self, dataset: str, split: str, members: Sequence[str], block_rows: int | None = None
+    ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """Yield ``(rows, X_block, y_block)`` over the concatenation, for data larger than RAM.
+
+        ``block_rows`` defaults to one chunk of the first member.
+        """
+        arrays = self.check_members(dataset, split, members)
+        n = arrays[0].shape[0]
+        step = block_rows or arrays[0].chunks[0]
+        labels = self._labels_array(dataset, split)
+        width = sum(a.shape[1] for a in arrays)
+        for start in range(0, n, step):
+            rows = slice(start, min(n, start + step))
+            X = np.empty((rows.stop - rows.start, width), dtype=np.float32)
+            col = 0
+            for array in arrays:
+                _read_into(array, rows, X[:, col : col + array.shape[1]])
+                col += array.shape[1]
+            yield rows, X, labels[rows]
+
+    # -- writing ---------------------------------------------------------------
+
+    def write_labels(self, dataset: str, split: str, labels: np.ndarray, fingerprint: str, classes: list[str]) -> None:
+        """Store a split's labels once; later calls must agree with them exactly."""
+        self._require_writable()
+        layout.check_name("dataset", dataset)
+        layout.check_name("split", split)
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        path = layout.labels_path(dataset, split)
+        if path in self.group:
+            attrs = self.split_attrs(dataset, split)
+            if attrs.get("fingerprint") != fingerprint or attrs.get("labels_sha256") != labels_digest(labels):
+                raise CacheError(
+                    f"{dataset}/{split} is cached from a different dataset (fingerprint "
+                    f"{attrs.get('fingerprint')}, now {fingerprint}); use a new cache path or delete "
+                    f"{self.path}/{dataset}/{split}"
+                )
+            return
+        array = self.group.create_array(path, shape=labels.shape, chunks=(1 << 20,), dtype=np.int64)
+        array[:] = labels
+        array.attrs.update(
+            {
+                "fingerprint": fingerprint,
+                "labels_sha256": labels_digest(labels),
+                "rows": len(labels),
+                "classes": list(classes),
+            }
+        )
+
+    def create_features(
+        self,
+        dataset: str,
+        split: str,
+        member: str,
+        dim: int,
+        provenance: dict,
+        dtype: str = "float32",
+        compression: layout.Compression = layout.Compression.ZSTD,
+    ) -> FeatureWriter:
+        """Create (or replace) a member's array, status ``writing``, and return its writer."""
+        self._require_writable()
+        layout.check_name("member", member)
+        if layout.labels_path(dataset, split) not in self.group:
+            raise CacheError(f"write the labels of {dataset}/{split} before any member's features")
+        rows = self.split_attrs(dataset, split)["rows"]
+        np_dtype = layout.resolve_dtype(dtype)
+        compressors = [ZstdCodec(level=1)] if compression is layout.Compression.ZSTD else None
+        array = self.group.create_array(
+            layout.features_path(dataset, split, member),
+            shape=(rows, dim),
+            chunks=(layout.chunk_rows(dim, dtype), dim),
+            dtype=np_dtype,
+            fill_value=np.nan,  # unwritten chunks read as NaN, so gaps cannot hide
+            compressors=compressors,
+            overwrite=True,
+        )
+        prov = dict(provenance)
+        prov["labels_sha256"] = self.split_attrs(dataset, split)["labels_sha256"]
+        array.attrs.update({"status": layout.STATUS_WRITING, "provenance": prov})
+        return FeatureWriter(array)
+
+    def finish_features(self, dataset: str, split: str, member: str) -> None:
+        """Check every row is written (no NaN) and mark the member ``complete``."""
+        self._require_writable()
+        array = self._features_array(dataset, split, member)
+        step = array.chunks[0]
+        for start in range(0, array.shape[0], step):
+            if np.isnan(array[start : start + step]).any():
+                raise CacheError(
+                    f"member {member} of {dataset}/{split} has unwritten or NaN rows at {start}; it stays 'writing'"
+                )
+        array.attrs["status"] = layout.STATUS_COMPLETE
+
+    def consolidate(self) -> None:
+        """Rewrite consolidated metadata so readers see every array added since."""
+        self._require_writable()
+        zarr.consolidate_metadata(self.group.store)
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _require_writable(self) -> None:
+        if self.mode != "a":
+            raise CacheError(f"cache {self.path} is open read-only; open it with mode='a' to write")
+
+    def _group(self, dataset: str) -> zarr.Group:
+        if dataset not in self.group:
+            raise CacheError(f"dataset {dataset!r} is not in the cache; cached: {self.datasets() or 'none'}")
+        return self.group[dataset]
+
+    def _labels_array(self, dataset: str, split: str) -> zarr.Array:
+        self._group(dataset)
+        path = layout.labels_path(dataset, split)
+        if path not in self.group:
+            raise CacheError(f"split {split!r} of {dataset} is not cached; cached: {self.splits(dataset)}")
+        return self.group[path]
+
+    def _features_array(self, dataset: str, split: str, member: str) -> zarr.Array:
+        path = layout.features_path(dataset, split, member)
+        if path not in self.group:
+            raise CacheError(
+                f"member {member!r} has no features for {dataset}/{split}; "
+                f"available: {self.members(dataset, split) or 'none'}"
+            )
+        return self.group[path]
+
+
+def _read_into(array: zarr.Array, rows: slice, out: np.ndarray) -> None:
+    """Decode ``array[rows]`` straight into ``out`` (a column-block view), no temporary copy."""
+    if array.dtype != out.dtype:
+        # Widening float16 needs a temporary of the block anyway.
+        out[...] = array[rows]
+        return
+    buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
+    array.get_basic_selection((rows, slice(None)), out=buffer)
