@@ -1,0 +1,72 @@
+"""A member's checkpoint: one dict, written atomically, loaded strictly.
+
+    {"model": state_dict, "optimizer": state_dict, "member": MemberConfig fields,
+     "step": int, "complete": bool, "num_classes": int, "preprocess": Preprocess fields,
+     "dataset_fingerprint": str, "timecat_version": str}
+
+Loading uses ``weights_only=True``: a checkpoint is a pickle, and may come from a stranger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import TimecatError
+from pipeline.models import Classifier, build
+
+
+def save(path: Path, payload: dict) -> None:
+    """Write ``payload`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: Path) -> dict:
+    """Read a checkpoint dict (tensors and plain values only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TimecatError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a corrupt or unsafe file
+        raise TimecatError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or "model" not in payload or "member" not in payload:
+        raise TimecatError(f"{path}: not a timecat checkpoint (expected a dict with 'model' and 'member')")
+    return payload
+
+
+def sha256(path: Path, block: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
+    """``load_state_dict`` that names every missing and unexpected key on failure."""
+    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+    if missing or unexpected:
+        raise TimecatError(
+            f"{source}: weights do not fit the architecture; missing {sorted(missing)[:10]} "
+            f"({len(missing)} in all), unexpected {sorted(unexpected)[:10]} ({len(unexpected)} in all)"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(payload: dict, source: str) -> Classifier:
+    """Rebuild a member's classifier from its checkpoint (architecture from the checkpoint, not flags)."""
+    model = build(payload["member"]["arch"], payload["num_classes"])
+    load_state_strict(model, payload["model"], source)
+    return model

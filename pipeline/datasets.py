@@ -1,0 +1,368 @@
+"""Where each dataset's images and labels come from, as indexable splits.
+
+Every reader returns the same thing, ``{"train": Split, "test": Split}``, so the
+rest of the pipeline never branches on the dataset. The registry ``DATASETS``
+is looked up by exact name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import TimecatError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # package dataset-fashion-mnist
+DIGITS_SPLIT_SEED = 0  # fixed so every machine gets the same digits train/test split
+DIGITS_TEST_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What a reader may need beyond the data root."""
+
+    train_dir: Path | None = None  # imagefolder only
+    test_dir: Path | None = None  # imagefolder only
+    download: bool = False  # let torchvision fetch fashion-mnist / cifar when absent
+
+
+class ArrayImages:
+    """Images held in memory as uint8 (n, H, W) or (n, H, W, 3); served as (H, W, 3)."""
+
+    def __init__(self, pixels: np.ndarray):
+        if pixels.dtype != np.uint8 or pixels.ndim not in (3, 4):
+            raise TimecatError(f"expected uint8 images (n, H, W[, 3]), got {pixels.dtype} {pixels.shape}")
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        image = self.pixels[i]
+        # FFCV's RGB field wants three channels; grey images are repeated.
+        return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
+
+    def digest(self) -> str:
+        """sha256 of every pixel, in order."""
+        return hashlib.sha256(np.ascontiguousarray(self.pixels).tobytes()).hexdigest()
+
+    def sample(self, indices: np.ndarray) -> np.ndarray:
+        """Images at ``indices`` as float64 (k, H, W, 3), for statistics."""
+        return np.stack([self[int(i)] for i in indices]).astype(np.float64)
+
+
+class FileImages:
+    """Images stored as files; decoded to RGB (H, W, 3) uint8 on access."""
+
+    def __init__(self, paths: Sequence[Path], root: Path):
+        self.paths = list(paths)
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from PIL import Image  # Pillow comes with torchvision
+
+        with Image.open(self.paths[i]) as image:
+            return np.asarray(image.convert("RGB"))
+
+    def digest(self) -> str:
+        """sha256 over relative paths and file sizes: cheap at ImageNet scale, changes when files do."""
+        h = hashlib.sha256()
+        for path in self.paths:
+            h.update(f"{path.relative_to(self.root)}\0{path.stat().st_size}\n".encode())
+        return h.hexdigest()
+
+    def sample(self, indices: np.ndarray) -> np.ndarray:
+        """Per-image channel means and mean squares, (k, 2, 3), for statistics of mixed sizes."""
+        stats = []
+        for i in indices:
+            image = self[int(i)].astype(np.float64)
+            stats.append([image.mean(axis=(0, 1)), (image**2).mean(axis=(0, 1))])
+        return np.asarray(stats)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a dataset: images, integer labels and the class names they index."""
+
+    images: ArrayImages | FileImages
+    labels: np.ndarray  # (n,) int64
+    classes: tuple[str, ...]
+    source: str  # where it was read from, for error messages and provenance
+
+    def __post_init__(self):
+        if len(self.images) != len(self.labels):
+            raise TimecatError(f"{self.source}: {len(self.images)} images but {len(self.labels)} labels")
+
+    def fingerprint(self) -> str:
+        """Content identity of this split: images (or file list) and labels."""
+        h = hashlib.sha256(self.images.digest().encode())
+        h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        h.update("\n".join(self.classes).encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class BetonFormat:
+    """How images are stored in a .beton (FFCV ``RGBImageField`` arguments)."""
+
+    write_mode: str = "raw"  # raw | jpg | smart | proportion
+    max_resolution: int | None = None  # px, longest side kept; None keeps the source size
+    jpeg_quality: int = 90  # 0-100, when JPEG is written
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset's reader and the defaults the other stages use for it."""
+
+    read: Callable[[Path, SourceOptions], dict[str, Split]]
+    resolution: int  # px, default square input side for training and extraction
+    crop_scale: tuple[float, float]  # RandomResizedCrop area range for training
+    beton: BetonFormat
+    description: str
+
+
+# -- IDX (MNIST-style) ---------------------------------------------------------
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) of unsigned bytes into an array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise TimecatError(f"{path}: cannot read IDX file ({e})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise TimecatError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    if len(data) - header != int(np.prod(shape)):
+        raise TimecatError(f"{path}: IDX header says shape {shape} but the file holds {len(data) - header} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_file(stem: str, folders: Sequence[Path]) -> Path | None:
+    for folder in folders:
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def read_fashion_mnist(data_root: Path, options: SourceOptions) -> dict[str, Split]:
+    """Fashion-MNIST from IDX files in the data root or the Debian package's folder."""
+    home = data_root / "fashion-mnist"
+    folders = [home, home / "raw", home / "FashionMNIST" / "raw", data_root, DEBIAN_FASHION_MNIST]
+    if options.download and _find_file("train-images-idx3-ubyte", folders) is None:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(home), train=True, download=True)
+        FashionMNIST(str(home), train=False, download=True)
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images_file = _find_file(f"{prefix}-images-idx3-ubyte", folders)
+        labels_file = _find_file(f"{prefix}-labels-idx1-ubyte", folders)
+        if images_file is None or labels_file is None:
+            raise TimecatError(
+                f"Fashion-MNIST {split} IDX files ({prefix}-images-idx3-ubyte[.gz], "
+                f"{prefix}-labels-idx1-ubyte[.gz]) not found in {', '.join(map(str, folders))}; "
+                "install the Debian package dataset-fashion-mnist, copy the files into "
+                f"{home}, or pass --download"
+            )
+        images, labels = read_idx(images_file), read_idx(labels_file)
+        if images.ndim != 3 or labels.ndim != 1:
+            raise TimecatError(f"{images_file}: expected (n, 28, 28) images and (n,) labels")
+        splits[split] = Split(ArrayImages(images), labels.astype(np.int64), classes, str(images_file))
+    return splits
+
+
+# -- CIFAR python pickles --------------------------------------------------------
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise TimecatError(f"{path}: not a CIFAR python pickle ({e})") from None
+
+
+def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(path)
+    if b"data" not in batch or label_key not in batch:
+        raise TimecatError(f"{path}: CIFAR batch without b'data' and {label_key!r} entries")
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise TimecatError(f"{path}: expected data of shape (n, 3072), got {data.shape}")
+    # Rows are 1024 red, then green, then blue values, row-major: (n, 3, 32, 32) -> NHWC.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(batch[label_key], dtype=np.int64)
+
+
+def _read_cifar(
+    data_root: Path, options: SourceOptions, name: str, folder: str, train_files, test_file, meta, label_key, names_key
+):
+    candidates = [data_root / name / folder, data_root / folder]
+    base = next((c for c in candidates if c.is_dir()), None)
+    if base is None and options.download:
+        from torchvision import datasets as tvd
+
+        (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(str(data_root / name), download=True)
+        base = candidates[0]
+    if base is None:
+        raise TimecatError(
+            f"{name}: folder {folder}/ (the python pickle batches) not found in "
+            f"{' or '.join(map(str, candidates))}; unpack the python version of {name} there, or pass --download"
+        )
+    missing = [f for f in (*train_files, test_file, meta) if not (base / f).is_file()]
+    if missing:
+        raise TimecatError(f"{name}: {base} lacks {missing}; expected the python pickle batches")
+    classes = tuple(c.decode() if isinstance(c, bytes) else c for c in _unpickle(base / meta)[names_key])
+    train = [_cifar_batch(base / f, label_key) for f in train_files]
+    images = np.concatenate([t[0] for t in train])
+    labels = np.concatenate([t[1] for t in train])
+    test_images, test_labels = _cifar_batch(base / test_file, label_key)
+    return {
+        "train": Split(ArrayImages(images), labels, classes, str(base)),
+        "test": Split(ArrayImages(test_images), test_labels, classes, str(base / test_file)),
+    }
+
+
+def read_cifar10(data_root: Path, options: SourceOptions) -> dict[str, Split]:
+    """CIFAR-10 from ``cifar-10-batches-py`` (data_batch_1..5, test_batch, batches.meta)."""
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+    return _read_cifar(
+        data_root,
+        options,
+        "cifar10",
+        "cifar-10-batches-py",
+        train_files,
+        "test_batch",
+        "batches.meta",
+        b"labels",
+        b"label_names",
+    )
+
+
+def read_cifar100(data_root: Path, options: SourceOptions) -> dict[str, Split]:
+    """CIFAR-100 from ``cifar-100-python`` (train, test, meta), fine labels."""
+    return _read_cifar(
+        data_root,
+        options,
+        "cifar100",
+        "cifar-100-python",
+        ["train"],
+        "test",
+        "meta",
+        b"fine_labels",
+        b"fine_label_names",
+    )
+
+
+# -- scikit-learn digits -------------------------------------------------------
+
+
+def read_digits(data_root: Path, options: SourceOptions) -> dict[str, Split]:
+    """scikit-learn's bundled 8x8 digits, split with a fixed seed (stratified 75/25)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # Values are 0..16 ink counts; scale to 0..255 grey levels.
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=labels
+    )
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    classes = tuple(str(c) for c in range(10))
+    source = "sklearn.datasets.load_digits"
+    return {
+        "train": Split(ArrayImages(pixels[train_idx]), labels[train_idx], classes, source),
+        "test": Split(ArrayImages(pixels[test_idx]), labels[test_idx], classes, source),
+    }
+
+
+# -- image folders ---------------------------------------------------------------
+
+
+def _list_class_folders(root: Path) -> dict[str, list[Path]]:
+    if not root.is_dir():
+        raise TimecatError(f"{root}: not a folder; expected one sub-folder of images per class")
+    folders = {}
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir():
+            files = sorted(
+                Path(dirpath) / f
+                for dirpath, _, names in os.walk(entry.path)
+                for f in names
+                if f.lower().endswith(IMAGE_SUFFIXES)
+            )
+            folders[entry.name] = files
+    if not folders:
+        raise TimecatError(f"{root}: no class sub-folders; expected {root}/<class>/<image>.jpg")
+    empty = [name for name, files in folders.items() if not files]
+    if empty:
+        raise TimecatError(f"{root}: class folder(s) {empty[:5]} hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    return folders
+
+
+def read_imagefolder(data_root: Path, options: SourceOptions) -> dict[str, Split]:
+    """Any ``<split>/<class>/<image>`` trees; classes are numbered by the train folder's sorted names."""
+    if options.train_dir is None or options.test_dir is None:
+        raise TimecatError("imagefolder needs --train DIR and --test DIR (one sub-folder per class in each)")
+    train = _list_class_folders(Path(options.train_dir))
+    test = _list_class_folders(Path(options.test_dir))
+    classes = tuple(train)
+    unknown = sorted(set(test) - set(train))
+    if unknown:
+        raise TimecatError(f"{options.test_dir}: classes {unknown[:5]} are not in the train folder {options.train_dir}")
+    # One mapping for both splits, from the train classes: a test folder that lacks a
+    # class must not shift the labels of the others.
+    index = {name: i for i, name in enumerate(classes)}
+    splits = {}
+    for split, folders, root in (("train", train, options.train_dir), ("test", test, options.test_dir)):
+        paths = [p for name in folders for p in folders[name]]
+        labels = np.asarray([index[name] for name in folders for _ in folders[name]], dtype=np.int64)
+        splits[split] = Split(FileImages(paths, Path(root)), labels, classes, str(root))
+    return splits
+
+
+SMALL_RAW = BetonFormat(write_mode="raw")
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion-mnist": DatasetSpec(
+        read_fashion_mnist, 28, (0.35, 1.0), SMALL_RAW, "Fashion-MNIST, 28x28 grey, 10 classes"
+    ),
+    "cifar10": DatasetSpec(read_cifar10, 32, (0.35, 1.0), SMALL_RAW, "CIFAR-10, 32x32 colour, 10 classes"),
+    "cifar100": DatasetSpec(read_cifar100, 32, (0.35, 1.0), SMALL_RAW, "CIFAR-100, 32x32 colour, 100 fine classes"),
+    "digits": DatasetSpec(read_digits, 8, (0.5, 1.0), SMALL_RAW, "scikit-learn digits, 8x8 grey, 10 classes"),
+    "imagefolder": DatasetSpec(
+        read_imagefolder,
+        64,
+        (0.25, 1.0),
+        BetonFormat(write_mode="smart", max_resolution=256, jpeg_quality=90),
+        "any <class>/<image> folders (--train, --test)",
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The spec of a registered dataset kind, or an error listing the kinds."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise TimecatError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None

@@ -1,0 +1,178 @@
+"""Stage 3: run frozen members over every split of a dataset and cache their features.
+
+Each batch is decoded once and fed to every member that shares its
+preprocessing, so caching N members costs one pass over the images, not N.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cache
+from pipeline import __version__, checkpoints
+from pipeline.errors import TimecatError
+from pipeline.models import FEATURE_LAYER, Classifier
+from pipeline.prepare import SPLITS, beton_path, read_manifest
+from pipeline.pretrain import checkpoint_path
+from pipeline.progress import get_logger, progress
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Which members to run over which dataset, and how features are stored."""
+
+    dataset: str  # a prepared dataset under the data root
+    members: tuple[str, ...]  # member names under the runs folder
+    splits: tuple[str, ...] = SPLITS
+    batch_size: int = 512  # images per forward pass
+    num_workers: int = 2  # FFCV loader threads
+    dtype: str = "float32"  # float32 | float16 (half the disk, refuses values out of range)
+    compression: str = "zstd"  # zstd | none
+    overwrite: bool = False  # replace a member cached from a different checkpoint
+
+    def __post_init__(self):
+        if not self.members:
+            raise TimecatError("no members given: pass --members run0,run1,...")
+        if self.compression not in {c.value for c in cache.Compression}:
+            raise TimecatError(
+                f"unknown compression {self.compression!r}; choose one of {[c.value for c in cache.Compression]}"
+            )
+
+
+@dataclass
+class Member:
+    """A frozen member ready to extract: its model, checkpoint identity and preprocessing."""
+
+    name: str
+    model: Classifier
+    sha256: str
+    payload: dict
+
+    def provenance(self, dataset: str, split: str, fingerprint: str) -> dict:
+        cfg = self.payload["member"]
+        return {
+            "member": self.name,
+            "checkpoint_sha256": self.sha256,
+            "arch": cfg["arch"],
+            "seed": cfg["seed"],
+            "steps": self.payload["step"],
+            "pretrain_dataset": cfg["dataset"],
+            "feature_layer": FEATURE_LAYER,
+            "feature_dim": self.model.feature_dim,
+            "preprocessing": {"eval": "centre crop, resize, normalize", **self.payload["preprocess"]},
+            "dataset": dataset,
+            "split": split,
+            "dataset_fingerprint": fingerprint,
+            "timecat_version": __version__,
+            "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+def load_member(runs_root: Path, name: str, device: torch.device) -> Member:
+    """Load a member's checkpoint as a frozen model in eval mode."""
+    path = checkpoint_path(runs_root, name)
+    if not path.is_file():
+        known = sorted(p.parent.name for p in Path(runs_root).glob("*/checkpoint.pt"))
+        raise TimecatError(f"unknown member {name!r}: no {path}; trained members: {known or 'none'}")
+    payload = checkpoints.load(path)
+    if not payload.get("complete"):
+        raise TimecatError(f"member {name} has not finished training ({path}); run its `timecat pretrain` again")
+    model = checkpoints.load_model(payload, str(path)).to(device, memory_format=torch.channels_last).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Member(name, model, checkpoints.sha256(path), payload)
+
+
+@torch.no_grad()
+def extract_batch(models: list[Classifier], images: torch.Tensor) -> list[np.ndarray]:
+    """Penultimate features of one batch for each model: a list of (B, d) float32 arrays."""
+    return [m.backbone(images).float().cpu().numpy() for m in models]
+
+
+def _needs_extraction(store: cache.Cache, dataset: str, split: str, member: Member, overwrite: bool) -> bool:
+    if member.name not in store.members(dataset, split):
+        return True
+    cached = store.provenance(dataset, split, member.name)
+    if cached.get("checkpoint_sha256") != member.sha256:
+        if not overwrite:
+            raise TimecatError(
+                f"member {member.name} is cached for {dataset}/{split} from another checkpoint "
+                f"(sha256 {cached.get('checkpoint_sha256', '?')[:12]}, now {member.sha256[:12]}); "
+                "pass --overwrite to re-extract it, or rename the member"
+            )
+        return True
+    return store.status(dataset, split, member.name) != cache.layout.STATUS_COMPLETE
+
+
+def extract_split(
+    store: cache.Cache, config: ExtractConfig, data_root: Path, split: str, members: list[Member], device
+) -> list[str]:
+    """Cache the features of ``members`` for one split; return the names written."""
+    from pipeline.loaders import Preprocess, eval_loader, read_labels, to_model_input
+
+    manifest = read_manifest(data_root, config.dataset, split)
+    beton = beton_path(data_root, config.dataset, split)
+    labels = read_labels(beton)
+    store.write_labels(config.dataset, split, labels, manifest["fingerprint"], manifest["classes"])
+    todo = [m for m in members if _needs_extraction(store, config.dataset, split, m, config.overwrite)]
+    groups: dict[Preprocess, list[Member]] = {}
+    for m in todo:
+        groups.setdefault(Preprocess.from_dict(m.payload["preprocess"]), []).append(m)
+    for pre, group in groups.items():
+        writers = [
+            store.create_features(
+                config.dataset,
+                split,
+                m.name,
+                m.model.feature_dim,
+                m.provenance(config.dataset, split, manifest["fingerprint"]),
+                dtype=config.dtype,
+                compression=cache.Compression(config.compression),
+            )
+            for m in group
+        ]
+        names = ",".join(m.name for m in group)
+        row = 0
+        loader = eval_loader(beton, pre, config.batch_size, config.num_workers)
+        with progress(total=len(labels), desc=f"extract {config.dataset}/{split} [{names}]", unit="img") as bar:
+            for images, batch_labels in loader:
+                images, batch_labels = to_model_input(images, batch_labels, device)
+                # The loader is sequential: its labels must be the stored ones, row for row.
+                if not np.array_equal(batch_labels.cpu().numpy(), labels[row : row + len(batch_labels)]):
+                    raise TimecatError(f"{beton}: rows came out of dataset order at row {row}")
+                for writer, block in zip(writers, extract_batch([m.model for m in group], images), strict=True):
+                    writer.append(block)
+                row += len(batch_labels)
+                bar.update(len(batch_labels))
+        for writer, m in zip(writers, group, strict=True):
+            writer.close()
+            store.finish_features(config.dataset, split, m.name)
+    return [m.name for m in todo]
+
+
+def extract(config: ExtractConfig, data_root: Path, runs_root: Path, cache_path: str) -> list[dict]:
+    """Cache every member's features for every split; already-cached members are kept."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    members = [load_member(runs_root, name, device) for name in config.members]
+    store = cache.open(cache_path, mode="a")
+    summary = []
+    try:
+        for split in config.splits:
+            started = time.perf_counter()
+            written = extract_split(store, config, data_root, split, members, device)
+            seconds = time.perf_counter() - started
+            for m in members:
+                state = "written" if m.name in written else "kept"
+                summary.append({"dataset": config.dataset, "split": split, "member": m.name, "state": state})
+            if written:
+                log.info("%s/%s: cached %s in %.1f s", config.dataset, split, ",".join(written), seconds)
+    finally:
+        store.consolidate()
+    return summary

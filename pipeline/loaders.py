@@ -1,0 +1,188 @@
+"""Everything that touches FFCV: writing .beton files and streaming batches.
+
+Only prepare, pretrain and extract import this module, so that the cache, the
+probe and the report work without FFCV installed.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.datasets import BetonFormat
+from pipeline.errors import TimecatError
+from pipeline.progress import progress
+
+try:
+    import ffcv.writer
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToTensor, ToTorchImage
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise TimecatError(
+        f"FFCV is not installed ({e}); install timecat with the 'images' extra: pip install -e '.[images]'"
+    ) from e
+
+
+def _drop_numba_finalizer_noise(previous):
+    """An unraisable-exception hook that drops one known-harmless numba message.
+
+    When an FFCV loader is garbage-collected, numba 0.68's dispatcher finalizer can
+    raise KeyError while releasing the loader's generated functions; Python then
+    prints "Exception ignored in: <finalize ...>" with a traceback, mid-progress-bar.
+    Nothing is lost (the finalizer only frees memory), so that one case is dropped;
+    every other unraisable exception goes to the previous hook.
+    """
+
+    def hook(unraisable):
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+        if isinstance(unraisable.exc_value, KeyError) and where.endswith("numba/core/dispatcher.py"):
+            return
+        previous(unraisable)
+
+    return hook
+
+
+sys.unraisablehook = _drop_numba_finalizer_noise(sys.unraisablehook)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become a member's input; saved in checkpoints and cache provenance."""
+
+    resolution: int  # px, side of the square input
+    mean: tuple[float, float, float]  # per channel, 0-255 scale
+    std: tuple[float, float, float]
+    crop_ratio: float = 1.0  # eval: centre crop side / image side (224/256 for ImageNet)
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # train: RandomResizedCrop area range
+    flip: bool = True  # train: random horizontal flip
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class _Labelled:
+    """(image, label) pairs for FFCV's writer."""
+
+    def __init__(self, images, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+class _WriterProgress:
+    """Stands in for the tqdm that FFCV's writer draws itself, so its bar goes through ours."""
+
+    def __init__(self, total: int):
+        self.bar = progress(total=total, desc="write .beton", unit="img")
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def write_beton(path: Path, images, labels: np.ndarray, fmt: BetonFormat, num_workers: int) -> None:
+    """Write images and int labels to ``path`` as an FFCV dataset."""
+    fields = {
+        "image": RGBImageField(
+            write_mode=fmt.write_mode, max_resolution=fmt.max_resolution, jpeg_quality=fmt.jpeg_quality
+        ),
+        "label": IntField(),
+    }
+    ffcv.writer.tqdm = _WriterProgress  # its module-level name is the only hook it offers
+    writer = ffcv.writer.DatasetWriter(str(path), fields, num_workers=num_workers)
+    writer.from_indexed_dataset(_Labelled(images, labels))
+
+
+def _label_pipeline() -> list:
+    return [IntDecoder(), ToTensor()]
+
+
+def _normalize(pre: Preprocess) -> NormalizeImage:
+    return NormalizeImage(np.array(pre.mean), np.array(pre.std), np.float32)
+
+
+def train_loader(
+    beton: Path,
+    pre: Preprocess,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    distributed: bool = False,
+) -> Loader:
+    """Shuffled, augmented batches (random-resized-crop, flip) of (B, 3, R, R) float32 and (B, 1) labels."""
+    image = [RandomResizedCropRGBImageDecoder((pre.resolution, pre.resolution), scale=pre.crop_scale)]
+    if pre.flip:
+        image.append(RandomHorizontalFlip())
+    image += [_normalize(pre), ToTensor(), ToTorchImage()]
+    return Loader(
+        str(beton),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        order=OrderOption.RANDOM,
+        # FFCV shuffles epoch e with seed + e: spread members' seeds apart so that
+        # member s at epoch 1 does not replay member s + 1's epoch 0.
+        seed=seed * 1_000_003,
+        drop_last=True,
+        distributed=distributed,
+        os_cache=True,
+        pipelines={"image": image, "label": _label_pipeline()},
+    )
+
+
+def eval_loader(beton: Path, pre: Preprocess, batch_size: int, num_workers: int) -> Loader:
+    """Batches in dataset order, centre-cropped and resized, no augmentation, nothing dropped."""
+    image = [
+        CenterCropRGBImageDecoder((pre.resolution, pre.resolution), ratio=pre.crop_ratio),
+        _normalize(pre),
+        ToTensor(),
+        ToTorchImage(),
+    ]
+    return Loader(
+        str(beton),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        os_cache=True,
+        pipelines={"image": image, "label": _label_pipeline()},
+    )
+
+
+def to_model_input(
+    images: torch.Tensor, labels: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a loader batch to ``device``: images channels_last float32, labels (B,) int64."""
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True).view(-1).long()
+
+
+def read_labels(beton: Path) -> np.ndarray:
+    """All labels of a .beton in dataset order, (n,) int64, without decoding any image."""
+    loader = Loader(
+        str(beton),
+        batch_size=65536,
+        num_workers=1,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        pipelines={"image": None, "label": _label_pipeline()},
+    )
+    return np.concatenate([labels.view(-1).numpy() for (labels,) in loader]).astype(np.int64)

@@ -1,0 +1,32 @@
+"""The one place that shows progress and sets up logging.
+
+Stages never print: they log through ``logging`` and wrap long loops in
+``progress``. Bars go to stderr; set ``TQDM_DISABLE=1`` to hide them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from tqdm.auto import tqdm
+
+
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str = "it") -> tqdm:
+    """A progress bar for a long loop (use as an iterable, or call ``update``)."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, mininterval=1.0)
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log INFO (or DEBUG with ``verbose``) from timecat to stderr, once per process."""
+    logger = logging.getLogger("timecat")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger under the ``timecat`` namespace for module ``name``."""
+    return logging.getLogger(f"timecat.{name.rsplit('.', 1)[-1]}")
