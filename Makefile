@@ -1,0 +1,34 @@
+# make setup: .venv with timecat[images,dev] and the Debian packages FFCV needs (idempotent)
+# make demo:  the whole pipeline on Fashion-MNIST + digits, on the CPU
+# make test:  lint and the test suite;  make bench: the benchmarks
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.timecat-installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# Reinstalled only when pyproject.toml changes; the system check is cheap and always runs.
+$(STAMP): pyproject.toml
+	@bash .ci/system-packages
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[images,dev]'
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/timecat demo --workdir demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m pytest -q tests/benchmarks -p no:cacheprovider --override-ini addopts=
+
+clean:
+	rm -rf demo runs results features.zarr .pytest_cache

@@ -1,0 +1,269 @@
+"""timecat's command line: options in, one call into a stage, results out.
+
+Every stage error (TimecatError, CacheError) becomes a ClickException here, in
+one place, so users see one clean line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+
+DATA_ROOT = click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default="data",
+    envvar="TIMECAT_DATA",
+    show_default=True,
+    help="Folder of prepared datasets (env TIMECAT_DATA).",
+)
+RUNS = click.option(
+    "--runs",
+    type=click.Path(path_type=Path),
+    default="runs",
+    envvar="TIMECAT_RUNS",
+    show_default=True,
+    help="Folder of members, one sub-folder each (env TIMECAT_RUNS).",
+)
+CACHE = click.option(
+    "--cache",
+    "cache_path",
+    default="features.zarr",
+    envvar="TIMECAT_CACHE",
+    show_default=True,
+    help="Feature cache: a path or fsspec URL (env TIMECAT_CACHE).",
+)
+RESULTS = click.option(
+    "--results",
+    type=click.Path(path_type=Path),
+    default="results",
+    envvar="TIMECAT_RESULTS",
+    show_default=True,
+    help="Folder of probe records and plots (env TIMECAT_RESULTS).",
+)
+JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def _members(value: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
+class TimecatGroup(click.Group):
+    """A click group that turns stage errors into clean ClickExceptions."""
+
+    def invoke(self, ctx):
+        import cache
+        from pipeline.errors import TimecatError
+
+        try:
+            return super().invoke(ctx)
+        except (TimecatError, cache.CacheError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=TimecatGroup)
+@click.version_option(__version__, prog_name="timecat")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """timecat: pretrain CatN members, cache their features, probe any combination.
+
+    Data flows one way: images -> .beton -> members -> feature cache -> probes -> reports.
+
+    Example: timecat demo
+    """
+    from pipeline.progress import configure_logging
+
+    configure_logging(verbose)
+
+
+@main.command()
+@click.argument("dataset")
+@DATA_ROOT
+@click.option("--name", help="Folder name under the data root (default: DATASET).")
+@click.option("--train", "train_dir", type=click.Path(path_type=Path), help="imagefolder: train folder.")
+@click.option("--test", "test_dir", type=click.Path(path_type=Path), help="imagefolder: test folder.")
+@click.option("--download", is_flag=True, help="Let torchvision download fashion-mnist or cifar if absent.")
+@click.option("--workers", default=2, show_default=True, help="Writer processes.")
+def prepare(dataset, data_root, name, train_dir, test_dir, download, workers):
+    """Write DATASET's train and test splits as FFCV .beton files.
+
+    DATASET is one of fashion-mnist, cifar10, cifar100, digits, imagefolder.
+    Splits already prepared are kept as they are.
+
+    \b
+    Example: timecat prepare fashion-mnist
+    Example: timecat prepare imagefolder --name pets --train pets/train --test pets/val
+    """
+    from pipeline.prepare import PrepareConfig
+    from pipeline.prepare import prepare as run
+
+    config = PrepareConfig(dataset, data_root, name, train_dir, test_dir, download, workers)
+    for m in run(config):
+        click.echo(
+            f"{m['name']}/{m['split']}: {m['rows']} images, {len(m['classes'])} classes, fingerprint {m['fingerprint']}"
+        )
+
+
+@main.command()
+@click.option("--name", required=True, help="Member name, e.g. run0.")
+@click.option("--dataset", required=True, help="Prepared dataset to train on.")
+@click.option("--seed", type=int, required=True, help="Seed of initialisation and data order.")
+@click.option("--steps", type=int, required=True, help="SGD steps: this member's budget.")
+@click.option("--arch", default="small-resnet", show_default=True, help="Architecture: small-resnet, resnet50.")
+@click.option("--batch-size", default=128, show_default=True, help="Images per step.")
+@click.option("--lr", default=0.2, show_default=True, help="Peak learning rate (warmup, then cosine).")
+@click.option("--resolution", type=int, help="Input side in px (default: the dataset's).")
+@click.option("--workers", default=2, show_default=True, help="Loader threads.")
+@DATA_ROOT
+@RUNS
+@JSON
+def pretrain(name, dataset, seed, steps, arch, batch_size, lr, resolution, workers, data_root, runs, as_json):
+    """Train one member and save its checkpoint under RUNS/NAME.
+
+    A finished member with the same settings is kept, not retrained.
+
+    \b
+    Example: timecat pretrain --name run0 --dataset fashion-mnist --seed 0 --steps 1200
+    """
+    from pipeline.pretrain import PretrainConfig
+    from pipeline.pretrain import pretrain as run
+
+    config = PretrainConfig(
+        name=name,
+        dataset=dataset,
+        seed=seed,
+        steps=steps,
+        arch=arch,
+        batch_size=batch_size,
+        lr=lr,
+        resolution=resolution,
+        num_workers=workers,
+    )
+    result = run(config, data_root, runs)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        click.echo(f"{name}: {result['step']} steps, test top-1 {result['test_top1']:.2f}% -> {result['checkpoint']}")
+
+
+@main.command()
+@click.option("--members", required=True, help="Comma-separated member names, e.g. run0,run1.")
+@click.option("--dataset", required=True, help="Prepared dataset to extract.")
+@click.option("--batch-size", default=512, show_default=True, help="Images per forward pass.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--compression", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Re-extract members cached from another checkpoint.")
+@click.option("--workers", default=2, show_default=True, help="Loader threads.")
+@DATA_ROOT
+@RUNS
+@CACHE
+def extract(members, dataset, batch_size, dtype, compression, overwrite, workers, data_root, runs, cache_path):
+    """Cache the penultimate features of frozen members for every split of DATASET.
+
+    \b
+    Example: timecat extract --members run0,run1,run2,run3 --dataset digits
+    """
+    from pipeline.extract import ExtractConfig
+    from pipeline.extract import extract as run
+
+    config = ExtractConfig(
+        dataset=dataset,
+        members=_members(members),
+        batch_size=batch_size,
+        num_workers=workers,
+        dtype=dtype,
+        compression=compression,
+        overwrite=overwrite,
+    )
+    for row in run(config, data_root, runs, cache_path):
+        click.echo(f"{row['dataset']}/{row['split']} {row['member']}: {row['state']}")
+
+
+@main.command()
+@click.option("--members", required=True, help="Comma-separated members to concatenate, e.g. run0,run1,run2,run3.")
+@click.option("--dataset", required=True, help="Cached dataset to probe.")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--eval-split", default="test", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the held-out split used to choose C.")
+@CACHE
+@RESULTS
+@JSON
+def probe(members, dataset, train_split, eval_split, seed, cache_path, results, as_json):
+    """Linear-probe the concatenated cached features of MEMBERS on DATASET.
+
+    C is chosen on a held-out part of the train split; top-1 and top-5 are
+    measured on the eval split, and the record is appended to RESULTS/probes.jsonl.
+
+    \b
+    Example: timecat probe --members run0,run1,run2,run3 --dataset fashion-mnist
+    """
+    from pipeline import results as store
+    from pipeline.probe import ProbeConfig
+    from pipeline.probe import probe as run
+
+    config = ProbeConfig(dataset, _members(members), train_split, eval_split, seed=seed)
+    record = run(config, cache_path)
+    path = store.append(results, record)
+    if as_json:
+        click.echo(json.dumps(record, indent=1))
+    else:
+        click.echo(
+            f"{','.join(record['members'])} on {dataset}: top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}% "
+            f"(C={record['chosen']['C']:.3g}, {record['dim']} dims) -> {path}"
+        )
+
+
+@main.command()
+@RESULTS
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG path (default: RESULTS/catn.png).")
+@JSON
+def report(results, plot_path, as_json):
+    """Print probe results in the paper's Table 3 layout and plot top-1 against N.
+
+    \b
+    Example: timecat report --results demo/results
+    """
+    from pipeline import report as rep
+    from pipeline import results as store
+
+    data = rep.table(store.load(results))
+    saved = rep.plot(data, plot_path or results / rep.PLOT_FILE)
+    if as_json:
+        click.echo(json.dumps({**data, "plot": str(saved)}, indent=1))
+    else:
+        click.echo(rep.format_table(data))
+        click.echo(f"plot: {saved}")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default="demo", show_default=True)
+@DATA_ROOT
+@click.option("--total-steps", default=1200, show_default=True, help="Budget B shared by every CatN.")
+@JSON
+def demo(workdir, data_root, total_steps, as_json):
+    """Run the whole pipeline on Fashion-MNIST (and digits for transfer) on a CPU.
+
+    Cat1 (1 x B steps), Cat2 (2 x B/2) and Cat4 (4 x B/4) are pretrained, cached,
+    probed, and shown as a table and a plot. A rerun keeps what is done.
+
+    \b
+    Example: timecat demo --workdir demo
+    """
+    from pipeline import report as rep
+    from pipeline.demo import DemoConfig, run_demo
+
+    outcome = run_demo(DemoConfig(workdir=workdir, data_root=data_root, total_steps=total_steps))
+    if as_json:
+        click.echo(json.dumps(outcome, indent=1))
+    else:
+        click.echo(rep.format_table(outcome["table"]))
+        click.echo(f"plot: {outcome['plot']}")
+        click.echo("timings (s): " + ", ".join(f"{k} {v}" for k, v in outcome["timings"].items()))
+
+
+if __name__ == "__main__":
+    main()
