@@ -1,0 +1,121 @@
+"""Shared fixtures: small datasets in real on-disk formats, and one tiny pipeline run.
+
+Everything is offline: Fashion-MNIST comes from the Debian package (a few
+hundred real images rewritten as IDX files), digits from scikit-learn, and
+CIFAR pickles, image folders and IDX files are generated here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.datasets import DEBIAN_FASHION_MNIST, read_idx
+
+TINY_TRAIN, TINY_TEST = 640, 160  # images per split of the tiny Fashion-MNIST
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzipped IDX file (the MNIST format)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def fashion_subset(n_train: int, n_test: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The first images of real Fashion-MNIST (Debian package), or a stand-in with learnable classes."""
+    out = {}
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        images_file = DEBIAN_FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz"
+        if images_file.is_file():
+            images = read_idx(images_file)[:n]
+            labels = read_idx(DEBIAN_FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz")[:n]
+        else:  # a class-dependent bright square, so probes have something to learn
+            rng = np.random.default_rng(1 if split == "train" else 2)
+            labels = (np.arange(n) % 10).astype(np.uint8)
+            images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+            for i, c in enumerate(labels):
+                images[i, 2 * c : 2 * c + 8, 4:24] = 255
+        out[split] = (images, labels)
+    return out
+
+
+def make_fashion_root(root: Path, n_train: int = TINY_TRAIN, n_test: int = TINY_TEST) -> Path:
+    """A data root whose fashion-mnist/ folder holds a few hundred real images as IDX files."""
+    folder = root / "fashion-mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (images, labels) in fashion_subset(n_train, n_test).items():
+        prefix = "train" if split == "train" else "t10k"
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def make_cifar10(root: Path, per_batch: int = 12, test: int = 20) -> Path:
+    """cifar10/cifar-10-batches-py with five tiny data batches, a test batch and batches.meta."""
+    base = root / "cifar10" / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", test)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
+        batch[b"labels"] = [i % 10 for i in range(n)]
+        with open(base / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f)
+    return root
+
+
+def make_imagefolder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 4, size=(40, 30)) -> Path:
+    """<root>/<class>/<i>.png and .jpg images of varied size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size[1] + i, size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory):
+    """One tiny end-to-end run shared by several tests: prepare, 3 members, extract, on real data.
+
+    Returns the paths and the member names; tests must not modify what it wrote.
+    """
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.prepare import PrepareConfig, prepare
+    from pipeline.pretrain import PretrainConfig, pretrain
+
+    root = tmp_path_factory.mktemp("pipeline")
+    data = make_fashion_root(root / "data")
+    runs, store = root / "runs", str(root / "features.zarr")
+    prepare(PrepareConfig("fashion-mnist", data))
+    prepare(PrepareConfig("digits", data))
+    members = ("run0", "run1", "run2")
+    for seed, name in enumerate(members):
+        pretrain(PretrainConfig(name, "fashion-mnist", seed, steps=12, batch_size=64, log_every=4), data, runs)
+    for dataset in ("fashion-mnist", "digits"):
+        extract(ExtractConfig(dataset, members, batch_size=128), data, runs, store)
+    return {"data": data, "runs": runs, "cache": store, "members": members}

@@ -1,0 +1,156 @@
+"""The feature cache on its own: layout, round trips, invariants and refusals."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cache
+from cache import layout
+
+
+def make_cache(path, members=("a", "b"), rows=50, dims=(6, 4), fingerprint="fp0", dtype="float32"):
+    """A cache with one split of ``rows`` rows and random features per member; returns the arrays."""
+    rng = np.random.default_rng(0)
+    store = cache.open(str(path), mode="a")
+    labels = np.arange(rows) % 5
+    store.write_labels("toy", "train", labels, fingerprint, [f"c{i}" for i in range(5)])
+    arrays = {}
+    for name, dim in zip(members, dims, strict=True):
+        X = rng.normal(size=(rows, dim)).astype(np.float32)
+        writer = store.create_features("toy", "train", name, dim, {"dataset_fingerprint": fingerprint}, dtype=dtype)
+        for start in range(0, rows, 7):  # blocks that do not line up with chunks
+            writer.append(X[start : start + 7])
+        writer.close()
+        store.finish_features("toy", "train", name)
+        arrays[name] = X
+    store.consolidate()
+    return arrays, labels
+
+
+def test_features_round_trip_equals_hstack(tmp_path):
+    arrays, labels = make_cache(tmp_path / "c.zarr")
+    X, y = cache.open(str(tmp_path / "c.zarr")).features("toy", "train", ["b", "a"])
+    assert X.dtype == np.float32 and X.shape == (50, 10)
+    np.testing.assert_array_equal(X, np.hstack([arrays["b"], arrays["a"]]))
+    np.testing.assert_array_equal(y, labels)
+
+
+def test_iter_rows_covers_the_same_matrix(tmp_path):
+    arrays, _ = make_cache(tmp_path / "c.zarr")
+    store = cache.open(str(tmp_path / "c.zarr"))
+    blocks = list(store.iter_rows("toy", "train", ["a", "b"], block_rows=16))
+    assert [b[0].start for b in blocks] == [0, 16, 32, 48]
+    np.testing.assert_array_equal(np.vstack([b[1] for b in blocks]), np.hstack([arrays["a"], arrays["b"]]))
+
+
+def test_listing_and_provenance(tmp_path):
+    make_cache(tmp_path / "c.zarr")
+    store = cache.open(str(tmp_path / "c.zarr"))
+    assert store.datasets() == ["toy"]
+    assert store.splits("toy") == ["train"]
+    assert store.members("toy", "train") == ["a", "b"]
+    assert store.status("toy", "train", "a") == "complete"
+    prov = store.provenance("toy", "train", "a")
+    assert prov["dataset_fingerprint"] == "fp0"
+    assert prov["labels_sha256"] == store.split_attrs("toy", "train")["labels_sha256"]
+    rows = store.summary()
+    assert [(r["member"], r["rows"], r["dim"]) for r in rows] == [("a", 50, 6), ("b", 50, 4)]
+
+
+def test_chunks_are_whole_rows_of_about_8_mib():
+    assert layout.chunk_rows(2048, "float32") == 1024
+    assert layout.chunk_rows(128, "float32") == 16384
+    assert layout.chunk_rows(2048, "float16") == 2048
+
+
+def test_writer_writes_whole_chunks_only(tmp_path):
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    store.write_labels("toy", "train", np.zeros(10, dtype=int), "fp", ["c"])
+    writer = store.create_features("toy", "train", "m", 2, {})
+    writer.rows_per_chunk = 4  # as if chunks held 4 rows
+    writer.append(np.ones((3, 2), np.float32))
+    assert writer.next_row == 0  # less than a chunk: nothing written yet
+    writer.append(np.ones((6, 2), np.float32))
+    assert writer.next_row == 8
+    assert writer.close() == 9
+
+
+def test_unwritten_rows_keep_member_writing(tmp_path):
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    store.write_labels("toy", "train", np.zeros(10, dtype=int), "fp", ["c"])
+    writer = store.create_features("toy", "train", "m", 3, {"dataset_fingerprint": "fp"})
+    writer.append(np.ones((4, 3), np.float32))
+    writer.close()
+    with pytest.raises(cache.CacheError, match="unwritten or NaN rows"):
+        store.finish_features("toy", "train", "m")
+    assert store.status("toy", "train", "m") == "writing"
+    with pytest.raises(cache.CacheError, match="member m is 'writing'"):
+        store.features("toy", "train", ["m"])
+
+
+def test_unknown_member_lists_available(tmp_path):
+    make_cache(tmp_path / "c.zarr")
+    with pytest.raises(cache.CacheError, match=r"unknown member\(s\) \['zz'\].*available: \['a', 'b'\]"):
+        cache.open(str(tmp_path / "c.zarr")).features("toy", "train", ["a", "zz"])
+
+
+def test_member_from_other_dataset_is_refused_by_name(tmp_path):
+    make_cache(tmp_path / "c.zarr")
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    writer = store.create_features("toy", "train", "odd", 2, {"dataset_fingerprint": "other"})
+    writer.append(np.zeros((50, 2), np.float32))
+    writer.close()
+    store.finish_features("toy", "train", "odd")
+    with pytest.raises(cache.CacheError, match="member odd was extracted from a different toy/train"):
+        store.features("toy", "train", ["a", "odd"])
+
+
+def test_labels_must_agree(tmp_path):
+    make_cache(tmp_path / "c.zarr")
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    store.write_labels("toy", "train", np.arange(50) % 5, "fp0", [])  # same: accepted
+    with pytest.raises(cache.CacheError, match="cached from a different dataset"):
+        store.write_labels("toy", "train", np.zeros(50, dtype=int), "fp0", [])
+
+
+def test_float16_refuses_out_of_range(tmp_path):
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    store.write_labels("toy", "train", np.zeros(4, dtype=int), "fp", ["c"])
+    writer = store.create_features("toy", "train", "m", 2, {}, dtype="float16")
+    with pytest.raises(cache.CacheError, match="exceeds float16"):
+        writer.append(np.full((4, 2), 1e6, np.float32))
+    with pytest.raises(cache.CacheError, match="NaN or inf"):
+        writer.append(np.full((4, 2), np.inf, np.float32))
+
+
+def test_float16_round_trip_widens_to_float32(tmp_path):
+    arrays, _ = make_cache(tmp_path / "c.zarr", dtype="float16")
+    X, _ = cache.open(str(tmp_path / "c.zarr")).features("toy", "train", ["a"])
+    assert X.dtype == np.float32
+    np.testing.assert_allclose(X, arrays["a"], rtol=2**-10, atol=1e-4)
+
+
+def test_read_only_cache_refuses_writes_and_missing_cache_is_explained(tmp_path):
+    make_cache(tmp_path / "c.zarr")
+    with pytest.raises(cache.CacheError, match="read-only"):
+        cache.open(str(tmp_path / "c.zarr")).write_labels("x", "y", np.zeros(1), "f", [])
+    with pytest.raises(cache.CacheError, match="run `timecat extract` first"):
+        cache.open(str(tmp_path / "absent.zarr"))
+    with pytest.raises(cache.CacheError, match="dataset 'nope' is not in the cache"):
+        cache.open(str(tmp_path / "c.zarr")).labels("nope", "train")
+
+
+def test_bad_names_are_refused(tmp_path):
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    with pytest.raises(cache.CacheError, match="invalid member name"):
+        store.write_labels("toy", "train", np.zeros(2, dtype=int), "fp", ["c"])
+        store.create_features("toy", "train", "a/b", 2, {})
+
+
+def test_cache_imports_nothing_but_numpy_zarr_numcodecs():
+    banned = "{'torch', 'pipeline', 'ffcv', 'torchvision', 'sklearn'}"
+    code = f"import sys, cache; print({banned} & set(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "set()"

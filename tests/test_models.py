@@ -1,0 +1,82 @@
+"""Architectures, checkpoints and the learning-rate schedule."""
+
+import argparse
+import itertools
+
+import pytest
+import torch
+
+from pipeline import checkpoints
+from pipeline.errors import TimecatError
+from pipeline.models import build
+from pipeline.pretrain import PretrainConfig, lr_factor, make_optimizer
+
+
+def test_small_resnet_features_and_logits():
+    model = build("small-resnet", 10).eval()
+    x = torch.randn(3, 3, 28, 28)
+    assert model.backbone(x).shape == (3, 128)
+    assert model(x).shape == (3, 10)
+    assert model.backbone(torch.randn(2, 3, 32, 32)).shape == (2, 128)  # any input size
+
+
+def test_resnet50_is_torchvisions_with_2048_features():
+    from torchvision.models import resnet50
+
+    model = build("resnet50", 7).eval()
+    assert model.feature_dim == 2048
+    reference = resnet50(weights=None)
+    # Same weights, same penultimate features: the backbone is torchvision's, fc removed.
+    state = {k: v for k, v in model.backbone.state_dict().items()}
+    reference.load_state_dict({**state, "fc.weight": reference.fc.weight, "fc.bias": reference.fc.bias})
+    reference.fc = torch.nn.Identity()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone(x), reference.eval()(x))
+
+
+def test_unknown_arch_lists_the_choices():
+    with pytest.raises(TimecatError, match=r"unknown architecture 'vit'; choose one of \['resnet50', 'small-resnet'\]"):
+        build("vit", 10)
+    with pytest.raises(TimecatError, match="unknown architecture"):
+        PretrainConfig("run0", "digits", 0, 10, arch="vit")
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    factors = [lr_factor(s, 100, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
+    assert factors[-1] < 0.01
+
+
+def test_no_weight_decay_on_batchnorm_and_biases():
+    model = build("small-resnet", 10)
+    groups = make_optimizer(model, PretrainConfig("run0", "digits", 0, 10)).param_groups
+    assert groups[0]["weight_decay"] == 5e-4 and all(p.ndim > 1 for p in groups[0]["params"])
+    assert groups[1]["weight_decay"] == 0.0 and all(p.ndim == 1 for p in groups[1]["params"])
+
+
+def test_checkpoint_save_is_atomic_and_load_is_strict(tmp_path):
+    model = build("small-resnet", 10)
+    payload = {"model": model.state_dict(), "member": {"arch": "small-resnet"}, "num_classes": 10}
+    checkpoints.save(tmp_path / "m/checkpoint.pt", payload)
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["checkpoint.pt"]
+    loaded = checkpoints.load_model(checkpoints.load(tmp_path / "m/checkpoint.pt"), "test")
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    state = dict(model.state_dict())
+    state["extra.weight"] = state.pop("head.weight")
+    with pytest.raises(TimecatError, match=r"missing \['head.weight'\].*unexpected \['extra.weight'\]"):
+        checkpoints.load_state_strict(build("small-resnet", 10), state, "bad.pt")
+
+
+def test_loading_refuses_garbage_and_foreign_pickles(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"nope")
+    with pytest.raises(TimecatError, match="junk.pt: not a loadable checkpoint"):
+        checkpoints.load(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(TimecatError, match="not a timecat checkpoint"):
+        checkpoints.load(tmp_path / "other.pt")
+    # Any class outside torch's allow-list is refused by weights_only=True.
+    torch.save({"model": argparse.Namespace(x=1), "member": {}}, tmp_path / "evil.pt")
+    with pytest.raises(TimecatError, match="evil.pt: not a loadable checkpoint"):
+        checkpoints.load(tmp_path / "evil.pt")

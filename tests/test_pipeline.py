@@ -1,0 +1,118 @@
+"""End to end on real data: prepare -> pretrain -> extract -> probe, checked stage by stage."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cache
+from pipeline import checkpoints
+from pipeline.datasets import read_idx
+from pipeline.errors import TimecatError
+from pipeline.extract import ExtractConfig, extract
+from pipeline.prepare import read_manifest
+from pipeline.pretrain import PretrainConfig, checkpoint_path, evaluate, pretrain
+from pipeline.probe import ProbeConfig, probe, probe_matrices
+
+
+def test_features_have_the_right_shapes_and_one_row_order(pipeline_run):
+    store = cache.open(pipeline_run["cache"])
+    assert store.datasets() == ["digits", "fashion-mnist"]
+    for dataset, rows in (("fashion-mnist", {"train": 640, "test": 160}), ("digits", {"train": 1347, "test": 450})):
+        for split, n in rows.items():
+            assert store.members(dataset, split) == list(pipeline_run["members"])
+            X, y = store.features(dataset, split, pipeline_run["members"])
+            assert X.shape == (n, 3 * 128) and y.shape == (n,)
+            assert np.isfinite(X).all()
+    # Labels are stored once, in dataset order: they are the IDX file's labels.
+    idx = read_idx(pipeline_run["data"] / "fashion-mnist/t10k-labels-idx1-ubyte.gz")
+    np.testing.assert_array_equal(store.labels("fashion-mnist", "test"), idx)
+
+
+def test_cached_rows_are_the_members_features_of_each_image_in_order(pipeline_run):
+    """Recompute features straight from the IDX pixels with torch, no FFCV, and compare row by row."""
+    path = checkpoint_path(pipeline_run["runs"], "run1")
+    payload = checkpoints.load(path)
+    model = checkpoints.load_model(payload, str(path)).eval()
+    pre = payload["preprocess"]
+    pixels = read_idx(pipeline_run["data"] / "fashion-mnist/t10k-images-idx3-ubyte.gz")[:64].astype(np.float32)
+    x = np.repeat(pixels[:, None], 3, axis=1)  # (64, 3, 28, 28): grey repeated as RGB
+    x = (x - np.array(pre["mean"])[None, :, None, None]) / np.array(pre["std"])[None, :, None, None]
+    with torch.no_grad():
+        expected = model.backbone(torch.from_numpy(x.astype(np.float32))).numpy()
+    X, _ = cache.open(pipeline_run["cache"]).features("fashion-mnist", "test", ["run1"])
+    np.testing.assert_allclose(X[:64], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_provenance_names_checkpoint_arch_layer_preprocessing_and_data(pipeline_run):
+    store = cache.open(pipeline_run["cache"])
+    manifest = read_manifest(pipeline_run["data"], "digits", "test")
+    prov = store.provenance("digits", "test", "run2")
+    assert prov["checkpoint_sha256"] == checkpoints.sha256(checkpoint_path(pipeline_run["runs"], "run2"))
+    assert prov["arch"] == "small-resnet" and prov["feature_dim"] == 128 and prov["seed"] == 2
+    assert prov["feature_layer"].startswith("global average pool")
+    assert prov["preprocessing"]["resolution"] == 28  # digits resized to the member's input size
+    assert prov["dataset_fingerprint"] == manifest["fingerprint"] == store.split_attrs("digits", "test")["fingerprint"]
+    assert prov["timecat_version"] == "0.1.0" and prov["pretrain_dataset"] == "fashion-mnist"
+    assert store.status("digits", "test", "run2") == "complete"
+
+
+def test_logged_metrics_are_real(pipeline_run):
+    """The final test top-1 in the log is what the saved model actually scores."""
+    from pipeline.loaders import Preprocess, eval_loader
+    from pipeline.prepare import beton_path
+
+    lines = [json.loads(line) for line in (pipeline_run["runs"] / "run0/log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if "event" not in r]
+    assert steps == [4, 8, 12]
+    assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in lines[:-1])
+    payload = checkpoints.load(checkpoint_path(pipeline_run["runs"], "run0"))
+    model = checkpoints.load_model(payload, "run0")
+    loader = eval_loader(
+        beton_path(pipeline_run["data"], "fashion-mnist", "test"), Preprocess.from_dict(payload["preprocess"]), 100, 1
+    )
+    measured = evaluate(model.to(memory_format=torch.channels_last), loader, torch.device("cpu"))
+    assert lines[-1]["event"] == "end" and lines[-1]["test_top1"] == pytest.approx(measured["top1"])
+    config = json.loads((pipeline_run["runs"] / "run0/config.json").read_text())
+    assert config["config"]["seed"] == 0 and config["timecat_version"] == "0.1.0"
+
+
+def test_probe_on_the_cache_equals_probe_on_hstacked_features(pipeline_run):
+    store = cache.open(pipeline_run["cache"])
+    members = ("run0", "run2")
+    config = ProbeConfig("digits", members)
+    record = probe(config, pipeline_run["cache"])
+    parts = {s: [store.features("digits", s, [m])[0] for m in members] for s in ("train", "test")}
+    by_hand = probe_matrices(
+        np.hstack(parts["train"]),
+        store.labels("digits", "train"),
+        np.hstack(parts["test"]),
+        store.labels("digits", "test"),
+        config,
+    )
+    assert record["top1"] == by_hand["top1"] and record["chosen"] == by_hand["chosen"]
+    assert record["dim"] == 256 and record["top1"] > 50  # real features of real digits
+    assert set(record["member_provenance"]) == set(members)
+
+
+def test_a_finished_member_is_kept_and_a_changed_one_refused(pipeline_run):
+    data, runs = pipeline_run["data"], pipeline_run["runs"]
+    before = checkpoint_path(runs, "run0").stat().st_mtime_ns
+    result = pretrain(PretrainConfig("run0", "fashion-mnist", 0, steps=12, batch_size=64, log_every=4), data, runs)
+    assert result["skipped"] and checkpoint_path(runs, "run0").stat().st_mtime_ns == before
+    with pytest.raises(TimecatError, match=r"run0 already exists.*'steps': \(12, 99\)"):
+        pretrain(PretrainConfig("run0", "fashion-mnist", 0, steps=99, batch_size=64, log_every=4), data, runs)
+
+
+def test_extract_keeps_cached_members_and_refuses_unknown_ones(pipeline_run):
+    config = ExtractConfig("digits", ("run0",))
+    summary = extract(config, pipeline_run["data"], pipeline_run["runs"], pipeline_run["cache"])
+    assert {row["state"] for row in summary} == {"kept"}
+    with pytest.raises(TimecatError, match=r"unknown member 'run7'.*trained members: \['run0', 'run1', 'run2'\]"):
+        extract(ExtractConfig("digits", ("run7",)), pipeline_run["data"], pipeline_run["runs"], pipeline_run["cache"])
+
+
+def test_extract_of_an_unprepared_dataset_says_how_to_prepare(pipeline_run, tmp_path):
+    with pytest.raises(TimecatError, match=r"'cifar10' split 'train' is not prepared.*timecat prepare cifar10"):
+        extract(ExtractConfig("cifar10", ("run0",)), pipeline_run["data"], pipeline_run["runs"], str(tmp_path / "c"))

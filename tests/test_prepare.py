@@ -1,0 +1,93 @@
+"""prepare: .beton files with manifests, written atomically, never rewritten when complete."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_cifar10, make_imagefolder
+
+from pipeline.errors import TimecatError
+from pipeline.prepare import PrepareConfig, beton_path, is_complete, manifest_path, prepare, read_manifest
+
+
+def test_digits_beton_and_manifest(tmp_path):
+    manifests = prepare(PrepareConfig("digits", tmp_path))
+    assert [m["split"] for m in manifests] == ["train", "test"]
+    train = read_manifest(tmp_path, "digits", "train")
+    assert train["rows"] == 1347 and train["kind"] == "digits" and len(train["classes"]) == 10
+    assert sum(train["class_counts"]) == 1347
+    assert 0 < train["mean"][0] < 255 and train["std"][0] > 1
+    assert beton_path(tmp_path, "digits", "train").stat().st_size == train["bytes"]
+
+
+def test_a_complete_dataset_is_not_rewritten(tmp_path):
+    prepare(PrepareConfig("digits", tmp_path))
+    before = beton_path(tmp_path, "digits", "train").stat().st_mtime_ns
+    prepare(PrepareConfig("digits", tmp_path))
+    assert beton_path(tmp_path, "digits", "train").stat().st_mtime_ns == before
+
+
+def test_a_beton_without_manifest_counts_as_unfinished(tmp_path):
+    prepare(PrepareConfig("digits", tmp_path))
+    # As if prepare had been killed after renaming the .beton but before its manifest.
+    manifest_path(tmp_path, "digits", "test").unlink()
+    assert not is_complete(tmp_path, "digits", "test")
+    with pytest.raises(TimecatError, match="run `timecat prepare digits`"):
+        read_manifest(tmp_path, "digits", "test")
+    train_before = beton_path(tmp_path, "digits", "train").stat().st_mtime_ns
+    prepare(PrepareConfig("digits", tmp_path))
+    assert is_complete(tmp_path, "digits", "test")
+    assert beton_path(tmp_path, "digits", "train").stat().st_mtime_ns == train_before
+    assert not list((tmp_path / "digits").glob(".*tmp*"))
+
+
+def test_a_changed_beton_is_detected(tmp_path):
+    prepare(PrepareConfig("digits", tmp_path))
+    with open(beton_path(tmp_path, "digits", "test"), "ab") as f:
+        f.write(b"junk")
+    with pytest.raises(TimecatError, match="does not match its manifest"):
+        read_manifest(tmp_path, "digits", "test")
+
+
+def test_cifar_and_imagefolder(tmp_path):
+    make_cifar10(tmp_path / "data")
+    (m_train, m_test) = prepare(PrepareConfig("cifar10", tmp_path / "data"))
+    assert (m_train["rows"], m_test["rows"]) == (60, 20)
+    make_imagefolder(tmp_path / "pets" / "train")
+    make_imagefolder(tmp_path / "pets" / "val", per_class=2)
+    config = PrepareConfig(
+        "imagefolder", tmp_path / "data", name="pets", train_dir=tmp_path / "pets/train", test_dir=tmp_path / "pets/val"
+    )
+    (m_train, m_test) = prepare(config)
+    assert m_train["name"] == "pets" and m_train["classes"] == ["cat", "dog", "fox"] and m_test["rows"] == 6
+    assert json.loads(manifest_path(tmp_path / "data", "pets", "train").read_text())["format"]["write_mode"] == "smart"
+
+
+def test_corrupt_image_is_reported_by_path_and_nothing_is_written(tmp_path):
+    make_imagefolder(tmp_path / "train")
+    make_imagefolder(tmp_path / "val")
+    (tmp_path / "train/dog/2.jpg").write_bytes(b"\xff\xd8 truncated")
+    config = PrepareConfig("imagefolder", tmp_path / "data", "pets", tmp_path / "train", tmp_path / "val")
+    with pytest.raises(TimecatError, match=r"unreadable image.*train/dog/2.jpg"):
+        prepare(config)
+    assert not beton_path(tmp_path / "data", "pets", "train").exists()
+
+
+def test_missing_source_names_the_path(tmp_path):
+    with pytest.raises(TimecatError, match="cifar-100-python"):
+        prepare(PrepareConfig("cifar100", tmp_path))
+    assert not (tmp_path / "cifar100").exists() or not any((tmp_path / "cifar100").iterdir())
+
+
+def test_fingerprint_changes_with_the_data(tmp_path):
+    make_cifar10(tmp_path / "a")
+    make_cifar10(tmp_path / "b")
+    import pickle
+
+    path = tmp_path / "b/cifar10/cifar-10-batches-py/test_batch"
+    batch = pickle.loads(path.read_bytes())
+    batch[b"data"] = np.zeros_like(batch[b"data"])
+    path.write_bytes(pickle.dumps(batch))
+    fa = [m["fingerprint"] for m in prepare(PrepareConfig("cifar10", tmp_path / "a"))]
+    fb = [m["fingerprint"] for m in prepare(PrepareConfig("cifar10", tmp_path / "b"))]
+    assert fa[0] == fb[0] and fa[1] != fb[1]

@@ -1,0 +1,80 @@
+"""The logreg probe protocol on matrices and on a synthetic cache."""
+
+import numpy as np
+import pytest
+from test_cache import make_cache
+
+import cache
+from pipeline.errors import TimecatError
+from pipeline.probe import ProbeConfig, check_classes, probe, probe_matrices, search_split, standardize, topk
+
+
+def blobs(n, dim, classes, seed, spread=1.5):
+    """Gaussian blobs: class c centred at a random point; learnable but not trivially."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(classes, dim)) * spread
+    y = np.arange(n) % classes
+    return (centres[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+def test_standardize_uses_train_statistics_in_place():
+    X_train = np.array([[1.0, 5.0], [3.0, 5.0]], np.float32)
+    X_eval = np.array([[2.0, 7.0]], np.float32)
+    standardize(X_train, X_eval)
+    np.testing.assert_allclose(X_train, [[-1, 0], [1, 0]])
+    np.testing.assert_allclose(X_eval, [[0, 2]])  # constant column: centred, not divided by 0
+
+
+def test_topk():
+    proba = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    classes = np.array([0, 1, 2])
+    assert topk(proba, classes, np.array([1, 2]), 1) == 50.0
+    assert topk(proba, classes, np.array([1, 2]), 2) == 100.0
+    assert topk(proba, classes, np.array([1, 2]), 5) == 100.0  # k larger than the classes
+
+
+def test_held_out_split_is_seeded_stratified_and_capped():
+    y = np.arange(1000) % 4
+    config = ProbeConfig("d", ("a",), holdout=0.2, search_rows=300)
+    fit_a, held_a = search_split(y, config)
+    fit_b, _ = search_split(y, config)
+    np.testing.assert_array_equal(fit_a, fit_b)
+    assert len(held_a) == 200 and len(fit_a) == 300 and not set(fit_a) & set(held_a)
+    assert np.bincount(y[held_a]).tolist() == [50] * 4
+
+
+def test_probe_learns_and_never_looks_at_the_eval_labels():
+    X_train, y_train = blobs(600, 8, 4, seed=0)
+    X_eval, y_eval = blobs(200, 8, 4, seed=1)
+    config = ProbeConfig("d", ("a",))
+    result = probe_matrices(X_train.copy(), y_train, X_eval.copy(), y_eval, config)
+    assert result["top1"] > 90 and result["top5"] == 100.0
+    assert result["n_train"] == 600 and result["n_eval"] == 200 and result["dim"] == 8
+    assert len(result["search"]) == len(config.c_grid) + len(config.refine)
+    # Shuffling the eval labels changes the score but not a single choice.
+    shuffled = probe_matrices(X_train.copy(), y_train, X_eval.copy(), np.roll(y_eval, 1), config)
+    assert shuffled["chosen"] == result["chosen"] and shuffled["search"] == result["search"]
+    assert shuffled["top1"] < 50
+
+
+def test_a_class_missing_from_train_is_a_clear_error():
+    with pytest.raises(TimecatError, match=r"no examples of class\(es\) \['c2'\]"):
+        check_classes(np.array([0, 0, 1, 1]), ["c0", "c1", "c2"], ProbeConfig("d", ("a",)))
+
+
+def test_probe_from_cache_refuses_unknown_members(tmp_path):
+    make_cache(tmp_path / "c.zarr")
+    with pytest.raises(TimecatError, match=r"unknown member\(s\) \['run9'\].*available: \['a', 'b'\]"):
+        probe(ProbeConfig("toy", ("a", "run9"), eval_split="train"), str(tmp_path / "c.zarr"))
+
+
+def test_probe_from_cache_refuses_mismatched_members(tmp_path):
+    make_cache(tmp_path / "c.zarr")
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    writer = store.create_features("toy", "train", "stale", 3, {"dataset_fingerprint": "old"})
+    writer.append(np.zeros((50, 3), np.float32))
+    writer.close()
+    store.finish_features("toy", "train", "stale")
+    store.consolidate()
+    with pytest.raises(TimecatError, match="member stale was extracted from a different toy/train"):
+        probe(ProbeConfig("toy", ("a", "stale"), eval_split="train"), str(tmp_path / "c.zarr"))

@@ -1,0 +1,80 @@
+"""The results store (append-only, safe under concurrency) and the Table 3 report."""
+
+import json
+import multiprocessing
+
+import pytest
+
+from pipeline import report, results
+from pipeline.errors import TimecatError
+
+
+def record(members, dataset, top1, steps, protocol="logreg"):
+    return {
+        "dataset": dataset,
+        "members": members,
+        "n_members": len(members),
+        "protocol": protocol,
+        "train_split": "train",
+        "eval_split": "test",
+        "top1": top1,
+        "member_provenance": {m: {"steps": steps} for m in members},
+    }
+
+
+def _append_many(args):
+    root, worker = args
+    for i in range(100):
+        results.append(root, record([f"w{worker}"], "d", float(i), 10))
+
+
+def test_concurrent_appends_never_interleave(tmp_path):
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.map(_append_many, [(tmp_path, w) for w in range(4)])
+    lines = results.results_path(tmp_path).read_text().splitlines()
+    assert len(lines) == 400
+    assert all(json.loads(line)["dataset"] == "d" for line in lines)
+
+
+def test_missing_and_malformed_results_are_explained(tmp_path):
+    with pytest.raises(TimecatError, match="run `timecat probe` first"):
+        results.load(tmp_path)
+    results.append(tmp_path, record(["a"], "d", 1.0, 1))
+    with open(results.results_path(tmp_path), "a") as f:
+        f.write("{broken\n")
+    with pytest.raises(TimecatError, match="probes.jsonl:2: not a JSON record"):
+        results.load(tmp_path)
+
+
+def test_table3_layout_with_mean_and_std():
+    records = [
+        record(["r0"], "fmnist", 90.0, 1000),
+        record(["r0"], "digits", 95.0, 1000),
+        record(["r1", "r2"], "fmnist", 91.0, 500),
+        record(["r3", "r4"], "fmnist", 93.0, 500),  # a second Cat2 subset
+        record(["r1", "r2"], "digits", 97.0, 500),
+        record(["r0"], "fmnist", 88.0, 1000),  # a rerun replaces the older record
+    ]
+    data = report.table(records)
+    assert data["datasets"] == ["digits", "fmnist"]
+    cat1, cat2 = data["rows"]
+    assert (cat1["method"], cat1["steps_per_member"], cat1["total_steps"]) == ("Cat1", 1000, 1000)
+    assert cat1["fmnist"]["mean"] == 88.0
+    assert (cat2["method"], cat2["total_steps"]) == ("Cat2", 1000)
+    assert cat2["fmnist"] == {"mean": 92.0, "std": 1.0, "count": 2}
+    text = report.format_table(data)
+    assert "92.00 ± 1.00 (n=2)" in text and text.splitlines()[0].split() == [
+        "method",
+        "steps/member",
+        "total",
+        "digits",
+        "fmnist",
+    ]
+
+
+def test_report_refuses_no_records_and_plots_png(tmp_path):
+    with pytest.raises(TimecatError, match="no logreg probe records"):
+        report.table([record(["a"], "d", 1.0, 1, protocol="other")])
+    data = report.table([record(["a"], "d", 80.0, 4), record(["b", "c"], "d", 85.0, 2)])
+    out = report.plot(data, tmp_path / "p.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
