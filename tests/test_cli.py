@@ -1,0 +1,82 @@
+"""Every command through click's CliRunner, as a user types it."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import make_fashion_root
+
+import cli
+
+
+def run(*args, env=None):
+    result = CliRunner().invoke(cli.main, [str(a) for a in args], env=env, catch_exceptions=False)
+    return result
+
+
+def test_every_command_has_help_with_an_example():
+    for name in cli.main.commands:
+        result = run(name, "--help")
+        assert result.exit_code == 0, name
+        assert "Example: timecat" in result.output, f"{name} --help lacks an example"
+    assert "Example: timecat demo" in run("--help").output
+
+
+def test_prepare_pretrain_extract_probe_report(tmp_path):
+    data = make_fashion_root(tmp_path / "data", n_train=320, n_test=80)
+    env = {
+        "TIMECAT_DATA": str(data),
+        "TIMECAT_RUNS": str(tmp_path / "runs"),
+        "TIMECAT_CACHE": str(tmp_path / "f.zarr"),
+        "TIMECAT_RESULTS": str(tmp_path / "results"),
+    }
+    result = run("prepare", "fashion-mnist", env=env)
+    assert result.exit_code == 0 and "fashion-mnist/train: 320 images, 10 classes" in result.output
+    for name, seed in (("run0", 0), ("run1", 1)):
+        args = ["pretrain", "--name", name, "--dataset", "fashion-mnist", "--seed", seed, "--steps", 6]
+        result = run(*args, "--batch-size", 32, "--json", env=env)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["step"] == 6
+    result = run("extract", "--members", "run0,run1", "--dataset", "fashion-mnist", env=env)
+    assert result.exit_code == 0 and "fashion-mnist/test run1: written" in result.output
+    result = run("probe", "--members", "run0,run1", "--dataset", "fashion-mnist", "--json", env=env)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["members"] == ["run0", "run1"] and record["dim"] == 256 and 0 <= record["top1"] <= 100
+    result = run("probe", "--members", "run0", "--dataset", "fashion-mnist", env=env)
+    assert result.exit_code == 0 and "run0 on fashion-mnist: top-1" in result.output
+    result = run("report", env=env)
+    assert result.exit_code == 0 and result.output.splitlines()[0].split()[:3] == ["method", "steps/member", "total"]
+    assert (tmp_path / "results/catn.png").is_file()
+    data_json = json.loads(run("report", "--json", env=env).stdout)
+    assert [r["method"] for r in data_json["rows"]] == ["Cat1", "Cat2"]
+
+
+def test_errors_are_one_clean_line(tmp_path):
+    env = {"TIMECAT_DATA": str(tmp_path), "TIMECAT_CACHE": str(tmp_path / "none.zarr")}
+    result = run("prepare", "cifar10", env=env)
+    assert result.exit_code == 1 and result.output.startswith("Error: cifar10: folder cifar-10-batches-py/")
+    result = run("prepare", "imagenet", env=env)
+    assert "unknown dataset 'imagenet'; choose one of" in result.output
+    result = run("probe", "--members", "run0", "--dataset", "digits", env=env)
+    assert result.exit_code == 1 and "no feature cache" in result.output
+    result = run("report", "--results", tmp_path / "nothing")
+    assert result.exit_code == 1 and "run `timecat probe` first" in result.output
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path):
+    data = make_fashion_root(tmp_path / "data", n_train=256, n_test=64)
+    result = run("demo", "--workdir", tmp_path / "demo", "--data-root", data, "--total-steps", 4, "--json")
+    assert result.exit_code == 0, result.output
+    outcome = json.loads(result.stdout)
+    rows = {r["method"]: r for r in outcome["table"]["rows"]}
+    assert set(rows) == {"Cat1", "Cat2", "Cat4"}
+    assert (rows["Cat1"]["steps_per_member"], rows["Cat4"]["steps_per_member"]) == (4, 1)
+    assert outcome["table"]["datasets"] == ["digits", "fashion-mnist"]
+    assert all(r[d]["mean"] is not None for r in rows.values() for d in outcome["table"]["datasets"])
+    assert (tmp_path / "demo/results/catn.png").is_file()
+    # A rerun keeps every member and cached array, and only re-probes.
+    before = (tmp_path / "demo/runs/run0/checkpoint.pt").stat().st_mtime_ns
+    assert run("demo", "--workdir", tmp_path / "demo", "--data-root", data, "--total-steps", 4).exit_code == 0
+    assert (tmp_path / "demo/runs/run0/checkpoint.pt").stat().st_mtime_ns == before
