@@ -13,38 +13,19 @@ import click
 
 from pipeline import __version__
 
-DATA_ROOT = click.option(
-    "--data-root",
-    type=click.Path(path_type=Path),
-    default="data",
-    envvar="TIMECAT_DATA",
-    show_default=True,
-    help="Folder of prepared datasets (env TIMECAT_DATA).",
-)
-RUNS = click.option(
-    "--runs",
-    type=click.Path(path_type=Path),
-    default="runs",
-    envvar="TIMECAT_RUNS",
-    show_default=True,
-    help="Folder of members, one sub-folder each (env TIMECAT_RUNS).",
-)
-CACHE = click.option(
-    "--cache",
-    "cache_path",
-    default="features.zarr",
-    envvar="TIMECAT_CACHE",
-    show_default=True,
-    help="Feature cache: a path or fsspec URL (env TIMECAT_CACHE).",
-)
-RESULTS = click.option(
-    "--results",
-    type=click.Path(path_type=Path),
-    default="results",
-    envvar="TIMECAT_RESULTS",
-    show_default=True,
-    help="Folder of probe records and plots (env TIMECAT_RESULTS).",
-)
+
+def _location(flag: str, default: str, env: str, what: str, dest: str | None = None, is_path: bool = True):
+    """A --flag for one of timecat's locations, with a default and an environment variable."""
+    decls = [flag, dest] if dest else [flag]
+    kind = click.Path(path_type=Path) if is_path else str
+    return click.option(*decls, type=kind, default=default, envvar=env, show_default=True, help=f"{what} (env {env}).")
+
+
+DATA_ROOT = _location("--data-root", "data", "TIMECAT_DATA", "Folder of prepared datasets")
+RUNS = _location("--runs", "runs", "TIMECAT_RUNS", "Folder of members, one sub-folder each")
+# A string, not a Path: the cache may be any fsspec URL zarr accepts.
+CACHE = _location("--cache", "features.zarr", "TIMECAT_CACHE", "Feature cache path or URL", "cache_path", False)
+RESULTS = _location("--results", "results", "TIMECAT_RESULTS", "Folder of probe records and plots")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
@@ -242,7 +223,7 @@ def report(results, plot_path, as_json):
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default="demo", show_default=True)
 @DATA_ROOT
-@click.option("--total-steps", default=1200, show_default=True, help="Budget B shared by every CatN.")
+@click.option("--total-steps", default=1000, show_default=True, help="Budget B shared by every CatN.")
 @JSON
 def demo(workdir, data_root, total_steps, as_json):
     """Run the whole pipeline on Fashion-MNIST (and digits for transfer) on a CPU.

@@ -24,7 +24,7 @@ class DemoConfig:
 
     workdir: Path = Path("demo")  # runs/, features.zarr and results/ go here
     data_root: Path = Path("data")
-    total_steps: int = 1200  # B: every CatN spends B SGD steps in all (N members x B/N)
+    total_steps: int = 1000  # B: every CatN spends B SGD steps in all (N members x B/N)
     cats: tuple[int, ...] = (1, 2, 4)
     arch: str = "small-resnet"
     batch_size: int = 128  # images per step

@@ -29,6 +29,17 @@ def make_cache(path, members=("a", "b"), rows=50, dims=(6, 4), fingerprint="fp0"
     return arrays, labels
 
 
+def add_member(path, name, dim, fingerprint, rows=50):
+    """Add a complete member of zeros to the toy split, extracted from ``fingerprint``."""
+    store = cache.open(str(path), mode="a")
+    writer = store.create_features("toy", "train", name, dim, {"dataset_fingerprint": fingerprint})
+    writer.append(np.zeros((rows, dim), np.float32))
+    writer.close()
+    store.finish_features("toy", "train", name)
+    store.consolidate()
+    return store
+
+
 def test_features_round_trip_equals_hstack(tmp_path):
     arrays, labels = make_cache(tmp_path / "c.zarr")
     X, y = cache.open(str(tmp_path / "c.zarr")).features("toy", "train", ["b", "a"])
@@ -98,11 +109,7 @@ def test_unknown_member_lists_available(tmp_path):
 
 def test_member_from_other_dataset_is_refused_by_name(tmp_path):
     make_cache(tmp_path / "c.zarr")
-    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
-    writer = store.create_features("toy", "train", "odd", 2, {"dataset_fingerprint": "other"})
-    writer.append(np.zeros((50, 2), np.float32))
-    writer.close()
-    store.finish_features("toy", "train", "odd")
+    store = add_member(tmp_path / "c.zarr", "odd", 2, "other")
     with pytest.raises(cache.CacheError, match="member odd was extracted from a different toy/train"):
         store.features("toy", "train", ["a", "odd"])
 

@@ -80,3 +80,27 @@ def test_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path):
     before = (tmp_path / "demo/runs/run0/checkpoint.pt").stat().st_mtime_ns
     assert run("demo", "--workdir", tmp_path / "demo", "--data-root", data, "--total-steps", 4).exit_code == 0
     assert (tmp_path / "demo/runs/run0/checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_cache_probe_and_report_work_without_ffcv(tmp_path):
+    """Block ffcv's import in a fresh interpreter; probe and report must not need it."""
+    import subprocess
+    import sys
+
+    from test_cache import make_cache
+
+    make_cache(tmp_path / "c.zarr", rows=60)
+    script = f"""
+import sys
+sys.modules["ffcv"] = None  # any 'import ffcv' now raises ImportError
+from click.testing import CliRunner
+import cli
+runner = CliRunner()
+args = ["probe", "--members", "a,b", "--dataset", "toy", "--eval-split", "train",
+        "--cache", {str(tmp_path / "c.zarr")!r}, "--results", {str(tmp_path / "r")!r}]
+probe = runner.invoke(cli.main, args)
+report = runner.invoke(cli.main, ["report", "--results", {str(tmp_path / "r")!r}])
+print(probe.exit_code, report.exit_code, "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "0", "False"], out.stdout + out.stderr

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-from test_cache import make_cache
+from test_cache import add_member, make_cache
 
-import cache
 from pipeline.errors import TimecatError
 from pipeline.probe import ProbeConfig, check_classes, probe, probe_matrices, search_split, standardize, topk
 
@@ -70,11 +69,6 @@ def test_probe_from_cache_refuses_unknown_members(tmp_path):
 
 def test_probe_from_cache_refuses_mismatched_members(tmp_path):
     make_cache(tmp_path / "c.zarr")
-    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
-    writer = store.create_features("toy", "train", "stale", 3, {"dataset_fingerprint": "old"})
-    writer.append(np.zeros((50, 3), np.float32))
-    writer.close()
-    store.finish_features("toy", "train", "stale")
-    store.consolidate()
+    add_member(tmp_path / "c.zarr", "stale", 3, "old")
     with pytest.raises(TimecatError, match="member stale was extracted from a different toy/train"):
         probe(ProbeConfig("toy", ("a", "stale"), eval_split="train"), str(tmp_path / "c.zarr"))
