@@ -28,7 +28,7 @@ test: setup lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python -m pytest -q tests/benchmarks -p no:cacheprovider --override-ini addopts=
+	$(BIN)/python -m pytest -q -s tests/benchmarks -p no:cacheprovider --override-ini addopts=
 
 clean:
 	rm -rf demo runs results features.zarr .pytest_cache
