@@ -38,14 +38,17 @@ class DemoConfig:
 
     @property
     def runs(self) -> Path:
+        """Where the demo's members go."""
         return self.workdir / "runs"
 
     @property
     def cache(self) -> str:
+        """The demo's feature cache."""
         return str(self.workdir / "features.zarr")
 
     @property
     def results(self) -> Path:
+        """The demo's probe records and plot."""
         return self.workdir / "results"
 
 

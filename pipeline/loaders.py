@@ -66,10 +66,12 @@ class Preprocess:
     flip: bool = True  # train: random horizontal flip
 
     def to_dict(self) -> dict:
+        """Plain fields, for checkpoints and cache provenance."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
+        """Rebuild from ``to_dict`` output (JSON turns tuples into lists)."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 

@@ -78,6 +78,7 @@ class Classifier(nn.Module):
 
     @property
     def feature_dim(self) -> int:
+        """Width of the penultimate features."""
         return self.backbone.out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

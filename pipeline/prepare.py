@@ -42,6 +42,7 @@ class PrepareConfig:
 
     @property
     def stored_name(self) -> str:
+        """The folder name under the data root."""
         return self.name or self.dataset
 
 
