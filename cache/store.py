@@ -170,7 +170,9 @@ class Cache:
         for member, array in zip(members, arrays, strict=True):
             block = X[:, col : col + array.shape[1]]
             _read_into(array, slice(0, n), block)
-            if np.isnan(block).any():
+            # Scan a chunk of rows at a time: a whole-block isnan would allocate n x d bools.
+            step = array.chunks[0]
+            if any(np.isnan(block[i : i + step]).any() for i in range(0, n, step)):
                 raise CacheError(f"member {member} holds NaN rows in {dataset}/{split}: re-extract it")
             col += array.shape[1]
         return X, self.labels(dataset, split)

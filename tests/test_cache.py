@@ -161,3 +161,11 @@ def test_cache_imports_nothing_but_numpy_zarr_numcodecs():
     code = f"import sys, cache; print({banned} & set(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"
+
+
+def test_nan_written_into_a_complete_member_is_refused(tmp_path):
+    make_cache(tmp_path / "c.zarr")
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    store.group["toy/train/features/b"][7] = np.nan  # damage after it was marked complete
+    with pytest.raises(cache.CacheError, match="member b holds NaN rows in toy/train"):
+        store.features("toy", "train", ["a", "b"])
