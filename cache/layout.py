@@ -66,6 +66,6 @@ def resolve_dtype(dtype: str) -> type:
 
 def check_name(kind: str, name: str) -> str:
     """Refuse names that would break the store's paths."""
-    if not name or "/" in name or name.startswith(".") or name != name.strip():
-        raise CacheError(f"invalid {kind} name {name!r}: use a non-empty name without '/' or a leading '.'")
+    if not name or "/" in name or "\\" in name or name.startswith(".") or name != name.strip():
+        raise CacheError(f"invalid {kind} name {name!r}: use a non-empty name without '/', '\\', '..' or a leading '.'")
     return name

@@ -236,8 +236,12 @@ class Cache:
         provenance: dict,
         dtype: str = "float32",
         compression: layout.Compression = layout.Compression.ZSTD,
+        chunk_rows: int | None = None,
     ) -> FeatureWriter:
-        """Create (or replace) a member's array, status ``writing``, and return its writer."""
+        """Create (or replace) a member's array, status ``writing``, and return its writer.
+
+        ``chunk_rows`` overrides the ~8 MiB default (extraction rounds it to whole batches).
+        """
         self._require_writable()
         layout.check_name("member", member)
         if layout.labels_path(dataset, split) not in self.group:
@@ -248,7 +252,7 @@ class Cache:
         array = self.group.create_array(
             layout.features_path(dataset, split, member),
             shape=(rows, dim),
-            chunks=(layout.chunk_rows(dim, dtype), dim),
+            chunks=(chunk_rows or layout.chunk_rows(dim, dtype), dim),
             dtype=np_dtype,
             fill_value=np.nan,  # unwritten chunks read as NaN, so gaps cannot hide
             compressors=compressors,
@@ -259,16 +263,38 @@ class Cache:
         array.attrs.update({"status": layout.STATUS_WRITING, "provenance": prov})
         return FeatureWriter(array)
 
+    def first_unwritten_row(self, dataset: str, split: str, member: str) -> int:
+        """Start of the first chunk that is missing, unreadable or holds NaN; the row count if none.
+
+        A process killed mid-write can leave a truncated chunk file: it fails to
+        decode, and counts as unwritten.
+        """
+        array = self._features_array(dataset, split, member)
+        step = array.chunks[0]
+        for start in range(0, array.shape[0], step):
+            try:
+                block = array[start : start + step]
+            except Exception:  # zarr/numcodecs raise several types for a damaged chunk
+                return start
+            if np.isnan(block).any():
+                return start
+        return array.shape[0]
+
+    def resume_features(self, dataset: str, split: str, member: str) -> FeatureWriter:
+        """A writer that continues an unfinished member from its first unwritten chunk."""
+        self._require_writable()
+        array = self._features_array(dataset, split, member)
+        return FeatureWriter(array, self.first_unwritten_row(dataset, split, member))
+
     def finish_features(self, dataset: str, split: str, member: str) -> None:
         """Check every row is written (no NaN) and mark the member ``complete``."""
         self._require_writable()
         array = self._features_array(dataset, split, member)
-        step = array.chunks[0]
-        for start in range(0, array.shape[0], step):
-            if np.isnan(array[start : start + step]).any():
-                raise CacheError(
-                    f"member {member} of {dataset}/{split} has unwritten or NaN rows at {start}; it stays 'writing'"
-                )
+        start = self.first_unwritten_row(dataset, split, member)
+        if start < array.shape[0]:
+            raise CacheError(
+                f"member {member} of {dataset}/{split} has unwritten or NaN rows from row {start}; it stays 'writing'"
+            )
         array.attrs["status"] = layout.STATUS_COMPLETE
 
     def consolidate(self) -> None:

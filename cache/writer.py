@@ -35,6 +35,14 @@ class FeatureWriter:
             raise CacheError(f"feature block has shape {block.shape}, expected (rows, {d})")
         if self.next_row + self._pending_rows + len(block) > n:
             raise CacheError(f"more rows than the split holds ({n})")
+        first = self.next_row + self._pending_rows
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if len(bad):
+            rows = (first + bad[:5]).tolist()
+            raise CacheError(
+                f"{self.array.path}: {len(bad)} row(s) of non-finite features (NaN or inf), e.g. rows {rows}; "
+                "the member stays 'writing': check the checkpoint and its preprocessing"
+            )
         if self.array.dtype == np.float16:
             _check_float16_range(block)
         self._pending.append(np.asarray(block, dtype=self.array.dtype))
@@ -64,8 +72,6 @@ class FeatureWriter:
 
 def _check_float16_range(block: np.ndarray) -> None:
     # float16 silently turns large values into inf; refuse rather than store garbage.
-    if not np.isfinite(block).all():
-        raise CacheError("features hold NaN or inf; they cannot be stored (use dtype float32 to inspect them)")
     peak = float(np.abs(block).max(initial=0.0))
     if peak > FLOAT16_MAX:
         raise CacheError(f"feature value {peak:.4g} exceeds float16's range ({FLOAT16_MAX}); use dtype float32")

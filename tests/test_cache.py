@@ -169,3 +169,54 @@ def test_nan_written_into_a_complete_member_is_refused(tmp_path):
     store.group["toy/train/features/b"][7] = np.nan  # damage after it was marked complete
     with pytest.raises(cache.CacheError, match="member b holds NaN rows in toy/train"):
         store.features("toy", "train", ["a", "b"])
+
+
+def test_non_finite_features_name_the_rows_and_stay_writing(tmp_path):
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    store.write_labels("toy", "train", np.zeros(10, dtype=int), "fp", ["c"])
+    writer = store.create_features("toy", "train", "m", 2, {})
+    writer.append(np.ones((4, 2), np.float32))
+    block = np.ones((4, 2), np.float32)
+    block[1, 0], block[3, 1] = np.nan, np.inf
+    with pytest.raises(cache.CacheError, match=r"toy/train/features/m: 2 row\(s\) of non-finite.*rows \[5, 7\]"):
+        writer.append(block)
+    assert store.status("toy", "train", "m") == "writing"
+
+
+def test_resume_starts_at_the_first_unwritten_chunk(tmp_path):
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    store.write_labels("toy", "train", np.zeros(10, dtype=int), "fp", ["c"])
+    X = np.arange(20, dtype=np.float32).reshape(10, 2)
+    writer = store.create_features("toy", "train", "m", 2, {"dataset_fingerprint": "fp"}, chunk_rows=4)
+    writer.append(X[:6])  # one whole chunk reaches the store; 2 rows stay buffered, as if killed
+    assert store.first_unwritten_row("toy", "train", "m") == 4
+    resumed = store.resume_features("toy", "train", "m")
+    assert resumed.next_row == 4
+    resumed.append(X[4:])
+    resumed.close()
+    store.finish_features("toy", "train", "m")
+    np.testing.assert_array_equal(store.features("toy", "train", ["m"])[0], X)
+
+
+def test_a_truncated_chunk_counts_as_unwritten(tmp_path):
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    store.write_labels("toy", "train", np.zeros(8, dtype=int), "fp", ["c"])
+    writer = store.create_features("toy", "train", "m", 2, {}, chunk_rows=4)
+    writer.append(np.ones((8, 2), np.float32))
+    writer.close()
+    chunk = tmp_path / "c.zarr/toy/train/features/m/c/1/0"
+    chunk.write_bytes(chunk.read_bytes()[:5])  # as if the writer was killed mid-file
+    assert store.first_unwritten_row("toy", "train", "m") == 4
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/b", "a\\b", ".hidden", "", " pad"])
+def test_names_that_could_escape_the_store_are_refused(name):
+    from pipeline.prepare import PrepareConfig
+    from pipeline.pretrain import PretrainConfig
+
+    with pytest.raises(cache.CacheError, match="invalid member name"):
+        layout.check_name("member", name)
+    with pytest.raises(cache.CacheError, match="invalid member name"):
+        PretrainConfig(name, "digits", 0, 10)
+    with pytest.raises(cache.CacheError, match="invalid dataset name"):
+        PrepareConfig("imagefolder", "data", name=name or "/")
