@@ -138,12 +138,18 @@ def pretrain(name, dataset, seed, steps, arch, batch_size, lr, resolution, worke
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--compression", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Re-extract members cached from another checkpoint.")
+@click.option("--chunk-rows", type=int, help="Rows per Zarr chunk, a multiple of the batch size (default ~8 MiB).")
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
 @DATA_ROOT
 @RUNS
 @CACHE
-def extract(members, dataset, batch_size, dtype, compression, overwrite, workers, data_root, runs, cache_path):
+def extract(
+    members, dataset, batch_size, dtype, compression, overwrite, chunk_rows, workers, data_root, runs, cache_path
+):
     """Cache the penultimate features of frozen members for every split of DATASET.
+
+    An interrupted extraction (even kill -9) resumes from its first unwritten chunk
+    when the same command runs again.
 
     \b
     Example: timecat extract --members run0,run1,run2,run3 --dataset digits
@@ -159,6 +165,7 @@ def extract(members, dataset, batch_size, dtype, compression, overwrite, workers
         dtype=dtype,
         compression=compression,
         overwrite=overwrite,
+        chunk_rows=chunk_rows,
     )
     for row in run(config, data_root, runs, cache_path):
         click.echo(f"{row['dataset']}/{row['split']} {row['member']}: {row['state']}")

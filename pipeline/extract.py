@@ -36,10 +36,15 @@ class ExtractConfig:
     dtype: str = "float32"  # float32 | float16 (half the disk, refuses values out of range)
     compression: str = "zstd"  # zstd | none
     overwrite: bool = False  # replace a member cached from a different checkpoint
+    chunk_rows: int | None = None  # rows per chunk; None: ~8 MiB rounded down to whole batches
 
     def __post_init__(self):
         if not self.members:
             raise TimecatError("no members given: pass --members run0,run1,...")
+        if self.chunk_rows is not None and (self.chunk_rows < 1 or self.chunk_rows % self.batch_size):
+            raise TimecatError(
+                f"chunk rows ({self.chunk_rows}) must be a multiple of the batch size ({self.batch_size})"
+            )
         if self.compression not in {c.value for c in cache.Compression}:
             raise TimecatError(
                 f"unknown compression {self.compression!r}; choose one of {[c.value for c in cache.Compression]}"
@@ -96,9 +101,10 @@ def extract_batch(models: list[Classifier], images: torch.Tensor) -> list[np.nda
     return [m.backbone(images).float().cpu().numpy() for m in models]
 
 
-def _needs_extraction(store: cache.Cache, dataset: str, split: str, member: Member, overwrite: bool) -> bool:
+def _plan(store: cache.Cache, dataset: str, split: str, member: Member, fingerprint: str, overwrite: bool) -> str:
+    """What to do for one member: ``keep`` it, ``resume`` an unfinished array, or write it ``new``."""
     if member.name not in store.members(dataset, split):
-        return True
+        return "new"
     cached = store.provenance(dataset, split, member.name)
     if cached.get("checkpoint_sha256") != member.sha256:
         if not overwrite:
@@ -107,8 +113,37 @@ def _needs_extraction(store: cache.Cache, dataset: str, split: str, member: Memb
                 f"(sha256 {cached.get('checkpoint_sha256', '?')[:12]}, now {member.sha256[:12]}); "
                 "pass --overwrite to re-extract it, or rename the member"
             )
-        return True
-    return store.status(dataset, split, member.name) != cache.layout.STATUS_COMPLETE
+        return "new"
+    if store.status(dataset, split, member.name) == cache.layout.STATUS_COMPLETE:
+        return "keep"
+    return "resume" if cached.get("dataset_fingerprint") == fingerprint else "new"
+
+
+def chunk_rows(config: ExtractConfig, dim: int) -> int:
+    """Rows per chunk: the ~8 MiB default rounded down to whole batches.
+
+    Whole batches per chunk mean a resumed run feeds the model exactly the batches
+    an uninterrupted run would, so its features are bitwise identical.
+    """
+    if config.chunk_rows:
+        return config.chunk_rows
+    default = cache.layout.chunk_rows(dim, config.dtype)
+    return max(config.batch_size, default - default % config.batch_size)
+
+
+def _writer(store: cache.Cache, config: ExtractConfig, split: str, member: Member, fingerprint: str, action: str):
+    if action == "resume":
+        return store.resume_features(config.dataset, split, member.name)
+    return store.create_features(
+        config.dataset,
+        split,
+        member.name,
+        member.model.feature_dim,
+        member.provenance(config.dataset, split, fingerprint),
+        dtype=config.dtype,
+        compression=cache.Compression(config.compression),
+        chunk_rows=chunk_rows(config, member.model.feature_dim),
+    )
 
 
 def extract_split(
@@ -118,43 +153,38 @@ def extract_split(
     from pipeline.loaders import Preprocess, eval_loader, read_labels, to_model_input
 
     manifest = read_manifest(data_root, config.dataset, split)
+    fingerprint = manifest["fingerprint"]
     beton = beton_path(data_root, config.dataset, split)
     labels = read_labels(beton)
-    store.write_labels(config.dataset, split, labels, manifest["fingerprint"], manifest["classes"])
-    todo = [m for m in members if _needs_extraction(store, config.dataset, split, m, config.overwrite)]
-    groups: dict[Preprocess, list[Member]] = {}
-    for m in todo:
-        groups.setdefault(Preprocess.from_dict(m.payload["preprocess"]), []).append(m)
-    for pre, group in groups.items():
-        writers = [
-            store.create_features(
-                config.dataset,
-                split,
-                m.name,
-                m.model.feature_dim,
-                m.provenance(config.dataset, split, manifest["fingerprint"]),
-                dtype=config.dtype,
-                compression=cache.Compression(config.compression),
-            )
-            for m in group
-        ]
-        names = ",".join(m.name for m in group)
-        row = 0
-        loader = eval_loader(beton, pre, config.batch_size, config.num_workers)
-        with progress(total=len(labels), desc=f"extract {config.dataset}/{split} [{names}]", unit="img") as bar:
+    store.write_labels(config.dataset, split, labels, fingerprint, manifest["classes"])
+    # Members sharing preprocessing and a starting row share one pass over the images.
+    groups: dict[tuple, list[tuple[Member, object]]] = {}
+    for m in members:
+        action = _plan(store, config.dataset, split, m, fingerprint, config.overwrite)
+        if action != "keep":
+            writer = _writer(store, config, split, m, fingerprint, action)
+            key = (Preprocess.from_dict(m.payload["preprocess"]), writer.next_row)
+            groups.setdefault(key, []).append((m, writer))
+    for (pre, start), group in groups.items():
+        names = ",".join(m.name for m, _ in group)
+        if start:
+            log.info("%s/%s [%s]: resuming at row %d of %d", config.dataset, split, names, start, len(labels))
+        row = start
+        loader = eval_loader(beton, pre, config.batch_size, config.num_workers, start_row=start)
+        with progress(total=len(labels) - start, desc=f"extract {config.dataset}/{split} [{names}]", unit="img") as bar:
             for images, batch_labels in loader:
                 images, batch_labels = to_model_input(images, batch_labels, device)
                 # The loader is sequential: its labels must be the stored ones, row for row.
                 if not np.array_equal(batch_labels.cpu().numpy(), labels[row : row + len(batch_labels)]):
                     raise TimecatError(f"{beton}: rows came out of dataset order at row {row}")
-                for writer, block in zip(writers, extract_batch([m.model for m in group], images), strict=True):
+                for (_, writer), block in zip(group, extract_batch([m.model for m, _ in group], images), strict=True):
                     writer.append(block)
                 row += len(batch_labels)
                 bar.update(len(batch_labels))
-        for writer, m in zip(writers, group, strict=True):
+        for m, writer in group:
             writer.close()
             store.finish_features(config.dataset, split, m.name)
-    return [m.name for m in todo]
+    return [m.name for group in groups.values() for m, _ in group]
 
 
 def extract(config: ExtractConfig, data_root: Path, runs_root: Path, cache_path: str) -> list[dict]:

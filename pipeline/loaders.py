@@ -150,8 +150,8 @@ def train_loader(
     )
 
 
-def eval_loader(beton: Path, pre: Preprocess, batch_size: int, num_workers: int) -> Loader:
-    """Batches in dataset order, centre-cropped and resized, no augmentation, nothing dropped."""
+def eval_loader(beton: Path, pre: Preprocess, batch_size: int, num_workers: int, start_row: int = 0) -> Loader:
+    """Batches in dataset order from ``start_row`` on, centre-cropped and resized, no augmentation, nothing dropped."""
     image = [
         CenterCropRGBImageDecoder((pre.resolution, pre.resolution), ratio=pre.crop_ratio),
         _normalize(pre),
@@ -165,8 +165,16 @@ def eval_loader(beton: Path, pre: Preprocess, batch_size: int, num_workers: int)
         order=OrderOption.SEQUENTIAL,
         drop_last=False,
         os_cache=True,
+        # uint64 like FFCV's own default: int64 indices mix with its uint64 maths into float64.
+        indices=np.arange(start_row, _row_count(beton), dtype=np.uint64) if start_row else None,
         pipelines={"image": image, "label": _label_pipeline()},
     )
+
+
+def _row_count(beton: Path) -> int:
+    from ffcv.reader import Reader
+
+    return Reader(str(beton)).num_samples
 
 
 def to_model_input(

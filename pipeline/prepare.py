@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.layout import check_name
 from pipeline import __version__
 from pipeline.datasets import BetonFormat, FileImages, SourceOptions, Split, get_spec
 from pipeline.errors import TimecatError
@@ -39,6 +40,9 @@ class PrepareConfig:
     download: bool = False  # allow torchvision to download fashion-mnist / cifar
     num_workers: int = 2  # FFCV writer processes
     stats_images: int = 10_000  # images sampled (seeded) for per-channel mean/std
+
+    def __post_init__(self):
+        check_name("dataset", self.stored_name)  # it becomes a folder and a cache path
 
     @property
     def stored_name(self) -> str:

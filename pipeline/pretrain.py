@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cache.layout import check_name
 from pipeline import __version__, checkpoints
 from pipeline.datasets import get_spec
 from pipeline.errors import TimecatError
@@ -46,6 +47,7 @@ class PretrainConfig:
     log_every: int = 50  # steps between log records
 
     def __post_init__(self):
+        check_name("member", self.name)  # it becomes a folder and a cache path
         if self.arch not in ARCHS:
             raise TimecatError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHS)}")
         for field in ("steps", "batch_size", "log_every", "num_workers"):
