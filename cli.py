@@ -108,7 +108,7 @@ def pretrain(name, dataset, seed, steps, arch, batch_size, lr, resolution, worke
     A finished member with the same settings is kept, not retrained.
 
     \b
-    Example: timecat pretrain --name run0 --dataset fashion-mnist --seed 0 --steps 1200
+    Example: timecat pretrain --name run0 --dataset fashion-mnist --seed 0 --steps 1000
     """
     from pipeline.pretrain import PretrainConfig
     from pipeline.pretrain import pretrain as run
