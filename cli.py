@@ -227,6 +227,62 @@ def report(results, plot_path, as_json):
         click.echo(f"plot: {saved}")
 
 
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect and check a feature cache.
+
+    Example: timecat cache ls --cache demo/features.zarr
+    """
+
+
+@cache_group.command("ls")
+@CACHE
+@JSON
+def cache_ls(cache_path, as_json):
+    """List every cached array: dataset, split, member, shape, status and checkpoint.
+
+    \b
+    Example: timecat cache ls --cache demo/features.zarr
+    """
+    import cache
+
+    rows = cache.open(cache_path).summary()
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        sha = (r["provenance"].get("checkpoint_sha256") or "?")[:12]
+        click.echo(
+            f"{r['dataset']}/{r['split']} {r['member']}: {r['rows']} x {r['dim']} {r['dtype']}, "
+            f"{r['status']}, checkpoint {sha}, steps {r['provenance'].get('steps', '?')}"
+        )
+
+
+@cache_group.command("verify")
+@click.argument("path")
+@JSON
+def cache_verify(path, as_json):
+    """Check a cache: status, a full NaN scan, shapes and label agreement across members.
+
+    Exits with status 1 when any array has a problem.
+
+    \b
+    Example: timecat cache verify demo/features.zarr
+    """
+    import cache
+
+    rows = cache.open(path).verify()
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            verdict = "ok" if r["ok"] else "PROBLEM: " + "; ".join(r["problems"])
+            click.echo(f"{r['dataset']}/{r['split']} {r['member']} {tuple(r['shape'])}: {verdict}")
+    bad = sum(not r["ok"] for r in rows)
+    if bad:
+        raise click.ClickException(f"{bad} of {len(rows)} arrays have problems")
+
+
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default="demo", show_default=True)
 @DATA_ROOT

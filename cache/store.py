@@ -100,6 +100,48 @@ class Cache:
                     )
         return rows
 
+    def verify(self) -> list[dict]:
+        """Check every array: status, shape against the labels, a full NaN scan, label agreement.
+
+        Returns one row per (dataset, split, member) with ``ok`` and a list of ``problems``.
+        """
+        rows = []
+        for dataset in self.datasets():
+            for split in self.splits(dataset):
+                attrs = self.split_attrs(dataset, split)
+                labels = self.labels(dataset, split)
+                label_problems = []
+                if len(labels) != attrs.get("rows"):
+                    label_problems.append(f"labels hold {len(labels)} rows, attributes say {attrs.get('rows')}")
+                if labels_digest(labels) != attrs.get("labels_sha256"):
+                    label_problems.append("labels do not match their recorded sha256")
+                for member in self.members(dataset, split):
+                    array = self._features_array(dataset, split, member)
+                    problems = list(label_problems)
+                    if array.attrs.get("status") != layout.STATUS_COMPLETE:
+                        problems.append(f"status is {array.attrs.get('status')!r}, not 'complete'")
+                    if array.shape[0] != len(labels):
+                        problems.append(f"{array.shape[0]} rows but the split has {len(labels)}")
+                    prov = array.attrs.get("provenance", {})
+                    if prov.get("labels_sha256") != attrs.get("labels_sha256"):
+                        problems.append("extracted with other labels than the split's")
+                    if prov.get("dataset_fingerprint") != attrs.get("fingerprint"):
+                        problems.append("extracted from a different dataset fingerprint")
+                    first = self.first_unwritten_row(dataset, split, member)
+                    if first < array.shape[0]:
+                        problems.append(f"unwritten, unreadable or NaN rows from row {first}")
+                    rows.append(
+                        {
+                            "dataset": dataset,
+                            "split": split,
+                            "member": member,
+                            "shape": list(array.shape),
+                            "ok": not problems,
+                            "problems": problems,
+                        }
+                    )
+        return rows
+
     # -- reading ---------------------------------------------------------------
 
     def labels(self, dataset: str, split: str) -> np.ndarray:

@@ -104,3 +104,28 @@ print(probe.exit_code, report.exit_code, "torch" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["0", "0", "False"], out.stdout + out.stderr
+
+
+def test_cache_ls_and_verify(tmp_path):
+    import numpy as np
+    from test_cache import make_cache
+
+    import cache
+
+    make_cache(tmp_path / "c.zarr")
+    result = run("cache", "ls", "--cache", tmp_path / "c.zarr")
+    assert result.exit_code == 0 and "toy/train a: 50 x 6 float32, complete" in result.output
+    assert [r["member"] for r in json.loads(run("cache", "ls", "--cache", tmp_path / "c.zarr", "--json").stdout)] == [
+        "a",
+        "b",
+    ]
+    result = run("cache", "verify", tmp_path / "c.zarr")
+    assert result.exit_code == 0 and result.output.count(": ok") == 2
+    for sub in ("ls", "verify"):
+        assert "Example: timecat cache" in run("cache", sub, "--help").output
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    store.group["toy/train/features/b"][3] = np.nan  # damage a complete member
+    result = run("cache", "verify", tmp_path / "c.zarr")
+    assert result.exit_code == 1
+    assert "toy/train b (50, 4): PROBLEM: unwritten, unreadable or NaN rows from row 0" in result.output
+    assert "1 of 2 arrays have problems" in result.output
