@@ -131,6 +131,7 @@ class DatasetSpec:
     crop_scale: tuple[float, float]  # RandomResizedCrop area range for training
     beton: BetonFormat
     description: str
+    crop_ratio: float = 1.0  # eval centre crop side / image side (224/256 for ImageNet-size images)
 
 
 # -- IDX (MNIST-style) ---------------------------------------------------------
@@ -332,16 +333,129 @@ def read_imagefolder(data_root: Path, options: SourceOptions) -> dict[str, Split
         raise TimecatError(f"{options.test_dir}: classes {unknown[:5]} are not in the train folder {options.train_dir}")
     # One mapping for both splits, from the train classes: a test folder that lacks a
     # class must not shift the labels of the others.
+    return {
+        "train": _folder_split(train, classes, Path(options.train_dir)),
+        "test": _folder_split(test, classes, Path(options.test_dir)),
+    }
+
+
+def _folder_split(folders: dict[str, list[Path]], classes: tuple[str, ...], root: Path) -> Split:
+    """A split from {class folder: files}, labelled by position in ``classes`` (the train classes)."""
     index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(folders) - set(index))
+    if unknown:
+        raise TimecatError(f"{root}: classes {unknown[:5]} are not in the train folder")
+    paths = [p for name in folders for p in folders[name]]
+    labels = np.asarray([index[name] for name in folders for _ in folders[name]], dtype=np.int64)
+    return Split(FileImages(paths, root), labels, classes, str(root))
+
+
+# -- ImageNet-1k -----------------------------------------------------------------
+
+
+def _imagenet_val_labels(val: Path, root: Path, classes: tuple[str, ...]) -> tuple[np.ndarray, list[Path]]:
+    """Labels of a flat val folder, from LOC_val_solution.csv or a one-label-per-line file."""
+    files = sorted(p for p in val.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    index = {name: i for i, name in enumerate(classes)}
+    csv = next((p for p in (root / "LOC_val_solution.csv", val / "LOC_val_solution.csv") if p.is_file()), None)
+    txt = next((p for p in (root / "val_labels.txt", val / "val_labels.txt") if p.is_file()), None)
+    if csv is not None:
+        import csv as csvlib
+
+        with open(csv, newline="") as f:
+            # ImageId,PredictionString where the string starts with the wnid: "n01751748 x0 y0 x1 y1 ..."
+            by_id = {row["ImageId"]: row["PredictionString"].split()[0] for row in csvlib.DictReader(f)}
+        missing = [p.name for p in files if p.stem not in by_id]
+        if missing:
+            raise TimecatError(f"{csv}: no label for {len(missing)} val image(s), e.g. {missing[:3]}")
+        wnids = [by_id[p.stem] for p in files]
+    elif txt is not None:
+        wnids = [line.strip() for line in txt.read_text().splitlines() if line.strip()]
+        if len(wnids) != len(files):
+            raise TimecatError(f"{txt}: {len(wnids)} labels for {len(files)} images in {val} (sorted by name)")
+        # A line is a class folder name (wnid) or an index into the sorted train classes.
+        wnids = [classes[int(w)] if w.isdigit() and int(w) < len(classes) else w for w in wnids]
+    else:
+        raise TimecatError(
+            f"{val} holds images but no class folders; put LOC_val_solution.csv or val_labels.txt "
+            f"(one label per image, sorted by file name) in {root} or {val}"
+        )
+    unknown = sorted({w for w in wnids if w not in index})
+    if unknown:
+        raise TimecatError(f"val labels name classes that are not train folders: {unknown[:5]}")
+    return np.asarray([index[w] for w in wnids], dtype=np.int64), files
+
+
+def read_imagenet(data_root: Path, options: SourceOptions) -> dict[str, Split]:
+    """ImageNet-1k: train/<wnid>/ and val/<wnid>/ (or a flat val/ with a labels file); val is our test split."""
+    root = Path(options.train_dir).parent if options.train_dir else data_root / "imagenet"
+    train_dir = Path(options.train_dir or root / "train")
+    val = Path(options.test_dir or root / "val")
+    train = _list_class_folders(train_dir)
+    classes = tuple(train)
+    if not val.is_dir():
+        raise TimecatError(f"{val}: ImageNet val folder not found (expected val/<wnid>/ or a flat val/)")
+    if any(p.is_dir() for p in val.iterdir()):
+        test = _folder_split(_list_class_folders(val), classes, val)
+    else:
+        val_labels, files = _imagenet_val_labels(val, root, classes)
+        test = Split(FileImages(files, val), val_labels, classes, str(val))
+    return {"train": _folder_split(train, classes, train_dir), "test": test}
+
+
+# -- iNaturalist 2018 ------------------------------------------------------------
+
+
+def _load_coco(path: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TimecatError(f"{path}: cannot read iNat JSON ({e})") from None
+    if not all(k in data for k in ("images", "annotations", "categories")):
+        raise TimecatError(f"{path}: expected COCO-style keys images, annotations and categories")
+    return data
+
+
+def read_inat2018(data_root: Path, options: SourceOptions) -> dict[str, Split]:
+    """iNaturalist 2018 from train2018.json / val2018.json; val is our test split.
+
+    Labels come from category_id through one mapping shared by both splits (the
+    sorted ids of the union of their categories), never from folder names.
+    """
+    root = data_root / "inat2018"
+    files = {"train": root / "train2018.json", "test": root / "val2018.json"}
+    for path in files.values():
+        if not path.is_file():
+            raise TimecatError(f"{path} not found; put train2018.json, val2018.json and train_val2018/ in {root}")
+    data = {split: _load_coco(path) for split, path in files.items()}
+    names = {}
+    for d in data.values():
+        names.update({c["id"]: c.get("name", str(c["id"])) for c in d["categories"]})
+    ids = sorted(names)
+    index = {cid: i for i, cid in enumerate(ids)}
+    classes = tuple(names[c] for c in ids)
     splits = {}
-    for split, folders, root in (("train", train, options.train_dir), ("test", test, options.test_dir)):
-        paths = [p for name in folders for p in folders[name]]
-        labels = np.asarray([index[name] for name in folders for _ in folders[name]], dtype=np.int64)
-        splits[split] = Split(FileImages(paths, Path(root)), labels, classes, str(root))
+    for split, d in data.items():
+        label_of = {a["image_id"]: a["category_id"] for a in d["annotations"]}
+        images = sorted(d["images"], key=lambda im: im["id"])
+        unlabelled = [im["file_name"] for im in images if im["id"] not in label_of]
+        if unlabelled:
+            raise TimecatError(f"{files[split]}: {len(unlabelled)} image(s) without annotation, e.g. {unlabelled[:3]}")
+        paths = [root / im["file_name"] for im in images]
+        missing = [str(p) for p in paths[:1000] if not p.is_file()]
+        if missing:
+            raise TimecatError(f"{files[split]}: image files not found under {root}, e.g. {missing[:3]}")
+        labels = np.asarray([index[label_of[im["id"]]] for im in images], dtype=np.int64)
+        splits[split] = Split(FileImages(paths, root), labels, classes, str(files[split]))
     return splits
 
 
 SMALL_RAW = BetonFormat(write_mode="raw")
+# ImageNet-size images: JPEG q90 at most 500 px on the long side (about 65 GB for ImageNet-1k;
+# FFCV's own recipe mixes raw and JPEG, 340 GB, for faster decoding).
+LARGE_JPEG = BetonFormat(write_mode="jpg", max_resolution=500, jpeg_quality=90)
 
 DATASETS: dict[str, DatasetSpec] = {
     "fashion-mnist": DatasetSpec(
@@ -350,6 +464,12 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec(read_cifar10, 32, (0.35, 1.0), SMALL_RAW, "CIFAR-10, 32x32 colour, 10 classes"),
     "cifar100": DatasetSpec(read_cifar100, 32, (0.35, 1.0), SMALL_RAW, "CIFAR-100, 32x32 colour, 100 fine classes"),
     "digits": DatasetSpec(read_digits, 8, (0.5, 1.0), SMALL_RAW, "scikit-learn digits, 8x8 grey, 10 classes"),
+    "imagenet": DatasetSpec(
+        read_imagenet, 224, (0.08, 1.0), LARGE_JPEG, "ImageNet-1k, train/ and val/ (val is the test split)", 224 / 256
+    ),
+    "inat2018": DatasetSpec(
+        read_inat2018, 224, (0.08, 1.0), LARGE_JPEG, "iNaturalist 2018, 8142 classes from COCO JSON", 224 / 256
+    ),
     "imagefolder": DatasetSpec(
         read_imagefolder,
         64,

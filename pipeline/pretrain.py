@@ -77,6 +77,7 @@ def make_preprocess(config: PretrainConfig, manifest: dict):
         mean=tuple(manifest["mean"]),
         std=tuple(manifest["std"]),
         crop_scale=spec.crop_scale,
+        crop_ratio=spec.crop_ratio,
     )
 
 

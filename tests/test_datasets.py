@@ -92,3 +92,86 @@ def test_imagefolder_errors(tmp_path):
 def test_unknown_dataset_lists_the_choices():
     with pytest.raises(TimecatError, match=r"unknown dataset 'mnist'; choose one of \['cifar10', 'cifar100'"):
         get_spec("mnist")
+
+
+def make_imagenet(root, flat_val: str | None = None):
+    """imagenet/train/<wnid>/*.JPEG and val/ as class folders, or flat with a labels file."""
+    from PIL import Image
+
+    wnids = ("n01440764", "n01443537", "n01484850")
+    base = root / "imagenet"
+    make_imagefolder(base / "train", classes=wnids, per_class=3)
+    truth = ["n01484850", "n01440764", "n01443537", "n01484850"]
+    if flat_val is None:
+        make_imagefolder(base / "val", classes=wnids, per_class=1)
+        return base, truth
+    (base / "val").mkdir()
+    for i, _ in enumerate(truth):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(base / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    if flat_val == "csv":
+        lines = ["ImageId,PredictionString"]
+        lines += [f"ILSVRC2012_val_{i + 1:08d},{w} 1 2 30 40" for i, w in reversed(list(enumerate(truth)))]
+        (base / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    else:
+        (base / "val_labels.txt").write_text("\n".join(["2", "n01440764", "1", "n01484850"]) + "\n")
+    return base, truth
+
+
+@pytest.mark.parametrize("flat_val", [None, "csv", "txt"])
+def test_imagenet_train_folders_and_every_val_layout(tmp_path, flat_val):
+    _, truth = make_imagenet(tmp_path, flat_val)
+    splits = get_spec("imagenet").read(tmp_path, SourceOptions())
+    classes = splits["train"].classes
+    assert classes == ("n01440764", "n01443537", "n01484850") and len(splits["train"].labels) == 9
+    if flat_val is None:
+        assert splits["test"].labels.tolist() == [0, 1, 2]
+    else:
+        assert [classes[i] for i in splits["test"].labels] == truth
+    assert splits["test"].images[0].shape[2] == 3
+
+
+def test_imagenet_flat_val_without_labels_says_what_to_add(tmp_path):
+    base, _ = make_imagenet(tmp_path, "txt")
+    (base / "val_labels.txt").unlink()
+    with pytest.raises(TimecatError, match="LOC_val_solution.csv or val_labels.txt"):
+        get_spec("imagenet").read(tmp_path, SourceOptions())
+
+
+def make_inat(root, train_categories=(5, 9, 7), val_categories=(9, 7)):
+    """inat2018/train2018.json and val2018.json (COCO style) with images under train_val2018/."""
+    import json
+
+    from PIL import Image
+
+    base = root / "inat2018"
+    for split, cats in (("train", train_categories), ("val", val_categories)):
+        images, annotations = [], []
+        for i, cat in enumerate(cats):
+            name = f"train_val2018/Plantae/{cat}/{split}{i}.jpg"
+            (base / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((16, 16, 3), 10 * cat, np.uint8)).save(base / name)
+            images.append({"id": 100 * (split == "val") + i, "file_name": name, "width": 16, "height": 16})
+            annotations.append({"id": i, "image_id": images[-1]["id"], "category_id": cat})
+        categories = [{"id": c, "name": f"species{c}"} for c in sorted(set(cats))]
+        data = {"images": images, "annotations": annotations, "categories": categories}
+        (base / f"{split}2018.json").write_text(json.dumps(data))
+    return base
+
+
+def test_inat_labels_share_one_category_mapping(tmp_path):
+    make_inat(tmp_path)
+    splits = get_spec("inat2018").read(tmp_path, SourceOptions())
+    # Category ids 5, 7, 9 -> 0, 1, 2 in both splits, although val lacks 5.
+    assert splits["train"].classes == ("species5", "species7", "species9")
+    assert splits["train"].labels.tolist() == [0, 2, 1]
+    assert splits["test"].labels.tolist() == [2, 1]
+    assert splits["test"].images[1].shape == (16, 16, 3)
+
+
+def test_inat_errors_name_the_file(tmp_path):
+    with pytest.raises(TimecatError, match="train2018.json not found"):
+        get_spec("inat2018").read(tmp_path, SourceOptions())
+    base = make_inat(tmp_path)
+    (base / "val2018.json").write_text('{"images": []}')
+    with pytest.raises(TimecatError, match="val2018.json: expected COCO-style keys"):
+        get_spec("inat2018").read(tmp_path, SourceOptions())

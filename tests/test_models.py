@@ -80,3 +80,14 @@ def test_loading_refuses_garbage_and_foreign_pickles(tmp_path):
     torch.save({"model": argparse.Namespace(x=1), "member": {}}, tmp_path / "evil.pt")
     with pytest.raises(TimecatError, match="evil.pt: not a loadable checkpoint"):
         checkpoints.load(tmp_path / "evil.pt")
+
+
+def test_preprocessing_takes_the_dataset_defaults_and_train_statistics():
+    from pipeline.pretrain import make_preprocess
+
+    manifest = {"kind": "imagenet", "mean": [120.0, 110.0, 100.0], "std": [60.0, 58.0, 57.0]}
+    pre = make_preprocess(PretrainConfig("run0", "imagenet", 0, 10, arch="resnet50"), manifest)
+    assert (pre.resolution, pre.crop_ratio, pre.crop_scale) == (224, 224 / 256, (0.08, 1.0))
+    assert pre.mean == (120.0, 110.0, 100.0)
+    small = make_preprocess(PretrainConfig("run0", "x", 0, 10, resolution=32), {**manifest, "kind": "cifar10"})
+    assert (small.resolution, small.crop_ratio) == (32, 1.0)

@@ -91,3 +91,15 @@ def test_fingerprint_changes_with_the_data(tmp_path):
     fa = [m["fingerprint"] for m in prepare(PrepareConfig("cifar10", tmp_path / "a"))]
     fb = [m["fingerprint"] for m in prepare(PrepareConfig("cifar10", tmp_path / "b"))]
     assert fa[0] == fb[0] and fa[1] != fb[1]
+
+
+def test_imagenet_and_inat_prepare_with_the_large_image_preset(tmp_path):
+    from test_datasets import make_imagenet, make_inat
+
+    make_imagenet(tmp_path, "csv")
+    make_inat(tmp_path)
+    (m_train, m_test) = prepare(PrepareConfig("imagenet", tmp_path))
+    assert (m_train["rows"], m_test["rows"]) == (9, 4)
+    assert m_train["format"] == {"write_mode": "jpg", "max_resolution": 500, "jpeg_quality": 90}
+    (m_train, m_test) = prepare(PrepareConfig("inat2018", tmp_path))
+    assert m_train["classes"] == ["species5", "species7", "species9"] and m_test["rows"] == 2
