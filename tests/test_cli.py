@@ -56,8 +56,10 @@ def test_errors_are_one_clean_line(tmp_path):
     env = {"TIMECAT_DATA": str(tmp_path), "TIMECAT_CACHE": str(tmp_path / "none.zarr")}
     result = run("prepare", "cifar10", env=env)
     assert result.exit_code == 1 and result.output.startswith("Error: cifar10: folder cifar-10-batches-py/")
+    result = run("prepare", "mnist", env=env)
+    assert "unknown dataset 'mnist'; choose one of" in result.output
     result = run("prepare", "imagenet", env=env)
-    assert "unknown dataset 'imagenet'; choose one of" in result.output
+    assert result.exit_code == 1 and "imagenet/train: not a folder; expected one sub-folder" in result.output
     result = run("probe", "--members", "run0", "--dataset", "digits", env=env)
     assert result.exit_code == 1 and "no feature cache" in result.output
     result = run("report", "--results", tmp_path / "nothing")

@@ -116,3 +116,24 @@ def test_extract_keeps_cached_members_and_refuses_unknown_ones(pipeline_run):
 def test_extract_of_an_unprepared_dataset_says_how_to_prepare(pipeline_run, tmp_path):
     with pytest.raises(TimecatError, match=r"'cifar10' split 'train' is not prepared.*timecat prepare cifar10"):
         extract(ExtractConfig("cifar10", ("run0",)), pipeline_run["data"], pipeline_run["runs"], str(tmp_path / "c"))
+
+
+def test_a_member_cached_from_another_checkpoint_is_refused_or_overwritten(pipeline_run, tmp_path):
+    import shutil
+
+    runs, store_path = tmp_path / "runs", str(tmp_path / "features.zarr")
+    shutil.copytree(pipeline_run["runs"], runs)
+    shutil.copytree(pipeline_run["cache"], store_path)
+    # run0 is retrained elsewhere: same name, different weights, so a different sha256.
+    shutil.copy(runs / "run1/checkpoint.pt", runs / "run0/checkpoint.pt")
+    config = ExtractConfig("digits", ("run0",))
+    with pytest.raises(TimecatError, match="member run0 is cached for digits/train from another checkpoint"):
+        extract(config, pipeline_run["data"], runs, store_path)
+    extract(ExtractConfig("digits", ("run0",), overwrite=True), pipeline_run["data"], runs, store_path)
+    store = cache.open(store_path)
+    assert store.provenance("digits", "test", "run0")["checkpoint_sha256"] == checkpoints.sha256(
+        runs / "run0/checkpoint.pt"
+    )
+    np.testing.assert_array_equal(
+        store.features("digits", "test", ["run0"])[0], store.features("digits", "test", ["run1"])[0]
+    )
