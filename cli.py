@@ -68,25 +68,37 @@ def main(verbose: bool) -> None:
 @click.option("--train", "train_dir", type=click.Path(path_type=Path), help="imagefolder: train folder.")
 @click.option("--test", "test_dir", type=click.Path(path_type=Path), help="imagefolder: test folder.")
 @click.option("--download", is_flag=True, help="Let torchvision download fashion-mnist or cifar if absent.")
-@click.option("--workers", default=2, show_default=True, help="Writer processes.")
-def prepare(dataset, data_root, name, train_dir, test_dir, download, workers):
+@click.option("--workers", default=2, show_default=True, help="Writer processes (and image-check threads).")
+@click.option(
+    "--on-corrupt",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="An undecodable image file fails the run, or is skipped and listed in the manifest.",
+)
+def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on_corrupt):
     """Write DATASET's train and test splits as FFCV .beton files.
 
-    DATASET is one of fashion-mnist, cifar10, cifar100, digits, imagefolder.
+    DATASET is one of fashion-mnist, cifar10, cifar100, digits, imagenet,
+    inat2018, imagefolder. imagenet reads DATA_ROOT/imagenet/{train,val} (or
+    --train/--test); inat2018 reads DATA_ROOT/inat2018/{train,val}2018.json.
     Splits already prepared are kept as they are.
 
     \b
     Example: timecat prepare fashion-mnist
     Example: timecat prepare imagefolder --name pets --train pets/train --test pets/val
+    Example: timecat prepare imagenet --train /data/imagenet/train --test /data/imagenet/val --on-corrupt skip
     """
     from pipeline.prepare import PrepareConfig
     from pipeline.prepare import prepare as run
 
-    config = PrepareConfig(dataset, data_root, name, train_dir, test_dir, download, workers)
+    config = PrepareConfig(dataset, data_root, name, train_dir, test_dir, download, workers, on_corrupt=on_corrupt)
     for m in run(config):
         click.echo(
             f"{m['name']}/{m['split']}: {m['rows']} images, {len(m['classes'])} classes, fingerprint {m['fingerprint']}"
         )
+        for s in m.get("skipped", []):
+            click.echo(f"  skipped unreadable {s['path']}: {s['error']}", err=True)
 
 
 @main.command()

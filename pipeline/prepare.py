@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from pipeline.progress import get_logger, progress
 log = get_logger(__name__)
 
 SPLITS = ("train", "test")
+ON_CORRUPT = ("fail", "skip")  # what prepare does with an image file it cannot decode
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,12 @@ class PrepareConfig:
     download: bool = False  # allow torchvision to download fashion-mnist / cifar
     num_workers: int = 2  # FFCV writer processes
     stats_images: int = 10_000  # images sampled (seeded) for per-channel mean/std
+    on_corrupt: str = "fail"  # fail | skip: skipped files are listed in the manifest, never dropped silently
 
     def __post_init__(self):
         check_name("dataset", self.stored_name)  # it becomes a folder and a cache path
+        if self.on_corrupt not in ON_CORRUPT:
+            raise TimecatError(f"unknown --on-corrupt {self.on_corrupt!r}; choose one of {list(ON_CORRUPT)}")
 
     @property
     def stored_name(self) -> str:
@@ -99,18 +104,45 @@ def pixel_stats(split: Split, max_images: int, seed: int = 0) -> tuple[list[floa
     return [round(float(v), 4) for v in mean], [round(float(max(v, 1e-3)), 4) for v in std]
 
 
-def validate_files(split: Split, name: str) -> None:
-    """Decode every image file once, so a corrupt one is reported by path before writing."""
+def _decode_error(images: FileImages, i: int) -> str | None:
+    try:
+        images[i]
+    except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for truncated or foreign files
+        return f"{e.__class__.__name__}: {e}"
+    return None
+
+
+def find_corrupt(split: Split, name: str, num_workers: int) -> list[dict]:
+    """Decode every image file once; return ``{"path", "error"}`` for each one that fails.
+
+    FFCV's writer hangs when a worker dies on a bad file, so they are found here
+    first. Threads suffice: Pillow releases the GIL while it decodes.
+    """
     if not isinstance(split.images, FileImages):
-        return
-    bad = []
-    for i in progress(range(len(split.images)), desc=f"check {name} images", unit="img"):
-        try:
-            split.images[i]
-        except (OSError, ValueError, SyntaxError) as e:
-            bad.append(f"{split.images.paths[i]} ({e})")
-    if bad:
-        raise TimecatError(f"{len(bad)} unreadable image(s), e.g. {bad[:3]}; fix or remove them and run again")
+        return []
+    images = split.images
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        errors = pool.map(lambda i: _decode_error(images, i), range(len(images)), chunksize=64)
+        bar = progress(errors, total=len(images), desc=f"check {name} images", unit="img")
+        return [{"path": str(images.paths[i]), "error": e} for i, e in enumerate(bar) if e is not None]
+
+
+def drop_corrupt(split: Split, name: str, on_corrupt: str, num_workers: int) -> tuple[Split, list[dict]]:
+    """Fail on unreadable images, or (``skip``) return the split without them and their list."""
+    bad = find_corrupt(split, name, num_workers)
+    if not bad:
+        return split, []
+    if on_corrupt == "fail":
+        shown = [f"{b['path']} ({b['error']})" for b in bad[:3]]
+        raise TimecatError(
+            f"{len(bad)} unreadable image(s) in {name}, e.g. {shown}; fix or remove them, "
+            "or pass --on-corrupt skip to leave them out (they are listed in the manifest)"
+        )
+    bad_paths = {b["path"] for b in bad}
+    keep = np.array([str(p) not in bad_paths for p in split.images.paths])
+    log.warning("%s: skipping %d unreadable image(s), listed under 'skipped' in its manifest", name, len(bad))
+    images = FileImages([p for p, k in zip(split.images.paths, keep, strict=True) if k], split.images.root)
+    return replace(split, images=images, labels=split.labels[keep]), bad
 
 
 def write_split(split: Split, out: Path, fmt: BetonFormat, num_workers: int) -> None:
@@ -143,7 +175,7 @@ def prepare(config: PrepareConfig) -> list[dict]:
             continue
         if split.classes != splits["train"].classes:
             raise TimecatError(f"{split.source}: its classes differ from the train split's")
-        validate_files(split, f"{name}/{split_name}")
+        split, skipped = drop_corrupt(split, f"{name}/{split_name}", config.on_corrupt, config.num_workers)
         out = beton_path(config.data_root, name, split_name)
         log.info("writing %s (%d images)", out, len(split.labels))
         write_split(split, out, spec.beton, config.num_workers)
@@ -161,6 +193,7 @@ def prepare(config: PrepareConfig) -> list[dict]:
             "source": split.source,
             "format": asdict(spec.beton),
             "bytes": out.stat().st_size,
+            "skipped": skipped,  # unreadable files left out with --on-corrupt skip: path and error
             "timecat_version": __version__,
         }
         tmp = manifest_path(config.data_root, name, split_name).with_suffix(".json.tmp")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_fashion_root
+from conftest import make_fashion_root, make_imagefolder
 
 import cli
 
@@ -64,6 +64,19 @@ def test_errors_are_one_clean_line(tmp_path):
     assert result.exit_code == 1 and "no feature cache" in result.output
     result = run("report", "--results", tmp_path / "nothing")
     assert result.exit_code == 1 and "run `timecat probe` first" in result.output
+
+
+def test_prepare_skips_and_lists_a_corrupt_image_when_asked(tmp_path):
+    make_imagefolder(tmp_path / "train")
+    make_imagefolder(tmp_path / "val")
+    (tmp_path / "train/fox/1.png").write_bytes(b"\x89PNG cut short")
+    args = ["prepare", "imagefolder", "--name", "pets", "--train", tmp_path / "train", "--test", tmp_path / "val"]
+    result = run(*args, "--data-root", tmp_path / "data")
+    assert result.exit_code == 1 and "train/fox/1.png" in result.output and "--on-corrupt skip" in result.output
+    result = run(*args, "--data-root", tmp_path / "data", "--on-corrupt", "skip")
+    assert result.exit_code == 0, result.output
+    assert "pets/train: 11 images" in result.stdout
+    assert f"skipped unreadable {tmp_path / 'train/fox/1.png'}" in result.stderr
 
 
 @pytest.mark.slow

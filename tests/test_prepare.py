@@ -68,9 +68,31 @@ def test_corrupt_image_is_reported_by_path_and_nothing_is_written(tmp_path):
     make_imagefolder(tmp_path / "val")
     (tmp_path / "train/dog/2.jpg").write_bytes(b"\xff\xd8 truncated")
     config = PrepareConfig("imagefolder", tmp_path / "data", "pets", tmp_path / "train", tmp_path / "val")
-    with pytest.raises(TimecatError, match=r"unreadable image.*train/dog/2.jpg"):
+    with pytest.raises(TimecatError, match=r"unreadable image.*train/dog/2.jpg.*--on-corrupt skip"):
         prepare(config)
     assert not beton_path(tmp_path / "data", "pets", "train").exists()
+
+
+def test_skipped_corrupt_images_are_listed_in_the_manifest(tmp_path):
+    make_imagefolder(tmp_path / "train")
+    make_imagefolder(tmp_path / "val")
+    (tmp_path / "train/dog/2.jpg").write_bytes(b"\xff\xd8 truncated")
+    (tmp_path / "val/cat/0.jpg").write_bytes(b"not an image at all")
+    config = PrepareConfig(
+        "imagefolder", tmp_path / "data", "pets", tmp_path / "train", tmp_path / "val", on_corrupt="skip"
+    )
+    train, val = prepare(config)
+    assert [s["path"] for s in train["skipped"]] == [str(tmp_path / "train/dog/2.jpg")]
+    assert [s["path"] for s in val["skipped"]] == [str(tmp_path / "val/cat/0.jpg")]
+    assert all(s["error"] for s in train["skipped"] + val["skipped"])
+    per_class = 4  # make_imagefolder's default
+    assert train["rows"] == 3 * per_class - 1 and train["class_counts"] == [per_class, per_class - 1, per_class]
+    assert val["rows"] == 3 * per_class - 1 and val["class_counts"][0] == per_class - 1
+
+
+def test_unknown_on_corrupt_names_the_choices(tmp_path):
+    with pytest.raises(TimecatError, match=r"\['fail', 'skip'\]"):
+        PrepareConfig("imagefolder", tmp_path, on_corrupt="ignore")
 
 
 def test_missing_source_names_the_path(tmp_path):
