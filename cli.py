@@ -7,6 +7,7 @@ one place, so users see one clean line instead of a traceback.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -155,16 +156,30 @@ def pretrain(name, dataset, seed, steps, arch, batch_size, lr, resolution, worke
 @DATA_ROOT
 @RUNS
 @CACHE
+@JSON
 def extract(
-    members, dataset, batch_size, dtype, compression, overwrite, chunk_rows, workers, data_root, runs, cache_path
+    members,
+    dataset,
+    batch_size,
+    dtype,
+    compression,
+    overwrite,
+    chunk_rows,
+    workers,
+    data_root,
+    runs,
+    cache_path,
+    as_json,
 ):
     """Cache the penultimate features of frozen members for every split of DATASET.
 
     An interrupted extraction (even kill -9) resumes from its first unwritten chunk
-    when the same command runs again.
+    when the same command runs again. Under torchrun each process (one per GPU, or
+    gloo processes on CPU) fills its own contiguous, chunk-aligned rows.
 
     \b
     Example: timecat extract --members run0,run1,run2,run3 --dataset digits
+    Example: torchrun --nproc-per-node 8 --no-python timecat extract --members run0,run1 --dataset imagenet
     """
     from pipeline.extract import ExtractConfig
     from pipeline.extract import extract as run
@@ -179,7 +194,13 @@ def extract(
         overwrite=overwrite,
         chunk_rows=chunk_rows,
     )
-    for row in run(config, data_root, runs, cache_path):
+    summary = run(config, data_root, runs, cache_path)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for the job
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+        return
+    for row in summary:
         click.echo(f"{row['dataset']}/{row['split']} {row['member']}: {row['state']}")
 
 

@@ -11,6 +11,6 @@ cache without torch or the rest of timecat::
 from cache.errors import CacheError
 from cache.layout import FORMAT_VERSION, Compression
 from cache.store import Cache, open
-from cache.writer import FeatureWriter
+from cache.writer import BackgroundWriter, FeatureWriter
 
-__all__ = ["FORMAT_VERSION", "Cache", "CacheError", "Compression", "FeatureWriter", "open"]
+__all__ = ["FORMAT_VERSION", "BackgroundWriter", "Cache", "CacheError", "Compression", "FeatureWriter", "open"]

@@ -11,6 +11,7 @@ arrays can be concatenated column-wise without any join.
 from __future__ import annotations
 
 import enum
+import itertools
 
 import numpy as np
 
@@ -54,6 +55,18 @@ def chunk_rows(dim: int, dtype: str) -> int:
     """Rows per chunk so that one chunk of whole rows is about CHUNK_BYTES."""
     itemsize = np.dtype(resolve_dtype(dtype)).itemsize
     return max(1, CHUNK_BYTES // (dim * itemsize))
+
+
+def row_ranges(rows: int, chunk_rows: int, parts: int) -> list[tuple[int, int]]:
+    """Split rows [0, rows) into ``parts`` contiguous, chunk-aligned ranges, in order.
+
+    Concurrent writers must each own whole chunks (interleaved or unaligned
+    writers lost rows, REFERENCE.md); a part may be empty when there are more
+    parts than chunks.
+    """
+    chunks = -(-rows // chunk_rows)
+    bounds = [min(rows, (chunks * p // parts) * chunk_rows) for p in range(parts + 1)]
+    return list(itertools.pairwise(bounds))
 
 
 def resolve_dtype(dtype: str) -> type:

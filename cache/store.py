@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import logging
+import os
+import socket
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -164,6 +170,14 @@ class Cache:
         """Feature width of one member."""
         return self._features_array(dataset, split, member).shape[1]
 
+    def shape(self, dataset: str, split: str, member: str) -> tuple[int, int]:
+        """(rows, dim) of one member's array."""
+        return tuple(self._features_array(dataset, split, member).shape)
+
+    def chunk_rows(self, dataset: str, split: str, member: str) -> int:
+        """Rows per chunk of one member's array: the unit of writing, resuming and rank ownership."""
+        return self._features_array(dataset, split, member).chunks[0]
+
     def check_members(self, dataset: str, split: str, members: Sequence[str]) -> list[zarr.Array]:
         """Refuse, by name, members that are unknown, unfinished or from other rows."""
         if not members:
@@ -305,28 +319,45 @@ class Cache:
         array.attrs.update({"status": layout.STATUS_WRITING, "provenance": prov})
         return FeatureWriter(array)
 
-    def first_unwritten_row(self, dataset: str, split: str, member: str) -> int:
-        """Start of the first chunk that is missing, unreadable or holds NaN; the row count if none.
+    def first_unwritten_row(
+        self, dataset: str, split: str, member: str, start: int = 0, stop: int | None = None
+    ) -> int:
+        """Start of the first chunk in rows [start, stop) that is missing, unreadable or holds NaN; ``stop`` if none.
 
-        A process killed mid-write can leave a truncated chunk file: it fails to
-        decode, and counts as unwritten.
+        A process killed mid-write can leave a truncated chunk on stores that do not
+        write atomically: it fails to decode, and counts as unwritten.
         """
         array = self._features_array(dataset, split, member)
         step = array.chunks[0]
-        for start in range(0, array.shape[0], step):
+        stop = array.shape[0] if stop is None else stop
+        for row in range(start, stop, step):
             try:
-                block = array[start : start + step]
+                block = array[row : min(stop, row + step)]
             except Exception:  # zarr/numcodecs raise several types for a damaged chunk
-                return start
+                return row
             if np.isnan(block).any():
-                return start
-        return array.shape[0]
+                return row
+        return stop
 
-    def resume_features(self, dataset: str, split: str, member: str) -> FeatureWriter:
-        """A writer that continues an unfinished member from its first unwritten chunk."""
+    def resume_features(self, dataset: str, split: str, member: str, start: int = 0, stop: int | None = None):
+        """A writer for rows [start, stop) of an existing array, from its first unwritten chunk there.
+
+        Under torchrun each rank asks for its own chunk-aligned range (``layout.row_ranges``).
+        """
         self._require_writable()
         array = self._features_array(dataset, split, member)
-        return FeatureWriter(array, self.first_unwritten_row(dataset, split, member))
+        stop = array.shape[0] if stop is None else stop
+        return FeatureWriter(array, self.first_unwritten_row(dataset, split, member, start, stop), stop)
+
+    def lock(self, dataset: str, split: str, member: str) -> contextlib.AbstractContextManager:
+        """Hold an exclusive lock on one member's array while it is written.
+
+        A second writer of the same member is refused with a message naming the
+        holder, instead of interleaving rows. The lock is an flock on a file beside
+        the store (``<path>.locks/``), so a killed process releases it at once.
+        Stores given as URLs other than file:// are not locked.
+        """
+        return _member_lock(self.path, dataset, split, member)
 
     def finish_features(self, dataset: str, split: str, member: str) -> None:
         """Check every row is written (no NaN) and mark the member ``complete``."""
@@ -370,6 +401,35 @@ class Cache:
                 f"available: {self.members(dataset, split) or 'none'}"
             )
         return self.group[path]
+
+
+@contextlib.contextmanager
+def _member_lock(path: str, dataset: str, split: str, member: str):
+    import fcntl  # POSIX only, like the clusters timecat runs on
+
+    if "://" in str(path) and not str(path).startswith("file://"):
+        logging.getLogger("timecat.cache").warning("%s is not a local path: writers are not locked", path)
+        yield
+        return
+    root = str(path).removeprefix("file://").rstrip("/")
+    lock_path = os.path.join(f"{root}.locks", dataset, split, f"{member}.lock")
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace") or "{}"
+            raise CacheError(
+                f"member {member} of {dataset}/{split} is being written by another process ({holder}); "
+                f"wait for it to finish (or stop it), then run again: finished chunks are kept"
+            ) from None
+        os.ftruncate(fd, 0)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def _read_into(array: zarr.Array, rows: slice, out: np.ndarray) -> None:

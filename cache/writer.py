@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import queue
+import threading
+
 import numpy as np
 import zarr
 
 from cache.errors import CacheError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -19,22 +25,24 @@ class FeatureWriter:
     disjoint chunks.
     """
 
-    def __init__(self, array: zarr.Array, start_row: int = 0):
+    def __init__(self, array: zarr.Array, start_row: int = 0, stop_row: int | None = None):
         self.array = array
         self.rows_per_chunk = array.chunks[0]
-        if start_row % self.rows_per_chunk:
-            raise CacheError(f"start row {start_row} is not a multiple of the chunk size {self.rows_per_chunk}")
+        self.stop_row = array.shape[0] if stop_row is None else stop_row  # this writer owns [start_row, stop_row)
+        for row in (start_row, self.stop_row):
+            if row % self.rows_per_chunk and row != array.shape[0]:
+                raise CacheError(f"row {row} is not a multiple of the chunk size {self.rows_per_chunk}")
         self.next_row = start_row  # first row not yet written to the store
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
 
     def append(self, block: np.ndarray) -> None:
         """Queue a (rows, d) block that directly follows the rows given before."""
-        n, d = self.array.shape
+        d = self.array.shape[1]
         if block.ndim != 2 or block.shape[1] != d:
             raise CacheError(f"feature block has shape {block.shape}, expected (rows, {d})")
-        if self.next_row + self._pending_rows + len(block) > n:
-            raise CacheError(f"more rows than the split holds ({n})")
+        if self.next_row + self._pending_rows + len(block) > self.stop_row:
+            raise CacheError(f"more rows than this writer owns (up to row {self.stop_row})")
         first = self.next_row + self._pending_rows
         bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
         if len(bad):
@@ -63,11 +71,71 @@ class FeatureWriter:
         if whole_chunks_only:
             take -= take % self.rows_per_chunk
         if take:
-            self.array[self.next_row : self.next_row + take] = rows[:take]
+            try:
+                self.array[self.next_row : self.next_row + take] = rows[:take]
+            except OSError as e:
+                if e.errno not in NO_SPACE:
+                    raise
+                # next_row stays put: nothing from this write counts as written, and a
+                # rerun's resume scan treats any partly written chunk as missing.
+                raise CacheError(
+                    f"no space left on the device while writing rows {self.next_row}-{self.next_row + take - 1} "
+                    f"of {self.array.path} ({e.strerror}); free some space and run the same command again: "
+                    f"it resumes from row {self.next_row}"
+                ) from e
             self.next_row += take
         rest = rows[take:]
         self._pending = [rest] if len(rest) else []
         self._pending_rows = len(rest)
+
+
+class BackgroundWriter:
+    """Appends blocks to FeatureWriters on a thread, so checks, compression and disk
+    writes overlap the next forward pass instead of stalling it.
+
+    The queue is bounded: a slow disk makes the producer wait instead of filling
+    RAM. An error on the thread is raised again by the next ``append`` or by ``close``.
+    """
+
+    def __init__(self, max_pending: int = 8):
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="timecat-cache-writer", daemon=True)
+        self._thread.start()
+
+    def append(self, writer: FeatureWriter, block: np.ndarray) -> None:
+        """Queue ``block`` for ``writer``; waits while ``max_pending`` blocks are queued."""
+        self._raise_error()
+        self._queue.put((writer, block))
+
+    def close(self) -> None:
+        """Write everything queued, flush each writer's last rows, and raise any error."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_error()
+
+    def _run(self) -> None:
+        writers = []
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so the producer never blocks on a dead consumer
+            writer, block = item
+            try:
+                writer.append(block)
+                if writer not in writers:
+                    writers.append(writer)
+            except BaseException as e:  # re-raised in the producer's thread
+                self._error = e
+        if self._error is None:
+            try:
+                for writer in writers:
+                    writer.close()
+            except BaseException as e:
+                self._error = e
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _check_float16_range(block: np.ndarray) -> None:

@@ -6,6 +6,7 @@ preprocessing, so caching N members costs one pass over the images, not N.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 import cache
-from pipeline import __version__, checkpoints
+from pipeline import __version__, checkpoints, distributed
 from pipeline.errors import TimecatError
 from pipeline.models import FEATURE_LAYER, Classifier
 from pipeline.prepare import SPLITS, beton_path, read_manifest
@@ -97,8 +98,12 @@ def load_member(runs_root: Path, name: str, device: torch.device) -> Member:
 
 @torch.no_grad()
 def extract_batch(models: list[Classifier], images: torch.Tensor) -> list[np.ndarray]:
-    """Penultimate features of one batch for each model: a list of (B, d) float32 arrays."""
-    return [m.backbone(images).float().cpu().numpy() for m in models]
+    """Penultimate features of one batch for each model: a list of (B, d) float32 arrays.
+
+    On GPU the forward runs under bf16 autocast; features are stored as float32.
+    """
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        return [m.backbone(images).float().cpu().numpy() for m in models]
 
 
 def _plan(store: cache.Cache, dataset: str, split: str, member: Member, fingerprint: str, overwrite: bool) -> str:
@@ -122,8 +127,9 @@ def _plan(store: cache.Cache, dataset: str, split: str, member: Member, fingerpr
 def chunk_rows(config: ExtractConfig, dim: int) -> int:
     """Rows per chunk: the ~8 MiB default rounded down to whole batches.
 
-    Whole batches per chunk mean a resumed run feeds the model exactly the batches
-    an uninterrupted run would, so its features are bitwise identical.
+    Whole batches per chunk mean a resumed run, or a rank starting at its own
+    chunk, feeds the model exactly the batches a single uninterrupted run would,
+    so its features are bitwise identical.
     """
     if config.chunk_rows:
         return config.chunk_rows
@@ -131,78 +137,130 @@ def chunk_rows(config: ExtractConfig, dim: int) -> int:
     return max(config.batch_size, default - default % config.batch_size)
 
 
-def _writer(store: cache.Cache, config: ExtractConfig, split: str, member: Member, fingerprint: str, action: str):
-    if action == "resume":
-        return store.resume_features(config.dataset, split, member.name)
-    return store.create_features(
-        config.dataset,
-        split,
-        member.name,
-        member.model.feature_dim,
-        member.provenance(config.dataset, split, fingerprint),
-        dtype=config.dtype,
-        compression=cache.Compression(config.compression),
-        chunk_rows=chunk_rows(config, member.model.feature_dim),
-    )
+def prepare_arrays(
+    store: cache.Cache, config: ExtractConfig, split: str, members: list[Member], manifest: dict, labels: np.ndarray
+) -> list[str]:
+    """Rank 0's part: write the split's labels and create the arrays to fill; return the members to extract."""
+    fingerprint = manifest["fingerprint"]
+    store.write_labels(config.dataset, split, labels, fingerprint, manifest["classes"])
+    todo = []
+    for m in members:
+        action = _plan(store, config.dataset, split, m, fingerprint, config.overwrite)
+        if action == "new":
+            store.create_features(
+                config.dataset,
+                split,
+                m.name,
+                m.model.feature_dim,
+                m.provenance(config.dataset, split, fingerprint),
+                dtype=config.dtype,
+                compression=cache.Compression(config.compression),
+                chunk_rows=chunk_rows(config, m.model.feature_dim),
+            )
+        if action != "keep":
+            todo.append(m.name)
+    return todo
+
+
+def run_members(
+    store: cache.Cache, config: ExtractConfig, data_root: Path, split: str, members: list[Member], d: distributed.Dist
+) -> None:
+    """This rank's part: fill its chunk-aligned row range of each member's array.
+
+    Members sharing preprocessing and a row range share one pass over the images.
+    """
+    from pipeline.loaders import Preprocess, eval_loader, read_labels, to_model_input
+
+    beton = beton_path(data_root, config.dataset, split)
+    labels = read_labels(beton)
+    groups: dict[tuple, list[tuple[Member, cache.FeatureWriter]]] = {}
+    for m in members:
+        rows, chunk = store.shape(config.dataset, split, m.name)[0], store.chunk_rows(config.dataset, split, m.name)
+        lo, hi = cache.layout.row_ranges(rows, chunk, d.world_size)[d.rank]
+        writer = store.resume_features(config.dataset, split, m.name, lo, hi)
+        if writer.next_row < hi:
+            if writer.next_row > lo:
+                log.info("%s/%s %s: resuming at row %d", config.dataset, split, m.name, writer.next_row)
+            key = (Preprocess.from_dict(m.payload["preprocess"]), writer.next_row, hi)
+            groups.setdefault(key, []).append((m, writer))
+    for (pre, start, stop), group in groups.items():
+        names = ",".join(m.name for m, _ in group)
+        background = cache.BackgroundWriter(max_pending=4 * len(group))
+        loader = eval_loader(beton, pre, config.batch_size, config.num_workers, start_row=start, stop_row=stop)
+        row = start
+        with progress(total=stop - start, desc=f"extract {config.dataset}/{split} [{names}]", unit="img") as bar:
+            try:
+                for images, batch_labels in loader:
+                    images, batch_labels = to_model_input(images, batch_labels, d.device)
+                    # The loader is sequential: its labels must be the stored ones, row for row.
+                    if not np.array_equal(batch_labels.cpu().numpy(), labels[row : row + len(batch_labels)]):
+                        raise TimecatError(f"{beton}: rows came out of dataset order at row {row}")
+                    blocks = extract_batch([m.model for m, _ in group], images)
+                    for (_, writer), block in zip(group, blocks, strict=True):
+                        background.append(writer, block)
+                    row += len(batch_labels)
+                    bar.update(len(batch_labels))
+            finally:
+                background.close()
 
 
 def extract_split(
-    store: cache.Cache, config: ExtractConfig, data_root: Path, split: str, members: list[Member], device
+    store: cache.Cache, config: ExtractConfig, data_root: Path, split: str, members: list[Member], d: distributed.Dist
 ) -> list[str]:
-    """Cache the features of ``members`` for one split; return the names written."""
-    from pipeline.loaders import Preprocess, eval_loader, read_labels, to_model_input
-
+    """Cache the features of ``members`` for one split on every rank; return the names written."""
     manifest = read_manifest(data_root, config.dataset, split)
-    fingerprint = manifest["fingerprint"]
-    beton = beton_path(data_root, config.dataset, split)
-    labels = read_labels(beton)
-    store.write_labels(config.dataset, split, labels, fingerprint, manifest["classes"])
-    # Members sharing preprocessing and a starting row share one pass over the images.
-    groups: dict[tuple, list[tuple[Member, object]]] = {}
-    for m in members:
-        action = _plan(store, config.dataset, split, m, fingerprint, config.overwrite)
-        if action != "keep":
-            writer = _writer(store, config, split, m, fingerprint, action)
-            key = (Preprocess.from_dict(m.payload["preprocess"]), writer.next_row)
-            groups.setdefault(key, []).append((m, writer))
-    for (pre, start), group in groups.items():
-        names = ",".join(m.name for m, _ in group)
-        if start:
-            log.info("%s/%s [%s]: resuming at row %d of %d", config.dataset, split, names, start, len(labels))
-        row = start
-        loader = eval_loader(beton, pre, config.batch_size, config.num_workers, start_row=start)
-        with progress(total=len(labels) - start, desc=f"extract {config.dataset}/{split} [{names}]", unit="img") as bar:
-            for images, batch_labels in loader:
-                images, batch_labels = to_model_input(images, batch_labels, device)
-                # The loader is sequential: its labels must be the stored ones, row for row.
-                if not np.array_equal(batch_labels.cpu().numpy(), labels[row : row + len(batch_labels)]):
-                    raise TimecatError(f"{beton}: rows came out of dataset order at row {row}")
-                for (_, writer), block in zip(group, extract_batch([m.model for m, _ in group], images), strict=True):
-                    writer.append(block)
-                row += len(batch_labels)
-                bar.update(len(batch_labels))
-        for m, writer in group:
-            writer.close()
-            store.finish_features(config.dataset, split, m.name)
-    return [m.name for group in groups.values() for m, _ in group]
+    todo = None
+    if d.is_main:
+        from pipeline.loaders import read_labels
+
+        labels = read_labels(beton_path(data_root, config.dataset, split))
+        todo = prepare_arrays(store, config, split, members, manifest, labels)
+    todo = d.broadcast(todo)  # every rank waits here until rank 0 has created the arrays
+    run_members(store, config, data_root, split, [m for m in members if m.name in todo], d)
+    d.barrier()
+    if d.is_main:
+        # Rank 0 alone marks arrays complete, after a scan of every chunk of every rank.
+        for name in todo:
+            store.finish_features(config.dataset, split, name)
+    return todo
 
 
 def extract(config: ExtractConfig, data_root: Path, runs_root: Path, cache_path: str) -> list[dict]:
-    """Cache every member's features for every split; already-cached members are kept."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    members = [load_member(runs_root, name, device) for name in config.members]
-    store = cache.open(cache_path, mode="a")
-    summary = []
+    """Cache every member's features for every split; already-cached members are kept.
+
+    Run it as a plain process, or under ``torchrun --nproc-per-node K`` where each
+    rank fills its own chunk-aligned row ranges.
+    """
+    d = distributed.init()
     try:
-        for split in config.splits:
-            started = time.perf_counter()
-            written = extract_split(store, config, data_root, split, members, device)
-            seconds = time.perf_counter() - started
-            for m in members:
-                state = "written" if m.name in written else "kept"
-                summary.append({"dataset": config.dataset, "split": split, "member": m.name, "state": state})
-            if written:
-                log.info("%s/%s: cached %s in %.1f s", config.dataset, split, ",".join(written), seconds)
+        return _extract(config, data_root, runs_root, cache_path, d)
     finally:
-        store.consolidate()
+        distributed.shutdown(d)
+
+
+def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> list[dict]:
+    members = [load_member(runs_root, name, d.device) for name in config.members]
+    with contextlib.ExitStack() as locks:
+        store = None
+        if d.is_main:
+            store = cache.open(cache_path, mode="a")  # creates the root group once
+            for split in config.splits:
+                for m in members:
+                    locks.enter_context(store.lock(config.dataset, split, m.name))
+        d.barrier()
+        store = store or cache.open(cache_path, mode="a")
+        summary = []
+        try:
+            for split in config.splits:
+                started = time.perf_counter()
+                written = extract_split(store, config, data_root, split, members, d)
+                seconds = time.perf_counter() - started
+                for m in members:
+                    state = "written" if m.name in written else "kept"
+                    summary.append({"dataset": config.dataset, "split": split, "member": m.name, "state": state})
+                if written:
+                    log.info("%s/%s: cached %s in %.1f s", config.dataset, split, ",".join(written), seconds)
+        finally:
+            if d.is_main:
+                store.consolidate()
     return summary

@@ -150,8 +150,14 @@ def train_loader(
     )
 
 
-def eval_loader(beton: Path, pre: Preprocess, batch_size: int, num_workers: int, start_row: int = 0) -> Loader:
-    """Batches in dataset order from ``start_row`` on, centre-cropped and resized, no augmentation, nothing dropped."""
+def eval_loader(
+    beton: Path, pre: Preprocess, batch_size: int, num_workers: int, start_row: int = 0, stop_row: int | None = None
+) -> Loader:
+    """Batches of rows [start_row, stop_row) in dataset order, centre-cropped and resized, none dropped.
+
+    A rank of a multi-process extraction reads only its own contiguous range;
+    FFCV's distributed mode would interleave rows across ranks instead.
+    """
     image = [
         CenterCropRGBImageDecoder((pre.resolution, pre.resolution), ratio=pre.crop_ratio),
         _normalize(pre),
@@ -166,9 +172,17 @@ def eval_loader(beton: Path, pre: Preprocess, batch_size: int, num_workers: int,
         drop_last=False,
         os_cache=True,
         # uint64 like FFCV's own default: int64 indices mix with its uint64 maths into float64.
-        indices=np.arange(start_row, _row_count(beton), dtype=np.uint64) if start_row else None,
+        indices=_row_indices(beton, start_row, stop_row),
         pipelines={"image": image, "label": _label_pipeline()},
     )
+
+
+def _row_indices(beton: Path, start_row: int, stop_row: int | None) -> np.ndarray | None:
+    total = _row_count(beton)
+    stop_row = total if stop_row is None else stop_row
+    if (start_row, stop_row) == (0, total):
+        return None  # FFCV's default: every row
+    return np.arange(start_row, stop_row, dtype=np.uint64)
 
 
 def _row_count(beton: Path) -> int:

@@ -220,3 +220,82 @@ def test_names_that_could_escape_the_store_are_refused(name):
         PretrainConfig(name, "digits", 0, 10)
     with pytest.raises(cache.CacheError, match="invalid dataset name"):
         PrepareConfig("imagefolder", "data", name=name or "/")
+
+
+def _toy_member(tmp_path, rows=16, chunk=4):
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    store.write_labels("toy", "train", np.zeros(rows, dtype=int), "fp", ["c"])
+    store.create_features("toy", "train", "m", 3, {"dataset_fingerprint": "fp"}, chunk_rows=chunk)
+    return store, np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
+
+
+def test_background_writer_writes_in_order_and_raises_the_threads_error(tmp_path):
+    store, X = _toy_member(tmp_path)
+    background = cache.BackgroundWriter(max_pending=2)
+    writer = store.resume_features("toy", "train", "m")
+    for start in range(0, 16, 3):
+        background.append(writer, X[start : start + 3])
+    background.close()
+    store.finish_features("toy", "train", "m")
+    np.testing.assert_array_equal(store.features("toy", "train", ["m"])[0], X)
+
+    store, X = _toy_member(tmp_path / "nan")
+    X[9, 1] = np.nan
+    background = cache.BackgroundWriter(max_pending=1)
+    writer = store.resume_features("toy", "train", "m")
+    with pytest.raises(cache.CacheError, match=r"non-finite.*rows \[9\]"):
+        for start in range(0, 16, 2):
+            background.append(writer, X[start : start + 2])
+        background.close()
+    assert store.status("toy", "train", "m") == "writing"
+    assert store.first_unwritten_row("toy", "train", "m") == 8  # chunks before the bad row are kept
+
+
+def test_a_full_disk_is_a_clear_error_and_no_chunk_counts_as_written(tmp_path, monkeypatch):
+    import errno
+
+    import zarr.storage._local as local
+
+    store, X = _toy_member(tmp_path)
+    real_put, chunk_writes = local._put, []
+
+    def put(path, value, exclusive=False):
+        if "/c/" in str(path):
+            chunk_writes.append(path)
+            if len(chunk_writes) == 3:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(bytes(value.as_buffer_like())[:7])  # a partial file, as a full disk leaves
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", put)
+    writer = store.resume_features("toy", "train", "m")
+    full = r"no space left .* rows 8-11 of toy/train/features/m.*resumes from row 8"
+    with pytest.raises(cache.CacheError, match=full):
+        for start in range(0, 16, 4):
+            writer.append(X[start : start + 4])
+    assert writer.next_row == 8
+    monkeypatch.setattr(local, "_put", real_put)
+    assert store.first_unwritten_row("toy", "train", "m") == 8
+    with pytest.raises(cache.CacheError, match="unwritten or NaN rows from row 8"):
+        store.finish_features("toy", "train", "m")
+    resumed = store.resume_features("toy", "train", "m")
+    resumed.append(X[resumed.next_row :])
+    resumed.close()
+    store.finish_features("toy", "train", "m")
+    np.testing.assert_array_equal(store.features("toy", "train", ["m"])[0], X)
+
+
+def test_a_second_writer_of_the_same_member_is_refused_by_name(tmp_path):
+    first, _ = _toy_member(tmp_path)
+    second = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    with first.lock("toy", "train", "m"):
+        busy = r"member m of toy/train is being written by another process.*pid"
+        with pytest.raises(cache.CacheError, match=busy), second.lock("toy", "train", "m"):
+            pass
+        with second.lock("toy", "train", "other"):  # other members stay free
+            pass
+    with second.lock("toy", "train", "m"):  # released with the first holder
+        pass
+    # The lock lives beside the store, so zarr never sees a foreign file inside it.
+    assert (tmp_path / "c.zarr.locks/toy/train/m.lock").is_file()

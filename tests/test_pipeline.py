@@ -137,3 +137,17 @@ def test_a_member_cached_from_another_checkpoint_is_refused_or_overwritten(pipel
     np.testing.assert_array_equal(
         store.features("digits", "test", ["run0"])[0], store.features("digits", "test", ["run1"])[0]
     )
+
+
+def test_a_second_extraction_of_a_member_being_written_is_refused(pipeline_run, tmp_path):
+    import shutil
+
+    store_path = str(tmp_path / "features.zarr")
+    shutil.copytree(pipeline_run["cache"], store_path)
+    before = cache.open(store_path).verify()
+    holder = cache.open(store_path, mode="a")
+    with holder.lock("digits", "test", "run1"):  # as another `timecat extract` would hold it
+        config = ExtractConfig("digits", ("run0", "run1"), overwrite=True)
+        with pytest.raises(cache.CacheError, match="member run1 of digits/test is being written by another process"):
+            extract(config, pipeline_run["data"], pipeline_run["runs"], store_path)
+    assert cache.open(store_path).verify() == before

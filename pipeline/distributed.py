@@ -1,0 +1,66 @@
+"""One process or many under torchrun: rank, device and the few collectives stages need.
+
+torchrun (torch.distributed.run) starts the processes and sets RANK, WORLD_SIZE,
+LOCAL_RANK and the rendezvous address; a plain ``python`` process is world size 1
+and never touches torch.distributed. NCCL on GPU, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes metadata, logs and shows progress."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (no-op in a single process)."""
+        if self.world_size > 1:
+            dist.barrier(device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (picklable objects only)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+
+def init() -> Dist:
+    """Join the torchrun job this process belongs to, or describe a single process.
+
+    Each rank takes the GPU of its local rank when GPUs are present.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, local_rank, device)
+
+
+def shutdown(d: Dist) -> None:
+    """Leave the process group (torch warns at exit if it is still open)."""
+    if d.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
