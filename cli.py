@@ -153,6 +153,8 @@ def pretrain(name, dataset, seed, steps, arch, batch_size, lr, resolution, worke
 @click.option("--overwrite", is_flag=True, help="Re-extract members cached from another checkpoint.")
 @click.option("--chunk-rows", type=int, help="Rows per Zarr chunk, a multiple of the batch size (default ~8 MiB).")
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
+@click.option("--views", default=0, show_default=True, help="Also cache K augmented views of each train image.")
+@click.option("--view-seed", default=0, show_default=True, help="Seed of the views' crops and flips.")
 @DATA_ROOT
 @RUNS
 @CACHE
@@ -169,6 +171,8 @@ def extract(
     data_root,
     runs,
     cache_path,
+    views,
+    view_seed,
     as_json,
 ):
     """Cache the penultimate features of frozen members for every split of DATASET.
@@ -180,9 +184,15 @@ def extract(
     \b
     Example: timecat extract --members run0,run1,run2,run3 --dataset digits
     Example: torchrun --nproc-per-node 8 --no-python timecat extract --members run0,run1 --dataset imagenet
+    Example: timecat extract --members run0,run1 --dataset digits --views 4
+
+    --views K caches, per member, K seeded random-resized crops (scale 0.08-1)
+    and flips of each train image: the same crops for every member, for probes
+    that train on augmented features.
     """
     from pipeline.extract import ExtractConfig
     from pipeline.extract import extract as run
+    from pipeline.views import ViewSpec
 
     config = ExtractConfig(
         dataset=dataset,
@@ -193,6 +203,8 @@ def extract(
         compression=compression,
         overwrite=overwrite,
         chunk_rows=chunk_rows,
+        views=views,
+        view_spec=ViewSpec(seed=view_seed),
     )
     summary = run(config, data_root, runs, cache_path)
     if os.environ.get("RANK", "0") != "0":
@@ -201,7 +213,7 @@ def extract(
         click.echo(json.dumps(summary, indent=1))
         return
     for row in summary:
-        click.echo(f"{row['dataset']}/{row['split']} {row['member']}: {row['state']}")
+        click.echo(f"{_where(row)} {row['member']}: {row['state']}")
 
 
 @main.command()
@@ -268,6 +280,11 @@ def cache_group() -> None:
     """
 
 
+def _where(row: dict) -> str:
+    view = row.get("view")
+    return f"{row['dataset']}/{row['split']}" + ("" if view is None else f" view {view}")
+
+
 @cache_group.command("ls")
 @CACHE
 @JSON
@@ -286,7 +303,7 @@ def cache_ls(cache_path, as_json):
     for r in rows:
         sha = (r["provenance"].get("checkpoint_sha256") or "?")[:12]
         click.echo(
-            f"{r['dataset']}/{r['split']} {r['member']}: {r['rows']} x {r['dim']} {r['dtype']}, "
+            f"{_where(r)} {r['member']}: {r['rows']} x {r['dim']} {r['dtype']}, "
             f"{r['status']}, checkpoint {sha}, steps {r['provenance'].get('steps', '?')}"
         )
 
@@ -310,7 +327,7 @@ def cache_verify(path, as_json):
     else:
         for r in rows:
             verdict = "ok" if r["ok"] else "PROBLEM: " + "; ".join(r["problems"])
-            click.echo(f"{r['dataset']}/{r['split']} {r['member']} {tuple(r['shape'])}: {verdict}")
+            click.echo(f"{_where(r)} {r['member']} {tuple(r['shape'])}: {verdict}")
     bad = sum(not r["ok"] for r in rows)
     if bad:
         raise click.ClickException(f"{bad} of {len(rows)} arrays have problems")

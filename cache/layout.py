@@ -3,9 +3,11 @@
     <root>/                                  group, attrs: format_version
       <dataset>/<split>/labels               int64 (n,), attrs: fingerprint, classes
       <dataset>/<split>/features/<member>    float32 (n, d), attrs: status, provenance
+      <dataset>/<split>/views/<k>/<member>   float32 (n, d): augmented view k (optional)
 
 Rows are in dataset order, identical for every member of a split, so members'
-arrays can be concatenated column-wise without any join.
+arrays can be concatenated column-wise without any join. View k of every
+member holds the features of the same random crop and flip of each image.
 """
 
 from __future__ import annotations
@@ -41,14 +43,28 @@ def labels_path(dataset: str, split: str) -> str:
     return f"{dataset}/{split}/labels"
 
 
-def features_group(dataset: str, split: str) -> str:
-    """Path of the group that holds one array per member for a split."""
-    return f"{dataset}/{split}/features"
+def views_group(dataset: str, split: str) -> str:
+    """Path of the group that holds one group per augmented view of a split."""
+    return f"{dataset}/{split}/views"
 
 
-def features_path(dataset: str, split: str, member: str) -> str:
-    """Path of one member's feature array for a split."""
-    return f"{features_group(dataset, split)}/{member}"
+def features_group(dataset: str, split: str, view: int | None = None) -> str:
+    """Path of the group that holds one array per member for a split (or one view of it)."""
+    if view is None:
+        return f"{dataset}/{split}/features"
+    if not isinstance(view, int) or view < 0:
+        raise CacheError(f"view must be a non-negative integer or None, not {view!r}")
+    return f"{views_group(dataset, split)}/{view}"
+
+
+def features_path(dataset: str, split: str, member: str, view: int | None = None) -> str:
+    """Path of one member's feature array for a split (or one view of it)."""
+    return f"{features_group(dataset, split, view)}/{member}"
+
+
+def describe(dataset: str, split: str, view: int | None = None) -> str:
+    """``dataset/split`` or ``dataset/split view k``, for messages."""
+    return f"{dataset}/{split}" + ("" if view is None else f" view {view}")
 
 
 def chunk_rows(dim: int, dtype: str) -> int:

@@ -75,77 +75,89 @@ class Cache:
         ds = self._group(dataset)
         return sorted(name for name, _ in ds.groups())
 
-    def members(self, dataset: str, split: str, complete_only: bool = False) -> list[str]:
-        """Members with an array for this split (only complete ones if asked)."""
-        path = layout.features_group(dataset, split)
+    def members(self, dataset: str, split: str, complete_only: bool = False, *, view: int | None = None) -> list[str]:
+        """Members with an array for this split, or for one augmented view of it (only complete ones if asked)."""
+        path = layout.features_group(dataset, split, view)
         if path not in self.group:
             return []
         names = sorted(name for name, _ in self.group[path].arrays())
         if complete_only:
-            names = [m for m in names if self.status(dataset, split, m) == layout.STATUS_COMPLETE]
+            names = [m for m in names if self.status(dataset, split, m, view=view) == layout.STATUS_COMPLETE]
         return names
 
-    def summary(self) -> list[dict]:
-        """One row per (dataset, split, member): shape, dtype, status and provenance."""
-        rows = []
+    def views(self, dataset: str, split: str) -> list[int]:
+        """Indices of the augmented views cached for a split (``timecat extract --views K``)."""
+        path = layout.views_group(dataset, split)
+        if path not in self.group:
+            return []
+        return sorted(int(name) for name, _ in self.group[path].groups())
+
+    def arrays(self) -> Iterator[tuple[str, str, int | None, str]]:
+        """Every feature array as ``(dataset, split, view, member)``; view is None for plain features."""
         for dataset in self.datasets():
             for split in self.splits(dataset):
-                for member in self.members(dataset, split):
-                    array = self._features_array(dataset, split, member)
-                    rows.append(
-                        {
-                            "dataset": dataset,
-                            "split": split,
-                            "member": member,
-                            "rows": array.shape[0],
-                            "dim": array.shape[1],
-                            "dtype": str(array.dtype),
-                            "status": array.attrs.get("status"),
-                            "provenance": dict(array.attrs.get("provenance", {})),
-                        }
-                    )
+                for view in [None, *self.views(dataset, split)]:
+                    for member in self.members(dataset, split, view=view):
+                        yield dataset, split, view, member
+
+    def summary(self) -> list[dict]:
+        """One row per array: dataset, split, view, member, shape, dtype, status and provenance."""
+        rows = []
+        for dataset, split, view, member in self.arrays():
+            array = self._features_array(dataset, split, member, view)
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "split": split,
+                    "view": view,
+                    "member": member,
+                    "rows": array.shape[0],
+                    "dim": array.shape[1],
+                    "dtype": str(array.dtype),
+                    "status": array.attrs.get("status"),
+                    "provenance": dict(array.attrs.get("provenance", {})),
+                }
+            )
         return rows
 
     def verify(self) -> list[dict]:
         """Check every array: status, shape against the labels, a full NaN scan, label agreement.
 
-        Returns one row per (dataset, split, member) with ``ok`` and a list of ``problems``.
+        Returns one row per array with ``ok`` and a list of ``problems``.
         """
         rows = []
-        for dataset in self.datasets():
-            for split in self.splits(dataset):
-                attrs = self.split_attrs(dataset, split)
-                labels = self.labels(dataset, split)
-                label_problems = []
-                if len(labels) != attrs.get("rows"):
-                    label_problems.append(f"labels hold {len(labels)} rows, attributes say {attrs.get('rows')}")
-                if labels_digest(labels) != attrs.get("labels_sha256"):
-                    label_problems.append("labels do not match their recorded sha256")
-                for member in self.members(dataset, split):
-                    array = self._features_array(dataset, split, member)
-                    problems = list(label_problems)
-                    if array.attrs.get("status") != layout.STATUS_COMPLETE:
-                        problems.append(f"status is {array.attrs.get('status')!r}, not 'complete'")
-                    if array.shape[0] != len(labels):
-                        problems.append(f"{array.shape[0]} rows but the split has {len(labels)}")
-                    prov = array.attrs.get("provenance", {})
-                    if prov.get("labels_sha256") != attrs.get("labels_sha256"):
-                        problems.append("extracted with other labels than the split's")
-                    if prov.get("dataset_fingerprint") != attrs.get("fingerprint"):
-                        problems.append("extracted from a different dataset fingerprint")
-                    first = self.first_unwritten_row(dataset, split, member)
-                    if first < array.shape[0]:
-                        problems.append(f"unwritten, unreadable or NaN rows from row {first}")
-                    rows.append(
-                        {
-                            "dataset": dataset,
-                            "split": split,
-                            "member": member,
-                            "shape": list(array.shape),
-                            "ok": not problems,
-                            "problems": problems,
-                        }
-                    )
+        for dataset, split, view, member in self.arrays():
+            array = self._features_array(dataset, split, member, view)
+            attrs = self.split_attrs(dataset, split)
+            labels = self.labels(dataset, split)
+            problems = []
+            if len(labels) != attrs.get("rows"):
+                problems.append(f"labels hold {len(labels)} rows, attributes say {attrs.get('rows')}")
+            if labels_digest(labels) != attrs.get("labels_sha256"):
+                problems.append("labels do not match their recorded sha256")
+            if array.attrs.get("status") != layout.STATUS_COMPLETE:
+                problems.append(f"status is {array.attrs.get('status')!r}, not 'complete'")
+            if array.shape[0] != len(labels):
+                problems.append(f"{array.shape[0]} rows but the split has {len(labels)}")
+            prov = array.attrs.get("provenance", {})
+            if prov.get("labels_sha256") != attrs.get("labels_sha256"):
+                problems.append("extracted with other labels than the split's")
+            if prov.get("dataset_fingerprint") != attrs.get("fingerprint"):
+                problems.append("extracted from a different dataset fingerprint")
+            first = self.first_unwritten_row(dataset, split, member, view=view)
+            if first < array.shape[0]:
+                problems.append(f"unwritten, unreadable or NaN rows from row {first}")
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "split": split,
+                    "view": view,
+                    "member": member,
+                    "shape": list(array.shape),
+                    "ok": not problems,
+                    "problems": problems,
+                }
+            )
         return rows
 
     # -- reading ---------------------------------------------------------------
@@ -158,47 +170,48 @@ class Cache:
         """Attributes of a split's labels: fingerprint, classes, rows."""
         return dict(self._labels_array(dataset, split).attrs)
 
-    def status(self, dataset: str, split: str, member: str) -> str:
+    def status(self, dataset: str, split: str, member: str, *, view: int | None = None) -> str:
         """``writing`` or ``complete``."""
-        return self._features_array(dataset, split, member).attrs.get("status")
+        return self._features_array(dataset, split, member, view).attrs.get("status")
 
-    def provenance(self, dataset: str, split: str, member: str) -> dict:
+    def provenance(self, dataset: str, split: str, member: str, *, view: int | None = None) -> dict:
         """Where a member's features came from: checkpoint sha256, arch, preprocessing..."""
-        return dict(self._features_array(dataset, split, member).attrs.get("provenance", {}))
+        return dict(self._features_array(dataset, split, member, view).attrs.get("provenance", {}))
 
-    def dim(self, dataset: str, split: str, member: str) -> int:
+    def dim(self, dataset: str, split: str, member: str, *, view: int | None = None) -> int:
         """Feature width of one member."""
-        return self._features_array(dataset, split, member).shape[1]
+        return self._features_array(dataset, split, member, view).shape[1]
 
-    def shape(self, dataset: str, split: str, member: str) -> tuple[int, int]:
+    def shape(self, dataset: str, split: str, member: str, *, view: int | None = None) -> tuple[int, int]:
         """(rows, dim) of one member's array."""
-        return tuple(self._features_array(dataset, split, member).shape)
+        return tuple(self._features_array(dataset, split, member, view).shape)
 
-    def chunk_rows(self, dataset: str, split: str, member: str) -> int:
+    def chunk_rows(self, dataset: str, split: str, member: str, *, view: int | None = None) -> int:
         """Rows per chunk of one member's array: the unit of writing, resuming and rank ownership."""
-        return self._features_array(dataset, split, member).chunks[0]
+        return self._features_array(dataset, split, member, view).chunks[0]
 
-    def check_members(self, dataset: str, split: str, members: Sequence[str]) -> list[zarr.Array]:
-        """Refuse, by name, members that are unknown, unfinished or from other rows."""
+    def check_members(
+        self, dataset: str, split: str, members: Sequence[str], *, view: int | None = None
+    ) -> list[zarr.Array]:
+        """Refuse, by name, members that are unknown, unfinished, from other rows, or (views) other crops."""
         if not members:
             raise CacheError("no members given: pass at least one member name")
         if len(set(members)) != len(members):
             raise CacheError(f"a member is named twice in {list(members)}")
-        available = self.members(dataset, split)
+        where = layout.describe(dataset, split, view)
+        available = self.members(dataset, split, view=view)
         unknown = [m for m in members if m not in available]
         if unknown:
-            raise CacheError(
-                f"unknown member(s) {unknown} for {dataset}/{split}; "
-                f"available: {available or 'none (run `timecat extract`)'}"
-            )
+            hint = "`timecat extract --views K`" if view is not None else "`timecat extract`"
+            raise CacheError(f"unknown member(s) {unknown} for {where}; available: {available or f'none (run {hint})'}")
         split_attrs = self.split_attrs(dataset, split)
         digest = split_attrs.get("labels_sha256")
         arrays = []
         for m in members:
-            array = self._features_array(dataset, split, m)
+            array = self._features_array(dataset, split, m, view)
             status = array.attrs.get("status")
             if status != layout.STATUS_COMPLETE:
-                raise CacheError(f"member {m} is {status!r} for {dataset}/{split}: rerun `timecat extract` for it")
+                raise CacheError(f"member {m} is {status!r} for {where}: rerun `timecat extract` for it")
             prov = array.attrs.get("provenance", {})
             if array.shape[0] != split_attrs.get("rows"):
                 raise CacheError(f"member {m} has {array.shape[0]} rows, the split has {split_attrs.get('rows')}")
@@ -210,16 +223,24 @@ class Cache:
                     f"(fingerprint {prov.get('dataset_fingerprint')} vs {split_attrs.get('fingerprint')})"
                 )
             arrays.append(array)
+        if view is not None:
+            # View k must be the same crops of the same images for every member.
+            seeds = {m: a.attrs.get("provenance", {}).get("view_seed") for m, a in zip(members, arrays, strict=True)}
+            if len(set(seeds.values())) > 1:
+                raise CacheError(f"members' views of {where} come from different view seeds {seeds}: re-extract them")
         return arrays
 
-    def features(self, dataset: str, split: str, members: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def features(
+        self, dataset: str, split: str, members: Sequence[str], *, view: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Concatenate members' features: ``(X float32 (n, sum of d), y int64 (n,))``.
 
-        X is allocated once and each member fills its own column block in place:
-        an ``np.hstack`` of per-member arrays would double peak memory and was
-        4-10x slower (REFERENCE.md).
+        ``view=k`` reads augmented view k instead of the plain features. X is
+        allocated once and each member fills its own column block in place: an
+        ``np.hstack`` of per-member arrays would double peak memory and was 4-10x
+        slower (REFERENCE.md).
         """
-        arrays = self.check_members(dataset, split, members)
+        arrays = self.check_members(dataset, split, members, view=view)
         n = arrays[0].shape[0]
         X = np.empty((n, sum(a.shape[1] for a in arrays)), dtype=np.float32)
         col = 0
@@ -229,18 +250,26 @@ class Cache:
             # Scan a chunk of rows at a time: a whole-block isnan would allocate n x d bools.
             step = array.chunks[0]
             if any(np.isnan(block[i : i + step]).any() for i in range(0, n, step)):
-                raise CacheError(f"member {member} holds NaN rows in {dataset}/{split}: re-extract it")
+                raise CacheError(
+                    f"member {member} holds NaN rows in {layout.describe(dataset, split, view)}: re-extract it"
+                )
             col += array.shape[1]
         return X, self.labels(dataset, split)
 
     def iter_rows(
-        self, dataset: str, split: str, members: Sequence[str], block_rows: int | None = None
+        self,
+        dataset: str,
+        split: str,
+        members: Sequence[str],
+        block_rows: int | None = None,
+        *,
+        view: int | None = None,
     ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
         """Yield ``(rows, X_block, y_block)`` over the concatenation, for data larger than RAM.
 
         ``block_rows`` defaults to one chunk of the first member.
         """
-        arrays = self.check_members(dataset, split, members)
+        arrays = self.check_members(dataset, split, members, view=view)
         n = arrays[0].shape[0]
         step = block_rows or arrays[0].chunks[0]
         labels = self._labels_array(dataset, split)
@@ -293,10 +322,14 @@ class Cache:
         dtype: str = "float32",
         compression: layout.Compression = layout.Compression.ZSTD,
         chunk_rows: int | None = None,
+        *,
+        view: int | None = None,
     ) -> FeatureWriter:
         """Create (or replace) a member's array, status ``writing``, and return its writer.
 
         ``chunk_rows`` overrides the ~8 MiB default (extraction rounds it to whole batches).
+        ``view=k`` creates the array of augmented view k; its provenance should carry
+        ``view_seed`` so that members' views can be checked to be the same crops.
         """
         self._require_writable()
         layout.check_name("member", member)
@@ -306,7 +339,7 @@ class Cache:
         np_dtype = layout.resolve_dtype(dtype)
         compressors = [ZstdCodec(level=1)] if compression is layout.Compression.ZSTD else None
         array = self.group.create_array(
-            layout.features_path(dataset, split, member),
+            layout.features_path(dataset, split, member, view),
             shape=(rows, dim),
             chunks=(chunk_rows or layout.chunk_rows(dim, dtype), dim),
             dtype=np_dtype,
@@ -320,14 +353,14 @@ class Cache:
         return FeatureWriter(array)
 
     def first_unwritten_row(
-        self, dataset: str, split: str, member: str, start: int = 0, stop: int | None = None
+        self, dataset: str, split: str, member: str, start: int = 0, stop: int | None = None, *, view: int | None = None
     ) -> int:
         """Start of the first chunk in rows [start, stop) that is missing, unreadable or holds NaN; ``stop`` if none.
 
         A process killed mid-write can leave a truncated chunk on stores that do not
         write atomically: it fails to decode, and counts as unwritten.
         """
-        array = self._features_array(dataset, split, member)
+        array = self._features_array(dataset, split, member, view)
         step = array.chunks[0]
         stop = array.shape[0] if stop is None else stop
         for row in range(start, stop, step):
@@ -339,15 +372,17 @@ class Cache:
                 return row
         return stop
 
-    def resume_features(self, dataset: str, split: str, member: str, start: int = 0, stop: int | None = None):
+    def resume_features(
+        self, dataset: str, split: str, member: str, start: int = 0, stop: int | None = None, *, view: int | None = None
+    ) -> FeatureWriter:
         """A writer for rows [start, stop) of an existing array, from its first unwritten chunk there.
 
         Under torchrun each rank asks for its own chunk-aligned range (``layout.row_ranges``).
         """
         self._require_writable()
-        array = self._features_array(dataset, split, member)
+        array = self._features_array(dataset, split, member, view)
         stop = array.shape[0] if stop is None else stop
-        return FeatureWriter(array, self.first_unwritten_row(dataset, split, member, start, stop), stop)
+        return FeatureWriter(array, self.first_unwritten_row(dataset, split, member, start, stop, view=view), stop)
 
     def lock(self, dataset: str, split: str, member: str) -> contextlib.AbstractContextManager:
         """Hold an exclusive lock on one member's array while it is written.
@@ -355,15 +390,16 @@ class Cache:
         A second writer of the same member is refused with a message naming the
         holder, instead of interleaving rows. The lock is an flock on a file beside
         the store (``<path>.locks/``), so a killed process releases it at once.
-        Stores given as URLs other than file:// are not locked.
+        The lock covers the member's augmented views of the split too. Stores given
+        as URLs other than file:// are not locked.
         """
         return _member_lock(self.path, dataset, split, member)
 
-    def finish_features(self, dataset: str, split: str, member: str) -> None:
+    def finish_features(self, dataset: str, split: str, member: str, *, view: int | None = None) -> None:
         """Check every row is written (no NaN) and mark the member ``complete``."""
         self._require_writable()
-        array = self._features_array(dataset, split, member)
-        start = self.first_unwritten_row(dataset, split, member)
+        array = self._features_array(dataset, split, member, view)
+        start = self.first_unwritten_row(dataset, split, member, view=view)
         if start < array.shape[0]:
             raise CacheError(
                 f"member {member} of {dataset}/{split} has unwritten or NaN rows from row {start}; it stays 'writing'"
@@ -393,12 +429,12 @@ class Cache:
             raise CacheError(f"split {split!r} of {dataset} is not cached; cached: {self.splits(dataset)}")
         return self.group[path]
 
-    def _features_array(self, dataset: str, split: str, member: str) -> zarr.Array:
-        path = layout.features_path(dataset, split, member)
+    def _features_array(self, dataset: str, split: str, member: str, view: int | None = None) -> zarr.Array:
+        path = layout.features_path(dataset, split, member, view)
         if path not in self.group:
             raise CacheError(
-                f"member {member!r} has no features for {dataset}/{split}; "
-                f"available: {self.members(dataset, split) or 'none'}"
+                f"member {member!r} has no features for {layout.describe(dataset, split, view)}; "
+                f"available: {self.members(dataset, split, view=view) or 'none'}"
             )
         return self.group[path]
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,10 @@ from pipeline.models import FEATURE_LAYER, Classifier
 from pipeline.prepare import SPLITS, beton_path, read_manifest
 from pipeline.pretrain import checkpoint_path
 from pipeline.progress import get_logger, progress
+from pipeline.views import ViewSpec, augment
+
+if TYPE_CHECKING:
+    from pipeline.loaders import Preprocess  # FFCV is imported only when images are read
 
 log = get_logger(__name__)
 
@@ -38,6 +43,9 @@ class ExtractConfig:
     compression: str = "zstd"  # zstd | none
     overwrite: bool = False  # replace a member cached from a different checkpoint
     chunk_rows: int | None = None  # rows per chunk; None: ~8 MiB rounded down to whole batches
+    views: int = 0  # K seeded augmented views of each image of view_splits, per member (0: none)
+    view_splits: tuple[str, ...] = ("train",)  # the splits a probe trains on
+    view_spec: ViewSpec = field(default_factory=ViewSpec)  # crop scale, ratio, flip and seed of the views
 
     def __post_init__(self):
         if not self.members:
@@ -46,6 +54,8 @@ class ExtractConfig:
             raise TimecatError(
                 f"chunk rows ({self.chunk_rows}) must be a multiple of the batch size ({self.batch_size})"
             )
+        if self.views < 0:
+            raise TimecatError(f"views must be 0 or more, not {self.views}")
         if self.compression not in {c.value for c in cache.Compression}:
             raise TimecatError(
                 f"unknown compression {self.compression!r}; choose one of {[c.value for c in cache.Compression]}"
@@ -106,22 +116,26 @@ def extract_batch(models: list[Classifier], images: torch.Tensor) -> list[np.nda
         return [m.backbone(images).float().cpu().numpy() for m in models]
 
 
-def _plan(store: cache.Cache, dataset: str, split: str, member: Member, fingerprint: str, overwrite: bool) -> str:
-    """What to do for one member: ``keep`` it, ``resume`` an unfinished array, or write it ``new``."""
-    if member.name not in store.members(dataset, split):
+def _plan(
+    store: cache.Cache, split: str, member: Member, view: int | None, provenance: dict, config: ExtractConfig
+) -> str:
+    """What to do for one array: ``keep`` it, ``resume`` an unfinished one, or write it ``new``."""
+    dataset = config.dataset
+    if member.name not in store.members(dataset, split, view=view):
         return "new"
-    cached = store.provenance(dataset, split, member.name)
-    if cached.get("checkpoint_sha256") != member.sha256:
-        if not overwrite:
-            raise TimecatError(
-                f"member {member.name} is cached for {dataset}/{split} from another checkpoint "
-                f"(sha256 {cached.get('checkpoint_sha256', '?')[:12]}, now {member.sha256[:12]}); "
-                "pass --overwrite to re-extract it, or rename the member"
-            )
-        return "new"
-    if store.status(dataset, split, member.name) == cache.layout.STATUS_COMPLETE:
+    cached = store.provenance(dataset, split, member.name, view=view)
+    for key, what in (("checkpoint_sha256", "checkpoint"), ("view_seed", "view seed")):
+        if cached.get(key) != provenance.get(key):
+            if not config.overwrite:
+                raise TimecatError(
+                    f"member {member.name} is cached for {cache.layout.describe(dataset, split, view)} from another "
+                    f"{what} ({key} {str(cached.get(key))[:12]}, now {str(provenance.get(key))[:12]}); "
+                    "pass --overwrite to re-extract it, or rename the member"
+                )
+            return "new"
+    if store.status(dataset, split, member.name, view=view) == cache.layout.STATUS_COMPLETE:
         return "keep"
-    return "resume" if cached.get("dataset_fingerprint") == fingerprint else "new"
+    return "resume" if cached.get("dataset_fingerprint") == provenance["dataset_fingerprint"] else "new"
 
 
 def chunk_rows(config: ExtractConfig, dim: int) -> int:
@@ -137,67 +151,112 @@ def chunk_rows(config: ExtractConfig, dim: int) -> int:
     return max(config.batch_size, default - default % config.batch_size)
 
 
+def targets(config: ExtractConfig, split: str) -> list[int | None]:
+    """The arrays each member gets for a split: plain features (None), then views 0..K-1."""
+    return [None, *range(config.views if split in config.view_splits else 0)]
+
+
+def view_preprocess(pre: Preprocess) -> Preprocess:
+    """Decode for views: the whole centre square at the eval crop's source size (256 px for 224 at 0.875)."""
+    return replace(pre, resolution=round(pre.resolution / pre.crop_ratio), crop_ratio=1.0)
+
+
 def prepare_arrays(
     store: cache.Cache, config: ExtractConfig, split: str, members: list[Member], manifest: dict, labels: np.ndarray
-) -> list[str]:
-    """Rank 0's part: write the split's labels and create the arrays to fill; return the members to extract."""
+) -> list[tuple[str, int | None]]:
+    """Rank 0's part: write the split's labels and create the arrays to fill; return ``(member, view)`` to do."""
+    from pipeline.loaders import Preprocess
+
     fingerprint = manifest["fingerprint"]
     store.write_labels(config.dataset, split, labels, fingerprint, manifest["classes"])
     todo = []
     for m in members:
-        action = _plan(store, config.dataset, split, m, fingerprint, config.overwrite)
-        if action == "new":
-            store.create_features(
-                config.dataset,
-                split,
-                m.name,
-                m.model.feature_dim,
-                m.provenance(config.dataset, split, fingerprint),
-                dtype=config.dtype,
-                compression=cache.Compression(config.compression),
-                chunk_rows=chunk_rows(config, m.model.feature_dim),
-            )
-        if action != "keep":
-            todo.append(m.name)
+        for view in targets(config, split):
+            provenance = m.provenance(config.dataset, split, fingerprint)
+            if view is not None:
+                pre = Preprocess.from_dict(m.payload["preprocess"])
+                source = view_preprocess(pre).resolution
+                provenance.update(
+                    view=view, view_seed=config.view_spec.seed, views=config.view_spec.describe(source, pre.resolution)
+                )
+            action = _plan(store, split, m, view, provenance, config)
+            if action == "new":
+                store.create_features(
+                    config.dataset,
+                    split,
+                    m.name,
+                    m.model.feature_dim,
+                    provenance,
+                    dtype=config.dtype,
+                    compression=cache.Compression(config.compression),
+                    chunk_rows=chunk_rows(config, m.model.feature_dim),
+                    view=view,
+                )
+            if action != "keep":
+                todo.append((m.name, view))
     return todo
 
 
-def run_members(
-    store: cache.Cache, config: ExtractConfig, data_root: Path, split: str, members: list[Member], d: distributed.Dist
-) -> None:
-    """This rank's part: fill its chunk-aligned row range of each member's array.
+def _group_writers(
+    store: cache.Cache, config: ExtractConfig, split: str, todo: list[tuple[Member, int | None]], d: distributed.Dist
+) -> dict[tuple, list[tuple[Member, int | None, cache.FeatureWriter]]]:
+    """This rank's writers, grouped by what the loader must decode: (preprocess, views?, start row, stop row)."""
+    from pipeline.loaders import Preprocess
 
-    Members sharing preprocessing and a row range share one pass over the images.
+    groups: dict[tuple, list] = {}
+    for m, view in todo:
+        rows = store.shape(config.dataset, split, m.name, view=view)[0]
+        chunk = store.chunk_rows(config.dataset, split, m.name, view=view)
+        lo, hi = cache.layout.row_ranges(rows, chunk, d.world_size)[d.rank]
+        writer = store.resume_features(config.dataset, split, m.name, lo, hi, view=view)
+        if writer.next_row >= hi:
+            continue
+        if writer.next_row > lo:
+            where = cache.layout.describe(config.dataset, split, view)
+            log.info("%s %s: resuming at row %d", where, m.name, writer.next_row)
+        key = (Preprocess.from_dict(m.payload["preprocess"]), view is not None, writer.next_row, hi)
+        groups.setdefault(key, []).append((m, view, writer))
+    return groups
+
+
+def run_members(
+    store: cache.Cache,
+    config: ExtractConfig,
+    data_root: Path,
+    split: str,
+    todo: list[tuple[Member, int | None]],
+    d: distributed.Dist,
+) -> None:
+    """This rank's part: fill its chunk-aligned row range of each (member, view) array.
+
+    Arrays that need the same decoded images and rows share one pass over them:
+    every member's plain features in one pass, every member's views in another.
     """
-    from pipeline.loaders import Preprocess, eval_loader, read_labels, to_model_input
+    from pipeline.loaders import eval_loader, read_labels, to_model_input
 
     beton = beton_path(data_root, config.dataset, split)
     labels = read_labels(beton)
-    groups: dict[tuple, list[tuple[Member, cache.FeatureWriter]]] = {}
-    for m in members:
-        rows, chunk = store.shape(config.dataset, split, m.name)[0], store.chunk_rows(config.dataset, split, m.name)
-        lo, hi = cache.layout.row_ranges(rows, chunk, d.world_size)[d.rank]
-        writer = store.resume_features(config.dataset, split, m.name, lo, hi)
-        if writer.next_row < hi:
-            if writer.next_row > lo:
-                log.info("%s/%s %s: resuming at row %d", config.dataset, split, m.name, writer.next_row)
-            key = (Preprocess.from_dict(m.payload["preprocess"]), writer.next_row, hi)
-            groups.setdefault(key, []).append((m, writer))
-    for (pre, start, stop), group in groups.items():
-        names = ",".join(m.name for m, _ in group)
+    for (pre, views, start, stop), group in _group_writers(store, config, split, todo, d).items():
+        names = ",".join(sorted({m.name for m, _, _ in group}))
+        desc = f"extract {config.dataset}/{split}{' views' if views else ''} [{names}]"
         background = cache.BackgroundWriter(max_pending=4 * len(group))
-        loader = eval_loader(beton, pre, config.batch_size, config.num_workers, start_row=start, stop_row=stop)
+        decode = view_preprocess(pre) if views else pre
+        loader = eval_loader(beton, decode, config.batch_size, config.num_workers, start_row=start, stop_row=stop)
         row = start
-        with progress(total=stop - start, desc=f"extract {config.dataset}/{split} [{names}]", unit="img") as bar:
+        with progress(total=stop - start, desc=desc, unit="img") as bar:
             try:
                 for images, batch_labels in loader:
                     images, batch_labels = to_model_input(images, batch_labels, d.device)
                     # The loader is sequential: its labels must be the stored ones, row for row.
                     if not np.array_equal(batch_labels.cpu().numpy(), labels[row : row + len(batch_labels)]):
                         raise TimecatError(f"{beton}: rows came out of dataset order at row {row}")
-                    blocks = extract_batch([m.model for m, _ in group], images)
-                    for (_, writer), block in zip(group, blocks, strict=True):
-                        background.append(writer, block)
+                    rows = np.arange(row, row + len(batch_labels))
+                    inputs = {None: images} if not views else {}
+                    for _, view, _ in group:
+                        if view not in inputs:
+                            inputs[view] = augment(images, rows, config.view_spec, view, pre.resolution)
+                    for m, view, writer in group:
+                        background.append(writer, extract_batch([m.model], inputs[view])[0])
                     row += len(batch_labels)
                     bar.update(len(batch_labels))
             finally:
@@ -206,8 +265,8 @@ def run_members(
 
 def extract_split(
     store: cache.Cache, config: ExtractConfig, data_root: Path, split: str, members: list[Member], d: distributed.Dist
-) -> list[str]:
-    """Cache the features of ``members`` for one split on every rank; return the names written."""
+) -> list[tuple[str, int | None]]:
+    """Cache the features (and views) of ``members`` for one split on every rank; return what was written."""
     manifest = read_manifest(data_root, config.dataset, split)
     todo = None
     if d.is_main:
@@ -216,12 +275,13 @@ def extract_split(
         labels = read_labels(beton_path(data_root, config.dataset, split))
         todo = prepare_arrays(store, config, split, members, manifest, labels)
     todo = d.broadcast(todo)  # every rank waits here until rank 0 has created the arrays
-    run_members(store, config, data_root, split, [m for m in members if m.name in todo], d)
+    by_name = {m.name: m for m in members}
+    run_members(store, config, data_root, split, [(by_name[name], view) for name, view in todo], d)
     d.barrier()
     if d.is_main:
         # Rank 0 alone marks arrays complete, after a scan of every chunk of every rank.
-        for name in todo:
-            store.finish_features(config.dataset, split, name)
+        for name, view in todo:
+            store.finish_features(config.dataset, split, name, view=view)
     return todo
 
 
@@ -256,10 +316,12 @@ def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> l
                 written = extract_split(store, config, data_root, split, members, d)
                 seconds = time.perf_counter() - started
                 for m in members:
-                    state = "written" if m.name in written else "kept"
-                    summary.append({"dataset": config.dataset, "split": split, "member": m.name, "state": state})
+                    for view in targets(config, split):
+                        state = "written" if (m.name, view) in written else "kept"
+                        row = {"dataset": config.dataset, "split": split, "member": m.name, "state": state}
+                        summary.append(row if view is None else {**row, "view": view})
                 if written:
-                    log.info("%s/%s: cached %s in %.1f s", config.dataset, split, ",".join(written), seconds)
+                    log.info("%s/%s: cached %d array(s) in %.1f s", config.dataset, split, len(written), seconds)
         finally:
             if d.is_main:
                 store.consolidate()

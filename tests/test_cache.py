@@ -299,3 +299,23 @@ def test_a_second_writer_of_the_same_member_is_refused_by_name(tmp_path):
         pass
     # The lock lives beside the store, so zarr never sees a foreign file inside it.
     assert (tmp_path / "c.zarr.locks/toy/train/m.lock").is_file()
+
+
+def test_views_of_members_drawn_with_different_seeds_are_refused(tmp_path):
+    store = cache.open(str(tmp_path / "c.zarr"), mode="a")
+    store.write_labels("toy", "train", np.zeros(6, dtype=int), "fp", ["c"])
+    for member, seed in (("a", 0), ("b", 0), ("c", 1)):
+        prov = {"dataset_fingerprint": "fp", "view_seed": seed}
+        writer = store.create_features("toy", "train", member, 2, prov, view=0)
+        writer.append(np.full((6, 2), seed, np.float32))
+        writer.close()
+        store.finish_features("toy", "train", member, view=0)
+    assert store.views("toy", "train") == [0] and store.members("toy", "train") == []
+    X, _ = store.features("toy", "train", ["a", "b"], view=0)
+    assert X.shape == (6, 4)
+    with pytest.raises(cache.CacheError, match=r"views of toy/train view 0 come from different view seeds"):
+        store.features("toy", "train", ["a", "c"], view=0)
+    with pytest.raises(cache.CacheError, match=r"unknown member\(s\) \['a'\] for toy/train; available: none"):
+        store.features("toy", "train", ["a"])
+    verified = [(r["view"], r["member"], r["ok"]) for r in store.verify()]
+    assert verified == [(0, "a", True), (0, "b", True), (0, "c", True)]

@@ -37,8 +37,11 @@ def test_prepare_pretrain_extract_probe_report(tmp_path):
         result = run(*args, "--batch-size", 32, "--json", env=env)
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["step"] == 6
-    result = run("extract", "--members", "run0,run1", "--dataset", "fashion-mnist", env=env)
+    result = run("extract", "--members", "run0,run1", "--dataset", "fashion-mnist", "--views", 1, env=env)
     assert result.exit_code == 0 and "fashion-mnist/test run1: written" in result.output
+    assert "fashion-mnist/train view 0 run1: written" in result.output
+    result = run("cache", "ls", env=env)
+    assert "fashion-mnist/train view 0 run0: 320 x 128 float32, complete" in result.output
     result = run("probe", "--members", "run0,run1", "--dataset", "fashion-mnist", "--json", env=env)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
