@@ -212,6 +212,11 @@ class Cache:
             status = array.attrs.get("status")
             if status != layout.STATUS_COMPLETE:
                 raise CacheError(f"member {m} is {status!r} for {where}: rerun `timecat extract` for it")
+            if array.nchunks_initialized < array.nchunks:  # e.g. a cache copied in part
+                raise CacheError(
+                    f"member {m} of {where} is missing {array.nchunks - array.nchunks_initialized} of its "
+                    f"{array.nchunks} chunks: rerun `timecat extract` for it (it rewrites only those)"
+                )
             prov = array.attrs.get("provenance", {})
             if array.shape[0] != split_attrs.get("rows"):
                 raise CacheError(f"member {m} has {array.shape[0]} rows, the split has {split_attrs.get('rows')}")
@@ -231,7 +236,7 @@ class Cache:
         return arrays
 
     def features(
-        self, dataset: str, split: str, members: Sequence[str], *, view: int | None = None
+        self, dataset: str, split: str, members: Sequence[str], *, view: int | None = None, scan_nan: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """Concatenate members' features: ``(X float32 (n, sum of d), y int64 (n,))``.
 
@@ -239,6 +244,11 @@ class Cache:
         allocated once and each member fills its own column block in place: an
         ``np.hstack`` of per-member arrays would double peak memory and was 4-10x
         slower (REFERENCE.md).
+
+        Every member is checked to be ``complete`` with all its chunks present (a
+        missing chunk would read as NaN). ``scan_nan=True`` also scans every value,
+        which adds about a third to the read time; ``verify()`` does the same for the
+        whole cache.
         """
         arrays = self.check_members(dataset, split, members, view=view)
         n = arrays[0].shape[0]
@@ -249,7 +259,7 @@ class Cache:
             _read_into(array, slice(0, n), block)
             # Scan a chunk of rows at a time: a whole-block isnan would allocate n x d bools.
             step = array.chunks[0]
-            if any(np.isnan(block[i : i + step]).any() for i in range(0, n, step)):
+            if scan_nan and any(np.isnan(block[i : i + step]).any() for i in range(0, n, step)):
                 raise CacheError(
                     f"member {member} holds NaN rows in {layout.describe(dataset, split, view)}: re-extract it"
                 )

@@ -167,7 +167,18 @@ def test_nan_written_into_a_complete_member_is_refused(tmp_path):
     make_cache(tmp_path / "c.zarr")
     store = cache.open(str(tmp_path / "c.zarr"), mode="a")
     store.group["toy/train/features/b"][7] = np.nan  # damage after it was marked complete
+    store.features("toy", "train", ["a", "b"])  # the fast path trusts 'complete' and the chunk count
     with pytest.raises(cache.CacheError, match="member b holds NaN rows in toy/train"):
+        store.features("toy", "train", ["a", "b"], scan_nan=True)
+
+
+def test_a_complete_member_with_a_missing_chunk_is_refused(tmp_path):
+    import shutil
+
+    make_cache(tmp_path / "c.zarr")
+    shutil.rmtree(tmp_path / "c.zarr/toy/train/features/a/c")  # as an interrupted copy of the cache leaves it
+    store = cache.open(str(tmp_path / "c.zarr"))
+    with pytest.raises(cache.CacheError, match=r"member a of toy/train is missing 1 of its 1 chunks"):
         store.features("toy", "train", ["a", "b"])
 
 
