@@ -106,7 +106,7 @@ def load_member(runs_root: Path, name: str, device: torch.device) -> Member:
     return Member(name, model, checkpoints.sha256(path), payload)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract_batch(models: list[Classifier], images: torch.Tensor) -> list[np.ndarray]:
     """Penultimate features of one batch for each model: a list of (B, d) float32 arrays.
 
@@ -225,6 +225,7 @@ def run_members(
     data_root: Path,
     split: str,
     todo: list[tuple[Member, int | None]],
+    labels: np.ndarray,
     d: distributed.Dist,
 ) -> None:
     """This rank's part: fill its chunk-aligned row range of each (member, view) array.
@@ -232,10 +233,9 @@ def run_members(
     Arrays that need the same decoded images and rows share one pass over them:
     every member's plain features in one pass, every member's views in another.
     """
-    from pipeline.loaders import eval_loader, read_labels, to_model_input
+    from pipeline.loaders import eval_loader, to_model_input
 
     beton = beton_path(data_root, config.dataset, split)
-    labels = read_labels(beton)
     for (pre, views, start, stop), group in _group_writers(store, config, split, todo, d).items():
         names = ",".join(sorted({m.name for m, _, _ in group}))
         desc = f"extract {config.dataset}/{split}{' views' if views else ''} [{names}]"
@@ -267,16 +267,14 @@ def extract_split(
     store: cache.Cache, config: ExtractConfig, data_root: Path, split: str, members: list[Member], d: distributed.Dist
 ) -> list[tuple[str, int | None]]:
     """Cache the features (and views) of ``members`` for one split on every rank; return what was written."""
-    manifest = read_manifest(data_root, config.dataset, split)
-    todo = None
-    if d.is_main:
-        from pipeline.loaders import read_labels
+    from pipeline.loaders import read_labels
 
-        labels = read_labels(beton_path(data_root, config.dataset, split))
-        todo = prepare_arrays(store, config, split, members, manifest, labels)
+    manifest = read_manifest(data_root, config.dataset, split)
+    labels = read_labels(beton_path(data_root, config.dataset, split))
+    todo = prepare_arrays(store, config, split, members, manifest, labels) if d.is_main else None
     todo = d.broadcast(todo)  # every rank waits here until rank 0 has created the arrays
     by_name = {m.name: m for m in members}
-    run_members(store, config, data_root, split, [(by_name[name], view) for name, view in todo], d)
+    run_members(store, config, data_root, split, [(by_name[name], view) for name, view in todo], labels, d)
     d.barrier()
     if d.is_main:
         # Rank 0 alone marks arrays complete, after a scan of every chunk of every rank.
