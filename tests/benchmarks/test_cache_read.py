@@ -13,7 +13,6 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import cache
 
@@ -110,6 +109,5 @@ def test_cache_read_against_np_load_and_hstack(tmp_path):
     print(json.dumps(figures, indent=1))
     (Path(__file__).parent / "last_run.json").write_text(json.dumps(figures, indent=1))
     assert figures["none"]["in_place_peak_mib"] < 0.75 * figures["none"]["hstack_peak_mib"]
-    if figures["none"]["vs_np_load"] > 1.5:
-        # The goal; measured 1.71x on the 2-core development machine (README).
-        pytest.xfail(f"cache read is {figures['none']['vs_np_load']}x np.load(mmap); the goal is 1.5x")
+    # The goal: within 1.5x of the floor with compression off (1.28x on the development machine, README).
+    assert figures["none"]["vs_np_load"] <= 1.5, f"cache read is {figures['none']['vs_np_load']}x np.load(mmap)"
