@@ -217,37 +217,96 @@ def extract(
 
 
 @main.command()
-@click.option("--members", required=True, help="Comma-separated members to concatenate, e.g. run0,run1,run2,run3.")
+@click.option("--members", help="Comma-separated members to concatenate, e.g. run0,run1,run2,run3.")
+@click.option("--cat", "cat", type=int, help="Sweep: probe every N-member subset of --from.")
+@click.option("--from", "pool", help="Sweep: the pool of members, e.g. run0,run1,run2,run3,run4.")
+@click.option("--max-subsets", type=int, help="Sweep: a seeded sample of at most this many subsets.")
 @click.option("--dataset", required=True, help="Cached dataset to probe.")
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--eval-split", default="test", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Seed of the held-out split used to choose C.")
+@click.option("--backend", type=click.Choice(["auto", "sklearn", "torch", "cuml"]), default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the held-out split, solver and subset sample.")
 @CACHE
 @RESULTS
 @JSON
-def probe(members, dataset, train_split, eval_split, seed, cache_path, results, as_json):
+def probe(
+    members, cat, pool, max_subsets, dataset, train_split, eval_split, backend, seed, cache_path, results, as_json
+):
     """Linear-probe the concatenated cached features of MEMBERS on DATASET.
 
     C is chosen on a held-out part of the train split; top-1 and top-5 are
-    measured on the eval split, and the record is appended to RESULTS/probes.jsonl.
+    measured on the eval split, and each record is appended to RESULTS/probes.jsonl.
+    With --cat N --from POOL, every N-member subset of POOL (or a seeded sample
+    of --max-subsets) is probed and the mean and std over subsets reported.
 
     \b
     Example: timecat probe --members run0,run1,run2,run3 --dataset fashion-mnist
+    Example: timecat probe --cat 2 --from run0,run1,run2,run3,run4 --max-subsets 5 --dataset digits
     """
     from pipeline import results as store
-    from pipeline.probe import ProbeConfig
+    from pipeline.probe import ProbeConfig, sweep
     from pipeline.probe import probe as run
 
-    config = ProbeConfig(dataset, _members(members), train_split, eval_split, seed=seed)
-    record = run(config, cache_path)
-    path = store.append(results, record)
+    if (members is None) == (cat is None):
+        raise click.UsageError("give either --members, or --cat N with --from POOL")
+    if cat is not None and not pool:
+        raise click.UsageError("--cat N needs --from POOL (comma-separated members)")
+    config = ProbeConfig(dataset, _members(members or pool), train_split, eval_split, seed=seed, backend=backend)
+    if cat is None:
+        record = run(config, cache_path)
+        path = store.append(results, record)
+        click.echo(json.dumps(record, indent=1) if as_json else _probe_line(record, path))
+        return
+    records, summary = sweep(config, _members(pool), cat, max_subsets, cache_path, lambda r: store.append(results, r))
     if as_json:
-        click.echo(json.dumps(record, indent=1))
-    else:
+        click.echo(json.dumps({"records": records, "summary": summary}, indent=1))
+        return
+    path = store.results_path(results)
+    for record in records:
+        click.echo(_probe_line(record, path))
+    top1, top5 = summary["top1"], summary["top5"]
+    click.echo(
+        f"Cat{cat} over {summary['count']} subset(s) on {dataset}: top-1 {top1['mean']:.2f} ± {top1['std']:.2f}%, "
+        f"top-5 {top5['mean']:.2f} ± {top5['std']:.2f}%"
+    )
+
+
+def _probe_line(record: dict, path) -> str:
+    return (
+        f"{','.join(record['members'])} on {record['dataset']}: top-1 {record['top1']:.2f}%, "
+        f"top-5 {record['top5']:.2f}% (C={record['chosen']['C']:.3g}, {record['dim']} dims, "
+        f"{record['backend']}) -> {path}"
+    )
+
+
+@main.command()
+@click.argument("patterns", nargs=-1)
+@RESULTS
+@JSON
+def results(patterns, results, as_json):
+    """List the probe records that match every PATTERN.
+
+    A PATTERN is FIELD=GLOB (lists such as members are joined by commas), a
+    number comparison FIELD>X, FIELD<X, FIELD>=X, FIELD<=X (dotted fields reach
+    inside, e.g. chosen.C), or a bare GLOB matched against
+    dataset/protocol/backend/members.
+
+    \b
+    Example: timecat results dataset=digits n_members=4
+    Example: timecat results 'members=*run3*' 'top1>=90' backend=torch --json
+    """
+    from pipeline import results as store
+
+    rows = store.select(store.load(results), list(patterns))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
         click.echo(
-            f"{','.join(record['members'])} on {dataset}: top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}% "
-            f"(C={record['chosen']['C']:.3g}, {record['dim']} dims) -> {path}"
+            f"{r['id']}  {r['time'][:19]}  {r['dataset']}  {r['protocol']}/{r.get('backend', '?')}  "
+            f"{','.join(r['members'])}  top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  {r['wall_s']:.1f} s"
         )
+    click.echo(f"{len(rows)} record(s)", err=True)
 
 
 @main.command()

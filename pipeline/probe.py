@@ -8,16 +8,16 @@ and top-5 on the eval split. The eval split is never used for any choice.
 
 from __future__ import annotations
 
+import itertools
 import resource
 import time
 import uuid
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 import cache
-from pipeline import __version__
+from pipeline import __version__, backends
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger, progress
 
@@ -42,8 +42,11 @@ class ProbeConfig:
     search_iter: int = 100  # L-BFGS iterations per C candidate (warm-started along the grid)
     max_iter: int = 300  # L-BFGS iterations of the final refit (warm-started from the search)
     tol: float = 1e-4  # L-BFGS stopping tolerance (scikit-learn's default)
+    backend: str = "auto"  # auto | sklearn | torch | cuml (see pipeline.backends)
 
     def __post_init__(self):
+        if self.backend not in backends.CHOICES:
+            raise TimecatError(f"unknown backend {self.backend!r}; choose one of {list(backends.CHOICES)}")
         if not 0 < self.holdout < 1:
             raise TimecatError(f"holdout is a fraction in (0, 1), got {self.holdout}")
         if not self.members:
@@ -60,27 +63,9 @@ def standardize(X_train: np.ndarray, *others: np.ndarray) -> None:
         X /= std
 
 
-def topk(proba: np.ndarray, classes: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Percentage of rows whose label is among the k most probable classes."""
-    k = min(k, proba.shape[1])
-    best = classes[np.argpartition(-proba, k - 1, axis=1)[:, :k]]
-    return 100.0 * float((best == y[:, None]).any(axis=1).mean())
-
-
-def make_model(config: ProbeConfig):
-    """Multinomial logistic regression (scikit-learn, L-BFGS); warm starts walk the C path cheaply."""
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(max_iter=config.max_iter, tol=config.tol, random_state=config.seed, warm_start=True)
-
-
-def fit(model, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> bool:
-    """Fit ``model`` with L2 strength 1/C; return whether L-BFGS converged within max_iter."""
-    model.C, model.max_iter = C, max_iter
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.fit(X, y)
-    return not any("converge" in str(w.message).lower() for w in caught)
+def topk_accuracy(best: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Percentage of rows whose label is among the first k of ``best`` ((n, >=k) classes, best first)."""
+    return 100.0 * float((best[:, :k] == y[:, None]).any(axis=1).mean())
 
 
 def search_split(y: np.ndarray, config: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -97,20 +82,20 @@ def search_split(y: np.ndarray, config: ProbeConfig) -> tuple[np.ndarray, np.nda
     return np.sort(fit_idx), np.sort(held_idx)
 
 
-def choose_c(X: np.ndarray, y: np.ndarray, config: ProbeConfig):
+def choose_c(X: np.ndarray, y: np.ndarray, model, config: ProbeConfig):
     """Pick C by held-out top-1: the coarse grid, then refinements around its best.
 
-    Returns the best C, every trial, the number of rows each candidate was fit
-    on, and the last fitted model (a warm start for the refit).
+    ``model`` is a backend; it is left holding the last fit (a warm start for
+    the refit). Returns the best C, every trial and the rows each was fit on.
     """
     fit_idx, held_idx = search_split(y, config)
     X_fit, y_fit, X_held, y_held = X[fit_idx], y[fit_idx], X[held_idx], y[held_idx]
-    model = make_model(config)
     trials: list[dict] = []
 
     def trial(C: float) -> None:
-        converged = fit(model, X_fit, y_fit, C, config.search_iter)
-        trials.append({"C": C, "holdout_top1": 100.0 * model.score(X_held, y_held), "converged": converged})
+        converged = model.fit(X_fit, y_fit, C, config.search_iter)
+        top1 = topk_accuracy(model.topk(X_held, 1), y_held, 1)
+        trials.append({"C": C, "holdout_top1": top1, "converged": converged})
 
     # Ascending C: each fit starts from the more regularised solution before it.
     for C in progress(sorted(config.c_grid), desc=f"choose C ({config.dataset})", unit="fit"):
@@ -118,7 +103,7 @@ def choose_c(X: np.ndarray, y: np.ndarray, config: ProbeConfig):
     best = max(trials, key=lambda t: t["holdout_top1"])["C"]
     for factor in sorted(config.refine):
         trial(best * factor)
-    return max(trials, key=lambda t: t["holdout_top1"])["C"], trials, len(fit_idx), model
+    return max(trials, key=lambda t: t["holdout_top1"])["C"], trials, len(fit_idx)
 
 
 def check_classes(y_train: np.ndarray, classes: list, config: ProbeConfig) -> None:
@@ -136,26 +121,37 @@ def check_classes(y_train: np.ndarray, classes: list, config: ProbeConfig) -> No
 
 
 def probe_matrices(
-    X_train: np.ndarray, y_train: np.ndarray, X_eval: np.ndarray, y_eval: np.ndarray, config: ProbeConfig
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_eval: np.ndarray,
+    y_eval: np.ndarray,
+    config: ProbeConfig,
+    n_classes: int | None = None,
 ) -> dict:
     """The logreg protocol on given matrices (standardised in place); returns the measured fields."""
+    n_classes = n_classes or int(max(y_train.max(), y_eval.max())) + 1
+    name, why = backends.choose(config.backend, len(y_train), n_classes)
+    model = backends.make(name, backends.FitOptions(n_classes, config.seed, config.tol))
+    log.info("backend %s (%s)", name, why)
     standardize(X_train, X_eval)
-    C, trials, search_rows, model = choose_c(X_train, y_train, config)
+    C, trials, search_rows = choose_c(X_train, y_train, model, config)
     # The refit keeps the chosen C, as CLIP's protocol does. (Keeping C * n_search / n
     # instead, the same per-row strength, over-regularised by 0.5 points here.)
     # Warm start from the last search fit: the same optimum up to sampling, so
     # L-BFGS needs a fraction of the iterations of a cold start.
-    converged = fit(model, X_train, y_train, C, config.max_iter)
-    proba = model.predict_proba(X_eval)
+    converged = model.fit(X_train, y_train, C, config.max_iter)
+    best = model.topk(X_eval, 5)
     return {
+        "backend": name,
+        "backend_reason": why,
         "search": trials,
         "search_rows": search_rows,
         "chosen": {"C": C, "converged": converged},
         "dim": int(X_train.shape[1]),
         "n_train": len(y_train),
         "n_eval": len(y_eval),
-        "top1": topk(proba, model.classes_, y_eval, 1),
-        "top5": topk(proba, model.classes_, y_eval, 5),
+        "top1": topk_accuracy(best, y_eval, 1),
+        "top5": topk_accuracy(best, y_eval, 5),
     }
 
 
@@ -174,7 +170,7 @@ def probe(config: ProbeConfig, cache_path: str) -> dict:
     provenance = {m: store.provenance(config.dataset, config.train_split, m) for m in config.members}
     _warn_duplicates(provenance)
     log.info("probing %s on %s: %d x %d features", ",".join(config.members), config.dataset, *X_train.shape)
-    measured = probe_matrices(X_train, y_train, X_eval, y_eval, config)
+    measured = probe_matrices(X_train, y_train, X_eval, y_eval, config, n_classes=len(classes))
     record = {
         "id": uuid.uuid4().hex[:12],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -184,7 +180,6 @@ def probe(config: ProbeConfig, cache_path: str) -> dict:
         "train_split": config.train_split,
         "eval_split": config.eval_split,
         "protocol": "logreg",
-        "backend": "sklearn",
         "config": asdict(config),
         **measured,
         "wall_s": round(time.perf_counter() - started, 3),
@@ -205,3 +200,42 @@ def _warn_duplicates(provenance: dict[str, dict]) -> None:
         if sha in seen:
             log.warning("members %s and %s are the same checkpoint: their concatenation adds nothing", seen[sha], name)
         seen[sha] = name
+
+
+def subsets(pool: tuple[str, ...], n: int, max_subsets: int | None, seed: int) -> list[tuple[str, ...]]:
+    """Every n-member subset of ``pool`` in order, or a seeded sample of ``max_subsets`` of them."""
+    if not 1 <= n <= len(pool):
+        raise TimecatError(f"--cat {n} needs between 1 and {len(pool)} members (the --from pool has {len(pool)})")
+    if len(set(pool)) != len(pool):
+        raise TimecatError(f"a member is named twice in --from {','.join(pool)}")
+    every = list(itertools.combinations(pool, n))
+    if max_subsets is None or max_subsets >= len(every):
+        return every
+    if max_subsets < 1:
+        raise TimecatError(f"--max-subsets must be at least 1, not {max_subsets}")
+    picked = np.random.default_rng(seed).choice(len(every), size=max_subsets, replace=False)
+    return [every[i] for i in sorted(picked)]
+
+
+def sweep(config: ProbeConfig, pool: tuple[str, ...], n: int, max_subsets: int | None, cache_path: str, on_record):
+    """Probe every chosen n-subset of ``pool``; ``on_record`` receives each record as it finishes.
+
+    Returns the records and their summary: top-1 and top-5 mean and std over subsets.
+    """
+    chosen = subsets(pool, n, max_subsets, config.seed)
+    records = []
+    for members in progress(chosen, desc=f"Cat{n} subsets of {len(pool)}", unit="probe"):
+        record = probe(replace(config, members=members), cache_path)
+        record["sweep"] = {"cat": n, "pool": list(pool), "subsets": len(chosen)}
+        on_record(record)
+        records.append(record)
+    return records, summarize(records)
+
+
+def summarize(records: list[dict]) -> dict:
+    """Mean and sample std of top-1 and top-5 over records (std 0 for one record)."""
+    summary = {"count": len(records)}
+    for key in ("top1", "top5"):
+        values = np.array([r[key] for r in records], dtype=np.float64)
+        summary[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+    return summary

@@ -7,7 +7,9 @@ interleave half lines; readers skip nothing and parse every line.
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
+import re
 from pathlib import Path
 
 from pipeline.errors import TimecatError
@@ -58,3 +60,54 @@ def latest_per_probe(records: list[dict]) -> list[dict]:
         key = (r["dataset"], tuple(r["members"]), r["protocol"], r["train_split"], r["eval_split"])
         latest[key] = r
     return list(latest.values())
+
+
+PATTERN = re.compile(r"^(?P<field>[A-Za-z_][\w.]*)(?P<op>>=|<=|=|>|<)(?P<value>.*)$")
+
+
+def record_path(record: dict) -> str:
+    """A path-like name of a record, for bare patterns: dataset/protocol/backend/members."""
+    return "/".join(
+        [record.get("dataset", "?"), record.get("protocol", "?"), record.get("backend", "?"), *record["members"]]
+    )
+
+
+def field_value(record: dict, field: str):
+    """The value of a dotted field (``chosen.C``), or None when the record lacks it."""
+    value = record
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def matches(record: dict, pattern: str) -> bool:
+    """One pattern: ``field=glob``, ``field>x`` / ``<`` / ``>=`` / ``<=`` (numbers), or a bare glob of the path."""
+    parsed = PATTERN.match(pattern)
+    if parsed is None:
+        return fnmatch.fnmatchcase(record_path(record), f"*{pattern}*")
+    field, op, wanted = parsed["field"], parsed["op"], parsed["value"]
+    value = field_value(record, field)
+    if value is None:
+        return False
+    if op == "=":
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        return fnmatch.fnmatchcase(text, wanted)
+    try:
+        number, bound = float(value), float(wanted)
+    except (TypeError, ValueError):
+        raise TimecatError(f"pattern {pattern!r}: {field} is {value!r}, not a number to compare") from None
+    return {">": number > bound, "<": number < bound, ">=": number >= bound, "<=": number <= bound}[op]
+
+
+def select(records: list[dict], patterns: list[str]) -> list[dict]:
+    """The records that match every pattern; a field no record has is an error that lists the fields."""
+    known = {key for r in records for key in r}
+    for pattern in patterns:
+        parsed = PATTERN.match(pattern)
+        if parsed and parsed["field"].split(".")[0] not in known:
+            raise TimecatError(
+                f"pattern {pattern!r}: no record has a field {parsed['field'].split('.')[0]!r}; fields: {sorted(known)}"
+            )
+    return [r for r in records if all(matches(r, p) for p in patterns)]

@@ -48,6 +48,16 @@ def test_prepare_pretrain_extract_probe_report(tmp_path):
     assert record["members"] == ["run0", "run1"] and record["dim"] == 256 and 0 <= record["top1"] <= 100
     result = run("probe", "--members", "run0", "--dataset", "fashion-mnist", env=env)
     assert result.exit_code == 0 and "run0 on fashion-mnist: top-1" in result.output
+    sweep = ["--cat", 1, "--from", "run0,run1", "--backend", "torch", "--dataset", "fashion-mnist"]
+    result = run("probe", *sweep, env=env)
+    assert result.exit_code == 0, result.output
+    assert "Cat1 over 2 subset(s) on fashion-mnist: top-1" in result.output and "torch) ->" in result.output
+    result = run("results", "backend=torch", "sweep.cat=1", "--json", env=env)
+    assert sorted(r["members"][0] for r in json.loads(result.stdout)) == ["run0", "run1"]
+    result = run("results", "members=run0,run1", env=env)
+    assert result.exit_code == 0 and result.stdout.count("run0,run1") == 1
+    result = run("probe", "--members", "run0", "--cat", 1, "--dataset", "fashion-mnist", env=env)
+    assert result.exit_code == 2 and "either --members, or --cat N with --from POOL" in result.output
     result = run("report", env=env)
     assert result.exit_code == 0 and result.output.splitlines()[0].split()[:3] == ["method", "steps/member", "total"]
     assert (tmp_path / "results/catn.png").is_file()

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from test_cache import add_member, make_cache
 
+from pipeline.backends import _topk_rows
 from pipeline.errors import TimecatError
-from pipeline.probe import ProbeConfig, check_classes, probe, probe_matrices, search_split, standardize, topk
+from pipeline.probe import ProbeConfig, check_classes, probe, probe_matrices, search_split, standardize, topk_accuracy
 
 
 def blobs(n, dim, classes, seed, spread=1.5):
@@ -26,10 +27,10 @@ def test_standardize_uses_train_statistics_in_place():
 
 def test_topk():
     proba = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
-    classes = np.array([0, 1, 2])
-    assert topk(proba, classes, np.array([1, 2]), 1) == 50.0
-    assert topk(proba, classes, np.array([1, 2]), 2) == 100.0
-    assert topk(proba, classes, np.array([1, 2]), 5) == 100.0  # k larger than the classes
+    best = _topk_rows(proba, 5, np.array([0, 1, 2]))  # k larger than the classes: all, best first
+    np.testing.assert_array_equal(best, [[1, 2, 0], [0, 2, 1]])
+    assert topk_accuracy(best, np.array([1, 2]), 1) == 50.0
+    assert topk_accuracy(best, np.array([1, 2]), 2) == 100.0
 
 
 def test_held_out_split_is_seeded_stratified_and_capped():
@@ -72,3 +73,29 @@ def test_probe_from_cache_refuses_mismatched_members(tmp_path):
     add_member(tmp_path / "c.zarr", "stale", 3, "old")
     with pytest.raises(TimecatError, match="member stale was extracted from a different toy/train"):
         probe(ProbeConfig("toy", ("a", "stale"), eval_split="train"), str(tmp_path / "c.zarr"))
+
+
+def test_subsets_are_all_or_a_seeded_sample():
+    from pipeline.probe import subsets
+
+    pool = ("r0", "r1", "r2", "r3", "r4")
+    assert len(subsets(pool, 2, None, 0)) == 10 and subsets(pool, 5, None, 0) == [pool]
+    sample = subsets(pool, 2, 4, seed=3)
+    assert len(sample) == 4 and sample == subsets(pool, 2, 4, seed=3) and len(set(sample)) == 4
+    assert sample != subsets(pool, 2, 4, seed=4)
+    with pytest.raises(TimecatError, match="--cat 6 needs between 1 and 5 members"):
+        subsets(pool, 6, None, 0)
+
+
+def test_sweep_probes_each_subset_and_reports_mean_and_std(tmp_path):
+    from pipeline.probe import sweep
+
+    make_cache(tmp_path / "c.zarr", members=("a", "b", "c"), dims=(6, 4, 5))
+    seen = []
+    config = ProbeConfig("toy", ("a",), eval_split="train", backend="sklearn")
+    records, summary = sweep(config, ("a", "b", "c"), 2, None, str(tmp_path / "c.zarr"), seen.append)
+    assert [r["members"] for r in records] == [["a", "b"], ["a", "c"], ["b", "c"]] and seen == records
+    assert all(r["sweep"] == {"cat": 2, "pool": ["a", "b", "c"], "subsets": 3} for r in records)
+    top1 = np.array([r["top1"] for r in records])
+    assert summary["count"] == 3 and summary["top1"]["mean"] == pytest.approx(top1.mean())
+    assert summary["top1"]["std"] == pytest.approx(top1.std(ddof=1))

@@ -78,3 +78,23 @@ def test_report_refuses_no_records_and_plots_png(tmp_path):
     data = report.table([record(["a"], "d", 80.0, 4), record(["b", "c"], "d", 85.0, 2)])
     out = report.plot(data, tmp_path / "p.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_patterns_select_by_field_glob_number_and_path(tmp_path):
+    rows = [
+        {**record(["run0"], "digits", 91.0, 1000), "backend": "torch", "chosen": {"C": 0.1}},
+        {**record(["run0", "run3"], "digits", 97.5, 500), "backend": "sklearn", "chosen": {"C": 1.0}},
+        {**record(["run1", "run3"], "fashion-mnist", 88.0, 500), "backend": "torch", "chosen": {"C": 0.01}},
+    ]
+    pick = lambda *patterns: [r["top1"] for r in results.select(rows, list(patterns))]  # noqa: E731
+    assert pick() == [91.0, 97.5, 88.0]
+    assert pick("dataset=digits") == [91.0, 97.5]
+    assert pick("members=*run3*", "backend=torch") == [88.0]
+    assert pick("top1>=91", "n_members<2") == [91.0]
+    assert pick("chosen.C>0.05") == [91.0, 97.5]
+    assert pick("fashion*run1") == [88.0]  # a bare glob over dataset/protocol/backend/members
+    assert pick("dataset=cifar*") == []
+    with pytest.raises(TimecatError, match=r"no record has a field 'acc'; fields: \[.*'top1'"):
+        pick("acc>1")
+    with pytest.raises(TimecatError, match="dataset is 'digits', not a number"):
+        pick("dataset>1")

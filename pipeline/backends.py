@@ -1,0 +1,215 @@
+"""Multinomial logistic regression backends for the logreg probe: sklearn, torch, cuml.
+
+Every backend minimises the same objective as scikit-learn's
+``LogisticRegression``: mean cross-entropy + ||W||^2 / (2 C n), intercept not
+penalised, so one C means the same everywhere. Each takes float32 (n, d)
+matrices and never makes a float64 copy, except sklearn, the reference, whose
+L-BFGS upcasts to float64 (twice the memory: fine for the CPU sizes it is for).
+This module imports no loader, dataset or model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import TimecatError
+
+INT32_LIMIT = 2**31  # cuML's softmax kernel indexes n_classes x n_rows with 32-bit ints (REFERENCE.md)
+BLOCK_BYTES = 512 * 2**20  # rows per streamed block: features + logits of a block within about 512 MiB
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Shared solver settings."""
+
+    n_classes: int
+    seed: int = 0
+    tol: float = 1e-4  # L-BFGS stopping tolerance on the gradient (scikit-learn's default)
+
+
+class SklearnBackend:
+    """scikit-learn's L-BFGS: the CPU reference, warm-started along the C path."""
+
+    name = "sklearn"
+
+    def __init__(self, options: FitOptions):
+        from sklearn.linear_model import LogisticRegression
+
+        self.model = LogisticRegression(tol=options.tol, random_state=options.seed, warm_start=True)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> bool:
+        """Fit with L2 strength 1/C; return whether L-BFGS converged within max_iter."""
+        self.model.C, self.model.max_iter = C, max_iter
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.model.fit(X, y)
+        return not any("converge" in str(w.message).lower() for w in caught)
+
+    def topk(self, X: np.ndarray, k: int) -> np.ndarray:
+        """(n, k) most probable classes, best first."""
+        return _topk_rows(self.model.decision_function(X), k, self.model.classes_)
+
+
+class TorchBackend:
+    """Full-batch L-BFGS in torch, on the GPU or the CPU, in float32.
+
+    The data is one device tensor when it fits the device (a zero-copy view on
+    CPU); otherwise it stays in host memory and every loss evaluation streams it
+    to the device block by block, so full iNat18 (437k x 10240, 8142 classes)
+    needs memory for one block of features and logits, not for n x classes.
+    """
+
+    name = "torch"
+
+    def __init__(self, options: FitOptions, device: str | None = None):
+        import torch
+
+        self.torch = torch
+        self.options = options
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.W = None  # (d, k) weights, kept between fits as a warm start
+        self.b = None  # (k,) intercept
+
+    def _blocks(self, X: np.ndarray):
+        """Row slices of X as float32 tensors on the device (views where possible)."""
+        torch = self.torch
+        n, d = X.shape
+        rows = max(1024, BLOCK_BYTES // (4 * (d + self.options.n_classes)))
+        source = torch.from_numpy(X)  # shares X's memory
+        if self.device.type == "cuda" and _fits_on_gpu(X.nbytes, self.device, torch):
+            source = source.to(self.device)  # one device copy, reused by every evaluation
+        for start in range(0, n, rows):
+            yield start, source[start : start + rows].to(self.device, non_blocking=True)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> bool:
+        """Fit with L2 strength 1/C, warm-started from the previous fit; return whether it converged."""
+        torch = self.torch
+        n, d = X.shape
+        k = self.options.n_classes
+        if self.W is None or self.W.shape[0] != d:
+            self.W = torch.zeros(d, k, device=self.device, requires_grad=True)
+            self.b = torch.zeros(k, device=self.device, requires_grad=True)
+        labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(self.device)
+        blocks = list(self._blocks(X)) if self._resident(X) else None
+        optimizer = torch.optim.LBFGS(
+            [self.W, self.b],
+            lr=1.0,
+            max_iter=max_iter,
+            tolerance_grad=self.options.tol,
+            tolerance_change=1e-9,
+            history_size=10,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            total = 0.0
+            for start, Xb in blocks if blocks is not None else self._blocks(X):
+                logits = Xb @ self.W + self.b  # (rows, k)
+                loss = torch.nn.functional.cross_entropy(logits, labels[start : start + len(Xb)], reduction="sum") / n
+                loss.backward()
+                total += float(loss.detach())
+            penalty = (self.W * self.W).sum() / (2 * C * n)
+            penalty.backward()
+            return torch.tensor(total + float(penalty.detach()))
+
+        optimizer.step(closure)
+        state = optimizer.state[optimizer._params[0]]
+        return int(state.get("n_iter", 0)) < max_iter
+
+    def _resident(self, X: np.ndarray) -> bool:
+        # Keep the block list between evaluations when the data is already in device memory.
+        return self.device.type == "cpu" or _fits_on_gpu(X.nbytes, self.device, self.torch)
+
+    def topk(self, X: np.ndarray, k: int) -> np.ndarray:
+        """(n, k) highest-scoring classes, best first, computed block by block."""
+        torch = self.torch
+        out = []
+        with torch.no_grad():
+            for _, Xb in self._blocks(X):
+                logits = Xb @ self.W + self.b
+                out.append(torch.topk(logits, min(k, logits.shape[1]), dim=1).indices.cpu().numpy())
+        return np.concatenate(out)
+
+
+class CumlBackend:
+    """cuML's quasi-Newton solver on one GPU (the ``gpu`` extra).
+
+    ``penalty_normalized=True`` makes its C scikit-learn's. Its softmax kernel
+    indexes n_classes x n_rows with 32-bit ints, so larger problems are refused
+    (full iNat18 is 3.56e9): use the torch backend for them.
+    """
+
+    name = "cuml"
+
+    def __init__(self, options: FitOptions):
+        try:
+            import cupy
+            from cuml.linear_model import LogisticRegression
+        except ImportError as e:
+            raise TimecatError(f"the cuml backend needs the gpu extra (pip install 'timecat[gpu]'): {e}") from None
+        self.cupy, self.LogisticRegression, self.options = cupy, LogisticRegression, options
+        self.model = None
+
+    def fit(self, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> bool:
+        """Fit with L2 strength 1/C on the GPU; return whether the solver converged."""
+        if X.shape[0] * self.options.n_classes >= INT32_LIMIT:
+            raise TimecatError(
+                f"cuml cannot fit {X.shape[0]:,} rows x {self.options.n_classes:,} classes: its softmax indexes "
+                "with 32-bit ints (limit 2^31); use --backend torch"
+            )
+        self.model = self.LogisticRegression(
+            penalty="l2", C=C, max_iter=max_iter, tol=self.options.tol, solver="qn", penalty_normalized=True
+        )
+        self.model.fit(self.cupy.asarray(X), self.cupy.asarray(y.astype(np.int32)))  # one device copy
+        return int(np.max(self.model.solver_model.num_iters)) < max_iter
+
+    def topk(self, X: np.ndarray, k: int) -> np.ndarray:
+        """(n, k) most probable classes, best first."""
+        proba = self.cupy.asnumpy(self.model.predict_proba(self.cupy.asarray(X)))  # (n, k)
+        return _topk_rows(proba, k, np.arange(self.options.n_classes))
+
+
+BACKENDS = {"sklearn": SklearnBackend, "torch": TorchBackend, "cuml": CumlBackend}
+CHOICES = ("auto", *BACKENDS)
+
+
+def choose(name: str, n_rows: int, n_classes: int) -> tuple[str, str]:
+    """Resolve ``auto`` for this shape and hardware: ``(backend name, why)``."""
+    if name != "auto":
+        if name not in BACKENDS:
+            raise TimecatError(f"unknown backend {name!r}; choose one of {list(CHOICES)}")
+        return name, "asked for"
+    import torch
+
+    if torch.cuda.is_available():
+        if n_rows * n_classes >= INT32_LIMIT:
+            return "torch", "GPU, but n_classes x n_rows exceeds cuML's 32-bit indexing"
+        try:
+            import cuml  # noqa: F401
+        except ImportError:
+            return "torch", "GPU without the gpu extra (cuML)"
+        return "cuml", "GPU with cuML"
+    # Measured on 2 CPU cores (README, Performance): torch's float32 L-BFGS beats
+    # scikit-learn's float64 one at every size tried, with half the memory.
+    return "torch", "CPU: float32 L-BFGS, faster than scikit-learn's float64"
+
+
+def make(name: str, options: FitOptions):
+    """A fresh backend instance of a resolved name."""
+    return BACKENDS[name](options)
+
+
+def _topk_rows(scores: np.ndarray, k: int, classes: np.ndarray) -> np.ndarray:
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]
+    return np.asarray(classes)[np.take_along_axis(part, order, axis=1)]
+
+
+def _fits_on_gpu(nbytes: int, device, torch) -> bool:
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < 0.6 * free  # leave room for logits, gradients and L-BFGS history
