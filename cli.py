@@ -224,13 +224,41 @@ def extract(
 @click.option("--dataset", required=True, help="Cached dataset to probe.")
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--eval-split", default="test", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "sklearn", "torch", "cuml"]), default="auto", show_default=True)
+@click.option(
+    "--protocol",
+    type=click.Choice(["logreg", "tc"]),
+    default="logreg",
+    show_default=True,
+    help="logreg: L-BFGS logistic regression, C chosen on held-out train rows. tc: the paper's BatchNorm+Linear "
+    "head, SGD 28 epochs, on cached views when present.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "sklearn", "torch", "cuml"]),
+    default="auto",
+    show_default=True,
+    help="logreg solver; auto picks by shape and hardware and is recorded.",
+)
+@click.option("--wd-grid", help="tc: comma-separated weight decays to try (default: the paper's grid).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the held-out split, solver and subset sample.")
 @CACHE
 @RESULTS
 @JSON
 def probe(
-    members, cat, pool, max_subsets, dataset, train_split, eval_split, backend, seed, cache_path, results, as_json
+    members,
+    cat,
+    pool,
+    max_subsets,
+    dataset,
+    train_split,
+    eval_split,
+    protocol,
+    backend,
+    wd_grid,
+    seed,
+    cache_path,
+    results,
+    as_json,
 ):
     """Linear-probe the concatenated cached features of MEMBERS on DATASET.
 
@@ -242,6 +270,7 @@ def probe(
     \b
     Example: timecat probe --members run0,run1,run2,run3 --dataset fashion-mnist
     Example: timecat probe --cat 2 --from run0,run1,run2,run3,run4 --max-subsets 5 --dataset digits
+    Example: timecat probe --members run0,run1 --dataset cifar100 --protocol tc
     """
     from pipeline import results as store
     from pipeline.probe import ProbeConfig, sweep
@@ -251,7 +280,17 @@ def probe(
         raise click.UsageError("give either --members, or --cat N with --from POOL")
     if cat is not None and not pool:
         raise click.UsageError("--cat N needs --from POOL (comma-separated members)")
-    config = ProbeConfig(dataset, _members(members or pool), train_split, eval_split, seed=seed, backend=backend)
+    grid = tuple(float(v) for v in wd_grid.split(",")) if wd_grid else None
+    config = ProbeConfig(
+        dataset,
+        _members(members or pool),
+        train_split,
+        eval_split,
+        seed=seed,
+        backend=backend,
+        protocol=protocol,
+        wd_grid=grid,
+    )
     if cat is None:
         record = run(config, cache_path)
         path = store.append(results, record)
@@ -272,9 +311,10 @@ def probe(
 
 
 def _probe_line(record: dict, path) -> str:
+    chosen = ", ".join(f"{k}={v:.3g}" for k, v in record["chosen"].items() if k != "converged")
     return (
         f"{','.join(record['members'])} on {record['dataset']}: top-1 {record['top1']:.2f}%, "
-        f"top-5 {record['top5']:.2f}% (C={record['chosen']['C']:.3g}, {record['dim']} dims, "
+        f"top-5 {record['top5']:.2f}% ({record['protocol']}, {chosen}, {record['dim']} dims, "
         f"{record['backend']}) -> {path}"
     )
 

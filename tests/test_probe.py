@@ -99,3 +99,47 @@ def test_sweep_probes_each_subset_and_reports_mean_and_std(tmp_path):
     top1 = np.array([r["top1"] for r in records])
     assert summary["count"] == 3 and summary["top1"]["mean"] == pytest.approx(top1.mean())
     assert summary["top1"]["std"] == pytest.approx(top1.std(ddof=1))
+
+
+def blob_cache(path, views=0, n_train=400, n_eval=200):
+    """A cache of one learnable 8-d member 'm' (blobs) with train/test splits and optional noisy views."""
+    import cache
+
+    store = cache.open(str(path), mode="a")
+    for split, n, seed in (("train", n_train, 0), ("test", n_eval, 1)):
+        X, y = blobs(n, 8, 4, seed=seed)
+        store.write_labels("toy", split, y, "fp", ["c0", "c1", "c2", "c3"])
+        arrays = [(None, X)] + [
+            (k, X + np.random.default_rng(k).normal(scale=0.3, size=X.shape).astype(np.float32))
+            for k in range(views if split == "train" else 0)
+        ]
+        for view, data in arrays:
+            prov = {"dataset_fingerprint": "fp", "view_seed": 0}
+            writer = store.create_features("toy", split, "m", 8, prov, view=view)
+            writer.append(data)
+            writer.close()
+            store.finish_features("toy", split, "m", view=view)
+    store.consolidate()
+    return str(path)
+
+
+@pytest.mark.parametrize("views", [0, 2])
+def test_tc_protocol_chooses_weight_decay_on_held_out_train_rows(tmp_path, views):
+    path = blob_cache(tmp_path / "c.zarr", views=views)
+    config = ProbeConfig("toy", ("m",), protocol="tc", wd_grid=(1e-4, 1e-2))
+    record = probe(config, path)
+    assert record["protocol"] == "tc" and record["backend"] == "torch"
+    assert [t["weight_decay"] for t in record["search"]] == [1e-4, 1e-2]
+    assert record["chosen"]["weight_decay"] in (1e-4, 1e-2) and record["top1"] > 85
+    assert record["trained_on"] == ("views 0..1" if views else "features")
+    assert record["recipe"]["epochs"] == 28 and list(record["recipe"]["milestones"]) == [8, 16, 24]
+
+
+def test_tc_grids_are_the_papers_per_dataset():
+    from pipeline.tc import wd_grid
+
+    assert wd_grid("inat2018") == (1e-6, 1e-5, 1e-4) and wd_grid("imagenet") == (1e-4, 5e-4)
+    assert len(wd_grid("cifar100")) == 6 and wd_grid("pets") == wd_grid("cifar10")
+    assert wd_grid("imagenet", (0.1,)) == (0.1,)
+    with pytest.raises(TimecatError, match=r"unknown protocol 'dino'; choose one of \['logreg', 'tc'\]"):
+        ProbeConfig("d", ("a",), protocol="dino")
