@@ -351,24 +351,39 @@ def results(patterns, results, as_json):
 
 @main.command()
 @RESULTS
+@click.option(
+    "--layout",
+    type=click.Choice(["table3", "table2"]),
+    default="table3",
+    show_default=True,
+    help="table3: CatN at fixed total steps. table2: parameter-matched (architectures and CatN).",
+)
+@click.option("--protocol", type=click.Choice(["logreg", "tc"]), default="logreg", show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG path (default: RESULTS/catn.png).")
 @JSON
-def report(results, plot_path, as_json):
-    """Print probe results in the paper's Table 3 layout and plot top-1 against N.
+def report(results, layout, protocol, plot_path, as_json):
+    """Print probe results in the paper's Table 3 (or Table 2) layout and save plots.
+
+    Plots: top-1 against N per dataset (RESULTS/catn.png), and in-distribution
+    against transfer accuracy (RESULTS/id_vs_ood.png) when the members'
+    pretraining dataset was probed too.
 
     \b
     Example: timecat report --results demo/results
+    Example: timecat report --layout table2 --protocol tc
     """
     from pipeline import report as rep
     from pipeline import results as store
 
-    data = rep.table(store.load(results))
-    saved = rep.plot(data, plot_path or results / rep.PLOT_FILE)
+    data = rep.table(store.load(results), layout=layout, protocol=protocol)
+    saved = [rep.plot(data, plot_path or results / rep.PLOT_FILE)]
+    saved.append(rep.plot_id_vs_ood(data, Path(saved[0]).with_name(rep.ID_OOD_FILE)))
+    plots = [str(p) for p in saved if p is not None]
     if as_json:
-        click.echo(json.dumps({**data, "plot": str(saved)}, indent=1))
+        click.echo(json.dumps({**data, "plots": plots}, indent=1))
     else:
         click.echo(rep.format_table(data))
-        click.echo(f"plot: {saved}")
+        click.echo("plots: " + ", ".join(plots))
 
 
 @main.group("cache")
@@ -454,7 +469,7 @@ def demo(workdir, data_root, total_steps, as_json):
         click.echo(json.dumps(outcome, indent=1))
     else:
         click.echo(rep.format_table(outcome["table"]))
-        click.echo(f"plot: {outcome['plot']}")
+        click.echo("plots: " + ", ".join(outcome["plots"]))
         click.echo("timings (s): " + ", ".join(f"{k} {v}" for k, v in outcome["timings"].items()))
 
 

@@ -110,6 +110,11 @@ def run_demo(config: DemoConfig) -> dict:
     timings["probe_s"] = time.perf_counter() - mark
 
     data = report.table(results.load(config.results))
-    plot_path = report.plot(data, config.results / report.PLOT_FILE)
+    plots = [report.plot(data, config.results / report.PLOT_FILE)]
+    plots.append(report.plot_id_vs_ood(data, config.results / report.ID_OOD_FILE))
     timings["total_s"] = time.perf_counter() - started
-    return {"table": data, "plot": str(plot_path), "timings": {k: round(v, 1) for k, v in timings.items()}}
+    return {
+        "table": data,
+        "plots": [str(p) for p in plots if p is not None],
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }

@@ -77,6 +77,7 @@ class Member:
             "member": self.name,
             "checkpoint_sha256": self.sha256,
             "arch": cfg["arch"],
+            "params": sum(p.numel() for p in self.model.backbone.parameters()),  # for parameter-matched tables
             "seed": cfg["seed"],
             "steps": self.payload["step"],
             "pretrain_dataset": cfg["dataset"],

@@ -24,7 +24,7 @@ from pipeline.progress import get_logger, progress
 log = get_logger(__name__)
 
 PROTOCOLS = ("logreg", "tc")
-PROVENANCE_KEYS = ("checkpoint_sha256", "dataset_fingerprint", "arch", "seed", "steps", "pretrain_dataset")
+PROVENANCE_KEYS = ("checkpoint_sha256", "dataset_fingerprint", "arch", "params", "seed", "steps", "pretrain_dataset")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
-"""Stage 5: the paper's Table 3 layout and a plot of top-1 against N, from probe records.
+"""Stage 5: the paper's tables and plots, from probe records.
 
-Rows are CatN methods: N members of S steps each (total N*S). Where several
-member sets share a row (different subsets of the same kind), the cell is
-mean ± std over them.
+Table 3 (fixed total compute): rows are CatN methods, N members of S steps each
+(total N*S). Table 2 (parameter-matched): rows are architectures and CatN of an
+architecture, with their parameter counts. Where several member sets share a
+row (different subsets of the same kind), the cell is mean ± std over them.
+Plots: top-1 against N per dataset, and in-distribution (the members'
+pretraining dataset) against each out-of-distribution dataset.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pipeline.errors import TimecatError
 from pipeline.results import latest_per_probe
 
 PLOT_FILE = "catn.png"
+ID_OOD_FILE = "id_vs_ood.png"
+LAYOUTS = ("table3", "table2")
 
 
 def _steps(record: dict) -> int | None:
@@ -23,35 +28,75 @@ def _steps(record: dict) -> int | None:
     return steps.pop() if len(steps) == 1 else None  # None: members of unequal budgets
 
 
-def table(records: list[dict]) -> dict:
-    """Group probe records into CatN rows: ``{"datasets": [...], "rows": [...]}``."""
-    records = [r for r in latest_per_probe(records) if r["protocol"] == "logreg"]
+def _arch(record: dict) -> str | None:
+    archs = {p.get("arch") for p in record["member_provenance"].values()}
+    return archs.pop() if len(archs) == 1 else None  # None: mixed architectures
+
+
+def _params(record: dict) -> int | None:
+    counts = [p.get("params") for p in record["member_provenance"].values()]
+    return sum(counts) if all(c is not None for c in counts) else None
+
+
+def _row_key(record: dict, layout: str) -> tuple:
+    if layout == "table3":
+        return (record["n_members"], _steps(record))
+    return (_arch(record) or "mixed", record["n_members"])
+
+
+def _row_head(key: tuple, layout: str, records: list[dict]) -> dict:
+    if layout == "table3":
+        n, steps = key
+        return {"method": f"Cat{n}", "n": n, "steps_per_member": steps, "total_steps": steps * n if steps else None}
+    arch, n = key
+    params = {_params(r) for r in records}
+    return {
+        "method": arch if n == 1 else f"Cat{n} x {arch}",
+        "n": n,
+        "arch": arch,
+        "params": params.pop() if len(params) == 1 else None,
+    }
+
+
+def table(records: list[dict], layout: str = "table3", protocol: str = "logreg") -> dict:
+    """Group probe records into rows: ``{"layout", "protocol", "datasets": [...], "rows": [...]}``."""
+    if layout not in LAYOUTS:
+        raise TimecatError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+    records = [r for r in latest_per_probe(records) if r["protocol"] == protocol]
     if not records:
-        raise TimecatError("no logreg probe records to report: run `timecat probe` first")
+        raise TimecatError(f"no {protocol} probe records to report: run `timecat probe --protocol {protocol}` first")
     datasets = sorted({r["dataset"] for r in records})
-    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        cells[(r["n_members"], _steps(r))][r["dataset"]].append(r["top1"])
+        groups[_row_key(r, layout)].append(r)
     rows = []
-    for (n, steps), by_dataset in sorted(cells.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 0))):
-        row = {"method": f"Cat{n}", "n": n, "steps_per_member": steps, "total_steps": steps * n if steps else None}
+    order = (lambda k: (k[0], -(k[1] or 0))) if layout == "table3" else (lambda k: (k[0], k[1]))
+    for key in sorted(groups, key=order):
+        row = _row_head(key, layout, groups[key])
         for d in datasets:
-            values = by_dataset.get(d, [])
+            values = [r["top1"] for r in groups[key] if r["dataset"] == d]
             row[d] = {
                 "mean": float(np.mean(values)) if values else None,
                 "std": float(np.std(values)) if len(values) > 1 else 0.0,
                 "count": len(values),
             }
         rows.append(row)
-    return {"datasets": datasets, "rows": rows}
+    pretrained_on = sorted(
+        {p.get("pretrain_dataset") for r in records for p in r["member_provenance"].values()} - {None}
+    )
+    return {"layout": layout, "protocol": protocol, "datasets": datasets, "rows": rows, "pretrained_on": pretrained_on}
 
 
 def format_table(data: dict) -> str:
-    """The table as aligned text, like the paper's Table 3."""
-    header = ["method", "steps/member", "total", *data["datasets"]]
+    """The table as aligned text, like the paper's Table 3 (or Table 2)."""
+    table3 = data.get("layout", "table3") == "table3"
+    header = ["method", *(["steps/member", "total"] if table3 else ["params"]), *data["datasets"]]
     lines = []
     for row in data["rows"]:
-        cells = [row["method"], _fmt_int(row["steps_per_member"]), _fmt_int(row["total_steps"])]
+        if table3:
+            cells = [row["method"], _fmt_int(row["steps_per_member"]), _fmt_int(row["total_steps"])]
+        else:
+            cells = [row["method"], f"{row['params'] / 1e6:.1f}M" if row["params"] else "-"]
         for d in data["datasets"]:
             c = row[d]
             if c["mean"] is None:
@@ -91,6 +136,37 @@ def plot(data: dict, out: Path) -> Path:
         ax.set_title(d)
         ax.grid(alpha=0.3)
     fig.suptitle("CatN at a fixed total pretraining budget")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
+    """In-distribution top-1 (x) against each other dataset's (y), one point per row; None if no ID dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = [d for d in data["pretrained_on"] if d in data["datasets"]]
+    oods = [d for d in data["datasets"] if d not in ids]
+    if len(ids) != 1 or not oods:
+        return None  # needs exactly one probed pretraining dataset and at least one other
+    fig, axes = plt.subplots(1, len(oods), figsize=(4.2 * len(oods), 3.6), squeeze=False)
+    for ax, ood in zip(axes[0], oods, strict=True):
+        for row in data["rows"]:
+            x, y = row[ids[0]], row[ood]
+            if x["mean"] is None or y["mean"] is None:
+                continue
+            ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], marker="o", capsize=3)
+            ax.annotate(row["method"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, 4))
+        ax.set_xlabel(f"{ids[0]} top-1 (%), in distribution")
+        ax.set_ylabel(f"{ood} top-1 (%), transfer")
+        ax.grid(alpha=0.3)
+    fig.suptitle("In-distribution against out-of-distribution linear-probe accuracy")
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Every command through click's CliRunner, as a user types it."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -58,6 +59,9 @@ def test_prepare_pretrain_extract_probe_report(tmp_path):
     assert result.exit_code == 0 and result.stdout.count("run0,run1") == 1
     result = run("probe", "--members", "run0", "--cat", 1, "--dataset", "fashion-mnist", env=env)
     assert result.exit_code == 2 and "either --members, or --cat N with --from POOL" in result.output
+    result = run("report", "--layout", "table2", env=env)
+    assert result.exit_code == 0 and result.output.splitlines()[0].split()[:2] == ["method", "params"], result.output
+    assert "Cat2 x small-resnet" in result.output
     result = run("report", env=env)
     assert result.exit_code == 0 and result.output.splitlines()[0].split()[:3] == ["method", "steps/member", "total"]
     assert (tmp_path / "results/catn.png").is_file()
@@ -103,7 +107,8 @@ def test_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path):
     assert (rows["Cat1"]["steps_per_member"], rows["Cat4"]["steps_per_member"]) == (4, 1)
     assert outcome["table"]["datasets"] == ["digits", "fashion-mnist"]
     assert all(r[d]["mean"] is not None for r in rows.values() for d in outcome["table"]["datasets"])
-    assert (tmp_path / "demo/results/catn.png").is_file()
+    assert outcome["plots"] == [str(tmp_path / "demo/results/catn.png"), str(tmp_path / "demo/results/id_vs_ood.png")]
+    assert all(Path(p).is_file() for p in outcome["plots"])
     # A rerun keeps every member and cached array, and only re-probes.
     before = (tmp_path / "demo/runs/run0/checkpoint.pt").stat().st_mtime_ns
     assert run("demo", "--workdir", tmp_path / "demo", "--data-root", data, "--total-steps", 4).exit_code == 0
@@ -111,7 +116,7 @@ def test_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path):
 
 
 def test_cache_probe_and_report_work_without_ffcv(tmp_path):
-    """Block ffcv's import in a fresh interpreter; probe and report must not need it."""
+    """Block ffcv's import in a fresh interpreter; probe and report must not need it, nor any image code."""
     import subprocess
     import sys
 
@@ -128,10 +133,11 @@ args = ["probe", "--members", "a,b", "--dataset", "toy", "--eval-split", "train"
         "--cache", {str(tmp_path / "c.zarr")!r}, "--results", {str(tmp_path / "r")!r}]
 probe = runner.invoke(cli.main, args)
 report = runner.invoke(cli.main, ["report", "--results", {str(tmp_path / "r")!r}])
-print(probe.exit_code, report.exit_code, "torch" in sys.modules)
+image_code = {{"pipeline.loaders", "pipeline.datasets", "pipeline.models", "torchvision"}} & set(sys.modules)
+print(probe.exit_code, report.exit_code, sorted(image_code) or "none")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["0", "0", "False"], out.stdout + out.stderr
+    assert out.stdout.split() == ["0", "0", "none"], out.stdout + out.stderr
 
 
 def test_cache_ls_and_verify(tmp_path):

@@ -9,7 +9,7 @@ from pipeline import report, results
 from pipeline.errors import TimecatError
 
 
-def record(members, dataset, top1, steps, protocol="logreg"):
+def record(members, dataset, top1, steps, protocol="logreg", arch="resnet50", params=23_500_000):
     return {
         "dataset": dataset,
         "members": members,
@@ -18,7 +18,9 @@ def record(members, dataset, top1, steps, protocol="logreg"):
         "train_split": "train",
         "eval_split": "test",
         "top1": top1,
-        "member_provenance": {m: {"steps": steps} for m in members},
+        "member_provenance": {
+            m: {"steps": steps, "arch": arch, "params": params, "pretrain_dataset": "fmnist"} for m in members
+        },
     }
 
 
@@ -98,3 +100,26 @@ def test_patterns_select_by_field_glob_number_and_path(tmp_path):
         pick("acc>1")
     with pytest.raises(TimecatError, match="dataset is 'digits', not a number"):
         pick("dataset>1")
+
+
+def test_table2_is_parameter_matched_and_id_vs_ood_is_plotted(tmp_path):
+    records = [
+        record(["r0"], "fmnist", 75.6, 1000),
+        record(["w0"], "fmnist", 77.6, 1000, arch="resnet50w2", params=93_900_000),
+        record(["r1", "r2", "r3", "r4"], "fmnist", 78.2, 250),
+        record(["r0"], "digits", 37.9, 1000),
+        record(["w0"], "digits", 37.3, 1000, arch="resnet50w2", params=93_900_000),
+        record(["r1", "r2", "r3", "r4"], "digits", 46.6, 250),
+    ]
+    data = report.table(records, layout="table2")
+    assert [(r["method"], r["params"]) for r in data["rows"]] == [
+        ("resnet50", 23_500_000),
+        ("Cat4 x resnet50", 94_000_000),
+        ("resnet50w2", 93_900_000),
+    ]
+    text = report.format_table(data)
+    assert text.splitlines()[0].split() == ["method", "params", "digits", "fmnist"] and "94.0M" in text
+    out = report.plot_id_vs_ood(data, tmp_path / "id.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(TimecatError, match=r"unknown layout 'table9'; choose one of \['table3', 'table2'\]"):
+        report.table(records, layout="table9")
