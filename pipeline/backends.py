@@ -3,9 +3,8 @@
 Every backend minimises the same objective as scikit-learn's
 ``LogisticRegression``: mean cross-entropy + ||W||^2 / (2 C n), intercept not
 penalised, so one C means the same everywhere. Each takes float32 (n, d)
-matrices and never makes a float64 copy, except sklearn, the reference, whose
-L-BFGS upcasts to float64 (twice the memory: fine for the CPU sizes it is for).
-This module imports no loader, dataset or model.
+matrices and makes no float64 copy (scikit-learn 1.9 keeps float32 through
+L-BFGS; older releases upcast). This module imports no loader, dataset or model.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import numpy as np
 from pipeline.errors import TimecatError
 
 INT32_LIMIT = 2**31  # cuML's softmax kernel indexes n_classes x n_rows with 32-bit ints (REFERENCE.md)
+LOGITS_BYTES = 2**30  # auto on CPU: above 1 GiB of float32 logits, stream them with torch
 BLOCK_BYTES = 512 * 2**20  # rows per streamed block: features + logits of a block within about 512 MiB
 
 
@@ -193,9 +193,12 @@ def choose(name: str, n_rows: int, n_classes: int) -> tuple[str, str]:
         except ImportError:
             return "torch", "GPU without the gpu extra (cuML)"
         return "cuml", "GPU with cuML"
-    # Measured on 2 CPU cores (README, Performance): torch's float32 L-BFGS beats
-    # scikit-learn's float64 one at every size tried, with half the memory.
-    return "torch", "CPU: float32 L-BFGS, faster than scikit-learn's float64"
+    # On 2 CPU cores the two took the same time for Cat4 50k x 8192 x 100 classes
+    # (README, Performance); scikit-learn holds all n x classes logits at once,
+    # torch streams them in blocks, so torch takes over where those get large.
+    if n_rows * n_classes * 4 > LOGITS_BYTES:
+        return "torch", "CPU, n x classes logits too large to hold at once: streamed in blocks"
+    return "sklearn", "CPU: the reference solver, as fast as torch at this size"
 
 
 def make(name: str, options: FitOptions):

@@ -58,14 +58,27 @@ class ProbeConfig:
             raise TimecatError("no members given: pass --members run0,run1,...")
 
 
-def standardize(X_train: np.ndarray, *others: np.ndarray) -> None:
-    """Centre and scale every matrix in place with the train columns' mean and std."""
-    mean = X_train.mean(axis=0, dtype=np.float64).astype(np.float32)
-    std = X_train.std(axis=0, dtype=np.float64).astype(np.float32)
+def standardize(X_train: np.ndarray, *others: np.ndarray, block_rows: int = 4096) -> None:
+    """Centre and scale every matrix in place with the train columns' mean and std.
+
+    Statistics accumulate in float64 over blocks of rows: ``np.std`` would build
+    a float64 temporary of the whole matrix (twice its size).
+    """
+    n = len(X_train)
+    total = np.zeros(X_train.shape[1])
+    for start in range(0, n, block_rows):
+        total += X_train[start : start + block_rows].sum(axis=0, dtype=np.float64)
+    mean = total / n
+    squares = np.zeros(X_train.shape[1])
+    for start in range(0, n, block_rows):
+        squares += ((X_train[start : start + block_rows] - mean) ** 2).sum(axis=0)
+    std = np.sqrt(squares / n).astype(np.float32)
     std[std < 1e-6] = 1.0  # dead features stay 0 instead of becoming inf
+    mean = mean.astype(np.float32)
     for X in (X_train, *others):
-        X -= mean
-        X /= std
+        for start in range(0, len(X), block_rows):
+            X[start : start + block_rows] -= mean
+            X[start : start + block_rows] /= std
 
 
 def topk_accuracy(best: np.ndarray, y: np.ndarray, k: int) -> float:

@@ -1,0 +1,68 @@
+"""Benchmark: the logreg probe per backend on CPU, Cat4 of 50,000 x 8,192 with 100 classes.
+
+Each backend runs the whole `timecat probe` (C search on held-out rows, refit,
+eval) in a fresh process, so its peak resident memory is its own. Features are
+generated: four 2,048-d members whose ReLU-like rows carry a class signal in a
+few hundred directions each, so the problem is learnable but not separable.
+Run with `make bench`; figures go to tests/benchmarks/last_run_probe.json.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import cache
+
+TRAIN, EVAL, DIM, MEMBERS, CLASSES = 50_000, 10_000, 2048, 4, 100
+BACKENDS = ("torch", "sklearn")  # cuml needs a GPU: see the README for GPU figures
+
+
+def member_rows(m: int, y: np.ndarray, seed: int) -> np.ndarray:
+    """(len(y), DIM) float32 features of member m: a class mean on 256 directions plus noise, ReLU'd."""
+    directions = np.random.default_rng(100 + m).normal(size=(CLASSES, DIM)).astype(np.float32)
+    directions[:, 256:] = 0  # each member sees the classes in its own 256 dims
+    directions = np.roll(directions, 256 * m, axis=1)
+    noise = np.random.default_rng(seed * 10 + m).normal(size=(len(y), DIM)).astype(np.float32)
+    return np.maximum(0.12 * directions[y] + noise, 0)
+
+
+def build(path: Path) -> list[str]:
+    store = cache.open(str(path), mode="a")
+    names = [f"run{m}" for m in range(MEMBERS)]
+    for split, n, seed in (("train", TRAIN, 0), ("test", EVAL, 1)):
+        y = np.random.default_rng(seed).permutation(np.arange(n) % CLASSES)
+        store.write_labels("bench", split, y, "fp", [str(c) for c in range(CLASSES)])
+        for m, name in enumerate(names):
+            writer = store.create_features(
+                "bench", split, name, DIM, {"dataset_fingerprint": "fp"}, compression=cache.Compression.NONE
+            )
+            for start in range(0, n, 5000):
+                writer.append(member_rows(m, y[start : start + 5000], seed * 1000 + start))
+            writer.close()
+            store.finish_features("bench", split, name)
+    store.consolidate()
+    return names
+
+
+def run_probe(path: Path, members: list[str], backend: str) -> dict:
+    code = (
+        "import json, sys; from pipeline.probe import ProbeConfig, probe; "
+        f"r = probe(ProbeConfig('bench', {tuple(members)!r}, backend={backend!r}), {str(path)!r}); "
+        "print(json.dumps({k: r[k] for k in ('backend', 'top1', 'top5', 'wall_s', 'peak_rss_mib', 'chosen')}))"
+    )
+    repo = Path(cache.__path__[0]).parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_probe_backends_on_cpu(tmp_path):
+    members = build(tmp_path / "bench.zarr")
+    figures = {"shape": [TRAIN, DIM * MEMBERS], "classes": CLASSES, "matrix_mib": TRAIN * DIM * MEMBERS * 4 // 2**20}
+    for backend in BACKENDS:
+        figures[backend] = run_probe(tmp_path / "bench.zarr", members, backend)
+    print(json.dumps(figures, indent=1))
+    (Path(__file__).parent / "last_run_probe.json").write_text(json.dumps(figures, indent=1))
+    assert abs(figures["torch"]["top1"] - figures["sklearn"]["top1"]) < 1.0
