@@ -119,10 +119,7 @@ def _fmt_int(value: int | None) -> str:
 
 def plot(data: dict, out: Path) -> Path:
     """Top-1 against N, one panel per dataset (error bars where several subsets); saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     datasets = data["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
@@ -136,20 +133,12 @@ def plot(data: dict, out: Path) -> Path:
         ax.set_title(d)
         ax.grid(alpha=0.3)
     fig.suptitle("CatN at a fixed total pretraining budget")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
     """In-distribution top-1 (x) against each other dataset's (y), one point per row; None if no ID dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     ids = [d for d in data["pretrained_on"] if d in data["datasets"]]
     oods = [d for d in data["datasets"] if d not in ids]
@@ -167,9 +156,22 @@ def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
         ax.set_ylabel(f"{ood} top-1 (%), transfer")
         ax.grid(alpha=0.3)
     fig.suptitle("In-distribution against out-of-distribution linear-probe accuracy")
+    return _save(fig, out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
