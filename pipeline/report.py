@@ -155,7 +155,7 @@ def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
         ax.set_xlabel(f"{ids[0]} top-1 (%), in distribution")
         ax.set_ylabel(f"{ood} top-1 (%), transfer")
         ax.grid(alpha=0.3)
-    fig.suptitle("In-distribution against out-of-distribution linear-probe accuracy")
+    fig.suptitle("In distribution vs transfer (linear probe)", fontsize=10)
     return _save(fig, out)
 
 
