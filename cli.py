@@ -386,6 +386,31 @@ def report(results, layout, protocol, plot_path, as_json):
         click.echo("plots: " + ", ".join(plots))
 
 
+@main.command()
+@click.argument("member")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Where to write the state dict.")
+@RUNS
+def export(member, out, runs):
+    """Write MEMBER as a plain state dict that torchvision's resnet50 loads.
+
+    MEMBER is a run name under RUNS, or a foreign checkpoint file (the paper's,
+    AlgoPerf's or torchvision's), which this converts to torchvision's names.
+
+    \b
+    Example: timecat export run0 --out run0_resnet50.pth
+    Example: timecat export algoperf/seed2/checkpoint.pt --out seed2.pth
+    """
+    from pipeline import checkpoints, interop
+    from pipeline.pretrain import checkpoint_path
+
+    if interop.is_foreign(member):
+        payload = interop.load_foreign(interop.foreign_name_and_path(member)[1])
+    else:
+        payload = checkpoints.load(checkpoint_path(runs, member))
+    path = interop.export_torchvision(payload, out)
+    click.echo(f"{member} -> {path} (torchvision resnet50, num_classes={payload['num_classes']})")
+
+
 @main.group("cache")
 def cache_group() -> None:
     """Inspect and check a feature cache.

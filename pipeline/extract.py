@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 import cache
-from pipeline import __version__, checkpoints, distributed
+from cache.layout import check_name
+from pipeline import __version__, checkpoints, distributed, interop
 from pipeline.errors import TimecatError
 from pipeline.models import FEATURE_LAYER, Classifier
 from pipeline.prepare import SPLITS, beton_path, read_manifest
@@ -93,12 +94,21 @@ class Member:
 
 
 def load_member(runs_root: Path, name: str, device: torch.device) -> Member:
-    """Load a member's checkpoint as a frozen model in eval mode."""
-    path = checkpoint_path(runs_root, name)
-    if not path.is_file():
-        known = sorted(p.parent.name for p in Path(runs_root).glob("*/checkpoint.pt"))
-        raise TimecatError(f"unknown member {name!r}: no {path}; trained members: {known or 'none'}")
-    payload = checkpoints.load(path)
+    """Load a member as a frozen model in eval mode.
+
+    ``name`` is a run under ``runs_root``, or a checkpoint file trained elsewhere
+    (``path`` or ``name=path``: the paper's, AlgoPerf's or torchvision's ResNet-50).
+    """
+    if interop.is_foreign(name):
+        name, path = interop.foreign_name_and_path(name)
+        check_name("member", name)
+        payload = interop.load_foreign(path)
+    else:
+        path = checkpoint_path(runs_root, name)
+        if not path.is_file():
+            known = sorted(p.parent.name for p in Path(runs_root).glob("*/checkpoint.pt"))
+            raise TimecatError(f"unknown member {name!r}: no {path}; trained members: {known or 'none'}")
+        payload = checkpoints.load(path)
     if not payload.get("complete"):
         raise TimecatError(f"member {name} has not finished training ({path}); run its `timecat pretrain` again")
     model = checkpoints.load_model(payload, str(path)).to(device, memory_format=torch.channels_last).eval()
