@@ -67,6 +67,6 @@ def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
 
 def load_model(payload: dict, source: str) -> Classifier:
     """Rebuild a member's classifier from its checkpoint (architecture from the checkpoint, not flags)."""
-    model = build(payload["member"]["arch"], payload["num_classes"])
+    model = build(payload["member"]["arch"], payload["num_classes"], payload["member"].get("width"))
     load_state_strict(model, payload["model"], source)
     return model

@@ -58,14 +58,55 @@ class SmallResNet(nn.Module):
         return torch.flatten(self.pool(self.layer2(self.layer1(self.stem(x)))), 1)
 
 
-def resnet50_backbone() -> nn.Module:
-    """torchvision's ResNet-50 up to the average pool: (B, 3, H, W) -> (B, 2048)."""
-    from torchvision.models import resnet50
+def resnet50_backbone(width: int = 1) -> nn.Module:
+    """ResNet-50 up to the average pool: (B, 3, H, W) -> (B, 2048 * width).
 
-    net = resnet50(weights=None)
-    net.out_dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net
+    width 1 is torchvision's own ResNet-50; width K multiplies every layer's
+    channels by K, as the "ResNet-50 (2x)" of the paper's Table 2 (about 94M
+    parameters at width 2). torchvision's wide_resnet50_2 widens only the inner
+    3x3 convolutions (69M), which is a different network.
+    """
+    if width == 1:
+        from torchvision.models import resnet50
+
+        net = resnet50(weights=None)
+        net.out_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net
+    return ScaledResNet50(width)
+
+
+class ScaledResNet50(nn.Module):
+    """ResNet-50 with every width multiplied by ``width``, in torchvision's module names."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        from torchvision.models.resnet import Bottleneck, conv1x1
+
+        stem = 64 * width
+        self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = stem
+        for i, (planes, blocks, stride) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), (1, 2, 2, 2), strict=True)):
+            planes *= width
+            out = planes * Bottleneck.expansion
+            downsample = nn.Sequential(conv1x1(inplanes, out, stride), nn.BatchNorm2d(out))
+            layers = [Bottleneck(inplanes, planes, stride, downsample)]
+            layers += [Bottleneck(out, planes) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+            inplanes = out
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = inplanes
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
 
 
 class Classifier(nn.Module):
@@ -87,22 +128,29 @@ class Classifier(nn.Module):
 
 @dataclass(frozen=True)
 class Arch:
-    """A registered architecture."""
+    """A registered architecture: a backbone builder taking a width multiplier."""
 
-    build_backbone: Callable[[], nn.Module]
+    build_backbone: Callable[[int], nn.Module]
     description: str
+    default_width: int = 1
+    widths: tuple[int, ...] | None = (1,)  # the widths it accepts; None: any positive width
 
 
 ARCHS: dict[str, Arch] = {
-    "resnet50": Arch(resnet50_backbone, "torchvision ResNet-50, 2048-d features, for 160-224 px images"),
-    "small-resnet": Arch(SmallResNet, "3-stage residual net, 128-d features, for 28-32 px images (the demo)"),
+    "resnet50": Arch(resnet50_backbone, "ResNet-50, 2048*width-d features, for 160-224 px images", 1, None),
+    "resnet50w2": Arch(resnet50_backbone, "ResNet-50 with every width doubled (94M params, 4096-d)", 2, (2,)),
+    "small-resnet": Arch(lambda width: SmallResNet(), "3-stage residual net, 128-d, for 28-32 px (the demo)"),
 }
 
 
-def build(arch: str, num_classes: int) -> Classifier:
-    """A freshly initialised classifier of a registered architecture."""
+def build(arch: str, num_classes: int, width: int | None = None) -> Classifier:
+    """A freshly initialised classifier of a registered architecture (width: its multiplier, if it takes one)."""
     try:
         spec = ARCHS[arch]
     except KeyError:
         raise TimecatError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}") from None
-    return Classifier(spec.build_backbone(), num_classes)
+    width = spec.default_width if width is None else width
+    if width < 1 or (spec.widths is not None and width not in spec.widths):
+        allowed = "any positive integer" if spec.widths is None else list(spec.widths)
+        raise TimecatError(f"architecture {arch} does not take width {width}; allowed: {allowed}")
+    return Classifier(spec.build_backbone(width), num_classes)

@@ -36,6 +36,7 @@ class PretrainConfig:
     seed: int  # initialisation and data order
     steps: int  # optimizer steps: the member's share of the total budget
     arch: str = "small-resnet"  # a key of pipeline.models.ARCHS
+    width: int | None = None  # channel multiplier for the resnet50 family; None: the arch's default
     batch_size: int = 128  # images per step
     lr: float = 0.2  # peak SGD learning rate, after linear warmup, then cosine to 0
     warmup: float = 0.05  # fraction of steps spent warming up
@@ -129,8 +130,10 @@ def _existing(ckpt: Path, config: PretrainConfig) -> dict | None:
     if not ckpt.is_file():
         return None
     payload = checkpoints.load(ckpt)
-    if payload["member"] != asdict(config):
-        diff = {k: (v, asdict(config)[k]) for k, v in payload["member"].items() if asdict(config).get(k) != v}
+    asked = asdict(config)
+    saved = {**asked, **payload["member"]}  # fields added since it was saved count as unchanged
+    if saved != asked:
+        diff = {k: (v, asked.get(k)) for k, v in saved.items() if asked.get(k) != v}
         raise TimecatError(
             f"member {config.name} already exists at {ckpt} with another config (saved vs asked: {diff}); "
             "choose another --name or delete that folder"
@@ -158,7 +161,8 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path) -> dict:
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
-    model = build(config.arch, len(train_manifest["classes"])).to(device, memory_format=torch.channels_last)
+    model = build(config.arch, len(train_manifest["classes"]), config.width)
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.steps, config.warmup))
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)

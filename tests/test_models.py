@@ -36,7 +36,8 @@ def test_resnet50_is_torchvisions_with_2048_features():
 
 
 def test_unknown_arch_lists_the_choices():
-    with pytest.raises(TimecatError, match=r"unknown architecture 'vit'; choose one of \['resnet50', 'small-resnet'\]"):
+    choices = r"\['resnet50', 'resnet50w2', 'small-resnet'\]"
+    with pytest.raises(TimecatError, match=rf"unknown architecture 'vit'; choose one of {choices}"):
         build("vit", 10)
     with pytest.raises(TimecatError, match="unknown architecture"):
         PretrainConfig("run0", "digits", 0, 10, arch="vit")
@@ -91,3 +92,30 @@ def test_preprocessing_takes_the_dataset_defaults_and_train_statistics():
     assert pre.mean == (120.0, 110.0, 100.0)
     small = make_preprocess(PretrainConfig("run0", "x", 0, 10, resolution=32), {**manifest, "kind": "cifar10"})
     assert (small.resolution, small.crop_ratio) == (32, 1.0)
+
+
+def test_resnet50w2_doubles_every_width_like_the_papers_table_2():
+    from pipeline.models import build
+
+    params = sum(p.numel() for p in build("resnet50w2", 1000).backbone.parameters())  # the paper counts no fc
+    assert abs(params - 93.9e6) / 93.9e6 < 0.01  # Table 2: ResNet50W2 (93.9M)
+    assert build("resnet50w2", 10).feature_dim == 4096 and build("resnet50", 10, width=3).feature_dim == 6144
+    with pytest.raises(TimecatError, match=r"resnet50w2 does not take width 3; allowed: \[2\]"):
+        build("resnet50w2", 10, width=3)
+    with pytest.raises(TimecatError, match=r"small-resnet does not take width 2; allowed: \[1\]"):
+        build("small-resnet", 10, width=2)
+
+
+def test_scaled_resnet50_at_width_1_is_torchvisions_resnet50():
+    from torchvision.models import resnet50
+
+    from pipeline.models import ScaledResNet50
+
+    torch.manual_seed(0)
+    reference = resnet50(weights=None).eval()
+    reference.fc = torch.nn.Identity()
+    ours = ScaledResNet50(1).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)  # the same module names
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), reference(x))
