@@ -103,11 +103,16 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
 
 
 @main.command()
-@click.option("--name", required=True, help="Member name, e.g. run0.")
-@click.option("--dataset", required=True, help="Prepared dataset to train on.")
-@click.option("--seed", type=int, required=True, help="Seed of initialisation and data order.")
-@click.option("--steps", type=int, required=True, help="SGD steps: this member's budget.")
-@click.option("--arch", default="small-resnet", show_default=True, help="Architecture: small-resnet, resnet50.")
+@click.option("--name", help="Member name, e.g. run0.")
+@click.option("--dataset", help="Prepared dataset to train on.")
+@click.option("--seed", type=int, help="Seed of initialisation and data order.")
+@click.option("--steps", type=int, help="SGD steps: this member's budget.")
+@click.option(
+    "--arch", default="small-resnet", show_default=True, help="Architecture: small-resnet, resnet50, resnet50w2."
+)
+@click.option("--width", type=int, help="Channel multiplier of the resnet50 family.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Train the members of a plan file.")
+@click.option("--member", "only", help="With --plan: train only this member.")
 @click.option("--batch-size", default=128, show_default=True, help="Images per step.")
 @click.option("--lr", default=0.2, show_default=True, help="Peak learning rate (warmup, then cosine).")
 @click.option("--resolution", type=int, help="Input side in px (default: the dataset's).")
@@ -115,33 +120,109 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
 @DATA_ROOT
 @RUNS
 @JSON
-def pretrain(name, dataset, seed, steps, arch, batch_size, lr, resolution, workers, data_root, runs, as_json):
-    """Train one member and save its checkpoint under RUNS/NAME.
+def pretrain(
+    name,
+    dataset,
+    seed,
+    steps,
+    arch,
+    width,
+    plan_path,
+    only,
+    batch_size,
+    lr,
+    resolution,
+    workers,
+    data_root,
+    runs,
+    as_json,
+):
+    """Train one member (or a plan's members) and save checkpoints under RUNS/NAME.
 
     A finished member with the same settings is kept, not retrained.
 
     \b
     Example: timecat pretrain --name run0 --dataset fashion-mnist --seed 0 --steps 1000
+    Example: timecat pretrain --plan plan.json --member run2
     """
+    from pipeline import plan as plans
     from pipeline.pretrain import PretrainConfig
     from pipeline.pretrain import pretrain as run
 
-    config = PretrainConfig(
-        name=name,
-        dataset=dataset,
-        seed=seed,
-        steps=steps,
-        arch=arch,
-        batch_size=batch_size,
-        lr=lr,
-        resolution=resolution,
-        num_workers=workers,
-    )
-    result = run(config, data_root, runs)
-    if as_json:
-        click.echo(json.dumps(result, indent=1))
+    common = {"batch_size": batch_size, "lr": lr, "resolution": resolution, "num_workers": workers}
+    if plan_path is not None:
+        plan = plans.load(plan_path)
+        chosen = [plan.member(only)] if only else list(plan.members)
+        common["batch_size"] = plan.batch_size
+        configs = [
+            PretrainConfig(m.name, plan.dataset, m.seed, m.steps, arch=m.arch, width=m.width, **common) for m in chosen
+        ]
     else:
-        click.echo(f"{name}: {result['step']} steps, test top-1 {result['test_top1']:.2f}% -> {result['checkpoint']}")
+        missing = [
+            f"--{k}" for k, v in (("name", name), ("dataset", dataset), ("seed", seed), ("steps", steps)) if v is None
+        ]
+        if missing:
+            raise click.UsageError(f"missing {', '.join(missing)} (or give --plan FILE)")
+        configs = [PretrainConfig(name, dataset, seed, steps, arch=arch, width=width, **common)]
+    outcomes = [run(config, data_root, runs) for config in configs]
+    if as_json:
+        click.echo(json.dumps(outcomes if plan_path else outcomes[0], indent=1))
+        return
+    for r in outcomes:
+        click.echo(f"{r['name']}: {r['step']} steps, test top-1 {r['test_top1']:.2f}% -> {r['checkpoint']}")
+
+
+@main.command()
+@click.option("--dataset", required=True, help="Prepared dataset the members train on.")
+@click.option("--cat", "cat", type=int, help="N members sharing the budget.")
+@click.option("--total-steps", type=int, help="Total steps S (each member: S / N); per member for paper-table2.")
+@click.option("--preset", type=click.Choice(["paper-table3", "paper-table2"]), help="The paper's experiments.")
+@click.option("--arch", default="resnet50", show_default=True, help="Architecture of --cat members.")
+@click.option("--seeds", help="Comma-separated seeds (default: the paper's 2,550,23,477,8529, then 0,1,...).")
+@click.option("--batch-size", default=128, show_default=True, help="Images per step, for every member.")
+@click.option("--out", type=click.Path(path_type=Path), default="plan.json", show_default=True)
+@JSON
+def plan(dataset, cat, total_steps, preset, arch, seeds, batch_size, out, as_json):
+    """Plan a fixed-compute CatN experiment: members, seeds and steps each; write it to OUT.
+
+    \b
+    Example: timecat plan --dataset imagenet --cat 4 --total-steps 400000
+    Example: timecat plan --dataset imagenet --preset paper-table3 --out table3.json
+    """
+    from dataclasses import asdict
+
+    from pipeline import plan as plans
+
+    seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None
+    made = plans.make_plan(dataset, cat, total_steps, preset, arch, seed_list, batch_size)
+    path = plans.save(made, out)
+    if as_json:
+        click.echo(json.dumps({**asdict(made), "path": str(path)}, indent=1))
+        return
+    for m in made.members:
+        click.echo(f"{m.name:<16} {m.group:<12} seed {m.seed:<5} {m.steps:>9,} steps  {m.arch}")
+    total = sum(m.steps for m in made.members)
+    click.echo(f"{len(made.members)} members, {total:,} steps in all on {dataset} -> {path}")
+
+
+@main.command()
+@click.argument("plan_path", type=click.Path(path_type=Path))
+@RUNS
+@JSON
+def status(plan_path, runs, as_json):
+    """Show which members of a plan are done, started or missing, and their steps.
+
+    \b
+    Example: timecat status plan.json --runs runs
+    """
+    from pipeline import plan as plans
+
+    rows = plans.status(plans.load(plan_path), runs)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        click.echo(f"{r['member']:<16} {r['group']:<12} {r['state']:<8} {r['step']:>9,} / {r['steps']:,} steps")
 
 
 @main.command()

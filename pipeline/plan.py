@@ -1,0 +1,171 @@
+"""The Time-Cat planner: which members to train, with which seeds and step budgets.
+
+A plan is a JSON file: the dataset, the recipe shared by every member, and one
+entry per member (name, group, seed, steps, arch, width). ``timecat pretrain
+--plan FILE`` trains them; ``timecat status FILE`` says which are done. Each
+member's checkpoint lives at ``<runs>/<name>/checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cache.layout import check_name
+from pipeline import __version__
+from pipeline.errors import TimecatError
+from pipeline.models import ARCHS
+
+PAPER_SEEDS = (2, 550, 23, 477, 8529)  # the seeds of the paper's released members (REFERENCE.md)
+
+
+@dataclass(frozen=True)
+class PlannedMember:
+    """One member of a plan."""
+
+    name: str
+    group: str  # the table row it belongs to: Cat4, resnet50w2, ...
+    seed: int
+    steps: int  # optimizer steps of this member
+    arch: str
+    width: int | None = None
+
+    def __post_init__(self):
+        check_name("member", self.name)
+        if self.arch not in ARCHS:
+            raise TimecatError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHS)}")
+        if self.steps < 1:
+            raise TimecatError(f"member {self.name}: steps must be at least 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Members to train on one dataset with one recipe."""
+
+    dataset: str
+    members: tuple[PlannedMember, ...]
+    batch_size: int = 128
+    preset: str | None = None
+
+    def __post_init__(self):
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise TimecatError(f"a member name appears twice in the plan: {names}")
+
+    def member(self, name: str) -> PlannedMember:
+        """The member called ``name``, or an error listing the plan's members."""
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise TimecatError(f"no member {name!r} in the plan; its members: {[m.name for m in self.members]}")
+
+
+def seeds_for(n: int, seeds: tuple[int, ...] | None) -> tuple[int, ...]:
+    """n seeds: the given ones, or the paper's five, then 0, 1, 2, ... beyond them."""
+    pool = tuple(seeds) if seeds else PAPER_SEEDS + tuple(s for s in range(n + 5) if s not in PAPER_SEEDS)
+    if len(pool) < n:
+        raise TimecatError(f"{n} members need {n} seeds, {len(pool)} given")
+    return pool[:n]
+
+
+def catn(n: int, total_steps: int, arch: str, seeds: tuple[int, ...] | None = None, prefix: str = "run") -> list:
+    """CatN at a fixed total budget: n members of total_steps // n steps each."""
+    if n < 1 or total_steps < n:
+        raise TimecatError(f"--cat {n} with --total-steps {total_steps}: need 1 <= N <= total steps")
+    if total_steps % n:
+        raise TimecatError(
+            f"--total-steps {total_steps} does not split into {n} equal members; "
+            f"use {total_steps - total_steps % n} or {total_steps - total_steps % n + n}"
+        )
+    return [
+        PlannedMember(f"{prefix}{i}", f"Cat{n}", seed, total_steps // n, arch)
+        for i, seed in enumerate(seeds_for(n, seeds))
+    ]
+
+
+def paper_table3(arch: str = "resnet50") -> list[PlannedMember]:
+    """Table 3: Cat1 at 450k steps; Cat2, Cat4 and Cat5 at 400k in total."""
+    members = catn(1, 450_000, arch, prefix="cat1-run")
+    for n in (2, 4, 5):
+        members += catn(n, 400_000, arch, prefix=f"cat{n}-run")
+    return members
+
+
+def paper_table2(steps: int = 450_000) -> list[PlannedMember]:
+    """Table 2, parameter-matched: ResNet50 against ResNet50W2 against Cat4 of ResNet50, each member ``steps``."""
+    return [
+        PlannedMember("r50-run0", "resnet50", PAPER_SEEDS[0], steps, "resnet50"),
+        PlannedMember("r50w2-run0", "resnet50w2", PAPER_SEEDS[0], steps, "resnet50w2"),
+        *(
+            PlannedMember(f"cat4-r50-run{i}", "Cat4", seed, steps, "resnet50")
+            for i, seed in enumerate(seeds_for(4, None))
+        ),
+    ]
+
+
+PRESETS = {"paper-table3": paper_table3, "paper-table2": paper_table2}
+
+
+def make_plan(
+    dataset: str,
+    cat: int | None = None,
+    total_steps: int | None = None,
+    preset: str | None = None,
+    arch: str = "resnet50",
+    seeds: tuple[int, ...] | None = None,
+    batch_size: int = 128,
+) -> Plan:
+    """A plan from ``--cat N --total-steps S`` or from a preset."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise TimecatError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        members = paper_table3(arch) if preset == "paper-table3" else paper_table2(total_steps or 450_000)
+    elif cat is None or total_steps is None:
+        raise TimecatError("give --cat N and --total-steps S, or --preset paper-table3 / paper-table2")
+    else:
+        members = catn(cat, total_steps, arch, seeds)
+    return Plan(dataset, tuple(members), batch_size, preset)
+
+
+def save(plan: Plan, path: Path) -> Path:
+    """Write the plan as JSON (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**asdict(plan), "checkpoint_layout": "<runs>/<name>/checkpoint.pt", "timecat_version": __version__}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: Path) -> Plan:
+    """Read a plan file, or an error that names what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise TimecatError(f"no plan at {path}: write one with `timecat plan`")
+    try:
+        data = json.loads(path.read_text())
+        members = tuple(PlannedMember(**m) for m in data["members"])
+        return Plan(data["dataset"], members, data.get("batch_size", 128), data.get("preset"))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise TimecatError(f"{path}: not a timecat plan ({type(e).__name__}: {e})") from None
+
+
+def status(plan: Plan, runs_root: Path) -> list[dict]:
+    """Per member: ``done``, ``started`` (a log but no finished checkpoint) or ``missing``, with steps so far."""
+    from pipeline import checkpoints
+    from pipeline.pretrain import checkpoint_path, run_dir
+
+    rows = []
+    for m in plan.members:
+        ckpt, log_path = checkpoint_path(runs_root, m.name), run_dir(runs_root, m.name) / "log.jsonl"
+        state, step = "missing", 0
+        if ckpt.is_file() and checkpoints.load(ckpt).get("complete"):
+            state, step = "done", m.steps
+        elif log_path.is_file():
+            lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+            state, step = "started", max((r.get("step", 0) for r in lines), default=0)
+        rows.append({"member": m.name, "group": m.group, "state": state, "step": step, "steps": m.steps})
+    return rows
