@@ -129,6 +129,8 @@ def pretrain(
     width,
     plan_path,
     only,
+    optimizer,
+    schedule,
     batch_size,
     lr,
     resolution,
@@ -144,12 +146,20 @@ def pretrain(
     \b
     Example: timecat pretrain --name run0 --dataset fashion-mnist --seed 0 --steps 1000
     Example: timecat pretrain --plan plan.json --member run2
+    Example: timecat pretrain --name sf0 --dataset digits --seed 0 --steps 500 --optimizer schedulefree --lr 0.003
     """
     from pipeline import plan as plans
     from pipeline.pretrain import PretrainConfig
     from pipeline.pretrain import pretrain as run
 
-    common = {"batch_size": batch_size, "lr": lr, "resolution": resolution, "num_workers": workers}
+    common = {
+        "batch_size": batch_size,
+        "lr": lr,
+        "resolution": resolution,
+        "num_workers": workers,
+        "optimizer": optimizer,
+        "schedule": schedule,
+    }
     if plan_path is not None:
         plan = plans.load(plan_path)
         chosen = [plan.member(only)] if only else list(plan.members)

@@ -26,6 +26,10 @@ from pipeline.progress import get_logger, progress
 
 log = get_logger(__name__)
 
+OPTIMIZERS = ("sgd", "schedulefree")
+SCHEDULES = ("cosine", "step")
+BN_BATCHES = 50  # batches of the train split used to re-estimate BatchNorm statistics
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -38,7 +42,9 @@ class PretrainConfig:
     arch: str = "small-resnet"  # a key of pipeline.models.ARCHS
     width: int | None = None  # channel multiplier for the resnet50 family; None: the arch's default
     batch_size: int = 128  # images per step
-    lr: float = 0.2  # peak SGD learning rate, after linear warmup, then cosine to 0
+    optimizer: str = "sgd"  # sgd | schedulefree (schedule-free AdamW, as the paper's members)
+    schedule: str = "cosine"  # sgd: cosine to 0, or step (x0.1 at 1/3 and 2/3 of the steps)
+    lr: float = 0.2  # peak learning rate after linear warmup (schedule-free AdamW wants about 1e-3 to 5e-3)
     warmup: float = 0.05  # fraction of steps spent warming up
     momentum: float = 0.9  # Nesterov
     weight_decay: float = 5e-4  # on conv and linear weights only, not BatchNorm or biases
@@ -56,6 +62,12 @@ class PretrainConfig:
                 raise TimecatError(f"{field} must be at least 1, got {getattr(self, field)}")
         if not 0 <= self.warmup < 1:
             raise TimecatError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TimecatError(f"unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise TimecatError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        if self.optimizer == "schedulefree" and self.lr > 0.05:
+            raise TimecatError(f"lr {self.lr} is an SGD rate; schedule-free AdamW wants about 1e-3 to 5e-3: pass --lr")
 
 
 def run_dir(runs_root: Path, name: str) -> Path:
@@ -83,11 +95,25 @@ def make_preprocess(config: PretrainConfig, manifest: dict):
 
 
 def make_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum; no weight decay on BatchNorm parameters or biases."""
+    """SGD with Nesterov momentum, or schedule-free AdamW; no weight decay on BatchNorm parameters or biases."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "schedulefree":
+        import schedulefree
+
+        warmup = round(config.warmup * config.steps)
+        return schedulefree.AdamWScheduleFree(groups, lr=config.lr, warmup_steps=warmup)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: PretrainConfig):
+    """The SGD learning-rate schedule; schedule-free AdamW has none (its warmup is built in)."""
+    if config.optimizer == "schedulefree":
+        return None
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.steps, config.warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: step_factor(s, config.steps, config.warmup))
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
@@ -98,6 +124,44 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+def step_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warmup, then x0.1 at one and two thirds of the steps."""
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.1 ** sum(step >= total * k / 3 for k in (1, 2))
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, loader, device: torch.device, batches: int = BN_BATCHES) -> int:
+    """Recompute every BatchNorm's running statistics for the current weights; return the rows used.
+
+    Schedule-free AdamW evaluates an average of the iterates, not the weights the
+    running statistics were collected with, so they must be re-estimated before
+    every evaluation and checkpoint (REFERENCE.md). A cumulative average
+    (momentum None) over ``batches`` batches, in train mode, gradients off.
+    """
+    from pipeline.loaders import to_model_input
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    rows = 0
+    for i, (images, labels) in enumerate(loader):
+        if i == batches:
+            break
+        images, _ = to_model_input(images, labels, device)
+        model(images)
+        rows += len(images)
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    model.eval()
+    return rows
+
+
 def train_one_step(model, images, labels, criterion, optimizer, scheduler) -> dict:
     """One SGD step; returns the batch loss and the lr it used."""
     lr = optimizer.param_groups[0]["lr"]
@@ -105,7 +169,8 @@ def train_one_step(model, images, labels, criterion, optimizer, scheduler) -> di
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     return {"loss": loss.item(), "lr": lr}
 
 
@@ -164,7 +229,7 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path) -> dict:
     model = build(config.arch, len(train_manifest["classes"]), config.width)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.steps, config.warmup))
+    scheduler = make_scheduler(optimizer, config)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     loader = train_loader(
         beton_path(data_root, config.dataset, "train"), pre, config.batch_size, config.seed, config.num_workers
@@ -173,6 +238,8 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path) -> dict:
     window_start, window_loss, window_steps = started, 0.0, 0
     with open(out / "log.jsonl", "w") as metrics, progress(total=config.steps, desc=config.name, unit="step") as bar:
         model.train()
+        if config.optimizer == "schedulefree":
+            optimizer.train()  # schedule-free keeps two weight sets: train mode steps the gradient point
         while step < config.steps:
             for images, labels in loader:
                 images, labels = to_model_input(images, labels, device)
@@ -199,11 +266,15 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path) -> dict:
                     break
             epoch += 1
         train_seconds = time.perf_counter() - started
-        test = evaluate(
-            model,
-            eval_loader(beton_path(data_root, config.dataset, "test"), pre, 512, config.num_workers),
-            device,
-        )
+        test_loader = eval_loader(beton_path(data_root, config.dataset, "test"), pre, 512, config.num_workers)
+        extra = {}
+        if config.optimizer == "schedulefree":
+            optimizer.eval()  # the averaged weights, which are the ones evaluated and saved
+            extra["test_top1_stale_bn"] = evaluate(model, test_loader, device)["top1"]
+            # Deterministic batches (no augmentation), so the saved statistics can be recomputed exactly.
+            bn_loader = eval_loader(beton_path(data_root, config.dataset, "train"), pre, 256, config.num_workers)
+            extra["bn_reestimated_rows"] = reestimate_bn(model, bn_loader, device)
+        test = evaluate(model, test_loader, device)
         final = {
             "event": "end",
             "step": step,
@@ -211,6 +282,7 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path) -> dict:
             "images_per_s": step * config.batch_size / train_seconds,
             "test_top1": test["top1"],
             "test_loss": test["loss"],
+            **extra,
         }
         metrics.write(json.dumps(final) + "\n")
     checkpoints.save(
