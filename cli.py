@@ -114,7 +114,15 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Train the members of a plan file.")
 @click.option("--member", "only", help="With --plan: train only this member.")
 @click.option("--batch-size", default=128, show_default=True, help="Images per step.")
-@click.option("--lr", default=0.2, show_default=True, help="Peak learning rate (warmup, then cosine).")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "schedulefree"]),
+    default="sgd",
+    show_default=True,
+    help="SGD (Nesterov, label smoothing) or schedule-free AdamW (BatchNorm re-estimated before eval and save).",
+)
+@click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
+@click.option("--lr", default=0.2, show_default=True, help="Peak learning rate after warmup (AdamW: ~1e-3..5e-3).")
 @click.option("--resolution", type=int, help="Input side in px (default: the dataset's).")
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
 @DATA_ROOT
