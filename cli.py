@@ -30,6 +30,11 @@ RESULTS = _location("--results", "results", "TIMECAT_RESULTS", "Folder of probe 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
+def _choice(flag: str, choices: list[str], default: str, help_text: str):
+    """An option with fixed choices and a shown default (click lists the choices in --help and in errors)."""
+    return click.option(flag, type=click.Choice(choices), default=default, show_default=True, help=help_text)
+
+
 def _members(value: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in value.split(",") if m.strip())
 
@@ -70,12 +75,11 @@ def main(verbose: bool) -> None:
 @click.option("--test", "test_dir", type=click.Path(path_type=Path), help="imagefolder: test folder.")
 @click.option("--download", is_flag=True, help="Let torchvision download fashion-mnist or cifar if absent.")
 @click.option("--workers", default=2, show_default=True, help="Writer processes (and image-check threads).")
-@click.option(
+@_choice(
     "--on-corrupt",
-    type=click.Choice(["fail", "skip"]),
-    default="fail",
-    show_default=True,
-    help="An undecodable image file fails the run, or is skipped and listed in the manifest.",
+    ["fail", "skip"],
+    "fail",
+    "An undecodable image file fails the run, or is skipped and listed in the manifest.",
 )
 def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on_corrupt):
     """Write DATASET's train and test splits as FFCV .beton files.
@@ -114,12 +118,11 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Train the members of a plan file.")
 @click.option("--member", "only", help="With --plan: train only this member.")
 @click.option("--batch-size", default=128, show_default=True, help="Images per step.")
-@click.option(
+@_choice(
     "--optimizer",
-    type=click.Choice(["sgd", "schedulefree"]),
-    default="sgd",
-    show_default=True,
-    help="SGD (Nesterov, label smoothing) or schedule-free AdamW (BatchNorm re-estimated before eval and save).",
+    ["sgd", "schedulefree"],
+    "sgd",
+    "SGD (Nesterov, label smoothing) or schedule-free AdamW (BatchNorm re-estimated before eval and save).",
 )
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
 @click.option("--lr", default=0.2, show_default=True, help="Peak learning rate after warmup (AdamW: ~1e-3..5e-3).")
@@ -323,20 +326,18 @@ def extract(
 @click.option("--dataset", required=True, help="Cached dataset to probe.")
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--eval-split", default="test", show_default=True)
-@click.option(
+@_choice(
     "--protocol",
-    type=click.Choice(["logreg", "tc"]),
-    default="logreg",
-    show_default=True,
-    help="logreg: L-BFGS logistic regression, C chosen on held-out train rows. tc: the paper's BatchNorm+Linear "
+    ["logreg", "tc"],
+    "logreg",
+    "logreg: L-BFGS logistic regression, C chosen on held-out train rows. tc: the paper's BatchNorm+Linear "
     "head, SGD 28 epochs, on cached views when present.",
 )
-@click.option(
+@_choice(
     "--backend",
-    type=click.Choice(["auto", "sklearn", "torch", "cuml"]),
-    default="auto",
-    show_default=True,
-    help="logreg solver; auto picks by shape and hardware and is recorded.",
+    ["auto", "sklearn", "torch", "cuml"],
+    "auto",
+    "logreg solver; auto picks by shape and hardware and is recorded.",
 )
 @click.option("--wd-grid", help="tc: comma-separated weight decays to try (default: the paper's grid).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the held-out split, solver and subset sample.")
@@ -450,12 +451,11 @@ def results(patterns, results, as_json):
 
 @main.command()
 @RESULTS
-@click.option(
+@_choice(
     "--layout",
-    type=click.Choice(["table3", "table2"]),
-    default="table3",
-    show_default=True,
-    help="table3: CatN at fixed total steps. table2: parameter-matched (architectures and CatN).",
+    ["table3", "table2"],
+    "table3",
+    "table3: CatN at fixed total steps. table2: parameter-matched (architectures and CatN).",
 )
 @click.option("--protocol", type=click.Choice(["logreg", "tc"]), default="logreg", show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG path (default: RESULTS/catn.png).")
