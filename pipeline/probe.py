@@ -238,13 +238,12 @@ def probe_tc(
 
     def epoch_rows(rows: np.ndarray | None):
         # Epoch e trains on view e mod K when views are cached, else on the plain features.
+        if not views:
+            fixed = X_train if rows is None else X_train[rows]  # one copy, not one per epoch
+            return lambda epoch: fixed
+
         def features(epoch: int) -> np.ndarray:
-            if not views:
-                X = X_train
-            else:
-                X, _ = store.features(
-                    config.dataset, config.train_split, config.members, view=views[epoch % len(views)]
-                )
+            X, _ = store.features(config.dataset, config.train_split, config.members, view=views[epoch % len(views)])
             return X if rows is None else X[rows]
 
         return features

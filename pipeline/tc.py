@@ -60,7 +60,8 @@ def train_head(
 ) -> torch.nn.Module:
     """Train BatchNorm1d + Linear; ``epoch_features(e)`` gives the (n, D) float32 rows of epoch e."""
     torch.manual_seed(seed)
-    dim = epoch_features(0).shape[1]
+    first = epoch_features(0)  # read once: with views, every call reads the cache
+    dim = first.shape[1]
     head = torch.nn.Sequential(torch.nn.BatchNorm1d(dim), torch.nn.Linear(dim, n_classes)).to(device)
     torch.nn.init.normal_(head[1].weight, std=recipe.init_std)
     torch.nn.init.zeros_(head[1].bias)
@@ -78,7 +79,7 @@ def train_head(
     generator = torch.Generator().manual_seed(seed)
     head.train()
     for epoch in range(recipe.epochs):
-        X = torch.from_numpy(epoch_features(epoch)).to(device)
+        X = torch.from_numpy(first if epoch == 0 else epoch_features(epoch)).to(device)
         for rows in torch.randperm(len(y), generator=generator).split(recipe.batch_size):
             rows = rows.to(device)
             loss = torch.nn.functional.cross_entropy(head(X[rows]), labels[rows])
