@@ -125,20 +125,24 @@ class Cache:
 
         Returns one row per array with ``ok`` and a list of ``problems``.
         """
-        rows = []
+        rows, label_checks = [], {}
         for dataset, split, view, member in self.arrays():
             array = self._features_array(dataset, split, member, view)
             attrs = self.split_attrs(dataset, split)
-            labels = self.labels(dataset, split)
-            problems = []
-            if len(labels) != attrs.get("rows"):
-                problems.append(f"labels hold {len(labels)} rows, attributes say {attrs.get('rows')}")
-            if labels_digest(labels) != attrs.get("labels_sha256"):
-                problems.append("labels do not match their recorded sha256")
+            if (dataset, split) not in label_checks:  # once per split, not once per array
+                labels = self.labels(dataset, split)
+                found = []
+                if len(labels) != attrs.get("rows"):
+                    found.append(f"labels hold {len(labels)} rows, attributes say {attrs.get('rows')}")
+                if labels_digest(labels) != attrs.get("labels_sha256"):
+                    found.append("labels do not match their recorded sha256")
+                label_checks[(dataset, split)] = (len(labels), found)
+            n_labels, found = label_checks[(dataset, split)]
+            problems = list(found)
             if array.attrs.get("status") != layout.STATUS_COMPLETE:
                 problems.append(f"status is {array.attrs.get('status')!r}, not 'complete'")
-            if array.shape[0] != len(labels):
-                problems.append(f"{array.shape[0]} rows but the split has {len(labels)}")
+            if array.shape[0] != n_labels:
+                problems.append(f"{array.shape[0]} rows but the split has {n_labels}")
             prov = array.attrs.get("provenance", {})
             if prov.get("labels_sha256") != attrs.get("labels_sha256"):
                 problems.append("extracted with other labels than the split's")
