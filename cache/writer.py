@@ -100,6 +100,7 @@ class BackgroundWriter:
     def __init__(self, max_pending: int = 8):
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
+        self._flush_at_end = True
         self._thread = threading.Thread(target=self._run, name="timecat-cache-writer", daemon=True)
         self._thread.start()
 
@@ -114,6 +115,16 @@ class BackgroundWriter:
         self._thread.join()
         self._raise_error()
 
+    def abort(self) -> None:
+        """Stop after the queued blocks without flushing partial chunks, and raise nothing.
+
+        For a producer that is failing: its own error is the one to report, and
+        whole chunks already queued are still written, so a rerun resumes after them.
+        """
+        self._flush_at_end = False
+        self._queue.put(None)
+        self._thread.join()
+
     def _run(self) -> None:
         writers = []
         while (item := self._queue.get()) is not None:
@@ -126,7 +137,7 @@ class BackgroundWriter:
                     writers.append(writer)
             except BaseException as e:  # re-raised in the producer's thread
                 self._error = e
-        if self._error is None:
+        if self._error is None and self._flush_at_end:
             try:
                 for writer in writers:
                     writer.close()

@@ -270,8 +270,10 @@ def run_members(
                         background.append(writer, extract_batch([m.model], inputs[view])[0])
                     row += len(batch_labels)
                     bar.update(len(batch_labels))
-            finally:
-                background.close()
+            except BaseException:
+                background.abort()  # keep whole chunks, report this error rather than the writer's
+                raise
+            background.close()
 
 
 def extract_split(

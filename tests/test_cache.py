@@ -262,6 +262,15 @@ def test_background_writer_writes_in_order_and_raises_the_threads_error(tmp_path
     assert store.first_unwritten_row("toy", "train", "m") == 8  # chunks before the bad row are kept
 
 
+def test_an_aborted_background_writer_keeps_whole_chunks_only(tmp_path):
+    store, X = _toy_member(tmp_path)
+    background = cache.BackgroundWriter()
+    writer = store.resume_features("toy", "train", "m")
+    background.append(writer, X[:6])  # one whole chunk of 4 rows, and 2 rows of the next
+    background.abort()
+    assert writer.next_row == 4 and store.first_unwritten_row("toy", "train", "m") == 4
+
+
 def test_a_full_disk_is_a_clear_error_and_no_chunk_counts_as_written(tmp_path, monkeypatch):
     import errno
 
