@@ -127,6 +127,7 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
 @click.option("--lr", default=0.2, show_default=True, help="Peak learning rate after warmup (AdamW: ~1e-3..5e-3).")
 @click.option("--resolution", type=int, help="Input side in px (default: the dataset's).")
+@click.option("--eval-every", default=0, show_default=True, help="Steps between logged test evaluations (0: end).")
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
 @DATA_ROOT
 @RUNS
@@ -145,6 +146,7 @@ def pretrain(
     batch_size,
     lr,
     resolution,
+    eval_every,
     workers,
     data_root,
     runs,
@@ -170,6 +172,7 @@ def pretrain(
         "num_workers": workers,
         "optimizer": optimizer,
         "schedule": schedule,
+        "eval_every": eval_every,
     }
     if plan_path is not None:
         plan = plans.load(plan_path)

@@ -52,11 +52,14 @@ class PretrainConfig:
     resolution: int | None = None  # px input side; None takes the dataset's default
     num_workers: int = 2  # FFCV loader threads
     log_every: int = 50  # steps between log records
+    eval_every: int = 0  # steps between test-set evaluations logged during training; 0: only at the end
 
     def __post_init__(self):
         check_name("member", self.name)  # it becomes a folder and a cache path
         if self.arch not in ARCHS:
             raise TimecatError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHS)}")
+        if self.eval_every < 0:
+            raise TimecatError(f"eval_every must be 0 (only at the end) or more, got {self.eval_every}")
         for field in ("steps", "batch_size", "log_every", "num_workers"):
             if getattr(self, field) < 1:
                 raise TimecatError(f"{field} must be at least 1, got {getattr(self, field)}")
@@ -190,6 +193,31 @@ def evaluate(model: Classifier, loader, device: torch.device) -> dict:
     return {"top1": 100.0 * correct / total, "loss": loss_sum / total, "rows": total}
 
 
+def evaluate_member(model, optimizer, config: PretrainConfig, data_root: Path, pre, device) -> tuple[dict, dict]:
+    """Test-set metrics of the weights that would be saved now, and extra fields for schedule-free AdamW.
+
+    Schedule-free evaluates its averaged weights, whose BatchNorm statistics are
+    re-estimated first; the top-1 with the stale ones is reported beside it.
+    """
+    from pipeline.loaders import eval_loader
+
+    test_loader = eval_loader(beton_path(data_root, config.dataset, "test"), pre, 512, config.num_workers)
+    extra = {}
+    if config.optimizer == "schedulefree":
+        optimizer.eval()  # the averaged weights, which are the ones evaluated and saved
+        extra["test_top1_stale_bn"] = evaluate(model, test_loader, device)["top1"]
+        # Deterministic batches (no augmentation), so the saved statistics can be recomputed exactly.
+        bn_loader = eval_loader(beton_path(data_root, config.dataset, "train"), pre, 256, config.num_workers)
+        extra["bn_reestimated_rows"] = reestimate_bn(model, bn_loader, device)
+    return evaluate(model, test_loader, device), extra
+
+
+def _back_to_training(model: nn.Module, optimizer, config: PretrainConfig) -> None:
+    model.train()
+    if config.optimizer == "schedulefree":
+        optimizer.train()  # schedule-free keeps two weight sets: train mode steps the gradient point
+
+
 def _existing(ckpt: Path, config: PretrainConfig) -> dict | None:
     """The finished checkpoint of this exact member, None if there is none, an error if it differs."""
     if not ckpt.is_file():
@@ -208,7 +236,7 @@ def _existing(ckpt: Path, config: PretrainConfig) -> dict | None:
 
 def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path) -> dict:
     """Train one member to its step budget; a finished identical member is kept, not retrained."""
-    from pipeline.loaders import eval_loader, to_model_input, train_loader
+    from pipeline.loaders import to_model_input, train_loader
 
     ckpt = checkpoint_path(runs_root, config.name)
     done = _existing(ckpt, config)
@@ -237,9 +265,7 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path) -> dict:
     step, epoch, started = 0, 0, time.perf_counter()
     window_start, window_loss, window_steps = started, 0.0, 0
     with open(out / "log.jsonl", "w") as metrics, progress(total=config.steps, desc=config.name, unit="step") as bar:
-        model.train()
-        if config.optimizer == "schedulefree":
-            optimizer.train()  # schedule-free keeps two weight sets: train mode steps the gradient point
+        _back_to_training(model, optimizer, config)
         while step < config.steps:
             for images, labels in loader:
                 images, labels = to_model_input(images, labels, device)
@@ -262,19 +288,16 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path) -> dict:
                     metrics.flush()
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
                     window_start, window_loss, window_steps = now, 0.0, 0
+                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                    test, extra = evaluate_member(model, optimizer, config, data_root, pre, device)
+                    record = {"event": "eval", "step": step, "test_top1": test["top1"], "test_loss": test["loss"]}
+                    metrics.write(json.dumps({**record, **extra}) + "\n")
+                    _back_to_training(model, optimizer, config)
                 if step == config.steps:
                     break
             epoch += 1
         train_seconds = time.perf_counter() - started
-        test_loader = eval_loader(beton_path(data_root, config.dataset, "test"), pre, 512, config.num_workers)
-        extra = {}
-        if config.optimizer == "schedulefree":
-            optimizer.eval()  # the averaged weights, which are the ones evaluated and saved
-            extra["test_top1_stale_bn"] = evaluate(model, test_loader, device)["top1"]
-            # Deterministic batches (no augmentation), so the saved statistics can be recomputed exactly.
-            bn_loader = eval_loader(beton_path(data_root, config.dataset, "train"), pre, 256, config.num_workers)
-            extra["bn_reestimated_rows"] = reestimate_bn(model, bn_loader, device)
-        test = evaluate(model, test_loader, device)
+        test, extra = evaluate_member(model, optimizer, config, data_root, pre, device)
         final = {
             "event": "end",
             "step": step,

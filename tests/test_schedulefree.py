@@ -1,5 +1,7 @@
 """Schedule-free AdamW: BatchNorm statistics are re-estimated for the averaged weights, and those are saved."""
 
+import json
+
 import torch
 from conftest import make_fashion_root
 
@@ -12,8 +14,14 @@ from pipeline.pretrain import PretrainConfig, checkpoint_path, pretrain, reestim
 def test_saved_batchnorm_statistics_are_the_reestimated_ones(tmp_path):
     data = make_fashion_root(tmp_path / "data")
     prepare(PrepareConfig("fashion-mnist", data))
-    config = PretrainConfig("sf0", "fashion-mnist", 0, steps=30, batch_size=64, optimizer="schedulefree", lr=3e-3)
+    config = PretrainConfig(
+        "sf0", "fashion-mnist", 0, steps=30, batch_size=64, optimizer="schedulefree", lr=3e-3, eval_every=10
+    )
     result = pretrain(config, data, tmp_path / "runs")
+    log = [json.loads(line) for line in (tmp_path / "runs/sf0/log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [10, 20] and log[-1]["event"] == "end" and log[-1]["step"] == 30
+    assert all(0 <= r["test_top1"] <= 100 and r["bn_reestimated_rows"] == 640 for r in evals)
     # Evaluated with the training-time statistics and with re-estimated ones: not the same model.
     assert result["bn_reestimated_rows"] == 640 and result["test_top1_stale_bn"] != result["test_top1"]
 
