@@ -73,13 +73,16 @@ class TorchBackend:
         self.W = None  # (d, k) weights, kept between fits as a warm start
         self.b = None  # (k,) intercept
 
-    def _blocks(self, X: np.ndarray):
-        """Row slices of X as float32 tensors on the device (views where possible)."""
+    def _blocks(self, X: np.ndarray, resident: bool):
+        """Row slices of X as float32 tensors on the device (views where possible).
+
+        ``resident``: copy X to the device once, else stream each block from host memory.
+        """
         torch = self.torch
         n, d = X.shape
         rows = max(1024, BLOCK_BYTES // (4 * (d + self.options.n_classes)))
         source = torch.from_numpy(X)  # shares X's memory
-        if self.device.type == "cuda" and _fits_on_gpu(X.nbytes, self.device, torch):
+        if resident and self.device.type == "cuda":
             source = source.to(self.device)  # one device copy, reused by every evaluation
         for start in range(0, n, rows):
             yield start, source[start : start + rows].to(self.device, non_blocking=True)
@@ -93,7 +96,7 @@ class TorchBackend:
             self.W = torch.zeros(d, k, device=self.device, requires_grad=True)
             self.b = torch.zeros(k, device=self.device, requires_grad=True)
         labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(self.device)
-        blocks = list(self._blocks(X)) if self._resident(X) else None
+        blocks = list(self._blocks(X, resident=True)) if self._resident(X) else None
         optimizer = torch.optim.LBFGS(
             [self.W, self.b],
             lr=1.0,
@@ -107,7 +110,7 @@ class TorchBackend:
         def closure():
             optimizer.zero_grad()
             total = 0.0
-            for start, Xb in blocks if blocks is not None else self._blocks(X):
+            for start, Xb in blocks if blocks is not None else self._blocks(X, resident=False):
                 logits = Xb @ self.W + self.b  # (rows, k)
                 loss = torch.nn.functional.cross_entropy(logits, labels[start : start + len(Xb)], reduction="sum") / n
                 loss.backward()
@@ -129,7 +132,7 @@ class TorchBackend:
         torch = self.torch
         out = []
         with torch.no_grad():
-            for _, Xb in self._blocks(X):
+            for _, Xb in self._blocks(X, self._resident(X)):
                 logits = Xb @ self.W + self.b
                 out.append(torch.topk(logits, min(k, logits.shape[1]), dim=1).indices.cpu().numpy())
         return np.concatenate(out)
