@@ -261,11 +261,14 @@ def run_members(
                     # The loader is sequential: its labels must be the stored ones, row for row.
                     if not np.array_equal(batch_labels.cpu().numpy(), labels[row : row + len(batch_labels)]):
                         raise TimecatError(f"{beton}: rows came out of dataset order at row {row}")
-                    rows = np.arange(row, row + len(batch_labels))
-                    inputs = {None: images} if not views else {}
-                    for _, view, _ in group:
-                        if view not in inputs:
-                            inputs[view] = augment(images, rows, config.view_spec, view, pre.resolution)
+                    if views:  # each view's crops once per batch, shared by every member
+                        rows = np.arange(row, row + len(batch_labels))
+                        inputs = {
+                            v: augment(images, rows, config.view_spec, v, pre.resolution)
+                            for v in sorted({view for _, view, _ in group})
+                        }
+                    else:
+                        inputs = {None: images}
                     for m, view, writer in group:
                         background.append(writer, extract_batch([m.model], inputs[view])[0])
                     row += len(batch_labels)
