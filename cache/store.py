@@ -7,8 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -17,7 +15,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 
-from cache import layout
+from cache import layout, locks
 from cache.errors import CacheError
 from cache.writer import FeatureWriter
 
@@ -455,31 +453,19 @@ class Cache:
 
 @contextlib.contextmanager
 def _member_lock(path: str, dataset: str, split: str, member: str):
-    import fcntl  # POSIX only, like the clusters timecat runs on
-
     if "://" in str(path) and not str(path).startswith("file://"):
         logging.getLogger("timecat.cache").warning("%s is not a local path: writers are not locked", path)
         yield
         return
     root = str(path).removeprefix("file://").rstrip("/")
-    lock_path = os.path.join(f"{root}.locks", dataset, split, f"{member}.lock")
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace") or "{}"
-            raise CacheError(
-                f"member {member} of {dataset}/{split} is being written by another process ({holder}); "
-                f"wait for it to finish (or stop it), then run again: finished chunks are kept"
-            ) from None
-        os.ftruncate(fd, 0)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        with locks.hold(os.path.join(f"{root}.locks", dataset, split, f"{member}.lock")):
+            yield
+    except locks.BusyError as e:
+        raise CacheError(
+            f"member {member} of {dataset}/{split} is being written by another process ({json.dumps(e.holder)}); "
+            f"wait for it to finish (or stop it), then run again: finished chunks are kept"
+        ) from None
 
 
 def _read_into(array: zarr.Array, rows: slice, out: np.ndarray) -> None:

@@ -1,5 +1,6 @@
 """The feature cache on its own: layout, round trips, invariants and refusals."""
 
+import os
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 import cache
-from cache import layout
+from cache import layout, locks
 
 
 def make_cache(path, members=("a", "b"), rows=50, dims=(6, 4), fingerprint="fp0", dtype="float32"):
@@ -315,6 +316,8 @@ def test_a_second_writer_of_the_same_member_is_refused_by_name(tmp_path):
             pass
         with second.lock("toy", "train", "other"):  # other members stay free
             pass
+        assert locks.holder(str(tmp_path / "c.zarr.locks/toy/train/m.lock"))["pid"] == os.getpid()
+    assert locks.holder(str(tmp_path / "c.zarr.locks/toy/train/m.lock")) is None
     with second.lock("toy", "train", "m"):  # released with the first holder
         pass
     # The lock lives beside the store, so zarr never sees a foreign file inside it.
