@@ -6,6 +6,7 @@ probe and the report work without FFCV installed.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,13 +17,14 @@ import torch
 from pipeline.datasets import BetonFormat
 from pipeline.errors import TimecatError
 from pipeline.progress import progress
+from pipeline.seeded import RowLabels, SeededRandomResizedCrop, StepOrder
 
 try:
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToTensor, ToTorchImage
+    from ffcv.transforms import NormalizeImage, ToTensor, ToTorchImage
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise TimecatError(
         f"FFCV is not installed ({e}); install timecat with the 'images' extra: pip install -e '.[images]'"
@@ -125,29 +127,34 @@ def _normalize(pre: Preprocess) -> NormalizeImage:
 def train_loader(
     beton: Path,
     pre: Preprocess,
-    batch_size: int,
+    global_batch: int,
     seed: int,
     num_workers: int,
-    distributed: bool = False,
-) -> Loader:
-    """Shuffled, augmented batches (random-resized-crop, flip) of (B, 3, R, R) float32 and (B, 1) labels."""
-    image = [RandomResizedCropRGBImageDecoder((pre.resolution, pre.resolution), scale=pre.crop_scale)]
-    if pre.flip:
-        image.append(RandomHorizontalFlip())
-    image += [_normalize(pre), ToTensor(), ToTorchImage()]
-    return Loader(
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[Loader, StepOrder]:
+    """This rank's shuffled, augmented batches of (G / world, 3, R, R) float32 and (G / world, 1) labels.
+
+    Every batch is a function of (seed, epoch, step, rank) only (pipeline.seeded):
+    resumable mid-epoch with ``order.resume_at`` and identical across world sizes.
+    """
+    rows = _row_count(beton)
+    order = StepOrder(seed, global_batch, rank, world_size)
+    crop = SeededRandomResizedCrop((pre.resolution, pre.resolution), rows, seed, scale=pre.crop_scale, flip=pre.flip)
+    loader = Loader(
         str(beton),
-        batch_size=batch_size,
+        batch_size=order.per_rank,
         num_workers=num_workers,
-        order=OrderOption.RANDOM,
-        # FFCV shuffles epoch e with seed + e: spread members' seeds apart so that
-        # member s at epoch 1 does not replay member s + 1's epoch 0.
-        seed=seed * 1_000_003,
+        order=order,
         drop_last=True,
-        distributed=distributed,
+        distributed=world_size > 1,  # informational: StepOrder does the sharding (see pipeline.seeded)
         os_cache=True,
-        pipelines={"image": image, "label": _label_pipeline()},
+        pipelines={
+            "image": [crop, _normalize(pre), ToTensor(), ToTorchImage()],
+            "label": [RowLabels(rows), ToTensor()],
+        },
     )
+    return loader, order
 
 
 def eval_loader(
@@ -189,6 +196,22 @@ def _row_count(beton: Path) -> int:
     from ffcv.reader import Reader
 
     return Reader(str(beton)).num_samples
+
+
+@contextlib.contextmanager
+def one_epoch(loader: Loader):
+    """The batches of one pass over ``loader``; leaving early stops and joins FFCV's producer thread.
+
+    Otherwise that thread keeps decoding after a ``break``, and a process that
+    exits while it runs numba code is aborted by C++ ("terminate called without
+    an active exception", exit status 134), which torchrun reports as a failure.
+    """
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        batches.close()  # it notices within 0.5 s, once its queue is full
+        batches.join(timeout=60)
 
 
 def to_model_input(

@@ -39,7 +39,7 @@ def uncached_head_s(data: Path, runs: Path) -> tuple[float, float]:
     optimizer = torch.optim.SGD(head.parameters(), lr=RECIPE.lr, momentum=RECIPE.momentum, nesterov=True)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(RECIPE.milestones), gamma=0.1)
     started = time.perf_counter()
-    loader = train_loader(beton_path(data, "fashion-mnist", "train"), pre, RECIPE.batch_size, seed=0, num_workers=2)
+    loader = train_loader(beton_path(data, "fashion-mnist", "train"), pre, RECIPE.batch_size, seed=0, num_workers=2)[0]
     for _ in range(RECIPE.epochs):
         for images, labels in loader:
             images, labels = to_model_input(images, labels, device)
