@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import TimecatError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -64,3 +66,17 @@ def shutdown(d: Dist) -> None:
     """Leave the process group (torch warns at exit if it is still open)."""
     if d.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch(nproc_per_node: int, command: list[str]) -> None:
+    """Run ``command`` as ``nproc_per_node`` processes on this machine through torch's elastic launcher.
+
+    The same as ``torchrun --standalone --nproc-per-node K --no-python COMMAND``;
+    multi-node jobs call torchrun themselves (README). A failed worker raises
+    torch's ChildFailedError, which names the rank and its error.
+    """
+    from torch.distributed.run import main as torchrun
+
+    if nproc_per_node < 1:
+        raise TimecatError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    torchrun(["--standalone", f"--nproc-per-node={nproc_per_node}", "--no-python", *command])

@@ -1,23 +1,33 @@
 """Stage 2: train one member (a seed and a step budget) and save its checkpoint.
 
-<runs>/<name>/checkpoint.pt   model, optimizer, member config, preprocessing
+<runs>/<name>/checkpoint.pt   model, optimizer, member config, preprocessing (pipeline.checkpoints)
 <runs>/<name>/config.json     the resolved config and the tool version
-<runs>/<name>/log.jsonl       one record per logged step, then a final one
+<runs>/<name>/log.jsonl       one record per logged step, evaluations, then a final one
+<runs>/<name>/.lock           held while a process trains the member (timecat status: running)
+
+One process, or many under torchrun (DDP: NCCL on GPU, gloo on CPU). The batch
+size is the global batch; each of W ranks takes batch / W rows of every step, the
+same rows a single process would take (pipeline.seeded), so W only changes speed
+and BatchNorm's per-rank statistics. A resumable checkpoint is written every
+``checkpoint_every`` steps; a killed run started again continues from it and, on
+CPU, ends with the same weights bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cache import locks
 from cache.layout import check_name
-from pipeline import __version__, checkpoints
+from pipeline import __version__, checkpoints, distributed
 from pipeline.datasets import get_spec
 from pipeline.errors import TimecatError
 from pipeline.models import ARCHS, Classifier, build
@@ -53,13 +63,16 @@ class PretrainConfig:
     num_workers: int = 2  # FFCV loader threads
     log_every: int = 50  # steps between log records
     eval_every: int = 0  # steps between test-set evaluations logged during training; 0: only at the end
+    checkpoint_every: int = 500  # steps between resumable checkpoints; 0: only the final one
+    compile: bool = False  # torch.compile the training forward/backward (worth it on GPU)
 
     def __post_init__(self):
         check_name("member", self.name)  # it becomes a folder and a cache path
         if self.arch not in ARCHS:
             raise TimecatError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHS)}")
-        if self.eval_every < 0:
-            raise TimecatError(f"eval_every must be 0 (only at the end) or more, got {self.eval_every}")
+        for field in ("eval_every", "checkpoint_every"):
+            if getattr(self, field) < 0:
+                raise TimecatError(f"{field} must be 0 (only at the end) or more, got {getattr(self, field)}")
         for field in ("steps", "batch_size", "log_every", "num_workers"):
             if getattr(self, field) < 1:
                 raise TimecatError(f"{field} must be at least 1, got {getattr(self, field)}")
@@ -71,6 +84,15 @@ class PretrainConfig:
             raise TimecatError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
         if self.optimizer == "schedulefree" and self.lr > 0.05:
             raise TimecatError(f"lr {self.lr} is an SGD rate; schedule-free AdamW wants about 1e-3 to 5e-3: pass --lr")
+
+
+# How a run is operated, not what it trains: changing these never makes a member "another member".
+OPERATIONAL = ("num_workers", "log_every", "eval_every", "checkpoint_every", "compile")
+
+
+def recipe(config: PretrainConfig) -> dict:
+    """The fields that define the member (everything but OPERATIONAL)."""
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in OPERATIONAL}
 
 
 def run_dir(runs_root: Path, name: str) -> Path:
@@ -144,7 +166,7 @@ def reestimate_bn(model: nn.Module, loader, device: torch.device, batches: int =
     every evaluation and checkpoint (REFERENCE.md). A cumulative average
     (momentum None) over ``batches`` batches, in train mode, gradients off.
     """
-    from pipeline.loaders import to_model_input
+    from pipeline.loaders import one_epoch, to_model_input
 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]
@@ -153,28 +175,35 @@ def reestimate_bn(model: nn.Module, loader, device: torch.device, batches: int =
         m.momentum = None
     model.train()
     rows = 0
-    for i, (images, labels) in enumerate(loader):
-        if i == batches:
-            break
-        images, _ = to_model_input(images, labels, device)
-        model(images)
-        rows += len(images)
+    with one_epoch(loader) as epoch:
+        for i, (images, labels) in enumerate(epoch):
+            if i == batches:
+                break
+            images, _ = to_model_input(images, labels, device)
+            model(images)
+            rows += len(images)
     for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
     model.eval()
     return rows
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on GPU (weights and optimizer state stay float32); off on CPU, where bf16 is slower."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def train_one_step(model, images, labels, criterion, optimizer, scheduler) -> dict:
-    """One SGD step; returns the batch loss and the lr it used."""
+    """One optimizer step; returns the batch loss (a 0-d tensor: read at log time, no GPU sync) and the lr used."""
     lr = optimizer.param_groups[0]["lr"]
-    loss = criterion(model(images), labels)
+    with autocast(images.device):
+        loss = criterion(model(images), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return {"loss": loss.item(), "lr": lr}
+    return {"loss": loss.detach(), "lr": lr}
 
 
 @torch.no_grad()
@@ -186,142 +215,331 @@ def evaluate(model: Classifier, loader, device: torch.device) -> dict:
     correct, total, loss_sum = 0, 0, 0.0
     for images, labels in loader:
         images, labels = to_model_input(images, labels, device)
-        logits = model(images)
+        with autocast(device):
+            logits = model(images).float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
         total += len(labels)
     return {"top1": 100.0 * correct / total, "loss": loss_sum / total, "rows": total}
 
 
-def evaluate_member(model, optimizer, config: PretrainConfig, data_root: Path, pre, device) -> tuple[dict, dict]:
-    """Test-set metrics of the weights that would be saved now, and extra fields for schedule-free AdamW.
+@dataclass
+class Run:
+    """The live objects of one member's training (state, not configuration)."""
 
-    Schedule-free evaluates its averaged weights, whose BatchNorm statistics are
-    re-estimated first; the top-1 with the stale ones is reported beside it.
+    config: PretrainConfig
+    d: distributed.Dist
+    data_root: Path
+    manifest: dict  # the train split's manifest
+    pre: object  # pipeline.loaders.Preprocess
+    model: Classifier  # the plain model: evaluated and saved
+    net: nn.Module  # what trains: the model, wrapped in DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # a LambdaLR, or None for schedule-free
+    criterion: nn.Module
+    loader: object  # this rank's FFCV train loader
+    order: object  # its pipeline.seeded.StepOrder
+    _eval_loaders: dict | None = None
+
+    def eval_loader(self, split: str):
+        """Deterministic batches of a split (built once: each FFCV loader costs a compile)."""
+        from pipeline.loaders import eval_loader
+
+        if self._eval_loaders is None:
+            self._eval_loaders = {}
+        if split not in self._eval_loaders:
+            beton = beton_path(self.data_root, self.config.dataset, split)
+            self._eval_loaders[split] = eval_loader(beton, self.pre, 256, self.config.num_workers)
+        return self._eval_loaders[split]
+
+
+def build_run(config: PretrainConfig, data_root: Path, d: distributed.Dist) -> Run:
+    """Model (seeded), optimizer, schedule and this rank's loader for ``config``."""
+    from pipeline.loaders import train_loader
+
+    manifest = read_manifest(data_root, config.dataset, "train")
+    pre = make_preprocess(config, manifest)
+    if config.batch_size > manifest["rows"]:
+        raise TimecatError(f"batch size {config.batch_size} exceeds the {manifest['rows']} training images")
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = build(config.arch, len(manifest["classes"]), config.width)
+    model = model.to(d.device, memory_format=torch.channels_last)
+    net = model
+    if d.world_size > 1:
+        device_ids = [d.device.index] if d.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if config.compile:
+        net = torch.compile(net)
+    optimizer = make_optimizer(model, config)
+    if config.optimizer == "schedulefree":
+        optimizer.train()  # it starts in eval mode; train mode steps the gradient point
+    beton = beton_path(data_root, config.dataset, "train")
+    loader, order = train_loader(beton, pre, config.batch_size, config.seed, config.num_workers, d.rank, d.world_size)
+    return Run(
+        config,
+        d,
+        Path(data_root),
+        manifest,
+        pre,
+        model,
+        net,
+        optimizer,
+        make_scheduler(optimizer, config),
+        nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        loader,
+        order,
+    )
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def evaluation(run: Run, test: bool) -> tuple[dict, dict]:
+    """The weights a checkpoint saves now (a CPU state dict) and, if ``test``, their test metrics.
+
+    SGD evaluates its weights as they are. Schedule-free evaluates its averaged
+    weights after re-estimating BatchNorm statistics for them (REFERENCE.md), and
+    reports the stale-statistics top-1 beside it; the training iterate and its
+    BatchNorm buffers are then put back bit for bit, because ``optimizer.train()``
+    recomputes the iterate by interpolation, which is not exact.
     """
-    from pipeline.loaders import eval_loader
-
-    test_loader = eval_loader(beton_path(data_root, config.dataset, "test"), pre, 512, config.num_workers)
-    extra = {}
-    if config.optimizer == "schedulefree":
-        optimizer.eval()  # the averaged weights, which are the ones evaluated and saved
-        extra["test_top1_stale_bn"] = evaluate(model, test_loader, device)["top1"]
+    model, device = run.model, run.d.device
+    schedule_free = run.config.optimizer == "schedulefree"
+    metrics = {}
+    snapshot = _cpu_state(model) if schedule_free else None
+    model.eval()
+    if schedule_free:
+        run.optimizer.eval()  # the averaged weights, which are the ones evaluated and saved
+        if test:
+            metrics["test_top1_stale_bn"] = evaluate(model, run.eval_loader("test"), device)["top1"]
         # Deterministic batches (no augmentation), so the saved statistics can be recomputed exactly.
-        bn_loader = eval_loader(beton_path(data_root, config.dataset, "train"), pre, 256, config.num_workers)
-        extra["bn_reestimated_rows"] = reestimate_bn(model, bn_loader, device)
-    return evaluate(model, test_loader, device), extra
-
-
-def _back_to_training(model: nn.Module, optimizer, config: PretrainConfig) -> None:
+        metrics["bn_reestimated_rows"] = reestimate_bn(model, run.eval_loader("train"), device)
+    if test:
+        result = evaluate(model, run.eval_loader("test"), device)
+        metrics.update(test_top1=result["top1"], test_loss=result["loss"])
+    state = _cpu_state(model)
+    if schedule_free:
+        run.optimizer.train()
+        model.load_state_dict(snapshot)
     model.train()
-    if config.optimizer == "schedulefree":
-        optimizer.train()  # schedule-free keeps two weight sets: train mode steps the gradient point
+    return state, metrics
+
+
+def checkpoint_payload(run: Run, step: int, weights: dict, final: dict | None) -> dict:
+    """One dict with everything needed to use the member (``weights``) or to resume it at ``step``."""
+    schedule_free = run.config.optimizer == "schedulefree"
+    return {
+        "model": weights,  # the evaluation weights: what extract and export read
+        # Schedule-free trains another weight set than it evaluates; resuming needs that one.
+        "train_model": _cpu_state(run.model) if schedule_free and final is None else None,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "rng": {"torch": torch.get_rng_state()},  # batches are seeded separately (pipeline.seeded)
+        "member": asdict(run.config),  # seed, arch, optimizer, steps (the planned budget), recipe
+        "step": step,
+        "planned_steps": run.config.steps,
+        "complete": final is not None,
+        "num_classes": len(run.manifest["classes"]),
+        "preprocess": run.pre.to_dict(),
+        "dataset_fingerprint": run.manifest["fingerprint"],
+        "world_size": run.d.world_size,
+        "timecat_version": __version__,
+        "final": final,
+    }
+
+
+def restore(run: Run, payload: dict) -> int:
+    """Load a resumable checkpoint into ``run``; returns the step it resumes from."""
+    if payload["dataset_fingerprint"] != run.manifest["fingerprint"]:
+        raise TimecatError(
+            f"member {run.config.name} was started on another version of {run.config.dataset} "
+            f"(fingerprint {payload['dataset_fingerprint']} vs now {run.manifest['fingerprint']}); "
+            "restore that data, or delete the member's folder to start over"
+        )
+    weights = payload["train_model"] if payload.get("train_model") is not None else payload["model"]
+    checkpoints.load_state_strict(run.model, weights, f"checkpoint of {run.config.name}")
+    run.optimizer.load_state_dict(payload["optimizer"])
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    return payload["step"]
+
+
+@contextlib.contextmanager
+def metrics_log(path: Path, active: bool, resume_step: int | None):
+    """A function that appends one JSON record to log.jsonl (rank 0; a no-op elsewhere).
+
+    On resume, records past the checkpoint are dropped: those steps are trained again.
+    """
+    if not active:
+        yield lambda record: None
+        return
+    kept = []
+    if resume_step is not None and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
+    with open(path, "w") as f:
+        f.writelines(line + "\n" for line in kept)
+
+        def write(record: dict) -> None:
+            f.write(json.dumps(record) + "\n")
+            f.flush()  # readable while training runs (timecat status, tail -f)
+
+        yield write
+
+
+def _mean_over_ranks(value: torch.Tensor, d: distributed.Dist) -> float:
+    if d.world_size > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= d.world_size
+    return value.item()
+
+
+def train(run: Run, start: int, ckpt: Path, write, bar) -> None:
+    """Steps ``start`` to the budget: log, evaluate and checkpoint at their intervals."""
+    from pipeline.loaders import one_epoch, to_model_input
+
+    config, d = run.config, run.d
+    epoch, offset = divmod(start, run.order.steps_per_epoch)
+    run.loader.next_epoch = epoch  # the loader's epoch counter, which seeds its order and crops
+    run.order.resume_at(epoch, offset)
+    step, window_start, window_loss, window_steps = start, time.perf_counter(), 0.0, 0
+    run.model.train()
+    while step < config.steps:
+        with one_epoch(run.loader) as batches:
+            for images, labels in batches:
+                images, labels = to_model_input(images, labels, d.device)
+                result = train_one_step(run.net, images, labels, run.criterion, run.optimizer, run.scheduler)
+                step, window_loss, window_steps = step + 1, window_loss + result["loss"], window_steps + 1
+                bar.update(1)
+                if step % config.log_every == 0 or step == config.steps:
+                    now = time.perf_counter()
+                    loss = _mean_over_ranks(window_loss / window_steps, d)  # mean over the window and the ranks
+                    write(
+                        {
+                            "step": step,
+                            "epoch": (step - 1) // run.order.steps_per_epoch,
+                            "loss": loss,
+                            "lr": result["lr"],
+                            "images_per_s": window_steps * config.batch_size / (now - window_start),
+                        }
+                    )
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    window_start, window_loss, window_steps = now, 0.0, 0
+                if step < config.steps:
+                    _periodic(run, step, ckpt, write)
+                if step == config.steps:
+                    break
+
+
+def _periodic(run: Run, step: int, ckpt: Path, write) -> None:
+    """Test evaluation and resumable checkpoint when their intervals come round (rank 0 works, all wait)."""
+    config, d = run.config, run.d
+    evaluate_now = config.eval_every and step % config.eval_every == 0
+    save_now = config.checkpoint_every and step % config.checkpoint_every == 0
+    if not (evaluate_now or save_now):
+        return
+    if d.is_main:
+        weights, metrics = evaluation(run, test=bool(evaluate_now))
+        if evaluate_now:
+            write({"event": "eval", "step": step, **metrics})
+        if save_now:
+            checkpoints.save(ckpt, checkpoint_payload(run, step, weights, final=None))
+    d.barrier()
 
 
 def _existing(ckpt: Path, config: PretrainConfig) -> dict | None:
-    """The finished checkpoint of this exact member, None if there is none, an error if it differs."""
+    """This member's checkpoint (finished or resumable), None if there is none, an error if it is another member."""
     if not ckpt.is_file():
         return None
     payload = checkpoints.load(ckpt)
-    asked = asdict(config)
-    saved = {**asked, **payload["member"]}  # fields added since it was saved count as unchanged
+    asked = recipe(config)
+    # Fields added since it was saved count as unchanged; operational ones never matter.
+    saved = {**asked, **{k: v for k, v in payload["member"].items() if k in asked}}
     if saved != asked:
         diff = {k: (v, asked.get(k)) for k, v in saved.items() if asked.get(k) != v}
         raise TimecatError(
             f"member {config.name} already exists at {ckpt} with another config (saved vs asked: {diff}); "
             "choose another --name or delete that folder"
         )
-    return payload if payload.get("complete") else None
+    return payload
 
 
-def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path) -> dict:
-    """Train one member to its step budget; a finished identical member is kept, not retrained."""
-    from pipeline.loaders import to_model_input, train_loader
+def _claim(config: PretrainConfig, runs_root: Path, stack: contextlib.ExitStack) -> dict | None:
+    """Lock the member for this job (rank 0) and read its checkpoint, if any."""
+    lock = run_dir(runs_root, config.name) / ".lock"
+    try:
+        stack.enter_context(locks.hold(str(lock)))
+    except locks.BusyError as e:
+        raise TimecatError(
+            f"member {config.name} is being trained by another process ({json.dumps(e.holder)}); "
+            "wait for it or stop it: a stopped member resumes from its last checkpoint"
+        ) from None
+    return _existing(checkpoint_path(runs_root, config.name), config)
 
+
+def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path, d: distributed.Dist | None = None) -> dict:
+    """Train one member to its step budget, resuming from its checkpoint; a finished member is not retrained.
+
+    ``d``: this process's place in a torchrun job (default: a single process).
+    """
+    d = d or distributed.init()
     ckpt = checkpoint_path(runs_root, config.name)
-    done = _existing(ckpt, config)
-    if done is not None:
-        log.info("member %s is already trained (%d steps): %s", config.name, done["step"], ckpt)
-        return {"name": config.name, "checkpoint": str(ckpt), "skipped": True, **done["final"]}
-    train_manifest = read_manifest(data_root, config.dataset, "train")
-    pre = make_preprocess(config, train_manifest)
-    if config.batch_size > train_manifest["rows"]:
-        raise TimecatError(f"batch size {config.batch_size} exceeds the {train_manifest['rows']} training images")
-    out = run_dir(runs_root, config.name)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(
-        json.dumps({"config": asdict(config), "preprocess": pre.to_dict(), "timecat_version": __version__}, indent=1)
-    )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(config.seed)
-    model = build(config.arch, len(train_manifest["classes"]), config.width)
-    model = model.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    loader = train_loader(
-        beton_path(data_root, config.dataset, "train"), pre, config.batch_size, config.seed, config.num_workers
-    )
-    step, epoch, started = 0, 0, time.perf_counter()
-    window_start, window_loss, window_steps = started, 0.0, 0
-    with open(out / "log.jsonl", "w") as metrics, progress(total=config.steps, desc=config.name, unit="step") as bar:
-        _back_to_training(model, optimizer, config)
-        while step < config.steps:
-            for images, labels in loader:
-                images, labels = to_model_input(images, labels, device)
-                result = train_one_step(model, images, labels, criterion, optimizer, scheduler)
-                step += 1
-                window_loss += result["loss"]
-                window_steps += 1
-                bar.update(1)
-                if step % config.log_every == 0 or step == config.steps:
-                    now = time.perf_counter()
-                    record = {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": window_loss / window_steps,  # mean over the steps since the last record
-                        "lr": result["lr"],
-                        "images_per_s": window_steps * config.batch_size / (now - window_start),
-                        "elapsed_s": now - started,
-                    }
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.3f}")
-                    window_start, window_loss, window_steps = now, 0.0, 0
-                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                    test, extra = evaluate_member(model, optimizer, config, data_root, pre, device)
-                    record = {"event": "eval", "step": step, "test_top1": test["top1"], "test_loss": test["loss"]}
-                    metrics.write(json.dumps({**record, **extra}) + "\n")
-                    _back_to_training(model, optimizer, config)
-                if step == config.steps:
-                    break
-            epoch += 1
+    with contextlib.ExitStack() as stack:
+        claimed = None
+        if d.is_main:
+            try:
+                claimed = ("ok", _claim(config, runs_root, stack))
+            except TimecatError as e:
+                claimed = ("error", str(e))
+        status, payload = d.broadcast(claimed)  # every rank resumes from rank 0's reading
+        if status == "error":
+            raise TimecatError(payload)
+        if payload is not None and payload["complete"]:
+            log.info("member %s is already trained (%d steps): %s", config.name, payload["step"], ckpt)
+            return {"name": config.name, "checkpoint": str(ckpt), "skipped": True, **payload["final"]}
+        return _train_member(config, data_root, runs_root, d, payload)
+
+
+def _train_member(config, data_root: Path, runs_root: Path, d: distributed.Dist, payload: dict | None) -> dict:
+    run = build_run(config, data_root, d)
+    start = restore(run, payload) if payload is not None else 0
+    out, ckpt = run_dir(runs_root, config.name), checkpoint_path(runs_root, config.name)
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {"config": asdict(config), "preprocess": run.pre.to_dict(), "world_size": d.world_size}
+        (out / "config.json").write_text(json.dumps({**resolved, "timecat_version": __version__}, indent=1))
+    started = time.perf_counter()
+    with metrics_log(out / "log.jsonl", d.is_main, start if payload is not None else None) as write:
+        if start:
+            log.info("%s: resuming from its checkpoint at step %d of %d", config.name, start, config.steps)
+            write({"event": "resume", "step": start, "world_size": d.world_size})
+        with progress(total=config.steps, initial=start, desc=config.name, unit="step") as bar:
+            train(run, start, ckpt, write, bar)
         train_seconds = time.perf_counter() - started
-        test, extra = evaluate_member(model, optimizer, config, data_root, pre, device)
-        final = {
-            "event": "end",
-            "step": step,
-            "train_seconds": train_seconds,
-            "images_per_s": step * config.batch_size / train_seconds,
-            "test_top1": test["top1"],
-            "test_loss": test["loss"],
-            **extra,
-        }
-        metrics.write(json.dumps(final) + "\n")
-    checkpoints.save(
-        ckpt,
-        {
-            "model": {k: v.cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "member": asdict(config),
-            "step": step,
-            "complete": True,
-            "num_classes": len(train_manifest["classes"]),
-            "preprocess": pre.to_dict(),
-            "dataset_fingerprint": train_manifest["fingerprint"],
-            "timecat_version": __version__,
-            "final": final,
-        },
-    )
-    log.info("%s: %d steps in %.0f s, test top-1 %.2f%%", config.name, step, train_seconds, test["top1"])
+        final = None
+        if d.is_main:
+            weights, metrics = evaluation(run, test=True)
+            final = {
+                "event": "end",
+                "step": config.steps,
+                "train_seconds": train_seconds,
+                "resumed_from": start,
+                "images_per_s": (config.steps - start) * config.batch_size / train_seconds,
+                **metrics,
+            }
+            write(final)
+            checkpoints.save(ckpt, checkpoint_payload(run, config.steps, weights, final))
+            log.info("%s: %d steps, test top-1 %.2f%%", config.name, config.steps, final["test_top1"])
+    final = d.broadcast(final)
     return {"name": config.name, "checkpoint": str(ckpt), "skipped": False, **final}
+
+
+def pretrain_all(configs: list[PretrainConfig], data_root: Path, runs_root: Path) -> list[dict]:
+    """Train members one after another in this process or torchrun job."""
+    d = distributed.init()
+    try:
+        return [pretrain(config, data_root, runs_root, d) for config in configs]
+    finally:
+        distributed.shutdown(d)

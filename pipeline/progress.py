@@ -14,11 +14,21 @@ from collections.abc import Iterable
 from tqdm.auto import tqdm
 
 
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str = "it") -> tqdm:
+def progress(
+    iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str = "it", initial: int = 0
+) -> tqdm:
     """A progress bar for a long loop (use as an iterable, or call ``update``)."""
     quiet = _rank() != 0 or None  # None: tqdm's own default (and TQDM_DISABLE) decides
     return tqdm(
-        iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, mininterval=1.0, disable=quiet
+        iterable,
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        dynamic_ncols=True,
+        leave=False,
+        mininterval=1.0,
+        disable=quiet,
     )
 
 
