@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -28,6 +29,19 @@ RUNS = _location("--runs", "runs", "TIMECAT_RUNS", "Folder of members, one sub-f
 CACHE = _location("--cache", "features.zarr", "TIMECAT_CACHE", "Feature cache path or URL", "cache_path", False)
 RESULTS = _location("--results", "results", "TIMECAT_RESULTS", "Folder of probe records and plots")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def _without_option(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE`` (to hand the rest to launched processes)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
 
 
 def _choice(flag: str, choices: list[str], default: str, help_text: str):
@@ -129,6 +143,9 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
 @click.option("--resolution", type=int, help="Input side in px (default: the dataset's).")
 @click.option("--eval-every", default=0, show_default=True, help="Steps between logged test evaluations (0: end).")
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
+@click.option("--checkpoint-every", default=500, show_default=True, help="Steps between resumable checkpoints.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (worth it on GPU).")
+@click.option("--nproc-per-node", type=int, help="Launch K processes on this machine with torch's elastic launcher.")
 @DATA_ROOT
 @RUNS
 @JSON
@@ -148,22 +165,40 @@ def pretrain(
     resolution,
     eval_every,
     workers,
+    checkpoint_every,
+    compile_,
+    nproc_per_node,
     data_root,
     runs,
     as_json,
 ):
     """Train one member (or a plan's members) and save checkpoints under RUNS/NAME.
 
-    A finished member with the same settings is kept, not retrained.
+    --batch-size is the global batch: under torchrun each of W processes takes
+    batch/W rows of every step (DDP; NCCL on GPU, gloo on CPU). A checkpoint is
+    written every --checkpoint-every steps; run the same command again after a
+    crash or preemption and it resumes there. A finished member is not retrained.
 
     \b
     Example: timecat pretrain --name run0 --dataset fashion-mnist --seed 0 --steps 1000
     Example: timecat pretrain --plan plan.json --member run2
     Example: timecat pretrain --name sf0 --dataset digits --seed 0 --steps 500 --optimizer schedulefree --lr 0.003
+    Example: timecat pretrain --plan table3.json --member cat4_0 --nproc-per-node 8
+    Example: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+             $(which timecat) pretrain --plan table3.json --member cat4_0
     """
+    from pipeline import distributed
     from pipeline import plan as plans
-    from pipeline.pretrain import PretrainConfig
-    from pipeline.pretrain import pretrain as run
+    from pipeline.pretrain import PretrainConfig, pretrain_all
+
+    if nproc_per_node is not None:
+        if "LOCAL_RANK" in os.environ:
+            raise click.UsageError("--nproc-per-node launches processes itself; under torchrun, leave it out")
+        argv = _without_option(sys.argv[1:], "--nproc-per-node")
+        if not argv or argv[0] != "pretrain":
+            raise click.UsageError("--nproc-per-node works from the command line; from Python, use torchrun")
+        distributed.launch(nproc_per_node, [sys.executable, "-m", "cli", *argv])
+        return
 
     common = {
         "batch_size": batch_size,
@@ -173,6 +208,8 @@ def pretrain(
         "optimizer": optimizer,
         "schedule": schedule,
         "eval_every": eval_every,
+        "checkpoint_every": checkpoint_every,
+        "compile": compile_,
     }
     if plan_path is not None:
         plan = plans.load(plan_path)
@@ -188,7 +225,9 @@ def pretrain(
         if missing:
             raise click.UsageError(f"missing {', '.join(missing)} (or give --plan FILE)")
         configs = [PretrainConfig(name, dataset, seed, steps, arch=arch, width=width, **common)]
-    outcomes = [run(config, data_root, runs) for config in configs]
+    outcomes = pretrain_all(configs, data_root, runs)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     if as_json:
         click.echo(json.dumps(outcomes if plan_path else outcomes[0], indent=1))
         return
@@ -234,7 +273,7 @@ def plan(dataset, cat, total_steps, preset, arch, seeds, batch_size, out, as_jso
 @RUNS
 @JSON
 def status(plan_path, runs, as_json):
-    """Show which members of a plan are done, started or missing, and their steps.
+    """Show which members of a plan are done, running, stopped (resumable) or missing, and their steps.
 
     \b
     Example: timecat status plan.json --runs runs
@@ -246,7 +285,12 @@ def status(plan_path, runs, as_json):
         click.echo(json.dumps(rows, indent=1))
         return
     for r in rows:
-        click.echo(f"{r['member']:<16} {r['group']:<12} {r['state']:<8} {r['step']:>9,} / {r['steps']:,} steps")
+        line = f"{r['member']:<16} {r['group']:<12} {r['state']:<8} {r['step']:>9,} / {r['steps']:,} steps"
+        if r["state"] in ("running", "stopped"):
+            line += f"  (checkpoint at step {r['checkpoint_step']:,})"
+        if r["holder"]:
+            line += f"  pid {r['holder'].get('pid')} on {r['holder'].get('host')}"
+        click.echo(line)
 
 
 @main.command()

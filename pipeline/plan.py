@@ -154,18 +154,39 @@ def load(path: Path) -> Plan:
 
 
 def status(plan: Plan, runs_root: Path) -> list[dict]:
-    """Per member: ``done``, ``started`` (a log but no finished checkpoint) or ``missing``, with steps so far."""
+    """Per member: its state and steps.
+
+    ``done``: finished checkpoint. ``running``: a process holds the member's lock
+    now (pid and host given). ``stopped``: started, not running, resumable from
+    its last checkpoint. ``missing``: never started. ``step`` is the last logged
+    step; ``checkpoint_step`` the step a restart resumes from.
+    """
+    from cache import locks
     from pipeline import checkpoints
     from pipeline.pretrain import checkpoint_path, run_dir
 
     rows = []
     for m in plan.members:
-        ckpt, log_path = checkpoint_path(runs_root, m.name), run_dir(runs_root, m.name) / "log.jsonl"
-        state, step = "missing", 0
-        if ckpt.is_file() and checkpoints.load(ckpt).get("complete"):
-            state, step = "done", m.steps
-        elif log_path.is_file():
-            lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-            state, step = "started", max((r.get("step", 0) for r in lines), default=0)
-        rows.append({"member": m.name, "group": m.group, "state": state, "step": step, "steps": m.steps})
+        folder, ckpt = run_dir(runs_root, m.name), checkpoint_path(runs_root, m.name)
+        payload = checkpoints.load(ckpt) if ckpt.is_file() else None
+        saved = payload["step"] if payload is not None else 0
+        logged = _last_logged_step(folder / "log.jsonl")
+        holder = locks.holder(str(folder / ".lock"))
+        if payload is not None and payload.get("complete"):
+            state = "done"
+        elif holder is not None:
+            state = "running"
+        elif payload is not None or logged:
+            state = "stopped"
+        else:
+            state = "missing"
+        row = {"member": m.name, "group": m.group, "state": state, "step": max(saved, logged), "steps": m.steps}
+        rows.append({**row, "checkpoint_step": saved, "holder": holder})
     return rows
+
+
+def _last_logged_step(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
