@@ -145,6 +145,7 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
 @click.option("--checkpoint-every", default=500, show_default=True, help="Steps between resumable checkpoints.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (worth it on GPU).")
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard scalars to RUNS/NAME/tensorboard.")
 @click.option("--nproc-per-node", type=int, help="Launch K processes on this machine with torch's elastic launcher.")
 @DATA_ROOT
 @RUNS
@@ -167,6 +168,7 @@ def pretrain(
     workers,
     checkpoint_every,
     compile_,
+    tensorboard,
     nproc_per_node,
     data_root,
     runs,
@@ -210,6 +212,7 @@ def pretrain(
         "eval_every": eval_every,
         "checkpoint_every": checkpoint_every,
         "compile": compile_,
+        "tensorboard": tensorboard,
     }
     if plan_path is not None:
         plan = plans.load(plan_path)

@@ -65,6 +65,7 @@ class PretrainConfig:
     eval_every: int = 0  # steps between test-set evaluations logged during training; 0: only at the end
     checkpoint_every: int = 500  # steps between resumable checkpoints; 0: only the final one
     compile: bool = False  # torch.compile the training forward/backward (worth it on GPU)
+    tensorboard: bool = False  # also write the log's numbers as TensorBoard scalars under <run>/tensorboard
 
     def __post_init__(self):
         check_name("member", self.name)  # it becomes a folder and a cache path
@@ -87,7 +88,7 @@ class PretrainConfig:
 
 
 # How a run is operated, not what it trains: changing these never makes a member "another member".
-OPERATIONAL = ("num_workers", "log_every", "eval_every", "checkpoint_every", "compile")
+OPERATIONAL = ("num_workers", "log_every", "eval_every", "checkpoint_every", "compile", "tensorboard")
 
 
 def recipe(config: PretrainConfig) -> dict:
@@ -367,10 +368,12 @@ def restore(run: Run, payload: dict) -> int:
 
 
 @contextlib.contextmanager
-def metrics_log(path: Path, active: bool, resume_step: int | None):
+def metrics_log(path: Path, active: bool, resume_step: int | None, tensorboard: Path | None = None):
     """A function that appends one JSON record to log.jsonl (rank 0; a no-op elsewhere).
 
     On resume, records past the checkpoint are dropped: those steps are trained again.
+    ``tensorboard``: also write every number of every record there as a scalar
+    (``train/loss``, ``eval/test_top1``, ...) at the record's step.
     """
     if not active:
         yield lambda record: None
@@ -378,14 +381,37 @@ def metrics_log(path: Path, active: bool, resume_step: int | None):
     kept = []
     if resume_step is not None and path.is_file():
         kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
-    with open(path, "w") as f:
+    with open(path, "w") as f, _tensorboard(tensorboard) as board:
         f.writelines(line + "\n" for line in kept)
 
         def write(record: dict) -> None:
             f.write(json.dumps(record) + "\n")
             f.flush()  # readable while training runs (timecat status, tail -f)
+            if board is not None:
+                group = record.get("event", "train")
+                for key, value in record.items():
+                    if isinstance(value, int | float) and key != "step":
+                        board.add_scalar(f"{group}/{key}", value, record["step"])
 
         yield write
+
+
+@contextlib.contextmanager
+def _tensorboard(folder: Path | None):
+    if folder is None:
+        yield None
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TimecatError(
+            "--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' (or pip install tensorboard)"
+        ) from None
+    board = SummaryWriter(str(folder))
+    try:
+        yield board
+    finally:
+        board.close()
 
 
 def _mean_over_ranks(value: torch.Tensor, d: distributed.Dist) -> float:
@@ -511,7 +537,8 @@ def _train_member(config, data_root: Path, runs_root: Path, d: distributed.Dist,
         resolved = {"config": asdict(config), "preprocess": run.pre.to_dict(), "world_size": d.world_size}
         (out / "config.json").write_text(json.dumps({**resolved, "timecat_version": __version__}, indent=1))
     started = time.perf_counter()
-    with metrics_log(out / "log.jsonl", d.is_main, start if payload is not None else None) as write:
+    board = out / "tensorboard" if config.tensorboard else None
+    with metrics_log(out / "log.jsonl", d.is_main, start if payload is not None else None, board) as write:
         if start:
             log.info("%s: resuming from its checkpoint at step %d of %d", config.name, start, config.steps)
             write({"event": "resume", "step": start, "world_size": d.world_size})
