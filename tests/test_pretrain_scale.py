@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -161,18 +162,33 @@ def test_two_gloo_processes_train_what_one_process_trains_with_the_same_global_b
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((runs / "two/config.json").read_text())["world_size"] == 2
 
-    torch.manual_seed(3)
-    init = build("small-resnet", 10).state_dict()
-    weights = {n: checkpoints.load(runs / n / "checkpoint.pt")["model"] for n in ("one", "two", "half")}
-    keys = [k for k, v in init.items() if v.is_floating_point() and "running_" not in k]
-
-    def flat(state):
-        return torch.cat([state[k].flatten() for k in keys])
-
-    travelled = (flat(weights["one"]) - flat(init)).norm()
-    ddp_gap = ((flat(weights["two"]) - flat(weights["one"])).norm() / travelled).item()
-    half_gap = ((flat(weights["half"]) - flat(weights["one"])).norm() / travelled).item()
+    ddp_gap = _gap(runs, "two", "one", seed=3)
+    half_gap = _gap(runs, "half", "one", seed=3)
     # Stated tolerance: each rank normalises BatchNorm over its own 128 rows, not all 256, so the
     # weights are not bitwise equal; after 4 steps they sit within 35% of the distance travelled
     # (measured 0.18). One process on a rank's half batch alone lands much further away (0.63).
     assert ddp_gap < 0.35 and half_gap > 2 * ddp_gap, (ddp_gap, half_gap)
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_weights_close_to_eager_training(data, tmp_path):
+    runs = tmp_path / "runs"
+    for name, compiled in (("eager", False), ("compiled", True)):
+        pretrain(PretrainConfig(name, "fashion-mnist", 0, steps=3, batch_size=64, compile=compiled), data, runs)
+    eager, compiled = (checkpoints.load(runs / n / "checkpoint.pt")["model"] for n in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()  # torch.compile's _orig_mod. prefix never reaches the checkpoint
+    # Fused kernels round differently, and 3 steps at lr 0.2 amplify it: close, not bitwise (measured 3.6%).
+    assert _gap(runs, "compiled", "eager", seed=0) < 0.1
+
+
+def _gap(runs: Path, name: str, reference: str, seed: int) -> float:
+    """||w - w_ref|| / ||w_ref - w_init|| over the weights (not BatchNorm buffers): 0 is identical training."""
+    torch.manual_seed(seed)
+    init = build("small-resnet", 10).state_dict()
+    keys = [k for k, v in init.items() if v.is_floating_point() and "running_" not in k]
+
+    def flat(state: dict) -> torch.Tensor:
+        return torch.cat([state[k].flatten() for k in keys])
+
+    a, b = (checkpoints.load(runs / n / "checkpoint.pt")["model"] for n in (name, reference))
+    return ((flat(a) - flat(b)).norm() / (flat(b) - flat(init)).norm()).item()
