@@ -192,3 +192,22 @@ def _gap(runs: Path, name: str, reference: str, seed: int) -> float:
 
     a, b = (checkpoints.load(runs / n / "checkpoint.pt")["model"] for n in (name, reference))
     return ((flat(a) - flat(b)).norm() / (flat(b) - flat(init)).norm()).item()
+
+
+def test_a_checkpoint_from_other_data_is_not_resumed(data, tmp_path):
+    runs = tmp_path / "runs"
+    config = PretrainConfig("run0", "fashion-mnist", 0, steps=2, batch_size=64)
+    pretrain(config, data, runs)
+    ckpt = runs / "run0/checkpoint.pt"
+    payload = checkpoints.load(ckpt)  # made to look like an interrupted run on another version of the data
+    checkpoints.save(ckpt, {**payload, "complete": False, "step": 1, "dataset_fingerprint": "0" * 16})
+    with pytest.raises(TimecatError, match="was started on another version of fashion-mnist"):
+        pretrain(config, data, runs)
+    assert checkpoints.load(ckpt)["step"] == 1  # nothing overwritten
+
+
+def test_nproc_per_node_hands_the_other_arguments_to_the_launched_processes():
+    argv = ["pretrain", "--nproc-per-node", "2", "--name", "a", "--nproc-per-node=4", "--steps", "3"]
+    assert cli._without_option(argv, "--nproc-per-node") == ["pretrain", "--name", "a", "--steps", "3"]
+    result = CliRunner().invoke(cli.main, ["pretrain", "--nproc-per-node", "2"], env={"LOCAL_RANK": "0"})
+    assert result.exit_code == 2 and "under torchrun, leave it out" in result.output
