@@ -211,3 +211,21 @@ def test_nproc_per_node_hands_the_other_arguments_to_the_launched_processes():
     assert cli._without_option(argv, "--nproc-per-node") == ["pretrain", "--name", "a", "--steps", "3"]
     result = CliRunner().invoke(cli.main, ["pretrain", "--nproc-per-node", "2"], env={"LOCAL_RANK": "0"})
     assert result.exit_code == 2 and "under torchrun, leave it out" in result.output
+
+
+@pytest.mark.gpu
+def test_gpu_training_runs_in_bf16_autocast_on_channels_last_inputs(data):
+    from pipeline.distributed import init
+    from pipeline.loaders import one_epoch, to_model_input
+    from pipeline.pretrain import build_run, train_one_step
+
+    run = build_run(PretrainConfig("g", "fashion-mnist", 0, steps=4, batch_size=64), data, init())
+    seen = []
+    run.model.backbone.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
+    with one_epoch(run.loader) as epoch:
+        images, labels = to_model_input(*next(epoch), run.d.device)
+    result = train_one_step(run.net, images, labels, run.criterion, run.optimizer, run.scheduler)
+    ((x, features),) = seen
+    assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+    assert features.dtype == torch.bfloat16  # autocast on; the weights stay float32
+    assert all(p.dtype == torch.float32 for p in run.model.parameters()) and torch.isfinite(result["loss"])
