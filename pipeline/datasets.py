@@ -120,6 +120,7 @@ class BetonFormat:
     write_mode: str = "raw"  # raw | jpg | smart | proportion
     max_resolution: int | None = None  # px, longest side kept; None keeps the source size
     jpeg_quality: int = 90  # 0-100, when JPEG is written
+    compress_probability: float = 0.5  # proportion mode: the share of images stored as JPEG, the rest raw
 
 
 @dataclass(frozen=True)

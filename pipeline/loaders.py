@@ -107,7 +107,10 @@ def write_beton(path: Path, images, labels: np.ndarray, fmt: BetonFormat, num_wo
     """Write images and int labels to ``path`` as an FFCV dataset."""
     fields = {
         "image": RGBImageField(
-            write_mode=fmt.write_mode, max_resolution=fmt.max_resolution, jpeg_quality=fmt.jpeg_quality
+            write_mode=fmt.write_mode,
+            max_resolution=fmt.max_resolution,
+            jpeg_quality=fmt.jpeg_quality,
+            compress_probability=fmt.compress_probability,
         ),
         "label": IntField(),
     }

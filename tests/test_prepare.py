@@ -122,6 +122,28 @@ def test_imagenet_and_inat_prepare_with_the_large_image_preset(tmp_path):
     make_inat(tmp_path)
     (m_train, m_test) = prepare(PrepareConfig("imagenet", tmp_path))
     assert (m_train["rows"], m_test["rows"]) == (9, 4)
-    assert m_train["format"] == {"write_mode": "jpg", "max_resolution": 500, "jpeg_quality": 90}
+    assert m_train["format"] == {
+        "write_mode": "jpg",
+        "max_resolution": 500,
+        "jpeg_quality": 90,
+        "compress_probability": 0.5,  # used by --storage mixed only
+    }
     (m_train, m_test) = prepare(PrepareConfig("inat2018", tmp_path))
     assert m_train["classes"] == ["species5", "species7", "species9"] and m_test["rows"] == 2
+
+
+def test_storage_is_chosen_recorded_and_a_different_one_is_refused(tmp_path):
+    from pipeline.loaders import Preprocess, eval_loader
+
+    make_imagefolder(tmp_path / "pets" / "train")
+    make_imagefolder(tmp_path / "pets" / "val", per_class=2)
+    folders = {"name": "pets", "train_dir": tmp_path / "pets/train", "test_dir": tmp_path / "pets/val"}
+    (m_train, _) = prepare(PrepareConfig("imagefolder", tmp_path / "data", storage="mixed", **folders))
+    assert m_train["format"]["write_mode"] == "proportion" and m_train["format"]["compress_probability"] == 0.5
+    pre = Preprocess(32, tuple(m_train["mean"]), tuple(m_train["std"]))
+    images, labels = next(iter(eval_loader(beton_path(tmp_path / "data", "pets", "train"), pre, 12, 1)))
+    assert images.shape == (12, 3, 32, 32) and labels.view(-1).tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    with pytest.raises(TimecatError, match="pets/train is already prepared as proportion, not --storage raw"):
+        prepare(PrepareConfig("imagefolder", tmp_path / "data", storage="raw", **folders))
+    with pytest.raises(TimecatError, match=r"unknown --storage 'png'; choose one of \['jpeg', 'mixed', 'raw'\]"):
+        PrepareConfig("imagefolder", tmp_path / "data", storage="png", **folders)

@@ -6,7 +6,8 @@
 2. Images/s of timecat's FFCV train loader (seeded random-resized-crop + flip +
    normalise) on generated ImageNet-size JPEGs, divided by a torchvision
    ImageFolder + DataLoader with the same augmentation and the same number of
-   workers. Goal: at least 3x. FFCV's stock (unseeded) decoder is measured too.
+   workers. Goal: at least 3x. Measured too: FFCV's stock (unseeded) decoder, and
+   the same images stored as FFCV's ImageNet recipe does (half raw pixels).
 
 Timings on the 2-core machine vary by +-15%, so each side runs more than once,
 interleaved, and the best of each is compared. Run with `make bench`.
@@ -102,10 +103,10 @@ def _write_jpegs(root: Path) -> None:
             Image.fromarray(pixels).save(folder / f"{i}.JPEG", quality=90)
 
 
-def _ffcv_epoch_s(data: Path, pre) -> float:
+def _ffcv_epoch_s(data: Path, pre, name: str = "imagenet") -> float:
     from pipeline.loaders import train_loader
 
-    loader, _ = train_loader(beton_path(data, "imagenet", "train"), pre, BATCH, 0, WORKERS)
+    loader, _ = train_loader(beton_path(data, name, "train"), pre, BATCH, 0, WORKERS)
     return _rate(loader)
 
 
@@ -171,14 +172,16 @@ def _torchvision_epoch_s(data: Path, pre) -> float:
 def test_ffcv_loader_against_torchvision_imagefolder(tmp_path):
     data = tmp_path / "data"
     _write_jpegs(data)
-    prepare(PrepareConfig("imagenet", data))
+    prepare(PrepareConfig("imagenet", data))  # all JPEG, timecat's default: about 1/5 of the disk of mixed
+    prepare(PrepareConfig("imagenet", data, name="imagenet-mixed", storage="mixed"))  # FFCV's ImageNet recipe
 
     pre = make_preprocess(
         PretrainConfig("x", "imagenet", 0, 1, arch="resnet50"), read_manifest(data, "imagenet", "train")
     )
-    rates = {"ffcv": [], "ffcv_stock": [], "torchvision": []}
+    rates = {"ffcv": [], "ffcv_mixed": [], "ffcv_stock": [], "torchvision": []}
     for _ in range(REPEATS):
         rates["ffcv"].append(_ffcv_epoch_s(data, pre))
+        rates["ffcv_mixed"].append(_ffcv_epoch_s(data, pre, "imagenet-mixed"))
         rates["ffcv_stock"].append(_ffcv_stock_epoch_s(data, pre))
         rates["torchvision"].append(_torchvision_epoch_s(data, pre))
     best = {k: max(v) for k, v in rates.items()}
@@ -189,12 +192,17 @@ def test_ffcv_loader_against_torchvision_imagefolder(tmp_path):
         "batch": BATCH,
         "img_per_s": {k: [round(r) for r in v] for k, v in rates.items()},
         "ratio": round(best["ffcv"] / best["torchvision"], 2),
+        "mixed_storage_ratio": round(best["ffcv_mixed"] / best["torchvision"], 2),
         "stock_ffcv_ratio": round(best["ffcv_stock"] / best["torchvision"], 2),
+        "beton_mib": {
+            n: round(beton_path(data, n, "train").stat().st_size / 2**20) for n in ("imagenet", "imagenet-mixed")
+        },
     }
     print(json.dumps(figures, indent=1))
     (Path(__file__).parent / "last_run_loader.json").write_text(json.dumps(figures, indent=1))
-    # The goal is 3x; on the 2-vCPU development machine it is 2.3x (README, Performance), with
-    # FFCV's stock decoder no faster. This floor catches regressions; the goal is reported, not assumed.
+    # The goal is 3x; on the 2-vCPU development machine it is 2.2x with JPEG storage and 3.0x with
+    # FFCV's mixed storage (README, Performance); FFCV's stock decoder is no faster.
+    # This floor catches regressions; the goal is reported, not assumed.
     figures["goal_3x_met"] = figures["ratio"] >= 3
     (Path(__file__).parent / "last_run_loader.json").write_text(json.dumps(figures, indent=1))
     assert figures["ratio"] >= 2, f"FFCV loads only {figures['ratio']}x as fast as ImageFolder + DataLoader"
