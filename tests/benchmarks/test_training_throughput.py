@@ -198,11 +198,10 @@ def test_ffcv_loader_against_torchvision_imagefolder(tmp_path):
             n: round(beton_path(data, n, "train").stat().st_size / 2**20) for n in ("imagenet", "imagenet-mixed")
         },
     }
-    print(json.dumps(figures, indent=1))
-    (Path(__file__).parent / "last_run_loader.json").write_text(json.dumps(figures, indent=1))
     # The goal is 3x; on the 2-vCPU development machine it is 2.2x with JPEG storage and 3.0x with
     # FFCV's mixed storage (README, Performance); FFCV's stock decoder is no faster.
     # This floor catches regressions; the goal is reported, not assumed.
     figures["goal_3x_met"] = figures["ratio"] >= 3
+    print(json.dumps(figures, indent=1))
     (Path(__file__).parent / "last_run_loader.json").write_text(json.dumps(figures, indent=1))
     assert figures["ratio"] >= 2, f"FFCV loads only {figures['ratio']}x as fast as ImageFolder + DataLoader"
