@@ -1,0 +1,48 @@
+"""timecat toy: the Section 3 counterexample, with its qualitative result asserted on fixed seeds."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from pipeline.errors import TimecatError
+from pipeline.toy import MASSES, ToyConfig, best_probe_accuracy, run
+
+
+def test_each_component_is_separable_and_the_best_probe_is_exact():
+    both, phi1, phi2 = np.array([[True, True]] * 4), np.array([[True, False]] * 4), np.array([[False, True]] * 4)
+    assert best_probe_accuracy(MASSES, both).tolist() == [1.0] * 4
+    # phi1 alone solves P1 and P2; on P3 and P4 the best it can do is drop one 1/4 point.
+    assert best_probe_accuracy(MASSES, phi1).tolist() == [1.0, 1.0, 0.75, 0.75]
+    assert best_probe_accuracy(MASSES, phi2).tolist() == [0.75, 0.75, 1.0, 1.0]
+
+
+def test_a_sparse_rule_of_nearly_every_mixture_keeps_one_feature_and_fails_two_components():
+    result = run(ToyConfig(mixtures=60, seed=1))
+    summary = result["summary"]
+    assert summary["one_feature"] >= 0.95 and summary["fails_two_components"] >= 0.95
+    # It is the best linear rule of its mixture: everything but the lightest point.
+    assert summary["mixture_rule_accuracy"] == pytest.approx(summary["best_rule_accuracy"], abs=1e-6)
+    assert summary["direct_accuracy"] == [1.0] * 4  # while each component alone is solved
+    rules, probes = np.abs(np.array(result["rules"])[:, :2]), np.array(result["probe_accuracy"])
+    phi1_only = (rules[:, 0] > 0) & (rules[:, 1] == 0)
+    assert phi1_only.any() and (~phi1_only).any()  # which feature survives depends on the mixture
+    assert np.allclose(probes[phi1_only], [1.0, 1.0, 0.75, 0.75])
+
+
+def test_without_a_sparsity_bias_far_fewer_mixtures_lose_a_feature():
+    plain = run(ToyConfig(mixtures=60, seed=1, loss="logistic", strength=0.0))["summary"]
+    assert plain["fails_two_components"] <= 0.3 and plain["one_feature"] <= 0.3
+    network = run(ToyConfig(mixtures=60, seed=1, penalty="weight-decay"))["summary"]
+    assert network["fails_two_components"] >= 0.95  # the two-layer network with weight decay drops one too
+
+
+def test_toy_command_prints_json_and_draws_the_figure(tmp_path):
+    result = CliRunner().invoke(cli.main, ["toy", "--mixtures", "20", "--results", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["mixtures"] == 20 and (tmp_path / "toy.png").stat().st_size > 10_000
+    with pytest.raises(TimecatError, match=r"unknown penalty 'l0'; choose one of \['weight-decay', 'l1', 'none'\]"):
+        ToyConfig(penalty="l0")
