@@ -692,6 +692,51 @@ def toy(mixtures, penalty, strength, loss, seed, plot_path, results, as_json):
 
 
 @main.command()
+@click.option("--members", required=True, help="Comma-separated cached members, e.g. run3,run4,run5,run6.")
+@click.option("--dataset", required=True, help="Cached dataset.")
+@click.option("--split", default="test", show_default=True, help="Split whose rows CKA is measured on.")
+@click.option("--rows", default=10_000, show_default=True, help="At most this many rows (seeded sample) for CKA.")
+@click.option("--no-probe", is_flag=True, help="CKA only: skip probing each member and the concatenation.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG path (default: RESULTS/diversity.png).")
+@CACHE
+@RESULTS
+@JSON
+def diversity(members, dataset, split, rows, no_probe, plot_path, cache_path, results, as_json):
+    """How different members' features are: linear CKA between every pair, from the cache only.
+
+    Beside it, the logreg probe top-1 of each member alone and of their
+    concatenation (records appended to RESULTS/probes.jsonl). Low CKA between
+    members of different seeds is the diversity Time-Cat concatenates.
+
+    \b
+    Example: timecat diversity --members run3,run4,run5,run6 --dataset fashion-mnist --cache demo/features.zarr
+    Example: timecat diversity --members run0,run1 --dataset digits --no-probe --json
+    """
+    from pipeline import diversity as div
+    from pipeline import results as store
+
+    config = div.DiversityConfig(dataset, _members(members), split=split, rows=rows, probe=not no_probe)
+    summary, records = div.run(config, cache_path)
+    for record in records:
+        store.append(results, record)
+    png = div.plot(summary, plot_path or Path(results) / "diversity.png")
+    summary["plot"] = str(png)
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+        return
+    names = summary["members"]
+    width = max(len(n) for n in names) + 2
+    click.echo(f"linear CKA on {dataset}/{split} ({summary['rows']} rows):")
+    click.echo(" " * width + "".join(f"{n:>{width}}" for n in names))
+    for name, row in zip(names, summary["cka"], strict=True):
+        click.echo(f"{name:<{width}}" + "".join(f"{v:>{width}.3f}" for v in row))
+    click.echo(f"mean pairwise CKA: {summary['mean_pairwise_cka']:.3f}")
+    for subset, top1 in summary["top1"].items():
+        click.echo(f"probe top-1 {subset}: {top1:.2f}%")
+    click.echo(f"plot: {png}")
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default="demo", show_default=True)
 @DATA_ROOT
 @click.option("--total-steps", default=1000, show_default=True, help="Budget B shared by every CatN.")

@@ -1,0 +1,123 @@
+"""How different members' features are, read from the cache only.
+
+The paper's remedy rests on members trained with different seeds keeping
+different features. This measures it: linear CKA (Kornblith et al., 2019)
+between every pair of members on one split, beside the probe accuracy of each
+member alone and of their concatenation. CKA is 1 for representations that
+differ only by a rotation and an isotropic scale, and near 0 for unrelated ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import cache
+from pipeline.errors import TimecatError
+from pipeline.progress import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class DiversityConfig:
+    """Which cached members to compare, on which split."""
+
+    dataset: str
+    members: tuple[str, ...]
+    split: str = "test"  # CKA is measured on this split's rows
+    rows: int = 10_000  # at most this many rows (a seeded sample) enter CKA
+    seed: int = 0  # the row sample
+    probe: bool = True  # also probe (logreg) each member alone and their concatenation
+
+    def __post_init__(self):
+        if len(self.members) < 2:
+            raise TimecatError(f"diversity compares at least 2 members, got {list(self.members)}")
+        if len(set(self.members)) != len(self.members):
+            raise TimecatError(f"a member is named twice: {list(self.members)}")
+        if self.rows < 2:
+            raise TimecatError(f"rows must be at least 2, got {self.rows}")
+
+
+def centered_gram_norms(X: np.ndarray) -> tuple[np.ndarray, float]:
+    """Column-centred float64 copy of X (n, d) and ||Xc^T Xc||_F."""
+    Xc = X.astype(np.float64)
+    Xc -= Xc.mean(axis=0)
+    return Xc, float(np.linalg.norm(Xc.T @ Xc))
+
+
+def linear_cka(X: np.ndarray, Y: np.ndarray) -> float:
+    """Linear CKA of two representations of the same rows: ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
+    return float(cka_matrix([X, Y])[0, 1])
+
+
+def cka_matrix(features: list[np.ndarray]) -> np.ndarray:
+    """(k, k) linear CKA between every pair of (n, d_i) matrices; each is centred once."""
+    centred = [centered_gram_norms(X) for X in features]
+    k = len(features)
+    out = np.eye(k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            (Xi, ni), (Xj, nj) = centred[i], centred[j]
+            out[i, j] = out[j, i] = np.linalg.norm(Xi.T @ Xj) ** 2 / (ni * nj)
+    return out
+
+
+def run(config: DiversityConfig, cache_path: str) -> tuple[dict, list[dict]]:
+    """CKA between every pair of members, and (if asked) probe records of each member and of all of them.
+
+    Returns the summary and the probe records (for the caller to append to the results).
+    """
+    from pipeline.probe import ProbeConfig, probe
+
+    store = cache.open(cache_path)
+    try:
+        n = len(store.labels(config.dataset, config.split))
+        rows = np.sort(np.random.default_rng(config.seed).choice(n, size=min(n, config.rows), replace=False))
+        features = []
+        for m in config.members:
+            X, _ = store.features(config.dataset, config.split, [m], scan_nan=True)
+            features.append(X[rows])
+    except cache.CacheError as e:
+        raise TimecatError(str(e)) from None
+    log.info("CKA of %d members on %s/%s: %d rows", len(config.members), config.dataset, config.split, len(rows))
+    cka = cka_matrix(features)
+    records = []
+    if config.probe:
+        for members in [(m,) for m in config.members] + [config.members]:
+            records.append(probe(ProbeConfig(config.dataset, members), cache_path))
+    off_diagonal = cka[~np.eye(len(cka), dtype=bool)]
+    summary = {
+        "config": asdict(config),
+        "rows": len(rows),
+        "members": list(config.members),
+        "cka": cka.round(4).tolist(),
+        "mean_pairwise_cka": round(float(off_diagonal.mean()), 4),
+        "top1": {"+".join(r["members"]): r["top1"] for r in records},
+    }
+    return summary, records
+
+
+def plot(summary: dict, out: Path) -> Path:
+    """Heatmap of pairwise CKA, annotated, with each member's probe top-1 in its label when probed."""
+    from pipeline.report import _pyplot, _save
+
+    plt = _pyplot()
+    members, cka = summary["members"], np.array(summary["cka"])
+    labels = [f"{m}\n{summary['top1'][m]:.1f}%" if m in summary["top1"] else m for m in members]
+    fig, ax = plt.subplots(figsize=(1.2 * len(members) + 2.5, 1.2 * len(members) + 1.5))
+    image = ax.imshow(cka, vmin=0, vmax=1, cmap="viridis")
+    for i in range(len(members)):
+        for j in range(len(members)):
+            ax.text(j, i, f"{cka[i, j]:.2f}", ha="center", va="center", color="w" if cka[i, j] < 0.6 else "k")
+    ax.set_xticks(range(len(members)), labels, fontsize=8)
+    ax.set_yticks(range(len(members)), labels, fontsize=8)
+    title = f"linear CKA, {summary['config']['dataset']}/{summary['config']['split']} ({summary['rows']} rows)"
+    cat = "+".join(members)
+    if cat in summary["top1"]:
+        title += f"\nconcatenation: {summary['top1'][cat]:.1f}% top-1"
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, out)
