@@ -210,6 +210,8 @@ def make(name: str, options: FitOptions):
 
 
 def _topk_rows(scores: np.ndarray, k: int, classes: np.ndarray) -> np.ndarray:
+    if scores.ndim == 1:  # two classes: scikit-learn returns one score, positive for classes[1]
+        scores = np.stack([-scores, scores], axis=1)
     k = min(k, scores.shape[1])
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]

@@ -82,3 +82,15 @@ def test_cuml_without_the_gpu_extra_or_beyond_32_bit_indexing_is_refused():
     X = np.zeros((300_000, 1), np.float32)  # 300k x 8142 > 2^31
     with pytest.raises(TimecatError, match="32-bit ints.*use --backend torch"):
         model.fit(X, np.zeros(300_000, np.int64), 1.0, 10)
+
+
+@pytest.mark.parametrize("name", ["sklearn", "torch"])
+def test_two_class_problems_rank_both_classes(name):
+    # scikit-learn scores two classes with one column; top-k must still rank both.
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    X = (rng.normal(size=(400, 8)) + 2.0 * y[:, None]).astype(np.float32)
+    model = backends.make(name, backends.FitOptions(2))
+    model.fit(X, y, C=1.0, max_iter=200)
+    ranked = model.topk(X, 5)
+    assert ranked.shape == (400, 2) and np.mean(ranked[:, 0] == y) > 0.95 and np.all(ranked[:, 0] != ranked[:, 1])
