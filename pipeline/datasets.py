@@ -7,6 +7,7 @@ is looked up by exact name.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -298,6 +299,46 @@ def read_digits(data_root: Path, options: SourceOptions) -> dict[str, Split]:
     }
 
 
+# -- dominoes (the paper's Table 1 spurious-feature setting) -----------------------
+
+DOMINO_FASHION = (3, 4)  # Fashion-MNIST Dress and Coat: the core feature, labels 0 and 1
+DOMINO_DIGITS = (0, 1)  # scikit-learn digits 0 and 1: the simple, spurious feature
+DOMINO_SEED = 0  # which digit goes with which item is fixed, so every machine builds the same images
+
+
+def read_dominoes(data_root: Path, options: SourceOptions, agreement: float) -> dict[str, Split]:
+    """Dominoes: a digit (0 or 1) stacked above a Fashion-MNIST dress or coat, 56 x 56 grey.
+
+    The label is the Fashion item (dress 0, coat 1). The digit shows the label's
+    digit with probability ``agreement`` (0.99: the correlated mixture; 0.5: the
+    balanced set), otherwise the other one. Digits of the train split come from
+    the digits train split, test from test. Each half is a 28 x 56 band with the
+    image in its middle, so a centre crop or a mild random crop keeps both.
+    """
+    from PIL import Image
+
+    fashion, digits = read_fashion_mnist(data_root, options), read_digits(data_root, options)
+    rng = np.random.default_rng([DOMINO_SEED, round(agreement * 1000)])
+    splits = {}
+    for name in ("train", "test"):
+        items = np.flatnonzero(np.isin(fashion[name].labels, DOMINO_FASHION))
+        labels = (fashion[name].labels[items] == DOMINO_FASHION[1]).astype(np.int64)
+        agree = rng.random(len(items)) < agreement
+        digit_class = np.where(agree, labels, 1 - labels)
+        pools = [np.flatnonzero(digits[name].labels == DOMINO_DIGITS[c]) for c in (0, 1)]
+        picks = np.array([rng.choice(pools[c]) for c in digit_class])
+        big = {
+            int(i): np.asarray(Image.fromarray(digits[name].images.pixels[i]).resize((28, 28), Image.BILINEAR))
+            for i in np.unique(picks)
+        }
+        pixels = np.zeros((len(items), 56, 56), dtype=np.uint8)
+        pixels[:, 0:28, 14:42] = np.stack([big[int(i)] for i in picks])
+        pixels[:, 28:56, 14:42] = fashion[name].images.pixels[items]
+        source = f"dominoes from {fashion[name].source} and digits, digit agrees with the label {agreement:.0%}"
+        splits[name] = Split(ArrayImages(pixels), labels, ("dress", "coat"), source)
+    return splits
+
+
 # -- image folders ---------------------------------------------------------------
 
 
@@ -467,6 +508,20 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "inat2018": DatasetSpec(
         read_inat2018, 224, (0.08, 1.0), LARGE_JPEG, "iNaturalist 2018, 8142 classes from COCO JSON", 224 / 256
+    ),
+    "dominoes-mixture": DatasetSpec(
+        functools.partial(read_dominoes, agreement=0.99),
+        32,
+        (0.8, 1.0),
+        SMALL_RAW,
+        "digit 0/1 above a Fashion-MNIST dress/coat, digit agreeing with the label 99% of the time",
+    ),
+    "dominoes-balanced": DatasetSpec(
+        functools.partial(read_dominoes, agreement=0.5),
+        32,
+        (0.8, 1.0),
+        SMALL_RAW,
+        "digit 0/1 above a Fashion-MNIST dress/coat, digit independent of the label",
     ),
     "imagefolder": DatasetSpec(
         read_imagefolder,
