@@ -104,8 +104,10 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
     """Write DATASET's train and test splits as FFCV .beton files.
 
     DATASET is one of fashion-mnist, cifar10, cifar100, digits, imagenet,
-    inat2018, imagefolder. imagenet reads DATA_ROOT/imagenet/{train,val} (or
-    --train/--test); inat2018 reads DATA_ROOT/inat2018/{train,val}2018.json.
+    inat2018, imagefolder, dominoes-mixture, dominoes-balanced (a digit above a
+    Fashion-MNIST dress or coat, agreeing with the label 99% or 50% of the time).
+    imagenet reads DATA_ROOT/imagenet/{train,val} (or --train/--test);
+    inat2018 reads DATA_ROOT/inat2018/{train,val}2018.json.
     Splits already prepared are kept as they are. --storage defaults to each
     dataset's own (raw pixels for small images, JPEG q90 for ImageNet-size ones).
 
@@ -655,9 +657,10 @@ def toy(mixtures, penalty, strength, loss, seed, plot_path, results, as_json):
     with weight decay instead (an implicit L1 penalty).
     Its kept features are then probed on each component with the best linear
     rule, against direct training on the component. The paper's argument: nearly
-    every mixture keeps one feature and fails two of the four components. Plain
-    logistic regression without a penalty (--loss logistic --penalty l1
-    --strength 0) keeps both features far more often.
+    every mixture keeps one feature and fails two of the four components. Here
+    (seed 0): 100% of 200 mixtures with the default L1 penalty or the weight-decay
+    network; plain logistic regression without a penalty (--loss logistic
+    --strength 0) keeps both features in most mixtures (16% fail).
 
     \b
     Example: timecat toy
@@ -706,7 +709,9 @@ def diversity(members, dataset, split, rows, no_probe, plot_path, cache_path, re
 
     Beside it, the logreg probe top-1 of each member alone and of their
     concatenation (records appended to RESULTS/probes.jsonl). Low CKA between
-    members of different seeds is the diversity Time-Cat concatenates.
+    members of different seeds is the diversity Time-Cat concatenates. On the
+    demo's Cat4 (Fashion-MNIST test): CKA 0.94-0.97, members 86.4-87.8% top-1
+    alone, 89.4% concatenated. The paper gives no CKA figures.
 
     \b
     Example: timecat diversity --members run3,run4,run5,run6 --dataset fashion-mnist --cache demo/features.zarr
@@ -750,7 +755,8 @@ def dominoes(workdir, data_root, seeds, steps, as_json):
     the label), tested on balanced data; (b) the same CNN, same budget,
     pretrained on the mixture (digit agrees 99%), then linear-probed on the
     balanced set through the feature cache. The paper: 97% against 94% on
-    MNIST-Fashion dominoes. Runs, cache and plot go under WORKDIR.
+    MNIST-Fashion dominoes; here (3 seeds, 300 steps): 93.2% against 91.8%.
+    Runs, cache and plot go under WORKDIR; about 4 minutes on 2 CPU cores.
 
     \b
     Example: timecat dominoes
