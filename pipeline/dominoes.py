@@ -77,7 +77,7 @@ def run(config: DominoesConfig) -> dict:
             PretrainConfig(name, "dominoes-mixture", seed, config.steps, **common), config.data_root, runs
         )
         mixture_test.append(round(outcome["test_top1"], 2))
-        head_balanced.append(round(_head_on_balanced(Path(outcome["checkpoint"]), config.data_root), 2))
+        head_balanced.append(round(_head_on_balanced(runs, name, config.data_root), 2))
         pretrained.append(name)
     extract(ExtractConfig("dominoes-balanced", tuple(pretrained)), config.data_root, runs, store)
     probed = []
@@ -100,21 +100,20 @@ def run(config: DominoesConfig) -> dict:
     return summary
 
 
-def _head_on_balanced(checkpoint: Path, data_root: Path) -> float:
+def _head_on_balanced(runs: Path, name: str, data_root: Path) -> float:
     """Top-1 of a mixture-pretrained CNN, with its own head, on the balanced test set."""
     import torch
 
-    from pipeline import checkpoints
+    from pipeline.extract import load_member
     from pipeline.loaders import Preprocess, eval_loader
     from pipeline.prepare import beton_path
     from pipeline.pretrain import evaluate
 
-    payload = checkpoints.load(checkpoint)
-    model = checkpoints.load_model(payload, str(checkpoint)).to(memory_format=torch.channels_last)
-    loader = eval_loader(
-        beton_path(data_root, "dominoes-balanced", "test"), Preprocess.from_dict(payload["preprocess"]), 256, 2
-    )
-    return evaluate(model, loader, torch.device("cpu"))["top1"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    member = load_member(runs, name, device)  # frozen, eval mode, channels_last, as extraction loads it
+    pre = Preprocess.from_dict(member.payload["preprocess"])
+    loader = eval_loader(beton_path(data_root, "dominoes-balanced", "test"), pre, 256, 2)
+    return evaluate(member.model, loader, device)["top1"]
 
 
 def plot(summary: dict, out: Path) -> Path:
