@@ -31,13 +31,17 @@ def save(path: Path, payload: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(path: Path) -> dict:
-    """Read a checkpoint dict (tensors and plain values only)."""
+def load(path: Path, mmap: bool = False) -> dict:
+    """Read a checkpoint dict (tensors and plain values only).
+
+    ``mmap``: map tensors from the file instead of reading them, for callers that
+    only look at metadata (``timecat status`` on a plan of ResNet-50 members).
+    """
     path = Path(path)
     if not path.is_file():
         raise TimecatError(f"no checkpoint at {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for a corrupt or unsafe file
         raise TimecatError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or "model" not in payload or "member" not in payload:

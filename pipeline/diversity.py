@@ -79,7 +79,7 @@ def run(config: DiversityConfig, cache_path: str) -> tuple[dict, list[dict]]:
         features = []
         for m in config.members:
             X, _ = store.features(config.dataset, config.split, [m], scan_nan=True)
-            features.append(X[rows])
+            features.append(X if len(rows) == n else X[rows])  # no copy when every row is used
     except cache.CacheError as e:
         raise TimecatError(str(e)) from None
     log.info("CKA of %d members on %s/%s: %d rows", len(config.members), config.dataset, config.split, len(rows))

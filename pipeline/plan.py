@@ -168,7 +168,7 @@ def status(plan: Plan, runs_root: Path) -> list[dict]:
     rows = []
     for m in plan.members:
         folder, ckpt = run_dir(runs_root, m.name), checkpoint_path(runs_root, m.name)
-        payload = checkpoints.load(ckpt) if ckpt.is_file() else None
+        payload = checkpoints.load(ckpt, mmap=True) if ckpt.is_file() else None  # metadata only
         saved = payload["step"] if payload is not None else 0
         logged = _last_logged_step(folder / "log.jsonl")
         holder = locks.holder(str(folder / ".lock"))
