@@ -143,7 +143,9 @@ def train_loader(
     """
     rows = _row_count(beton)
     order = StepOrder(seed, global_batch, rank, world_size)
-    crop = SeededRandomResizedCrop((pre.resolution, pre.resolution), rows, seed, scale=pre.crop_scale, flip=pre.flip)
+    crop = SeededRandomResizedCrop(
+        (pre.resolution, pre.resolution), rows, seed, pre.mean, pre.std, scale=pre.crop_scale, flip=pre.flip
+    )
     loader = Loader(
         str(beton),
         batch_size=order.per_rank,
@@ -153,7 +155,7 @@ def train_loader(
         distributed=world_size > 1,  # informational: StepOrder does the sharding (see pipeline.seeded)
         os_cache=True,
         pipelines={
-            "image": [crop, _normalize(pre), ToTensor(), ToTorchImage()],
+            "image": [crop, ToTensor(), ToTorchImage()],  # crop also flips and normalises
             "label": [RowLabels(rows), ToTensor()],
         },
     )

@@ -23,11 +23,15 @@ mid-epoch. So:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
 from ffcv.libffcv import imdecode, resize_crop
+from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.state import State
 from ffcv.traversal_order.base import TraversalOrder
 
 from pipeline.errors import TimecatError
@@ -89,17 +93,49 @@ def _crop_seed(seed, epoch, row):
     return np.int64(x >> np.uint64(33))
 
 
-class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
-    """FFCV's random-resized-crop decoder (plus horizontal flip), seeded per (seed, epoch, row)."""
+def _flip_normalize(image, destination, flip, table):
+    """``destination`` (float32) = ``table[image]`` per channel, mirrored left-right when ``flip``."""
+    height, width = image.shape[0], image.shape[1]
+    for y in range(height):
+        for x in range(width):
+            source_x = width - 1 - x if flip else x
+            destination[y, x, 0] = table[image[y, source_x, 0], 0]
+            destination[y, x, 1] = table[image[y, source_x, 1], 1]
+            destination[y, x, 2] = table[image[y, source_x, 2], 2]
 
-    def __init__(self, output_size, rows: int, seed: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
+
+class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
+    """FFCV's random-resized-crop decoder, plus flip and normalisation, seeded per (seed, epoch, row).
+
+    The crop and its resize are FFCV's own (libffcv's OpenCV INTER_AREA
+    resize). The flip and the normalisation to float32 are done here, in one
+    pass over each image while it is still in cache, rather than as FFCV's
+    separate flip (a copy per flipped image) and NormalizeImage operations (a
+    second pass over the whole batch): the same numbers, bit for bit (FFCV's
+    lookup table), 0.1-0.2 ms less per image (README, Performance).
+    """
+
+    def __init__(
+        self, output_size, rows: int, seed: int, mean, std, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True
+    ):
         super().__init__(output_size)
         self.rows, self.seed = rows, seed
         self.scale, self.ratio, self.flip = np.array(scale), np.array(ratio), flip
+        # FFCV's NormalizeImage table, so the output equals its CPU path exactly.
+        self.table = ((np.arange(256)[:, None] - np.array(mean)[None, :]) / np.array(std)[None, :]).astype(np.float32)
 
     @property
     def get_crop_generator(self):
         return get_random_crop
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+        state, (_, decoded) = super().declare_state_and_memory(previous_state)
+        shape = (*self.output_size, 3)
+        resized = int(np.prod(shape))  # the uint8 resize, placed after the decoded image in the scratch buffer
+        return (
+            replace(state, dtype=np.dtype("<f4")),
+            (AllocationQuery(shape, np.dtype("<f4")), AllocationQuery((decoded.shape[0] + resized,), np.uint8)),
+        )
 
     def generate_code(self):
         jpg = IMAGE_MODES["jpg"]
@@ -109,8 +145,11 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         resize_crop_c = Compiler.compile(resize_crop)
         get_crop_c = Compiler.compile(get_random_crop)
         seed_c = Compiler.compile(_crop_seed)
-        scale, ratio, flip, seed = self.scale, self.ratio, self.flip, np.uint64(self.seed)
+        flip_normalize_c = Compiler.compile(_flip_normalize)
+        scale, ratio, flip, seed, table = self.scale, self.ratio, self.flip, np.uint64(self.seed), self.table
         rows = np.uint64(self.rows)  # uint64 throughout: numba turns uint64 (op) int64 into float64
+        out_h, out_w = self.output_size
+        resized_at = np.uint64(self.max_height * self.max_width * np.uint64(3))
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -121,17 +160,18 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height = np.uint32(field["height"])
                 width = np.uint32(field["width"])
+                scratch = temp_storage[dst_ix]
                 if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                    imdecode_c(image_data, scratch, height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = scratch[: 3 * height * width].reshape(height, width, 3)
                 else:
-                    temp_buffer = image_data.reshape(height, width, 3)
+                    image = image_data.reshape(height, width, 3)
                 np.random.seed(seed_c(seed, code // rows, source_ix))  # this thread's generator, this image
                 i, j, h, w = get_crop_c(height, width, scale, ratio)
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-                if flip and np.random.random() < 0.5:
-                    destination[dst_ix] = destination[dst_ix][:, ::-1].copy()
+                resized = scratch[resized_at:].reshape(out_h, out_w, 3)
+                resize_crop_c(image, i, i + h, j, j + w, resized)
+                mirror = flip and np.random.random() < 0.5
+                flip_normalize_c(resized, destination[dst_ix], mirror, table)
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True

@@ -85,6 +85,54 @@ def test_training_batches_do_not_depend_on_threads_ranks_or_resuming(data):
     assert not np.array_equal(order.global_rows(0), order.global_rows(1))
 
 
+def test_a_training_image_is_ffcvs_crop_then_flip_then_normalisation_of_its_seeded_draw(data):
+    """The decoder's fused flip + normalisation gives exactly what FFCV's separate operations give."""
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
+    from ffcv.fields.rgb_image import get_random_crop
+    from ffcv.libffcv import resize_crop
+    from ffcv.loader import Loader, OrderOption
+    from numba import njit
+
+    from pipeline.loaders import one_epoch, train_loader
+    from pipeline.seeded import _crop_seed
+
+    beton = beton_path(data, "fashion-mnist", "train")
+    pre = make_preprocess(PretrainConfig("x", "fashion-mnist", 0, 1), read_manifest(data, "fashion-mnist", "train"))
+    assert read_manifest(data, "fashion-mnist", "train")["format"]["write_mode"] == "raw"  # pixels known exactly
+    stored = Loader(
+        str(beton), batch_size=1000, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+        pipelines={"image": [SimpleRGBImageDecoder()], "label": None},
+    )  # fmt: skip
+    pixels = np.concatenate([np.asarray(b[0]) for b in stored])
+    rows, seed = len(pixels), 7
+
+    crop, crop_seed = njit(get_random_crop), njit(_crop_seed)
+
+    @njit
+    def draw(generator_seed, height, width, scale, ratio):  # numba's generator, as in the decoder
+        np.random.seed(generator_seed)
+        i, j, h, w = crop(height, width, scale, ratio)
+        return i, j, h, w, np.random.random() < 0.5
+
+    table = ((np.arange(256)[:, None] - np.array(pre.mean)) / np.array(pre.std)).astype(np.float32)  # FFCV's
+    loader, order = train_loader(beton, pre, 64, seed, 2)
+    with one_epoch(loader) as epoch:
+        images, _ = next(epoch)
+    flips = 0
+    for code, image in zip(order.sample_order(0)[:64], images, strict=True):
+        row = int(code % rows)
+        source = np.ascontiguousarray(pixels[row])
+        i, j, h, w, flip = draw(crop_seed(np.uint64(seed), np.uint64(0), np.uint64(row)), *source.shape[:2],
+                                np.array(pre.crop_scale), np.array((3 / 4, 4 / 3)))  # fmt: skip
+        resized = np.zeros((pre.resolution, pre.resolution, 3), np.uint8)
+        resize_crop(source, i, i + h, j, j + w, resized)
+        resized = resized[:, ::-1] if flip else resized
+        expected = table[resized, np.arange(3)]  # table[value, channel]
+        np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), expected)
+        flips += flip
+    assert 10 < flips < 54  # both branches exercised
+
+
 def _wait_for(predicate, timeout: float = 180.0, what: str = ""):
     deadline = time.monotonic() + timeout
     while not predicate():
