@@ -44,6 +44,15 @@ def _without_option(argv: list[str], flag: str) -> list[str]:
     return out
 
 
+def _fractions(value: str) -> tuple[float, float]:
+    """'0.74,0.86' -> (0.74, 0.86); anything else is a usage error that shows the form."""
+    try:
+        start, end = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not START,END (two fractions of the budget, e.g. 0.74,0.86)") from None
+    return start, end
+
+
 def _choice(flag: str, choices: list[str], default: str, help_text: str):
     """An option with fixed choices and a shown default (click lists the choices in --help and in errors)."""
     return click.option(flag, type=click.Choice(choices), default=default, show_default=True, help=help_text)
@@ -152,6 +161,18 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
 @click.option("--lr", default=0.2, show_default=True, help="Peak learning rate after warmup (AdamW: ~1e-3..5e-3).")
 @click.option("--resolution", type=int, help="Input side in px (default: the dataset's).")
+@click.option(
+    "--min-resolution",
+    type=int,
+    help="Progressive resizing: train at this side first, growing to --resolution in 32 px steps (FFCV: 160 -> 192).",
+)
+@click.option(
+    "--ramp",
+    default="0.74,0.86",
+    show_default=True,
+    callback=lambda ctx, param, value: _fractions(value),
+    help="With --min-resolution: START,END fractions of the budget where the side starts and stops growing.",
+)
 @click.option("--eval-every", default=0, show_default=True, help="Steps between logged test evaluations (0: end).")
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
 @click.option("--checkpoint-every", default=500, show_default=True, help="Steps between resumable checkpoints.")
@@ -175,6 +196,8 @@ def pretrain(
     batch_size,
     lr,
     resolution,
+    min_resolution,
+    ramp,
     eval_every,
     workers,
     checkpoint_every,
@@ -197,6 +220,7 @@ def pretrain(
     Example: timecat pretrain --plan plan.json --member run2
     Example: timecat pretrain --name sf0 --dataset digits --seed 0 --steps 500 --optimizer schedulefree --lr 0.003
     Example: timecat pretrain --plan table3.json --member cat4_0 --nproc-per-node 8
+    Example: timecat pretrain --plan table3.json --resolution 192 --min-resolution 160   # FFCV's ramp
     Example: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
              $(which timecat) pretrain --plan table3.json --member cat4_0
     """
@@ -217,6 +241,8 @@ def pretrain(
         "batch_size": batch_size,
         "lr": lr,
         "resolution": resolution,
+        "min_resolution": min_resolution,
+        "ramp": ramp,
         "num_workers": workers,
         "optimizer": optimizer,
         "schedule": schedule,

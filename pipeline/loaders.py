@@ -7,7 +7,9 @@ probe and the report work without FFCV installed.
 from __future__ import annotations
 
 import contextlib
+import queue
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -162,6 +164,18 @@ def train_loader(
     return loader, order
 
 
+def set_train_resolution(loader: Loader, resolution: int) -> None:
+    """Make a ``train_loader``'s next epochs crop to ``resolution`` px (progressive resizing).
+
+    FFCV sizes its buffers and compiles its pipeline from the decoder's output
+    size, so a change regenerates the pipeline (a few seconds, once per size).
+    """
+    crop = loader.pipeline_specs["image"].decoder
+    if tuple(crop.output_size) != (resolution, resolution):
+        crop.output_size = (resolution, resolution)
+        loader.generate_code()
+
+
 def eval_loader(
     beton: Path, pre: Preprocess, batch_size: int, num_workers: int, start_row: int = 0, stop_row: int | None = None
 ) -> Loader:
@@ -216,7 +230,13 @@ def one_epoch(loader: Loader):
         yield batches
     finally:
         batches.close()  # it notices within 0.5 s, once its queue is full
-        batches.join(timeout=60)
+        # Its end-of-epoch marker is put without a timeout: if the queue is full then,
+        # it waits for a reader forever. So read (and drop) batches until it has gone.
+        deadline = time.monotonic() + 60
+        while batches.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                batches.output_queue.get(timeout=0.1)
+            batches.join(timeout=0.1)
 
 
 def to_model_input(

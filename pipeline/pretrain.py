@@ -60,6 +60,8 @@ class PretrainConfig:
     weight_decay: float = 5e-4  # on conv and linear weights only, not BatchNorm or biases
     label_smoothing: float = 0.1
     resolution: int | None = None  # px input side; None takes the dataset's default
+    min_resolution: int | None = None  # progressive resizing: train from this side up to `resolution`; None: off
+    ramp: tuple[float, float] = (0.74, 0.86)  # budget fractions where progressive resizing starts and stops growing
     num_workers: int = 2  # FFCV loader threads
     log_every: int = 50  # steps between log records
     eval_every: int = 0  # steps between test-set evaluations logged during training; 0: only at the end
@@ -83,6 +85,10 @@ class PretrainConfig:
             raise TimecatError(f"unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise TimecatError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        if not (len(self.ramp) == 2 and 0 <= self.ramp[0] <= self.ramp[1] <= 1):
+            raise TimecatError(f"ramp is two budget fractions START,END with 0 <= START <= END <= 1, got {self.ramp}")
+        if self.min_resolution is not None and self.min_resolution < 8:
+            raise TimecatError(f"min_resolution must be at least 8 px, got {self.min_resolution}")
         if self.optimizer == "schedulefree" and self.lr > 0.05:
             raise TimecatError(f"lr {self.lr} is an SGD rate; schedule-free AdamW wants about 1e-3 to 5e-3: pass --lr")
 
@@ -118,6 +124,28 @@ def make_preprocess(config: PretrainConfig, manifest: dict):
         crop_scale=spec.crop_scale,
         crop_ratio=spec.crop_ratio,
     )
+
+
+RESOLUTION_STEP = 32  # progressive resizing grows in steps of a ResNet's total stride, as FFCV's recipe does
+
+
+def resolution_at(step: int, config: PretrainConfig, final: int) -> int:
+    """Input side for the epoch that starts at ``step``: FFCV's progressive resizing, by fraction of the budget.
+
+    ``config.min_resolution`` until ``ramp[0]`` of the steps, then linear growth
+    in steps of RESOLUTION_STEP px up to ``final`` at ``ramp[1]``. A function of
+    the step alone, so resumed and multi-process runs agree.
+    """
+    low = config.min_resolution
+    if low is None:
+        return final
+    start, end, done = *config.ramp, step / config.steps
+    if done <= start:
+        return low
+    if done >= end:
+        return final
+    grown = (final - low) * (done - start) / (end - start)
+    return min(final, low + round(grown / RESOLUTION_STEP) * RESOLUTION_STEP)
 
 
 def make_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
@@ -262,6 +290,11 @@ def build_run(config: PretrainConfig, data_root: Path, d: distributed.Dist) -> R
     pre = make_preprocess(config, manifest)
     if config.batch_size > manifest["rows"]:
         raise TimecatError(f"batch size {config.batch_size} exceeds the {manifest['rows']} training images")
+    if config.min_resolution is not None and config.min_resolution >= pre.resolution:
+        raise TimecatError(
+            f"--min-resolution {config.min_resolution} must be below the training resolution {pre.resolution}; "
+            "pass a larger --resolution or a smaller --min-resolution"
+        )
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build(config.arch, len(manifest["classes"]), config.width)
     model = model.to(d.device, memory_format=torch.channels_last)
@@ -424,7 +457,7 @@ def _mean_over_ranks(value: torch.Tensor, d: distributed.Dist) -> float:
 
 def train(run: Run, start: int, ckpt: Path, write, bar) -> None:
     """Steps ``start`` to the budget: log, evaluate and checkpoint at their intervals."""
-    from pipeline.loaders import one_epoch, to_model_input
+    from pipeline.loaders import one_epoch, set_train_resolution, to_model_input
 
     config, d = run.config, run.d
     epoch, offset = divmod(start, run.order.steps_per_epoch)
@@ -433,6 +466,8 @@ def train(run: Run, start: int, ckpt: Path, write, bar) -> None:
     step, window_start, window_loss, window_steps = start, time.perf_counter(), 0.0, 0
     run.model.train()
     while step < config.steps:
+        resolution = resolution_at(run.loader.next_epoch * run.order.steps_per_epoch, config, run.pre.resolution)
+        set_train_resolution(run.loader, resolution)
         with one_epoch(run.loader) as batches:
             for images, labels in batches:
                 images, labels = to_model_input(images, labels, d.device)
@@ -448,6 +483,7 @@ def train(run: Run, start: int, ckpt: Path, write, bar) -> None:
                             "epoch": (step - 1) // run.order.steps_per_epoch,
                             "loss": loss,
                             "lr": result["lr"],
+                            "resolution": resolution,
                             "images_per_s": window_steps * config.batch_size / (now - window_start),
                         }
                     )

@@ -22,7 +22,7 @@ from pipeline import plan as plans
 from pipeline.errors import TimecatError
 from pipeline.models import build
 from pipeline.prepare import PrepareConfig, beton_path, prepare, read_manifest
-from pipeline.pretrain import PretrainConfig, make_preprocess, pretrain
+from pipeline.pretrain import PretrainConfig, make_preprocess, pretrain, resolution_at
 from pipeline.seeded import StepOrder
 
 REPO = os.path.dirname(cache.__path__[0])
@@ -83,6 +83,20 @@ def test_training_batches_do_not_depend_on_threads_ranks_or_resuming(data):
     # Every epoch is reshuffled.
     _, order = train_loader(beton, pre, 64, 7, 2)
     assert not np.array_equal(order.global_rows(0), order.global_rows(1))
+
+
+def test_leaving_an_epoch_early_stops_the_loader_thread_even_once_it_has_decoded_the_rest(data):
+    from pipeline.loaders import one_epoch, train_loader
+
+    pre = make_preprocess(PretrainConfig("x", "fashion-mnist", 0, 1), read_manifest(data, "fashion-mnist", "train"))
+    loader, _ = train_loader(beton_path(data, "fashion-mnist", "train"), pre, 64, 0, 2)
+    for leave_after in (1, 7):  # 7 of 10: the last 3 fill its queue and its end marker waited (it used to hang)
+        with one_epoch(loader) as epoch:
+            for _ in range(leave_after):
+                next(epoch)
+            time.sleep(1.0)  # the rest is decoded by now
+            left = time.monotonic()
+        assert not epoch.is_alive() and time.monotonic() - left < 5
 
 
 def test_a_training_image_is_ffcvs_crop_then_flip_then_normalisation_of_its_seeded_draw(data):
@@ -240,6 +254,71 @@ def _gap(runs: Path, name: str, reference: str, seed: int) -> float:
 
     a, b = (checkpoints.load(runs / n / "checkpoint.pt")["model"] for n in (name, reference))
     return ((flat(a) - flat(b)).norm() / (flat(b) - flat(init)).norm()).item()
+
+
+def test_progressive_resizing_follows_ffcvs_ramp_by_budget_fraction():
+    # FFCV's rn50_88_epochs config: 160 px until epoch 65, 192 px from epoch 76, multiples of 32 between.
+    config = PretrainConfig("x", "imagenet", 0, steps=88 * 10, min_resolution=160, ramp=(65 / 88, 76 / 88))
+    ffcv = [160 if e <= 65 else 192 if e >= 76 else int(np.round(np.interp(e, [65, 76], [160, 192]) / 32)) * 32
+            for e in range(88)]  # fmt: skip
+    assert [resolution_at(10 * e, config, 192) for e in range(88)] == ffcv
+    assert ffcv.index(192) == 71  # the jump is at the middle of the ramp
+    grow = PretrainConfig("x", "imagenet", 0, steps=100, min_resolution=128, ramp=(0.5, 0.9))
+    assert [resolution_at(s, grow, 224) for s in (0, 50, 55, 65, 75, 85, 90, 99)] == [
+        128,
+        128,
+        128,
+        160,
+        192,
+        224,
+        224,
+        224,
+    ]
+    assert resolution_at(50, PretrainConfig("x", "imagenet", 0, steps=100), 224) == 224  # off by default
+    with pytest.raises(TimecatError, match="ramp is two budget fractions"):
+        PretrainConfig("x", "imagenet", 0, steps=100, min_resolution=128, ramp=(0.9, 0.5))
+
+
+def test_progressive_resizing_trains_at_the_ramps_sides_and_resumes_across_a_change(data, tmp_path, monkeypatch):
+    import pipeline.pretrain as stage
+    from pipeline.loaders import one_epoch, set_train_resolution, train_loader
+
+    runs = tmp_path / "runs"
+    # 10 steps per epoch: epochs start at 0, 1/3 and 2/3 of the budget -> 32, 32, 64 px.
+    recipe = {"steps": 30, "batch_size": 64, "resolution": 64, "min_resolution": 32, "ramp": (0.3, 0.7)}
+    recipe |= {"log_every": 1, "checkpoint_every": 7}
+    pretrain(PretrainConfig("ref", "fashion-mnist", 2, **recipe), data, runs)
+
+    real, calls = stage.train_one_step, []
+
+    def crash_after_16(*args):  # a failure two steps after the checkpoint at 14, in the 32 px epoch
+        calls.append(args[1].shape[-1])
+        if len(calls) > 16:
+            raise RuntimeError("simulated crash")
+        return real(*args)
+
+    monkeypatch.setattr(stage, "train_one_step", crash_after_16)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(PretrainConfig("run", "fashion-mnist", 2, **recipe), data, runs)
+    assert calls[:16] == [32] * 16  # the batches really are 32 px
+    monkeypatch.setattr(stage, "train_one_step", real)
+    resumed = pretrain(PretrainConfig("run", "fashion-mnist", 2, **recipe), data, runs)
+    assert resumed["resumed_from"] == 14
+    a, b = (checkpoints.load(runs / n / "checkpoint.pt") for n in ("ref", "run"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["preprocess"]["resolution"] == 64  # evaluation and extraction use the final side
+    for name in ("ref", "run"):
+        log = [json.loads(line) for line in (runs / name / "log.jsonl").read_text().splitlines()]
+        assert [r["resolution"] for r in log if "event" not in r and "loss" in r] == [32] * 20 + [64] * 10
+
+    pre = make_preprocess(PretrainConfig("x", "fashion-mnist", 0, 1), read_manifest(data, "fashion-mnist", "train"))
+    loader, _ = train_loader(beton_path(data, "fashion-mnist", "train"), pre, 64, 0, 2)
+    for side in (48, 24):
+        set_train_resolution(loader, side)
+        with one_epoch(loader) as epoch:
+            assert next(epoch)[0].shape == (64, 3, side, side)
+    with pytest.raises(TimecatError, match="--min-resolution 64 must be below the training resolution 28"):
+        pretrain(PretrainConfig("bad", "fashion-mnist", 0, steps=2, batch_size=64, min_resolution=64), data, runs)
 
 
 def test_a_checkpoint_from_other_data_is_not_resumed(data, tmp_path):
