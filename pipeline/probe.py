@@ -173,6 +173,22 @@ def probe_matrices(
     }
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory, MiB.
+
+    Linux's VmHWM, because getrusage's ru_maxrss survives exec: a probe started
+    from a large process (a notebook, a benchmark) would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # macOS and others
+
+
 def probe(config: ProbeConfig, cache_path: str) -> dict:
     """Probe the concatenation of ``config.members`` read from the cache; return the result record."""
     started = time.perf_counter()
@@ -210,7 +226,7 @@ def probe(config: ProbeConfig, cache_path: str) -> dict:
         "config": asdict(config),
         **measured,
         "wall_s": round(time.perf_counter() - started, 3),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": peak_rss_mib(),
         "member_provenance": {m: {k: p.get(k) for k in PROVENANCE_KEYS} for m, p in provenance.items()},
         "timecat_version": __version__,
     }

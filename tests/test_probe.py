@@ -143,3 +143,15 @@ def test_tc_grids_are_the_papers_per_dataset():
     assert wd_grid("imagenet", (0.1,)) == (0.1,)
     with pytest.raises(TimecatError, match=r"unknown protocol 'dino'; choose one of \['logreg', 'tc'\]"):
         ProbeConfig("d", ("a",), protocol="dino")
+
+
+def test_peak_memory_is_the_probes_own_not_its_parents():
+    import subprocess
+    import sys
+
+    parent = np.ones(1_500_000_000 // 8)  # 1.5 GB held by this process when it starts the probe process
+    parent[::4096] = 2  # touch every page
+    code = "from pipeline.probe import peak_rss_mib; print(peak_rss_mib())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 10 < child < 1_000, child  # getrusage's ru_maxrss reported about 1,900 MiB here: the parent's peak
+    del parent
