@@ -7,6 +7,7 @@ probe and the report work without FFCV installed.
 from __future__ import annotations
 
 import contextlib
+import operator
 import queue
 import sys
 import time
@@ -231,11 +232,14 @@ def one_epoch(loader: Loader):
     finally:
         batches.close()  # it notices within 0.5 s, once its queue is full
         # Its end-of-epoch marker is put without a timeout: if the queue is full then,
-        # it waits for a reader forever. So read (and drop) batches until it has gone.
+        # it waits for a reader forever. Once it has taken the epoch's last batch, read
+        # (and drop) queued batches to let it finish. Never earlier: it would decode
+        # further batches into the slot that still holds the caller's last batch.
         deadline = time.monotonic() + 60
         while batches.is_alive() and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                batches.output_queue.get(timeout=0.1)
+            if operator.length_hint(batches.iter_ixes) == 0:
+                with contextlib.suppress(queue.Empty):
+                    batches.output_queue.get(timeout=0.1)
             batches.join(timeout=0.1)
 
 

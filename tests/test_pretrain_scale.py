@@ -93,10 +93,12 @@ def test_leaving_an_epoch_early_stops_the_loader_thread_even_once_it_has_decoded
     for leave_after in (1, 7):  # 7 of 10: the last 3 fill its queue and its end marker waited (it used to hang)
         with one_epoch(loader) as epoch:
             for _ in range(leave_after):
-                next(epoch)
+                held, _ = next(epoch)  # a view of the loader's buffers, as every batch is
+            kept = held.clone()
             time.sleep(1.0)  # the rest is decoded by now
             left = time.monotonic()
         assert not epoch.is_alive() and time.monotonic() - left < 5
+        assert torch.equal(held, kept)  # stopping it did not decode over the caller's last batch
 
 
 def test_a_training_image_is_ffcvs_crop_then_flip_then_normalisation_of_its_seeded_draw(data):
