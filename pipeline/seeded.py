@@ -32,6 +32,7 @@ from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
+from ffcv.transforms import NormalizeImage
 from ffcv.traversal_order.base import TraversalOrder
 
 from pipeline.errors import TimecatError
@@ -121,8 +122,8 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         super().__init__(output_size)
         self.rows, self.seed = rows, seed
         self.scale, self.ratio, self.flip = np.array(scale), np.array(ratio), flip
-        # FFCV's NormalizeImage table, so the output equals its CPU path exactly.
-        self.table = ((np.arange(256)[:, None] - np.array(mean)[None, :]) / np.array(std)[None, :]).astype(np.float32)
+        # FFCV's own NormalizeImage table, so the output equals its CPU path exactly.
+        self.table = NormalizeImage(np.array(mean), np.array(std), np.float32).lookup_table
 
     @property
     def get_crop_generator(self):
