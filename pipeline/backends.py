@@ -2,9 +2,14 @@
 
 Every backend minimises the same objective as scikit-learn's
 ``LogisticRegression``: mean cross-entropy + ||W||^2 / (2 C n), intercept not
-penalised, so one C means the same everywhere. Each takes float32 (n, d)
-matrices and makes no float64 copy (scikit-learn 1.9 keeps float32 through
-L-BFGS; older releases upcast). This module imports no loader, dataset or model.
+penalised, so one C means the same everywhere (``objective`` computes it). Two
+classes are one binomial logit in every backend, as in scikit-learn: a
+two-column softmax with both columns penalised would halve the penalty of the
+logit difference, so its C would mean 2 C. Each takes float32 (n, d) matrices
+and makes no float64 copy (scikit-learn 1.9 keeps float32 through L-BFGS; older
+releases upcast). Each warm-starts from its previous fit when the fit sees the
+same classes, and starts cold when the class set changes. This module imports
+no loader, dataset or model.
 """
 
 from __future__ import annotations
@@ -30,18 +35,48 @@ class FitOptions:
     tol: float = 1e-4  # L-BFGS stopping tolerance on the gradient (scikit-learn's default)
 
 
+def objective(X: np.ndarray, y: np.ndarray, W: np.ndarray, b: np.ndarray, C: float) -> float:
+    """scikit-learn's objective at weights W (d, m) and intercept b (m,), in float64.
+
+    Mean log-loss + ||W||^2 / (2 C n). m = 1: the binomial logit of class 1
+    (labels 0/1); otherwise one column per class, labels indexing the columns.
+    """
+    Z = X.astype(np.float64) @ W + b  # (n, m)
+    n = len(y)
+    if W.shape[1] == 1:
+        z = Z[:, 0]
+        losses = np.logaddexp(0.0, z) - np.asarray(y, dtype=np.float64) * z
+    else:
+        top = Z.max(axis=1)
+        losses = top + np.log(np.exp(Z - top[:, None]).sum(axis=1)) - Z[np.arange(n), y]
+    return float(losses.mean() + (W**2).sum() / (2 * C * n))
+
+
+def _same_classes(previous: np.ndarray | None, y: np.ndarray) -> tuple[bool, np.ndarray]:
+    present = np.unique(y)
+    return previous is not None and np.array_equal(previous, present), present
+
+
 class SklearnBackend:
     """scikit-learn's L-BFGS: the CPU reference, warm-started along the C path."""
 
     name = "sklearn"
 
     def __init__(self, options: FitOptions):
-        from sklearn.linear_model import LogisticRegression
-
-        self.model = LogisticRegression(tol=options.tol, random_state=options.seed, warm_start=True)
+        self.options = options
+        self.model = None
+        self.classes = None  # the classes of the last fit
+        self.warm_started = False  # whether the last fit started from the previous one
 
     def fit(self, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> bool:
         """Fit with L2 strength 1/C; return whether L-BFGS converged within max_iter."""
+        from sklearn.linear_model import LogisticRegression
+
+        # scikit-learn warm-starts from coef_ whatever the classes: a changed class set
+        # would fail on the coefficients' shape, or start from another problem's weights.
+        self.warm_started, self.classes = _same_classes(self.classes, y)
+        if not self.warm_started:
+            self.model = LogisticRegression(tol=self.options.tol, random_state=self.options.seed, warm_start=True)
         self.model.C, self.model.max_iter = C, max_iter
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -51,6 +86,10 @@ class SklearnBackend:
     def topk(self, X: np.ndarray, k: int) -> np.ndarray:
         """(n, k) most probable classes, best first."""
         return _topk_rows(self.model.decision_function(X), k, self.model.classes_)
+
+    def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
+        """Weights (d, m) and intercept (m,), float64: m = 1 for two classes, else one column per class."""
+        return self.model.coef_.T.astype(np.float64), self.model.intercept_.astype(np.float64)
 
 
 class TorchBackend:
@@ -70,8 +109,12 @@ class TorchBackend:
         self.torch = torch
         self.options = options
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.W = None  # (d, k) weights, kept between fits as a warm start
-        self.b = None  # (k,) intercept
+        self.W = None  # (d, m) weights, kept between fits as a warm start; m = 1 for two classes
+        self.b = None  # (m,) intercept
+        self.classes = None  # the classes of the last fit
+        self.warm_started = False  # whether the last fit started from the previous one
+        # Two classes: one binomial logit, as scikit-learn, so that C means the same.
+        self.width = 1 if options.n_classes == 2 else options.n_classes
 
     def _blocks(self, X: np.ndarray, resident: bool):
         """Row slices of X as float32 tensors on the device (views where possible).
@@ -80,7 +123,7 @@ class TorchBackend:
         """
         torch = self.torch
         n, d = X.shape
-        rows = max(1024, BLOCK_BYTES // (4 * (d + self.options.n_classes)))
+        rows = max(1024, BLOCK_BYTES // (4 * (d + self.width)))
         source = torch.from_numpy(X)  # shares X's memory
         if resident and self.device.type == "cuda":
             source = source.to(self.device)  # one device copy, reused by every evaluation
@@ -91,11 +134,13 @@ class TorchBackend:
         """Fit with L2 strength 1/C, warm-started from the previous fit; return whether it converged."""
         torch = self.torch
         n, d = X.shape
-        k = self.options.n_classes
-        if self.W is None or self.W.shape[0] != d:
-            self.W = torch.zeros(d, k, device=self.device, requires_grad=True)
-            self.b = torch.zeros(k, device=self.device, requires_grad=True)
-        labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(self.device)
+        same, self.classes = _same_classes(self.classes, y)
+        self.warm_started = same and self.W is not None and self.W.shape[0] == d
+        if not self.warm_started:
+            self.W = torch.zeros(d, self.width, device=self.device, requires_grad=True)
+            self.b = torch.zeros(self.width, device=self.device, requires_grad=True)
+        binary = self.width == 1
+        labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32 if binary else np.int64)).to(self.device)
         blocks = list(self._blocks(X, resident=True)) if self._resident(X) else None
         optimizer = torch.optim.LBFGS(
             [self.W, self.b],
@@ -111,8 +156,13 @@ class TorchBackend:
             optimizer.zero_grad()
             total = 0.0
             for start, Xb in blocks if blocks is not None else self._blocks(X, resident=False):
-                logits = Xb @ self.W + self.b  # (rows, k)
-                loss = torch.nn.functional.cross_entropy(logits, labels[start : start + len(Xb)], reduction="sum") / n
+                logits = Xb @ self.W + self.b  # (rows, m)
+                target = labels[start : start + len(Xb)]
+                if binary:
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target, reduction="sum")
+                else:
+                    loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+                loss = loss / n
                 loss.backward()
                 total += float(loss.detach())
             penalty = (self.W * self.W).sum() / (2 * C * n)
@@ -134,8 +184,14 @@ class TorchBackend:
         with torch.no_grad():
             for _, Xb in self._blocks(X, self._resident(X)):
                 logits = Xb @ self.W + self.b
+                if self.width == 1:  # the logit of class 1 against class 0
+                    logits = torch.cat([-logits, logits], dim=1)
                 out.append(torch.topk(logits, min(k, logits.shape[1]), dim=1).indices.cpu().numpy())
         return np.concatenate(out)
+
+    def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
+        """Weights (d, m) and intercept (m,), float64: m = 1 for two classes, else one column per class."""
+        return self.W.detach().cpu().double().numpy(), self.b.detach().cpu().double().numpy()
 
 
 class CumlBackend:
@@ -156,6 +212,7 @@ class CumlBackend:
             raise TimecatError(f"the cuml backend needs the gpu extra (pip install 'timecat[gpu]'): {e}") from None
         self.cupy, self.LogisticRegression, self.options = cupy, LogisticRegression, options
         self.model = None
+        self.warm_started = False  # cuML refits from scratch every time
 
     def fit(self, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> bool:
         """Fit with L2 strength 1/C on the GPU; return whether the solver converged."""
@@ -172,8 +229,15 @@ class CumlBackend:
 
     def topk(self, X: np.ndarray, k: int) -> np.ndarray:
         """(n, k) most probable classes, best first."""
-        proba = self.cupy.asnumpy(self.model.predict_proba(self.cupy.asarray(X)))  # (n, k)
-        return _topk_rows(proba, k, np.arange(self.options.n_classes))
+        proba = self.cupy.asnumpy(self.model.predict_proba(self.cupy.asarray(X)))  # (n, classes seen in the fit)
+        # Columns follow the classes the fit saw, which need not be 0..k-1.
+        return _topk_rows(proba, k, np.asarray(self.cupy.asnumpy(self.model.classes_)))
+
+    def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
+        """Weights (d, m) and intercept (m,), float64: m = 1 for two classes, else one column per class."""
+        coef = np.asarray(self.cupy.asnumpy(self.model.coef_), dtype=np.float64)
+        coef = coef.T if coef.shape[0] != self.model.n_features_in_ else coef
+        return coef, np.asarray(self.cupy.asnumpy(self.model.intercept_), dtype=np.float64).ravel()
 
 
 BACKENDS = {"sklearn": SklearnBackend, "torch": TorchBackend, "cuml": CumlBackend}
