@@ -46,3 +46,18 @@ def test_toy_command_prints_json_and_draws_the_figure(tmp_path):
     assert summary["mixtures"] == 20 and (tmp_path / "toy.png").stat().st_size > 10_000
     with pytest.raises(TimecatError, match=r"unknown penalty 'l0'; choose one of \['weight-decay', 'l1', 'none'\]"):
         ToyConfig(penalty="l0")
+
+
+def test_the_kept_feature_threshold_is_stated_and_its_sensitivity_shown(tmp_path):
+    import pipeline.toy as toy
+
+    summary = run(ToyConfig(mixtures=30, seed=2))["summary"]
+    assert summary["kept_threshold"] == ToyConfig().used == 0.05
+    assert sorted(summary["threshold_sensitivity"]) == ["0.001", "0.01", "0.05"]
+    assert summary["threshold_sensitivity"]["0.05"]["one_feature"] == summary["one_feature"]
+    for findings in summary["threshold_sensitivity"].values():  # one finding: one feature means failing 2 of 4
+        assert findings["fails_two_components"] == pytest.approx(findings["one_feature"] + findings["no_feature"])
+    assert "sigmoid(-margin / 0.1)" in toy.__doc__ and "5%" in toy.__doc__ and ToyConfig().loss == "sigmoid"
+    text = CliRunner().invoke(cli.main, ["toy", "--mixtures", "10", "--results", str(tmp_path)]).output
+    assert "reading one feature, so that its probe fails 2 of 4 components" in text
+    assert "mixtures failing 2 of 4" not in text and "kept above 5.0%" in text and "0.1%:" in text
