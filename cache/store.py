@@ -297,8 +297,21 @@ class Cache:
 
     # -- writing ---------------------------------------------------------------
 
-    def write_labels(self, dataset: str, split: str, labels: np.ndarray, fingerprint: str, classes: list[str]) -> None:
-        """Store a split's labels once; later calls must agree with them exactly."""
+    def write_labels(
+        self,
+        dataset: str,
+        split: str,
+        labels: np.ndarray,
+        fingerprint: str,
+        classes: list[str],
+        kind: str | None = None,
+    ) -> None:
+        """Store a split's labels once; later calls must agree with them exactly.
+
+        ``kind`` is the dataset's registered kind (cifar10, imagenet, ...), which picks
+        probe recipes: a dataset prepared under another name keeps its kind's recipe.
+        A cache written before kinds were recorded gets it on the next extraction.
+        """
         self._require_writable()
         layout.check_name("dataset", dataset)
         layout.check_name("split", split)
@@ -312,6 +325,10 @@ class Cache:
                     f"{attrs.get('fingerprint')}, now {fingerprint}); use a new cache path or delete "
                     f"{self.path}/{dataset}/{split}"
                 )
+            if kind is not None and attrs.get("kind") != kind:
+                if attrs.get("kind") is not None:
+                    raise CacheError(f"{dataset}/{split} is cached as kind {attrs['kind']!r}, not {kind!r}")
+                self._labels_array(dataset, split).attrs["kind"] = kind
             return
         array = self.group.create_array(path, shape=labels.shape, chunks=(1 << 20,), dtype=np.int64)
         array[:] = labels
@@ -321,6 +338,7 @@ class Cache:
                 "labels_sha256": labels_digest(labels),
                 "rows": len(labels),
                 "classes": list(classes),
+                "kind": kind,
             }
         )
 

@@ -2,13 +2,17 @@
 
 Each batch is decoded once and fed to every member that shares its
 preprocessing, so caching N members costs one pass over the images, not N.
+How images are resized and augmented follows the dataset kind's recipe
+(pipeline.recipes); a member trained elsewhere gets the recipe's
+preprocessing for the kind, a timecat member its own pretraining's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,18 +21,20 @@ import torch
 
 import cache
 from cache.layout import check_name
-from pipeline import __version__, checkpoints, distributed, interop
+from pipeline import __version__, checkpoints, distributed, interop, recipes
 from pipeline.errors import TimecatError
 from pipeline.models import FEATURE_LAYER, Classifier
 from pipeline.prepare import SPLITS, beton_path, read_manifest
 from pipeline.pretrain import checkpoint_path
 from pipeline.progress import get_logger, progress
-from pipeline.views import ViewSpec, augment
+from pipeline.views import ViewSpec, augment, resize_center
 
 if TYPE_CHECKING:
     from pipeline.loaders import Preprocess  # FFCV is imported only when images are read
 
 log = get_logger(__name__)
+
+PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,8 @@ class ExtractConfig:
     chunk_rows: int | None = None  # rows per chunk; None: ~8 MiB rounded down to whole batches
     views: int = 0  # K seeded augmented views of each image of view_splits, per member (0: none)
     view_splits: tuple[str, ...] = ("train",)  # the splits a probe trains on
-    view_spec: ViewSpec = field(default_factory=ViewSpec)  # crop scale, ratio, flip and seed of the views
+    view_seed: int = 0  # the views' crops and flips; their scale and resizing come from the dataset kind's recipe
+    precision: str | None = None  # forward pass: bf16 autocast or fp32 (the paper's); None: bf16 on GPU, fp32 on CPU
 
     def __post_init__(self):
         if not self.members:
@@ -57,6 +64,8 @@ class ExtractConfig:
             )
         if self.views < 0:
             raise TimecatError(f"views must be 0 or more, not {self.views}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise TimecatError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
         if self.compression not in {c.value for c in cache.Compression}:
             raise TimecatError(
                 f"unknown compression {self.compression!r}; choose one of {[c.value for c in cache.Compression]}"
@@ -71,8 +80,14 @@ class Member:
     model: Classifier
     sha256: str
     payload: dict
+    foreign: bool = False  # trained elsewhere (the paper's, AlgoPerf's or torchvision's weights)
+    preprocess: dict | None = None  # for the dataset being extracted; set by ``use_recipe``
 
-    def provenance(self, dataset: str, split: str, fingerprint: str) -> dict:
+    def use_recipe(self, recipe: recipes.Recipe) -> None:
+        """Preprocess for the dataset kind: a foreign member gets the recipe's, a timecat member keeps its own."""
+        self.preprocess = dict(recipe.foreign) if self.foreign else dict(self.payload["preprocess"])
+
+    def provenance(self, dataset: str, split: str, fingerprint: str, recipe: recipes.Recipe, precision: str) -> dict:
         cfg = self.payload["member"]
         return {
             "member": self.name,
@@ -84,7 +99,13 @@ class Member:
             "pretrain_dataset": cfg["dataset"],
             "feature_layer": FEATURE_LAYER,
             "feature_dim": self.model.feature_dim,
-            "preprocessing": {"eval": "centre crop, resize, normalize", **self.payload["preprocess"]},
+            "preprocessing": {
+                "eval": "centre crop, resize, normalize",
+                **self.preprocess,
+                "interpolation": recipe.interpolation,
+            },
+            "recipe": recipe.name,
+            "precision": precision,
             "dataset": dataset,
             "split": split,
             "dataset_fingerprint": fingerprint,
@@ -99,7 +120,8 @@ def load_member(runs_root: Path, name: str, device: torch.device) -> Member:
     ``name`` is a run under ``runs_root``, or a checkpoint file trained elsewhere
     (``path`` or ``name=path``: the paper's, AlgoPerf's or torchvision's ResNet-50).
     """
-    if interop.is_foreign(name):
+    foreign = interop.is_foreign(name)
+    if foreign:
         name, path = interop.foreign_name_and_path(name)
         check_name("member", name)
         payload = interop.load_foreign(path)
@@ -114,17 +136,47 @@ def load_member(runs_root: Path, name: str, device: torch.device) -> Member:
     model = checkpoints.load_model(payload, str(path)).to(device, memory_format=torch.channels_last).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Member(name, model, checkpoints.sha256(path), payload)
+    return Member(name, model, checkpoints.sha256(path), payload, foreign=foreign)
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """bf16 or fp32: the asked precision, else bf16 autocast on GPU and fp32 on CPU."""
+    return precision or ("bf16" if device.type == "cuda" else "fp32")
 
 
 @torch.inference_mode()
-def extract_batch(models: list[Classifier], images: torch.Tensor) -> list[np.ndarray]:
+def extract_batch(models: list[Classifier], images: torch.Tensor, precision: str = "fp32") -> list[np.ndarray]:
     """Penultimate features of one batch for each model: a list of (B, d) float32 arrays.
 
-    On GPU the forward runs under bf16 autocast; features are stored as float32.
+    ``bf16`` runs the forward under bf16 autocast (GPU default); ``fp32`` is the
+    paper's numerics. Features are stored as float32 either way.
     """
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         return [m.backbone(images).float().cpu().numpy() for m in models]
+
+
+# What makes cached features stale: (provenance key, what to call it). Keys other than the
+# checkpoint are compared only when the cached array records them (older caches did not).
+STALE_KEYS = (
+    ("checkpoint_sha256", "checkpoint"),
+    ("view_seed", "view seed"),
+    ("views", "view recipe"),
+    ("precision", "precision"),
+    ("preprocessing", "preprocessing"),
+)
+
+
+def _json(value):
+    return json.loads(json.dumps(value))  # attributes come back from JSON: tuples as lists
+
+
+def _differs(cached: dict, provenance: dict, key: str) -> bool:
+    old, new = cached.get(key), _json(provenance.get(key))
+    if key != "checkpoint_sha256" and old is None:
+        return False
+    if isinstance(old, dict) and isinstance(new, dict):  # keys both record
+        return any(old[k] != new[k] for k in old.keys() & new.keys())
+    return old != new
 
 
 def _plan(
@@ -135,12 +187,12 @@ def _plan(
     if member.name not in store.members(dataset, split, view=view):
         return "new"
     cached = store.provenance(dataset, split, member.name, view=view)
-    for key, what in (("checkpoint_sha256", "checkpoint"), ("view_seed", "view seed")):
-        if cached.get(key) != provenance.get(key):
+    for key, what in STALE_KEYS:
+        if _differs(cached, provenance, key):
             if not config.overwrite:
                 raise TimecatError(
                     f"member {member.name} is cached for {cache.layout.describe(dataset, split, view)} from another "
-                    f"{what} ({key} {str(cached.get(key))[:12]}, now {str(provenance.get(key))[:12]}); "
+                    f"{what} ({key} {str(cached.get(key))[:40]}, now {str(provenance.get(key))[:40]}); "
                     "pass --overwrite to re-extract it, or rename the member"
                 )
             return "new"
@@ -172,23 +224,70 @@ def view_preprocess(pre: Preprocess) -> Preprocess:
     return replace(pre, resolution=round(pre.resolution / pre.crop_ratio), crop_ratio=1.0)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What one extraction resolves from the dataset's kind and the device."""
+
+    kind: str  # the dataset's registered kind, from its manifest
+    recipe: recipes.Recipe  # the kind's views, resizing and imported members' preprocessing
+    view_spec: ViewSpec  # the views' crops: the recipe's scale and resizing, the config's seed
+    precision: str  # bf16 | fp32
+
+
+def resolve(config: ExtractConfig, data_root: Path, device: torch.device) -> Setting:
+    """The recipe of the dataset's kind (refused if unknown) and the forward's precision."""
+    manifest = read_manifest(data_root, config.dataset, config.splits[0])
+    kind = manifest.get("kind")
+    recipe = recipes.for_kind(kind, f"the manifest of {Path(data_root) / config.dataset}")
+    spec = ViewSpec.for_recipe(recipe, config.view_seed)
+    return Setting(kind, recipe, spec, resolve_precision(config.precision, device))
+
+
+@dataclass(frozen=True)
+class Decode:
+    """What the loader decodes for a group of arrays, and the resize torch applies after it."""
+
+    loader: Preprocess  # FFCV's centre crop, area resize and normalisation
+    resize: tuple[int, float] | None = None  # bicubic recipes: (side, crop ratio) of a torch Resize + CenterCrop
+    out_px: int = 0  # the members' input side (views are resized to it)
+
+
+def decode_for(pre: Preprocess, recipe: recipes.Recipe, views: bool) -> Decode:
+    """How to decode for one member's preprocessing under the kind's recipe (plain features or views).
+
+    Area recipes let FFCV crop and resize. Bicubic ones (CIFAR) decode each image at
+    its own fixed side without resizing, so torch can resize it bicubically: Resize
+    + CenterCrop for plain features, random-resized crops for views.
+    """
+    if recipe.interpolation == "area":
+        return Decode(view_preprocess(pre) if views else pre, None, pre.resolution)
+    native = replace(pre, resolution=recipe.source_px, crop_ratio=1.0)
+    return Decode(native, None if views else (pre.resolution, pre.crop_ratio), pre.resolution)
+
+
 def prepare_arrays(
-    store: cache.Cache, config: ExtractConfig, split: str, members: list[Member], manifest: dict, labels: np.ndarray
+    store: cache.Cache,
+    config: ExtractConfig,
+    setting: Setting,
+    split: str,
+    members: list[Member],
+    manifest: dict,
+    labels: np.ndarray,
 ) -> list[tuple[str, int | None]]:
     """Rank 0's part: write the split's labels and create the arrays to fill; return ``(member, view)`` to do."""
     from pipeline.loaders import Preprocess
 
     fingerprint = manifest["fingerprint"]
-    store.write_labels(config.dataset, split, labels, fingerprint, manifest["classes"])
+    store.write_labels(config.dataset, split, labels, fingerprint, manifest["classes"], kind=setting.kind)
     todo = []
     for m in members:
         for view in targets(config, split):
-            provenance = m.provenance(config.dataset, split, fingerprint)
+            provenance = m.provenance(config.dataset, split, fingerprint, setting.recipe, setting.precision)
             if view is not None:
-                pre = Preprocess.from_dict(m.payload["preprocess"])
-                source = view_preprocess(pre).resolution
+                decode = decode_for(Preprocess.from_dict(m.preprocess), setting.recipe, views=True)
+                spec = setting.view_spec
                 provenance.update(
-                    view=view, view_seed=config.view_spec.seed, views=config.view_spec.describe(source, pre.resolution)
+                    view=view, view_seed=spec.seed, views=spec.describe(decode.loader.resolution, decode.out_px)
                 )
             action = _plan(store, split, m, view, provenance, config)
             if action == "new":
@@ -209,9 +308,14 @@ def prepare_arrays(
 
 
 def _group_writers(
-    store: cache.Cache, config: ExtractConfig, split: str, todo: list[tuple[Member, int | None]], d: distributed.Dist
+    store: cache.Cache,
+    config: ExtractConfig,
+    setting: Setting,
+    split: str,
+    todo: list[tuple[Member, int | None]],
+    d: distributed.Dist,
 ) -> dict[tuple, list[tuple[Member, int | None, cache.FeatureWriter]]]:
-    """This rank's writers, grouped by what the loader must decode: (preprocess, views?, start row, stop row)."""
+    """This rank's writers, grouped by what the loader must decode: (decode, views?, start row, stop row)."""
     from pipeline.loaders import Preprocess
 
     groups: dict[tuple, list] = {}
@@ -225,7 +329,8 @@ def _group_writers(
         if writer.next_row > lo:
             where = cache.layout.describe(config.dataset, split, view)
             log.info("%s %s: resuming at row %d", where, m.name, writer.next_row)
-        key = (Preprocess.from_dict(m.payload["preprocess"]), view is not None, writer.next_row, hi)
+        decode = decode_for(Preprocess.from_dict(m.preprocess), setting.recipe, view is not None)
+        key = (decode, view is not None, writer.next_row, hi)
         groups.setdefault(key, []).append((m, view, writer))
     return groups
 
@@ -233,6 +338,7 @@ def _group_writers(
 def run_members(
     store: cache.Cache,
     config: ExtractConfig,
+    setting: Setting,
     data_root: Path,
     split: str,
     todo: list[tuple[Member, int | None]],
@@ -247,12 +353,11 @@ def run_members(
     from pipeline.loaders import eval_loader, to_model_input
 
     beton = beton_path(data_root, config.dataset, split)
-    for (pre, views, start, stop), group in _group_writers(store, config, split, todo, d).items():
+    for (decode, views, start, stop), group in _group_writers(store, config, setting, split, todo, d).items():
         names = ",".join(sorted({m.name for m, _, _ in group}))
         desc = f"extract {config.dataset}/{split}{' views' if views else ''} [{names}]"
         background = cache.BackgroundWriter(max_pending=4 * len(group))
-        decode = view_preprocess(pre) if views else pre
-        loader = eval_loader(beton, decode, config.batch_size, config.num_workers, start_row=start, stop_row=stop)
+        loader = eval_loader(beton, decode.loader, config.batch_size, config.num_workers, start, stop)
         row = start
         with progress(total=stop - start, desc=desc, unit="img") as bar:
             try:
@@ -264,13 +369,13 @@ def run_members(
                     if views:  # each view's crops once per batch, shared by every member
                         rows = np.arange(row, row + len(batch_labels))
                         inputs = {
-                            v: augment(images, rows, config.view_spec, v, pre.resolution)
+                            v: augment(images, rows, setting.view_spec, v, decode.out_px)
                             for v in sorted({view for _, view, _ in group})
                         }
                     else:
-                        inputs = {None: images}
+                        inputs = {None: resize_center(images, *decode.resize) if decode.resize else images}
                     for m, view, writer in group:
-                        background.append(writer, extract_batch([m.model], inputs[view])[0])
+                        background.append(writer, extract_batch([m.model], inputs[view], setting.precision)[0])
                     row += len(batch_labels)
                     bar.update(len(batch_labels))
             except BaseException:
@@ -280,17 +385,23 @@ def run_members(
 
 
 def extract_split(
-    store: cache.Cache, config: ExtractConfig, data_root: Path, split: str, members: list[Member], d: distributed.Dist
+    store: cache.Cache,
+    config: ExtractConfig,
+    setting: Setting,
+    data_root: Path,
+    split: str,
+    members: list[Member],
+    d: distributed.Dist,
 ) -> list[tuple[str, int | None]]:
     """Cache the features (and views) of ``members`` for one split on every rank; return what was written."""
     from pipeline.loaders import read_labels
 
     manifest = read_manifest(data_root, config.dataset, split)
     labels = read_labels(beton_path(data_root, config.dataset, split))
-    todo = prepare_arrays(store, config, split, members, manifest, labels) if d.is_main else None
+    todo = prepare_arrays(store, config, setting, split, members, manifest, labels) if d.is_main else None
     todo = d.broadcast(todo)  # every rank waits here until rank 0 has created the arrays
     by_name = {m.name: m for m in members}
-    run_members(store, config, data_root, split, [(by_name[name], view) for name, view in todo], labels, d)
+    run_members(store, config, setting, data_root, split, [(by_name[n], view) for n, view in todo], labels, d)
     d.barrier()
     if d.is_main:
         # Rank 0 alone marks arrays complete, after a scan of every chunk of every rank.
@@ -313,7 +424,10 @@ def extract(config: ExtractConfig, data_root: Path, runs_root: Path, cache_path:
 
 
 def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> list[dict]:
+    setting = resolve(config, data_root, d.device)
     members = [load_member(runs_root, name, d.device) for name in config.members]
+    for m in members:
+        m.use_recipe(setting.recipe)
     with contextlib.ExitStack() as locks:
         store = None
         if d.is_main:
@@ -327,7 +441,7 @@ def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> l
         try:
             for split in config.splits:
                 started = time.perf_counter()
-                written = extract_split(store, config, data_root, split, members, d)
+                written = extract_split(store, config, setting, data_root, split, members, d)
                 seconds = time.perf_counter() - started
                 for m in members:
                     for view in targets(config, split):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoints
+from pipeline import checkpoints, recipes
 from pipeline.errors import TimecatError
 from pipeline.models import build
 
@@ -28,15 +28,9 @@ RENAMES = (
 FOREIGN_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".bin")
 
 # The paper's members are ImageNet ResNet-50s evaluated at a 224/256 centre crop with
-# ImageNet statistics (0-255 scale); a foreign member is run with the same preprocessing.
-IMAGENET_PREPROCESS = {
-    "resolution": 224,
-    "mean": (123.675, 116.28, 103.53),
-    "std": (58.395, 57.12, 57.375),
-    "crop_ratio": 224 / 256,
-    "crop_scale": (0.08, 1.0),
-    "flip": True,
-}
+# ImageNet statistics (0-255 scale): the checkpoint's own preprocessing. Extraction
+# replaces it with the paper's preprocessing for the dataset's kind (pipeline.recipes).
+IMAGENET_PREPROCESS = {**recipes.IMAGENET.foreign, "flip": True}
 
 
 def is_foreign(member: str) -> bool:

@@ -39,7 +39,7 @@ def test_views_are_cached_per_member_as_the_same_crops(pipeline_run, tmp_path):
 
     data, runs, members = pipeline_run["data"], pipeline_run["runs"], pipeline_run["members"][:2]
     path = str(tmp_path / "views.zarr")
-    config = ExtractConfig("digits", members, batch_size=128, views=2, view_spec=ViewSpec(seed=7))
+    config = ExtractConfig("digits", members, batch_size=128, views=2, view_seed=7)
     summary = extract(config, data, runs, path)
     assert sum(1 for r in summary if r.get("view") is not None and r["state"] == "written") == 2 * 2
     store = cache.open(path)
@@ -63,6 +63,6 @@ def test_views_are_cached_per_member_as_the_same_crops(pipeline_run, tmp_path):
 
     # A rerun keeps them; a rerun with another view seed is refused unless --overwrite.
     assert {r["state"] for r in extract(config, data, runs, path)} == {"kept"}
-    other = ExtractConfig("digits", members, batch_size=128, views=2, view_spec=ViewSpec(seed=8))
+    other = ExtractConfig("digits", members, batch_size=128, views=2, view_seed=8)
     with pytest.raises(Exception, match=r"from another view seed.*--overwrite"):
         extract(other, data, runs, path)
