@@ -65,10 +65,10 @@ def cka_matrix(features: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def run(config: DiversityConfig, cache_path: str) -> tuple[dict, list[dict]]:
+def run(config: DiversityConfig, cache_path: str, results_root=None) -> tuple[dict, list[dict]]:
     """CKA between every pair of members, and (if asked) probe records of each member and of all of them.
 
-    Returns the summary and the probe records (for the caller to append to the results).
+    Returns the summary and the probe records (saved to ``results_root`` when given).
     """
     from pipeline.probe import ProbeConfig, probe
 
@@ -87,7 +87,7 @@ def run(config: DiversityConfig, cache_path: str) -> tuple[dict, list[dict]]:
     records = []
     if config.probe:
         for members in [(m,) for m in config.members] + [config.members]:
-            records.append(probe(ProbeConfig(config.dataset, members), cache_path))
+            records.append(probe(ProbeConfig(config.dataset, members), cache_path, results_root))
     off_diagonal = cka[~np.eye(len(cka), dtype=bool)]
     summary = {
         "config": asdict(config),

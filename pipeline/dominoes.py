@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import results
+from pipeline import stats
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger
 
@@ -51,7 +51,9 @@ class DominoesConfig:
 
 
 def _mean_std(values: list[float]) -> dict:
-    return {"mean": round(float(np.mean(values)), 2), "std": round(float(np.std(values)), 2), "runs": values}
+    """Mean and sample std (ddof=1) over seeds, with each run."""
+    summary = stats.mean_std(values)
+    return {"mean": round(summary["mean"], 2), "std": round(summary["std"], 2), "runs": values}
 
 
 def run(config: DominoesConfig) -> dict:
@@ -82,8 +84,7 @@ def run(config: DominoesConfig) -> dict:
     extract(ExtractConfig("dominoes-balanced", tuple(pretrained)), config.data_root, runs, store)
     probed = []
     for name in pretrained:
-        record = probe(ProbeConfig("dominoes-balanced", (name,)), store)
-        results.append(out, record)
+        record = probe(ProbeConfig("dominoes-balanced", (name,)), store, out)
         probed.append(round(record["top1"], 2))
     summary = {
         "seeds": list(config.seeds),
@@ -91,6 +92,7 @@ def run(config: DominoesConfig) -> dict:
         "direct": _mean_std(direct),
         "probe": _mean_std(probed),
         "gap": round(float(np.mean(direct) - np.mean(probed)), 2),
+        "gap_ci95": stats.mean_difference(direct, probed)["ci95"],  # over seeds: Welch's t-interval
         # The mixture CNN's own head: near-perfect where the digit agrees, much worse where it does not.
         "mixture_head": {"mixture_test": _mean_std(mixture_test), "balanced_test": _mean_std(head_balanced)},
         "paper": {**PAPER, "gap": PAPER["direct"] - PAPER["probe"]},

@@ -1,9 +1,12 @@
-"""Stage 5: the paper's tables and plots, from probe records.
+"""Stage 5: the paper's tables and plots from probe records, and paired comparisons of two probes.
 
 Table 3 (fixed total compute): rows are CatN methods, N members of S steps each
 (total N*S). Table 2 (parameter-matched): rows are architectures and CatN of an
-architecture, with their parameter counts. Where several member sets share a
-row (different subsets of the same kind), the cell is mean ± std over them.
+architecture, with their parameter counts. A cell holds one probe's top-1 with
+its 95% bootstrap interval over eval rows, or, where several member sets share a
+row (different subsets of the same kind), mean ± sample std (ddof=1) with n.
+Records with different eval splits, pretraining datasets, architectures or (for
+protocol tc) with and without cached views never share a cell.
 Plots: top-1 against N per dataset, and in-distribution (the members'
 pretraining dataset) against each out-of-distribution dataset.
 """
@@ -15,12 +18,23 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import stats
 from pipeline.errors import TimecatError
-from pipeline.results import latest_per_probe
+from pipeline.results import augmented, find, latest_per_probe, load, load_predictions
 
 PLOT_FILE = "catn.png"
 ID_OOD_FILE = "id_vs_ood.png"
 LAYOUTS = ("table3", "table2")
+METRICS = {
+    "top1": "top-1 chosen on held-out train rows (the honest figure)",
+    "top1_eval_selected": "top-1 of the best epoch and weight decay on the eval split "
+    "(the paper's code's selection: OPTIMISTIC, for comparison with its tables only)",
+}
+
+
+def _one(values: set, mixed: str = "mixed"):
+    values = set(values)
+    return values.pop() if len(values) == 1 else mixed
 
 
 def _steps(record: dict) -> int | None:
@@ -28,9 +42,12 @@ def _steps(record: dict) -> int | None:
     return steps.pop() if len(steps) == 1 else None  # None: members of unequal budgets
 
 
-def _arch(record: dict) -> str | None:
-    archs = {p.get("arch") for p in record["member_provenance"].values()}
-    return archs.pop() if len(archs) == 1 else None  # None: mixed architectures
+def _arch(record: dict) -> str:
+    return _one(p.get("arch") for p in record["member_provenance"].values())
+
+
+def _pretrained_on(record: dict) -> str | None:
+    return _one(p.get("pretrain_dataset") for p in record["member_provenance"].values())
 
 
 def _params(record: dict) -> int | None:
@@ -39,77 +56,137 @@ def _params(record: dict) -> int | None:
 
 
 def _row_key(record: dict, layout: str) -> tuple:
+    # Architecture, pretraining data and views split rows in both layouts: they are different methods.
+    common = (_arch(record), _pretrained_on(record), augmented(record))
     if layout == "table3":
-        return (record["n_members"], _steps(record))
-    return (_arch(record) or "mixed", record["n_members"])
+        return (record["n_members"], _steps(record), *common)
+    return (common[0], record["n_members"], *common[1:])
 
 
 def _row_head(key: tuple, layout: str, records: list[dict]) -> dict:
     if layout == "table3":
-        n, steps = key
-        return {"method": f"Cat{n}", "n": n, "steps_per_member": steps, "total_steps": steps * n if steps else None}
-    arch, n = key
-    params = {_params(r) for r in records}
-    return {
-        "method": arch if n == 1 else f"Cat{n} x {arch}",
-        "n": n,
-        "arch": arch,
-        "params": params.pop() if len(params) == 1 else None,
-    }
+        n, steps, arch, pretrained_on, views = key
+        head = {"method": f"Cat{n}", "n": n, "steps_per_member": steps, "total_steps": steps * n if steps else None}
+    else:
+        arch, n, pretrained_on, views = key
+        params = {_params(r) for r in records}
+        head = {
+            "method": arch if n == 1 else f"Cat{n} x {arch}",
+            "n": n,
+            "params": params.pop() if len(params) == 1 else None,
+        }
+    if views is False:
+        head["method"] += " (no views)"
+    return {**head, "arch": arch, "pretrained_on": pretrained_on, "augmented": views}
 
 
-def table(records: list[dict], layout: str = "table3", protocol: str = "logreg") -> dict:
-    """Group probe records into rows: ``{"layout", "protocol", "datasets": [...], "rows": [...]}``."""
+def _order(key: tuple, layout: str) -> tuple:
+    # table3: by N, then longer members first; table2: by architecture, then N; heads trained
+    # without views after those trained with them.
+    *head, pretrained_on, views = key
+    tail = (str(pretrained_on), views is False)
+    if layout == "table3":
+        n, steps, arch = head
+        return (n, -(steps or 0), str(arch), *tail)
+    arch, n = head
+    return (str(arch), n, *tail)
+
+
+def _columns(records: list[dict]) -> dict[tuple[str, str], str]:
+    """(dataset, eval split) -> column name: the dataset, or dataset/split where a dataset has several."""
+    splits = defaultdict(set)
+    for r in records:
+        splits[r["dataset"]].add(r["eval_split"])
+    keys = sorted({(r["dataset"], r["eval_split"]) for r in records})
+    return {(d, e): d if len(splits[d]) == 1 else f"{d}/{e}" for d, e in keys}
+
+
+def _cell(records: list[dict], metric: str) -> dict:
+    if not records:
+        return {"mean": None, "std": 0.0, "count": 0, "ci95": None}
+    cell = stats.mean_std([r[metric] for r in records])
+    ci = records[0].get("top1_ci95") if len(records) == 1 and metric == "top1" else None
+    return {**cell, "ci95": ci}
+
+
+def table(records: list[dict], layout: str = "table3", protocol: str = "logreg", metric: str = "top1") -> dict:
+    """Group probe records into rows: ``{"layout", "protocol", "metric", "datasets": [...], "rows": [...]}``."""
     if layout not in LAYOUTS:
         raise TimecatError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+    if metric not in METRICS:
+        raise TimecatError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    if metric == "top1_eval_selected" and protocol != "tc":
+        raise TimecatError("top1_eval_selected exists for protocol tc only (the paper's code's selection)")
     records = [r for r in latest_per_probe(records) if r["protocol"] == protocol]
+    if metric != "top1":
+        records = [r for r in records if metric in r]
     if not records:
         raise TimecatError(f"no {protocol} probe records to report: run `timecat probe --protocol {protocol}` first")
-    datasets = sorted({r["dataset"] for r in records})
+    columns = _columns(records)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[_row_key(r, layout)].append(r)
     rows = []
-    order = (lambda k: (k[0], -(k[1] or 0))) if layout == "table3" else (lambda k: (k[0], k[1]))
-    for key in sorted(groups, key=order):
+    for key in sorted(groups, key=lambda k: _order(k, layout)):
         row = _row_head(key, layout, groups[key])
-        for d in datasets:
-            values = [r["top1"] for r in groups[key] if r["dataset"] == d]
-            row[d] = {
-                "mean": float(np.mean(values)) if values else None,
-                "std": float(np.std(values)) if len(values) > 1 else 0.0,
-                "count": len(values),
-            }
+        for (dataset, split), name in columns.items():
+            row[name] = _cell([r for r in groups[key] if (r["dataset"], r["eval_split"]) == (dataset, split)], metric)
         rows.append(row)
     pretrained_on = sorted(
         {p.get("pretrain_dataset") for r in records for p in r["member_provenance"].values()} - {None}
     )
-    return {"layout": layout, "protocol": protocol, "datasets": datasets, "rows": rows, "pretrained_on": pretrained_on}
+    return {
+        "layout": layout,
+        "protocol": protocol,
+        "metric": metric,
+        "metric_meaning": METRICS[metric],
+        "datasets": list(columns.values()),
+        "columns": [{"name": n, "dataset": d, "eval_split": e} for (d, e), n in columns.items()],
+        "rows": rows,
+        "pretrained_on": pretrained_on,
+    }
+
+
+def format_cell(cell: dict) -> str:
+    """``89.76 [89.10, 90.40]`` (one probe, 95% CI), ``92.00 ± 1.00 (n=2)`` (mean ± sample std) or ``-``."""
+    if cell["mean"] is None:
+        return "-"
+    if cell["count"] > 1:
+        return f"{cell['mean']:.2f} ± {cell['std']:.2f} (n={cell['count']})"
+    if cell.get("ci95"):
+        return f"{cell['mean']:.2f} [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}]"
+    return f"{cell['mean']:.2f}"
 
 
 def format_table(data: dict) -> str:
-    """The table as aligned text, like the paper's Table 3 (or Table 2)."""
+    """The table as aligned text, like the paper's Table 3 (or Table 2), with a line saying what cells hold."""
     table3 = data.get("layout", "table3") == "table3"
-    header = ["method", *(["steps/member", "total"] if table3 else ["params"]), *data["datasets"]]
+    shown = ("arch", "pretrained_on") if table3 else ("pretrained_on",)  # table2's method names the arch
+    varies = [k for k in shown if len({str(r.get(k)) for r in data["rows"]}) > 1]
+    extra = {"arch": "arch", "pretrained_on": "pretrained on"}
+    header = [
+        "method",
+        *(["steps/member", "total"] if table3 else ["params"]),
+        *(extra[k] for k in varies),
+        *data["datasets"],
+    ]
     lines = []
     for row in data["rows"]:
         if table3:
             cells = [row["method"], _fmt_int(row["steps_per_member"]), _fmt_int(row["total_steps"])]
         else:
             cells = [row["method"], f"{row['params'] / 1e6:.1f}M" if row["params"] else "-"]
-        for d in data["datasets"]:
-            c = row[d]
-            if c["mean"] is None:
-                cells.append("-")
-            elif c["count"] > 1:
-                cells.append(f"{c['mean']:.2f} ± {c['std']:.2f} (n={c['count']})")
-            else:
-                cells.append(f"{c['mean']:.2f}")
+        cells += [str(row.get(k)) for k in varies]
+        cells += [format_cell(row[d]) for d in data["datasets"]]
         lines.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     out.append("  ".join("-" * w for w in widths))
     out += ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in lines]
+    out.append(
+        f"({data.get('protocol', 'logreg')} probe, {data.get('metric_meaning', METRICS['top1'])}, %; "
+        "one probe: [95% bootstrap interval over eval rows]; several member sets: mean ± sample std (n))"
+    )
     return "\n".join(out)
 
 
@@ -117,22 +194,48 @@ def _fmt_int(value: int | None) -> str:
     return "mixed" if value is None else f"{value:,}"
 
 
+def _error(cell: dict) -> tuple[float, float]:
+    """Error bar below and above a cell's mean: its 95% interval for one probe, else ± the sample std."""
+    if cell["count"] == 1 and cell.get("ci95"):
+        return cell["mean"] - cell["ci95"][0], cell["ci95"][1] - cell["mean"]
+    return cell["std"], cell["std"]
+
+
+def _series(data: dict) -> dict[str, list[dict]]:
+    """Rows drawn as one line each: same architecture, pretraining data and views."""
+    series = defaultdict(list)
+    for row in data["rows"]:
+        label = ", ".join(str(row[k]) for k in ("arch", "pretrained_on") if row.get(k) is not None)
+        if row.get("augmented") is False:
+            label += " (no views)"
+        series[label].append(row)
+    return series
+
+
 def plot(data: dict, out: Path) -> Path:
-    """Top-1 against N, one panel per dataset (error bars where several subsets); saved as PNG."""
+    """Top-1 against N, one panel per dataset, with 95% intervals (one probe) or ± std (several); saved as PNG."""
     plt = _pyplot()
 
     datasets = data["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
     for ax, d in zip(axes[0], datasets, strict=True):
-        rows = [r for r in data["rows"] if r[d]["mean"] is not None]
-        ns = [r["n"] for r in rows]
-        ax.errorbar(ns, [r[d]["mean"] for r in rows], yerr=[r[d]["std"] for r in rows], marker="o", capsize=3)
-        ax.set_xticks(sorted(set(ns)))
+        ns = set()
+        for label, rows in _series(data).items():
+            rows = [r for r in rows if r[d]["mean"] is not None]
+            if not rows:
+                continue
+            ns.update(r["n"] for r in rows)
+            errors = np.array([_error(r[d]) for r in rows]).T  # (2, rows): below, above
+            means = [r[d]["mean"] for r in rows]
+            ax.errorbar([r["n"] for r in rows], means, yerr=errors, marker="o", capsize=3, label=label)
+        ax.set_xticks(sorted(ns))
         ax.set_xlabel("N (members concatenated)")
         ax.set_ylabel("linear-probe top-1 (%)")
         ax.set_title(d)
         ax.grid(alpha=0.3)
-    fig.suptitle("CatN at a fixed total pretraining budget")
+        if len(_series(data)) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle("CatN at a fixed total pretraining budget (bars: 95% interval, or ± std over member sets)")
     return _save(fig, out)
 
 
@@ -140,8 +243,9 @@ def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
     """In-distribution top-1 (x) against each other dataset's (y), one point per row; None if no ID dataset."""
     plt = _pyplot()
 
-    ids = [d for d in data["pretrained_on"] if d in data["datasets"]]
-    oods = [d for d in data["datasets"] if d not in ids]
+    columns = data.get("columns") or [{"name": d, "dataset": d} for d in data["datasets"]]
+    ids = [c["name"] for c in columns if c["dataset"] in data["pretrained_on"]]
+    oods = [c["name"] for c in columns if c["name"] not in ids]
     if len(ids) != 1 or not oods:
         return None  # needs exactly one probed pretraining dataset and at least one other
     fig, axes = plt.subplots(1, len(oods), figsize=(4.2 * len(oods), 3.6), squeeze=False)
@@ -150,13 +254,47 @@ def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
             x, y = row[ids[0]], row[ood]
             if x["mean"] is None or y["mean"] is None:
                 continue
-            ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], marker="o", capsize=3)
+            xerr, yerr = np.array([_error(x)]).T, np.array([_error(y)]).T
+            ax.errorbar(x["mean"], y["mean"], xerr=xerr, yerr=yerr, marker="o", capsize=3)
             ax.annotate(row["method"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, 4))
         ax.set_xlabel(f"{ids[0]} top-1 (%), in distribution")
         ax.set_ylabel(f"{ood} top-1 (%), transfer")
         ax.grid(alpha=0.3)
-    fig.suptitle("In distribution vs transfer (linear probe)", fontsize=10)
+    fig.suptitle("In distribution vs transfer (linear probe; bars: 95% intervals)", fontsize=10)
     return _save(fig, out)
+
+
+def compare(results_root: Path, id_a: str, id_b: str, resamples: int = stats.RESAMPLES, seed: int = 0) -> dict:
+    """Top-1 of record A minus record B on the same eval rows, with its 95% paired bootstrap interval.
+
+    Refuses records made on different eval rows (dataset, split, fingerprint, labels).
+    """
+    records = load(results_root)
+    a, b = find(records, id_a, results_root), find(records, id_b, results_root)
+    rows_a, rows_b = _eval_rows(a), _eval_rows(b)
+    if rows_a != rows_b:
+        raise TimecatError(
+            f"records {id_a} and {id_b} were scored on different eval rows ({rows_a} vs {rows_b}); "
+            "a paired comparison needs the same rows: compare probes of one dataset's eval split"
+        )
+    pa, pb = load_predictions(results_root, a), load_predictions(results_root, b)
+    if not np.array_equal(pa["labels"], pb["labels"]):
+        raise TimecatError(f"the saved predictions of {id_a} and {id_b} are for different eval labels")
+    labels = pa["labels"]
+    paired = stats.paired_difference(pa["top5"][:, 0] == labels, pb["top5"][:, 0] == labels, resamples, seed)
+
+    def side(r: dict) -> dict:
+        return {"id": r["id"], "members": r["members"], "protocol": r["protocol"], "top1": r["top1"]}
+
+    return {"a": side(a), "b": side(b), "dataset": a["dataset"], "eval_split": a["eval_split"], **paired}
+
+
+def _eval_rows(record: dict) -> tuple:
+    rows = record.get("eval_rows")
+    if not rows:
+        raise TimecatError(f"record {record.get('id')} does not identify its eval rows (made before timecat did)")
+    identity = (rows.get("rows"), rows.get("fingerprint"), rows.get("labels_sha256"))
+    return (record["dataset"], record["eval_split"], *identity)
 
 
 def _pyplot():

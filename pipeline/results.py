@@ -1,7 +1,12 @@
-"""The probe results store: one JSON line per probe, append-only.
+"""The probe results store: one JSON line per probe, append-only, and each probe's eval predictions.
+
+    <results>/probes.jsonl               one record per probe
+    <results>/predictions/<id>.npz       its eval predictions: top5 (n, <=5) class indices, labels (n,)
 
 Appends take an exclusive ``flock`` on the file, so concurrent probes never
-interleave half lines; readers skip nothing and parse every line.
+interleave half lines; readers skip nothing and parse every line. Predictions
+are written (atomically) before their record, so a record never names a file
+that is not there.
 """
 
 from __future__ import annotations
@@ -9,12 +14,16 @@ from __future__ import annotations
 import fcntl
 import fnmatch
 import json
+import os
 import re
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.errors import TimecatError
 
 RESULTS_FILE = "probes.jsonl"
+PREDICTIONS_DIR = "predictions"
 
 
 def results_path(results_root: Path) -> Path:
@@ -37,6 +46,45 @@ def append(results_root: Path, record: dict) -> Path:
     return path
 
 
+def save(results_root: Path, record: dict, top5: np.ndarray, labels: np.ndarray) -> Path:
+    """Write a probe's eval predictions, then append its record (which names them); return the JSONL file."""
+    relative = f"{PREDICTIONS_DIR}/{record['id']}.npz"
+    path = Path(results_root) / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez_compressed(f, top5=np.asarray(top5, dtype=np.int32), labels=np.asarray(labels, dtype=np.int64))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record["predictions"] = relative
+    return append(results_root, record)
+
+
+def load_predictions(results_root: Path, record: dict) -> dict[str, np.ndarray]:
+    """A record's eval predictions: ``top5`` (n, <=5) class indices, best first, and ``labels`` (n,)."""
+    relative = record.get("predictions")
+    if not relative:
+        raise TimecatError(f"record {record.get('id')} has no saved predictions (made before timecat saved them)")
+    path = Path(results_root) / relative
+    try:
+        with np.load(path) as data:
+            return {"top5": data["top5"], "labels": data["labels"]}
+    except (OSError, KeyError, ValueError) as e:
+        raise TimecatError(f"record {record['id']}: cannot read its predictions {path} ({e})") from None
+
+
+def find(records: list[dict], record_id: str, results_root: Path) -> dict:
+    """The record with this id (the newest, if a file was merged twice), or an error naming the file."""
+    found = [r for r in records if r.get("id") == record_id]
+    if not found:
+        raise TimecatError(
+            f"no record with id {record_id!r} in {results_path(results_root)}; `timecat results` lists the ids"
+        )
+    return found[-1]
+
+
 def load(results_root: Path) -> list[dict]:
     """Every record, oldest first; a malformed line is an error that names its number."""
     path = results_path(results_root)
@@ -53,11 +101,18 @@ def load(results_root: Path) -> list[dict]:
     return records
 
 
+def augmented(record: dict) -> bool | None:
+    """Protocol tc: whether the head trained on cached augmented views (None for other protocols)."""
+    if record.get("protocol") != "tc":
+        return None
+    return bool(record.get("augmented", record.get("trained_on", "features") != "features"))
+
+
 def latest_per_probe(records: list[dict]) -> list[dict]:
-    """Keep the newest record for each (dataset, members, protocol, splits): reruns replace older runs."""
+    """Keep the newest record for each (dataset, members, protocol, splits, views): reruns replace older runs."""
     latest = {}
     for r in records:
-        key = (r["dataset"], tuple(r["members"]), r["protocol"], r["train_split"], r["eval_split"])
+        key = (r["dataset"], tuple(r["members"]), r["protocol"], r["train_split"], r["eval_split"], augmented(r))
         latest[key] = r
     return list(latest.values())
 

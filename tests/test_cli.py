@@ -107,11 +107,21 @@ def test_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path):
     assert (rows["Cat1"]["steps_per_member"], rows["Cat4"]["steps_per_member"]) == (4, 1)
     assert outcome["table"]["datasets"] == ["digits", "fashion-mnist"]
     assert all(r[d]["mean"] is not None for r in rows.values() for d in outcome["table"]["datasets"])
+    assert all(len(r[d]["ci95"]) == 2 for r in rows.values() for d in outcome["table"]["datasets"])
+    # Each CatN against Cat1 on the same rows, with its interval and what the interval says.
+    paired = {(d["method"], d["dataset"]): d for d in outcome["differences"]}
+    assert set(paired) == {(m, d) for m in ("Cat2", "Cat4") for d in ("digits", "fashion-mnist")}
+    for d in paired.values():
+        by_rows = rows[d["method"]][d["dataset"]]["mean"] - rows["Cat1"][d["dataset"]]["mean"]
+        assert d["difference"] == pytest.approx(by_rows) and d["excludes_zero"] == (
+            not d["ci95"][0] <= 0 <= d["ci95"][1]
+        )
     assert outcome["plots"] == [str(tmp_path / "demo/results/catn.png"), str(tmp_path / "demo/results/id_vs_ood.png")]
     assert all(Path(p).is_file() for p in outcome["plots"])
     # A rerun keeps every member and cached array, and only re-probes.
     before = (tmp_path / "demo/runs/run0/checkpoint.pt").stat().st_mtime_ns
-    assert run("demo", "--workdir", tmp_path / "demo", "--data-root", data, "--total-steps", 4).exit_code == 0
+    rerun = run("demo", "--workdir", tmp_path / "demo", "--data-root", data, "--total-steps", 4)
+    assert rerun.exit_code == 0 and "Cat2 - Cat1 on digits:" in rerun.output and "[95% CI" in rerun.output
     assert (tmp_path / "demo/runs/run0/checkpoint.pt").stat().st_mtime_ns == before
 
 

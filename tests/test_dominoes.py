@@ -44,9 +44,11 @@ def test_dominoes_command_runs_the_experiment_through_the_cache(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["paper"] == {"direct": 97.0, "probe": 94.0, "gap": 3.0}
     assert len(summary["direct"]["runs"]) == len(summary["probe"]["runs"]) == 1
+    assert summary["gap_ci95"] is None  # one seed gives no interval, and says so
     # The mixture CNN leans on the digit: its own head is much better where the digit agrees.
     head = summary["mixture_head"]
     assert head["mixture_test"]["mean"] > head["balanced_test"]["mean"] + 10, head
     records = (tmp_path / "w/results/probes.jsonl").read_text().splitlines()
     assert [json.loads(r)["members"] for r in records] == [["mixture0"]]  # an ordinary probe of the cache
     assert (tmp_path / "w/results/dominoes.png").stat().st_size > 10_000
+    assert "no interval from one seed" in CliRunner().invoke(cli.main, args).output

@@ -88,13 +88,14 @@ def test_subsets_are_all_or_a_seeded_sample():
 
 
 def test_sweep_probes_each_subset_and_reports_mean_and_std(tmp_path):
+    from pipeline import results
     from pipeline.probe import sweep
 
     make_cache(tmp_path / "c.zarr", members=("a", "b", "c"), dims=(6, 4, 5))
-    seen = []
     config = ProbeConfig("toy", ("a",), eval_split="train", backend="sklearn")
-    records, summary = sweep(config, ("a", "b", "c"), 2, None, str(tmp_path / "c.zarr"), seen.append)
-    assert [r["members"] for r in records] == [["a", "b"], ["a", "c"], ["b", "c"]] and seen == records
+    records, summary = sweep(config, ("a", "b", "c"), 2, None, str(tmp_path / "c.zarr"), tmp_path / "r")
+    assert [r["members"] for r in records] == [["a", "b"], ["a", "c"], ["b", "c"]]
+    assert [r["id"] for r in results.load(tmp_path / "r")] == [r["id"] for r in records]  # saved as each finished
     assert all(r["sweep"] == {"cat": 2, "pool": ["a", "b", "c"], "subsets": 3} for r in records)
     top1 = np.array([r["top1"] for r in records])
     assert summary["count"] == 3 and summary["top1"]["mean"] == pytest.approx(top1.mean())
@@ -135,12 +136,17 @@ def test_tc_protocol_chooses_weight_decay_on_held_out_train_rows(tmp_path, views
     assert record["recipe"]["epochs"] == 28 and list(record["recipe"]["milestones"]) == [8, 16, 24]
 
 
-def test_tc_grids_are_the_papers_per_dataset():
+def test_tc_grids_are_the_papers_per_dataset_kind():
     from pipeline.tc import wd_grid
 
     assert wd_grid("inat2018") == (1e-6, 1e-5, 1e-4) and wd_grid("imagenet") == (1e-4, 5e-4)
-    assert len(wd_grid("cifar100")) == 6 and wd_grid("pets") == wd_grid("cifar10")
+    assert len(wd_grid("cifar100")) == 6 and wd_grid("imagefolder") == wd_grid("cifar10")
     assert wd_grid("imagenet", (0.1,)) == (0.1,)
+    # A folder name is not a kind: an imagenet prepared as "imagenet-mixed" is found by its recorded kind.
+    with pytest.raises(TimecatError, match=r"unknown dataset kind 'imagenet-mixed'; choose one of \['cifar10'"):
+        wd_grid("imagenet-mixed")
+    with pytest.raises(TimecatError, match="does not record its dataset kind.*--wd-grid"):
+        wd_grid(None)
     with pytest.raises(TimecatError, match=r"unknown protocol 'dino'; choose one of \['logreg', 'tc'\]"):
         ProbeConfig("d", ("a",), protocol="dino")
 

@@ -63,9 +63,9 @@ def test_table3_layout_with_mean_and_std():
     assert (cat1["method"], cat1["steps_per_member"], cat1["total_steps"]) == ("Cat1", 1000, 1000)
     assert cat1["fmnist"]["mean"] == 88.0
     assert (cat2["method"], cat2["total_steps"]) == ("Cat2", 1000)
-    assert cat2["fmnist"] == {"mean": 92.0, "std": 1.0, "count": 2}
+    assert cat2["fmnist"] == {"mean": 92.0, "std": pytest.approx(2**0.5), "count": 2, "ci95": None}  # ddof=1
     text = report.format_table(data)
-    assert "92.00 ± 1.00 (n=2)" in text and text.splitlines()[0].split() == [
+    assert "92.00 ± 1.41 (n=2)" in text and text.splitlines()[0].split() == [
         "method",
         "steps/member",
         "total",
@@ -123,3 +123,56 @@ def test_table2_is_parameter_matched_and_id_vs_ood_is_plotted(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(TimecatError, match=r"unknown layout 'table9'; choose one of \['table3', 'table2'\]"):
         report.table(records, layout="table9")
+
+
+def test_cells_show_one_probes_interval_or_mean_and_sample_std():
+    one = {**record(["r0"], "fmnist", 89.76, 1000), "top1_ci95": [89.1, 90.4]}
+    data = report.table([one, record(["r1", "r2"], "fmnist", 91.0, 500), record(["r3", "r4"], "fmnist", 93.0, 500)])
+    text = report.format_table(data)
+    assert "89.76 [89.10, 90.40]" in text and "92.00 ± 1.41 (n=2)" in text
+    assert "95% bootstrap interval over eval rows" in text and "sample std" in text
+    assert report._error(data["rows"][0]["fmnist"]) == pytest.approx((0.66, 0.64))  # the plot's bars: the interval
+    assert report._error(data["rows"][1]["fmnist"]) == pytest.approx((2**0.5, 2**0.5))
+
+
+def test_different_eval_splits_pretraining_data_or_architectures_never_share_a_cell():
+    records = [
+        record(["r0"], "digits", 90.0, 1000),
+        {**record(["r1"], "digits", 70.0, 1000), "eval_split": "val"},  # another eval split: another column
+        record(["r2"], "digits", 60.0, 1000, arch="small-resnet"),  # another architecture: another row
+        {
+            **record(["r3"], "digits", 50.0, 1000),
+            "member_provenance": {"r3": {"steps": 1000, "arch": "resnet50", "pretrain_dataset": "cifar10"}},
+        },
+    ]
+    data = report.table(records)
+    assert data["datasets"] == ["digits/test", "digits/val"]
+    cells = {(r["arch"], r["pretrained_on"]): {d: r[d]["mean"] for d in data["datasets"]} for r in data["rows"]}
+    assert cells == {
+        ("resnet50", "fmnist"): {"digits/test": 90.0, "digits/val": 70.0},
+        ("resnet50", "cifar10"): {"digits/test": 50.0, "digits/val": None},
+        ("small-resnet", "fmnist"): {"digits/test": 60.0, "digits/val": None},
+    }
+    header = report.format_table(data).splitlines()[0].split()
+    assert header[:5] == ["method", "steps/member", "total", "arch", "pretrained"]
+
+
+def test_tc_cells_keep_views_apart_and_the_papers_selection_is_labelled_optimistic(tmp_path):
+    views = {**record(["r0"], "c10", 80.0, 10, protocol="tc"), "augmented": True, "top1_eval_selected": 82.0}
+    plain = {**record(["r0"], "c10", 75.0, 10, protocol="tc"), "augmented": False, "top1_eval_selected": 77.0}
+    data = report.table([views, plain], protocol="tc")
+    assert [(r["method"], r["c10"]["mean"]) for r in data["rows"]] == [("Cat1", 80.0), ("Cat1 (no views)", 75.0)]
+    selected = report.table([views, plain], protocol="tc", metric="top1_eval_selected")
+    assert [r["c10"]["mean"] for r in selected["rows"]] == [82.0, 77.0]
+    assert "OPTIMISTIC" in report.format_table(selected) and "OPTIMISTIC" not in report.format_table(data)
+    with pytest.raises(TimecatError, match="top1_eval_selected exists for protocol tc only"):
+        report.table([views], metric="top1_eval_selected")
+    results.append(tmp_path, views)
+    from click.testing import CliRunner
+
+    import cli
+
+    out = CliRunner().invoke(
+        cli.main, ["report", "--results", str(tmp_path), "--protocol", "tc", "--metric", "top1_eval_selected"]
+    )
+    assert out.exit_code == 0 and "82.00" in out.output and "OPTIMISTIC" in out.output
