@@ -53,6 +53,23 @@ def _fractions(value: str) -> tuple[float, float]:
     return start, end
 
 
+def _positive_numbers(value: str | None) -> tuple[float, ...] | None:
+    """'1e-4,5e-4' -> (0.0001, 0.0005); a usage error names each item that is not a positive number."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",")]
+    bad = []
+    for item in items:
+        try:
+            if not float(item) > 0:
+                bad.append(item)
+        except ValueError:
+            bad.append(item)
+    if bad or not items:
+        raise click.BadParameter(f"{bad} are not positive numbers; give comma-separated numbers such as 1e-4,5e-4")
+    return tuple(float(v) for v in items)
+
+
 def _choice(flag: str, choices: list[str], default: str, help_text: str):
     """An option with fixed choices and a shown default (click lists the choices in --help and in errors)."""
     return click.option(flag, type=click.Choice(choices), default=default, show_default=True, help=help_text)
@@ -433,7 +450,11 @@ def extract(
     "auto",
     "logreg solver; auto picks by shape and hardware and is recorded.",
 )
-@click.option("--wd-grid", help="tc: comma-separated weight decays to try (default: the paper's grid).")
+@click.option(
+    "--wd-grid",
+    callback=lambda ctx, param, value: _positive_numbers(value),
+    help="tc: comma-separated weight decays to try (default: the paper's grid for the dataset's kind).",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the held-out split, solver and subset sample.")
 @CACHE
 @RESULTS
@@ -474,7 +495,6 @@ def probe(
         raise click.UsageError("give either --members, or --cat N with --from POOL")
     if cat is not None and not pool:
         raise click.UsageError("--cat N needs --from POOL (comma-separated members)")
-    grid = tuple(float(v) for v in wd_grid.split(",")) if wd_grid else None
     config = ProbeConfig(
         dataset,
         _members(members or pool),
@@ -483,7 +503,7 @@ def probe(
         seed=seed,
         backend=backend,
         protocol=protocol,
-        wd_grid=grid,
+        wd_grid=wd_grid,
     )
     path = results_path(results)
     if cat is None:

@@ -235,8 +235,8 @@ class CumlBackend:
 
     def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
         """Weights (d, m) and intercept (m,), float64: m = 1 for two classes, else one column per class."""
-        coef = np.asarray(self.cupy.asnumpy(self.model.coef_), dtype=np.float64)
-        coef = coef.T if coef.shape[0] != self.model.n_features_in_ else coef
+        # coef_ is (classes or 1, d), as scikit-learn's.
+        coef = np.asarray(self.cupy.asnumpy(self.model.coef_), dtype=np.float64).T
         return coef, np.asarray(self.cupy.asnumpy(self.model.intercept_), dtype=np.float64).ravel()
 
 

@@ -162,21 +162,29 @@ STALE_KEYS = (
     ("view_seed", "view seed"),
     ("views", "view recipe"),
     ("precision", "precision"),
+    ("recipe", "recipe"),
     ("preprocessing", "preprocessing"),
 )
+# What arrays written before a field was recorded did: every resize was FFCV's area resize.
+OLD_DEFAULTS = {"preprocessing": {"interpolation": "area"}}
 
 
 def _json(value):
     return json.loads(json.dumps(value))  # attributes come back from JSON: tuples as lists
 
 
-def _differs(cached: dict, provenance: dict, key: str) -> bool:
+def stale_field(cached: dict, provenance: dict, key: str) -> tuple[str, object, object] | None:
+    """``(field, cached value, new value)`` where a cached array's provenance differs from this run's, else None."""
     old, new = cached.get(key), _json(provenance.get(key))
     if key != "checkpoint_sha256" and old is None:
-        return False
-    if isinstance(old, dict) and isinstance(new, dict):  # keys both record
-        return any(old[k] != new[k] for k in old.keys() & new.keys())
-    return old != new
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):  # the keys both record, with older arrays' defaults
+        old = {**OLD_DEFAULTS.get(key, {}), **old}
+        for k in sorted(old.keys() & new.keys()):
+            if old[k] != new[k]:
+                return f"{key}.{k}", old[k], new[k]
+        return None
+    return (key, old, new) if old != new else None
 
 
 def _plan(
@@ -188,11 +196,13 @@ def _plan(
         return "new"
     cached = store.provenance(dataset, split, member.name, view=view)
     for key, what in STALE_KEYS:
-        if _differs(cached, provenance, key):
+        differs = stale_field(cached, provenance, key)
+        if differs:
             if not config.overwrite:
+                field, old, new = differs
                 raise TimecatError(
                     f"member {member.name} is cached for {cache.layout.describe(dataset, split, view)} from another "
-                    f"{what} ({key} {str(cached.get(key))[:40]}, now {str(provenance.get(key))[:40]}); "
+                    f"{what} ({field} {str(old)[:64]}, now {str(new)[:64]}); "
                     "pass --overwrite to re-extract it, or rename the member"
                 )
             return "new"

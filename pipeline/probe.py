@@ -10,6 +10,7 @@ Protocol ``tc``: the paper's head (pipeline.tc).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import resource
 import time
@@ -69,6 +70,10 @@ class ProbeConfig:
             raise TimecatError(f"holdout is a fraction in (0, 1), got {self.holdout}")
         if not self.members:
             raise TimecatError("no members given: pass --members run0,run1,...")
+        if self.search_rows < 1 or self.search_per_class < 1:
+            raise TimecatError(
+                f"search_rows and search_per_class must be at least 1, got {self.search_rows}, {self.search_per_class}"
+            )
         if self.bootstrap < stats.RESAMPLES:
             raise TimecatError(f"bootstrap resamples must be at least {stats.RESAMPLES}, got {self.bootstrap}")
 
@@ -133,7 +138,15 @@ def search_split(y: np.ndarray, config: ProbeConfig) -> tuple[np.ndarray, np.nda
     """
     rng = np.random.default_rng(config.seed)
     counts = np.bincount(y)
-    held_take = np.minimum(_rounded_share(counts, config.holdout, rng), np.maximum(counts - 1, 0))
+    spare = np.maximum(counts - 1, 0)  # rows a class can give without losing its last
+    if not spare.any():
+        raise TimecatError(
+            f"every class of {config.dataset}/{config.train_split} has a single train row: no row is left to hold "
+            "out for choosing C; a held-out search needs at least one class with 2 or more rows"
+        )
+    held_take = np.minimum(_rounded_share(counts, config.holdout, rng), spare)
+    if not held_take.any():  # small data can round every class down: hold out one row of the largest
+        held_take[np.argmax(spare)] = 1
     held = _take_per_class(y, held_take, rng)
     fit_idx, held_idx = np.flatnonzero(~held), np.flatnonzero(held)
     budget = max(config.search_rows, config.search_per_class * int(np.count_nonzero(counts)))
@@ -346,6 +359,23 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
     return record
 
 
+def tc_epoch_features(store: cache.Cache, X_train: np.ndarray, config: ProbeConfig, views: list[int]):
+    """``rows -> (epoch -> features)``: epoch e trains on cached view e mod K, else on the plain features."""
+
+    def epoch_rows(rows: np.ndarray | None):
+        if not views:
+            fixed = X_train if rows is None else X_train[rows]  # one copy, not one per epoch
+            return lambda epoch: fixed
+
+        def features(epoch: int) -> np.ndarray:
+            X, _ = store.features(config.dataset, config.train_split, config.members, view=views[epoch % len(views)])
+            return X if rows is None else X[rows]
+
+        return features
+
+    return epoch_rows
+
+
 def probe_tc(
     store: cache.Cache,
     X_train: np.ndarray,
@@ -370,7 +400,6 @@ def probe_tc(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = f"{config.dataset}/{config.train_split}"
     grid = tc.wd_grid(kind, config.wd_grid, where)
-    dataset_recipe = recipes.for_kind(kind, where).describe() if kind is not None else None
     views = tc.check_views(store.views(config.dataset, config.train_split))
     if not views:
         log.warning(
@@ -378,37 +407,13 @@ def probe_tc(
             "which re-augments every epoch (run `timecat extract --views K` first); the record says augmented: false",
             where,
         )
-
-    def epoch_rows(rows: np.ndarray | None):
-        # Epoch e trains on view e mod K when views are cached, else on the plain features.
-        if not views:
-            fixed = X_train if rows is None else X_train[rows]  # one copy, not one per epoch
-            return lambda epoch: fixed
-
-        def features(epoch: int) -> np.ndarray:
-            X, _ = store.features(config.dataset, config.train_split, config.members, view=views[epoch % len(views)])
-            return X if rows is None else X[rows]
-
-        return features
-
+    epoch_rows = tc_epoch_features(store, X_train, config, views)
     fit_idx, held_idx = search_split(y_train, replace(config, search_rows=len(y_train)))
-    log.info(
-        "tc on %s: %d weight decays side by side, %d epochs, search then whole train split",
-        where,
-        len(grid),
-        recipe.epochs,
-    )
-    search = f"choose wd ({config.dataset})"
-    heads = tc.train_heads(
-        epoch_rows(fit_idx), y_train[fit_idx], n_classes, grid, recipe, config.seed, device, None, search
-    )
-    trials = [
-        {
-            "weight_decay": wd,
-            "holdout_top1": topk_accuracy(tc.head_topk(h, X_train[held_idx], 1, device), y_train[held_idx], 1),
-        }
-        for wd, h in zip(grid, heads, strict=True)
-    ]
+    log.info("tc on %s: %d weight decays side by side, %d epochs, twice", where, len(grid), recipe.epochs)
+    train = functools.partial(tc.train_heads, n_classes=n_classes, weight_decays=grid, recipe=recipe, seed=config.seed)
+    heads = train(epoch_rows(fit_idx), y_train[fit_idx], device=device, desc=f"choose wd ({config.dataset})")
+    held = [topk_accuracy(tc.head_topk(h, X_train[held_idx], 1, device), y_train[held_idx], 1) for h in heads]
+    trials = [{"weight_decay": w, "holdout_top1": top1} for w, top1 in zip(grid, held, strict=True)]
     wd = best_trial(trials, "weight_decay", "larger")["weight_decay"]
     # Every weight decay on the whole train split, its eval top-1 after each epoch: the last
     # epoch of the chosen one is the result; the best over all is the paper's code's figure.
@@ -417,7 +422,7 @@ def probe_tc(
     def score(i: int, epoch: int, head) -> None:
         curves[i].append(topk_accuracy(tc.head_topk(head, X_eval, 1, device), y_eval, 1))
 
-    heads = tc.train_heads(epoch_rows(None), y_train, n_classes, grid, recipe, config.seed, device, score, "train tc")
+    heads = train(epoch_rows(None), y_train, device=device, on_epoch=score, desc=f"train tc ({config.dataset})")
     best = tc.head_topk(heads[grid.index(wd)], X_eval, 5, device)
     selected, epoch = max(
         ((i, e) for i in range(len(grid)) for e in range(recipe.epochs)), key=lambda p: curves[p[0]][p[1]]
@@ -431,7 +436,7 @@ def probe_tc(
         "augmented": bool(views),
         "trained_on": f"views {views[0]}..{views[-1]}" if views else "features",
         "recipe": asdict(recipe),
-        "dataset_recipe": dataset_recipe,
+        "dataset_recipe": recipes.for_kind(kind, where).describe() if kind is not None else None,
         "dim": int(X_train.shape[1]),
         "n_train": len(y_train),
         "n_eval": len(y_eval),
@@ -441,7 +446,7 @@ def probe_tc(
         # The paper's code's figure: the best eval top-1 over epochs and weight decays. Optimistic.
         "top1_eval_selected": curves[selected][epoch],
         "eval_selected": {"weight_decay": grid[selected], "epoch": epoch + 1, "optimistic": True},
-        "eval_top1_by_epoch": {str(w): [round(v, 4) for v in curve] for w, curve in zip(grid, curves, strict=True)},
+        "eval_top1_by_epoch": {str(w): [round(v, 4) for v in c] for w, c in zip(grid, curves, strict=True)},
         "eval_top5": best,
     }
 

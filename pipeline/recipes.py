@@ -120,8 +120,8 @@ def for_kind(kind: str | None, where: str) -> Recipe:
     """The recipe of a registered dataset kind, or an error naming the kinds (``where``: for the message)."""
     if kind is None:
         raise TimecatError(
-            f"{where} does not record its dataset kind (prepared or extracted before timecat recorded kinds): "
-            "re-extract it, or pass --wd-grid to protocol tc"
+            f"{where} does not record its dataset kind (extracted before timecat recorded kinds): rerun the same "
+            "`timecat extract` (it keeps the cached arrays and records the kind), or pass --wd-grid to protocol tc"
         )
     try:
         return RECIPES[kind]

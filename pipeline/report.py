@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,50 +56,78 @@ def _params(record: dict) -> int | None:
     return sum(counts) if all(c is not None for c in counts) else None
 
 
-def _row_key(record: dict, layout: str) -> tuple:
+class RowKey(NamedTuple):
+    """What makes two records the same method: they share a row only when every field agrees."""
+
+    n: int  # members concatenated
+    steps: int | None  # steps per member (table3; None in table2 or for members of unequal budgets)
+    arch: str
+    pretrained_on: str | None
+    augmented: bool | None  # tc: trained on cached views; None for other protocols
+
+
+class ColumnKey(NamedTuple):
+    """What makes two records scored on the same data: they share a column only when every field agrees."""
+
+    dataset: str
+    train_split: str
+    eval_split: str
+    eval_fingerprint: str | None  # a dataset prepared again under the same name has other rows
+
+
+def _row_key(record: dict, layout: str) -> RowKey:
     # Architecture, pretraining data and views split rows in both layouts: they are different methods.
-    common = (_arch(record), _pretrained_on(record), augmented(record))
-    if layout == "table3":
-        return (record["n_members"], _steps(record), *common)
-    return (common[0], record["n_members"], *common[1:])
+    steps = _steps(record) if layout == "table3" else None
+    return RowKey(record["n_members"], steps, _arch(record), _pretrained_on(record), augmented(record))
 
 
-def _row_head(key: tuple, layout: str, records: list[dict]) -> dict:
+def _column_key(record: dict) -> ColumnKey:
+    fingerprint = (record.get("eval_rows") or {}).get("fingerprint")
+    return ColumnKey(record["dataset"], record["train_split"], record["eval_split"], fingerprint)
+
+
+def _row_head(key: RowKey, layout: str, records: list[dict]) -> dict:
     if layout == "table3":
-        n, steps, arch, pretrained_on, views = key
-        head = {"method": f"Cat{n}", "n": n, "steps_per_member": steps, "total_steps": steps * n if steps else None}
+        total = key.steps * key.n if key.steps else None
+        head = {"method": f"Cat{key.n}", "n": key.n, "steps_per_member": key.steps, "total_steps": total}
     else:
-        arch, n, pretrained_on, views = key
         params = {_params(r) for r in records}
         head = {
-            "method": arch if n == 1 else f"Cat{n} x {arch}",
-            "n": n,
+            "method": key.arch if key.n == 1 else f"Cat{key.n} x {key.arch}",
+            "n": key.n,
             "params": params.pop() if len(params) == 1 else None,
         }
-    if views is False:
+    if key.augmented is False:
         head["method"] += " (no views)"
-    return {**head, "arch": arch, "pretrained_on": pretrained_on, "augmented": views}
+    return {**head, "arch": key.arch, "pretrained_on": key.pretrained_on, "augmented": key.augmented}
 
 
-def _order(key: tuple, layout: str) -> tuple:
+def _order(key: RowKey, layout: str) -> tuple:
     # table3: by N, then longer members first; table2: by architecture, then N; heads trained
     # without views after those trained with them.
-    *head, pretrained_on, views = key
-    tail = (str(pretrained_on), views is False)
+    tail = (str(key.pretrained_on), key.augmented is False)
     if layout == "table3":
-        n, steps, arch = head
-        return (n, -(steps or 0), str(arch), *tail)
-    arch, n = head
-    return (str(arch), n, *tail)
+        return (key.n, -(key.steps or 0), str(key.arch), *tail)
+    return (str(key.arch), key.n, *tail)
 
 
-def _columns(records: list[dict]) -> dict[tuple[str, str], str]:
-    """(dataset, eval split) -> column name: the dataset, or dataset/split where a dataset has several."""
-    splits = defaultdict(set)
-    for r in records:
-        splits[r["dataset"]].add(r["eval_split"])
-    keys = sorted({(r["dataset"], r["eval_split"]) for r in records})
-    return {(d, e): d if len(splits[d]) == 1 else f"{d}/{e}" for d, e in keys}
+def _columns(records: list[dict]) -> dict[ColumnKey, str]:
+    """Column key -> name: the dataset alone, with the eval split, the train split and the rows' fingerprint
+    added only as far as needed to tell a dataset's columns apart."""
+    keys = sorted({_column_key(r) for r in records}, key=str)
+    names = {}
+    for key in keys:
+        siblings = [k for k in keys if k.dataset == key.dataset]
+        name = key.dataset
+        if len({k.eval_split for k in siblings}) > 1:
+            name += f"/{key.eval_split}"
+        if len({k.train_split for k in siblings}) > 1:
+            name += f" (fit on {key.train_split})"
+        names[key] = name
+    counts = defaultdict(int)
+    for name in names.values():
+        counts[name] += 1
+    return {k: n if counts[n] == 1 else f"{n} [rows {str(k.eval_fingerprint)[:8]}]" for k, n in names.items()}
 
 
 def _cell(records: list[dict], metric: str) -> dict:
@@ -118,19 +147,21 @@ def table(records: list[dict], layout: str = "table3", protocol: str = "logreg",
     if metric == "top1_eval_selected" and protocol != "tc":
         raise TimecatError("top1_eval_selected exists for protocol tc only (the paper's code's selection)")
     records = [r for r in latest_per_probe(records) if r["protocol"] == protocol]
-    if metric != "top1":
-        records = [r for r in records if metric in r]
     if not records:
         raise TimecatError(f"no {protocol} probe records to report: run `timecat probe --protocol {protocol}` first")
+    if metric != "top1":
+        records = [r for r in records if metric in r]
+        if not records:
+            raise TimecatError(f"no {protocol} record carries {metric} (made before timecat stored it): rerun them")
     columns = _columns(records)
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    groups: dict[RowKey, list[dict]] = defaultdict(list)
     for r in records:
         groups[_row_key(r, layout)].append(r)
     rows = []
     for key in sorted(groups, key=lambda k: _order(k, layout)):
         row = _row_head(key, layout, groups[key])
-        for (dataset, split), name in columns.items():
-            row[name] = _cell([r for r in groups[key] if (r["dataset"], r["eval_split"]) == (dataset, split)], metric)
+        for column, name in columns.items():
+            row[name] = _cell([r for r in groups[key] if _column_key(r) == column], metric)
         rows.append(row)
     pretrained_on = sorted(
         {p.get("pretrain_dataset") for r in records for p in r["member_provenance"].values()} - {None}
@@ -141,7 +172,7 @@ def table(records: list[dict], layout: str = "table3", protocol: str = "logreg",
         "metric": metric,
         "metric_meaning": METRICS[metric],
         "datasets": list(columns.values()),
-        "columns": [{"name": n, "dataset": d, "eval_split": e} for (d, e), n in columns.items()],
+        "columns": [{"name": n, **k._asdict()} for k, n in columns.items()],
         "rows": rows,
         "pretrained_on": pretrained_on,
     }
@@ -185,7 +216,7 @@ def format_table(data: dict) -> str:
     out += ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in lines]
     out.append(
         f"({data.get('protocol', 'logreg')} probe, {data.get('metric_meaning', METRICS['top1'])}, %; "
-        "one probe: [95% bootstrap interval over eval rows]; several member sets: mean ± sample std (n))"
+        "one probe: [95% bootstrap interval over eval rows] where recorded; several member sets: mean ± sample std (n))"
     )
     return "\n".join(out)
 

@@ -16,6 +16,7 @@ import fnmatch
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def load_predictions(results_root: Path, record: dict) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as data:
             return {"top5": data["top5"], "labels": data["labels"]}
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:  # missing, truncated or foreign file
         raise TimecatError(f"record {record['id']}: cannot read its predictions {path} ({e})") from None
 
 

@@ -91,14 +91,15 @@ def augment(images: torch.Tensor, rows: np.ndarray, spec: ViewSpec, view: int, o
         crops = torch.cat(
             [_bicubic(images[i : i + 1, :, t : t + h, c : c + w], out_px) for i, (t, c, h, w, _) in enumerate(params)]
         )
-        flips = torch.tensor([p[4] for p in params], device=images.device).view(-1, 1, 1, 1)
-        return torch.where(flips, crops.flip(-1), crops).contiguous(memory_format=torch.channels_last)
-    boxes = torch.tensor(
-        [[i, left, top, left + w, top + h] for i, (top, left, h, w, _) in enumerate(params)],
-        dtype=images.dtype,
-        device=images.device,
-    )  # (B, 5): batch index, x1, y1, x2, y2 in pixel-edge coordinates
-    crops = roi_align(images.contiguous(), boxes, (out_px, out_px), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    else:
+        boxes = torch.tensor(
+            [[i, left, top, left + w, top + h] for i, (top, left, h, w, _) in enumerate(params)],
+            dtype=images.dtype,
+            device=images.device,
+        )  # (B, 5): batch index, x1, y1, x2, y2 in pixel-edge coordinates
+        crops = roi_align(
+            images.contiguous(), boxes, (out_px, out_px), spatial_scale=1.0, sampling_ratio=0, aligned=True
+        )
     flips = torch.tensor([p[4] for p in params], device=images.device).view(-1, 1, 1, 1)
     return torch.where(flips, crops.flip(-1), crops).contiguous(memory_format=torch.channels_last)
 

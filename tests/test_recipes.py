@@ -148,3 +148,15 @@ def test_precision_is_chosen_recorded_and_never_mixed(pipeline_run, tmp_path):
     assert probe(ProbeConfig("digits", ("run1",)), path)["member_provenance"]["run1"]["precision"] == "bf16"
     with pytest.raises(TimecatError, match=r"unknown precision 'fp16'; choose one of \['bf16', 'fp32'\]"):
         ExtractConfig("digits", ("run1",), precision="fp16")
+
+
+def test_arrays_cached_before_a_field_was_recorded_are_compared_with_what_they_did():
+    from pipeline.extract import stale_field
+
+    old = {"checkpoint_sha256": "a", "preprocessing": {"resolution": 28, "mean": [1, 2, 3]}}  # no interpolation
+    area = {"checkpoint_sha256": "a", "preprocessing": {"resolution": 28, "mean": (1, 2, 3), "interpolation": "area"}}
+    bicubic = {**area, "preprocessing": {**area["preprocessing"], "interpolation": "bicubic"}}
+    assert stale_field(old, area, "preprocessing") is None  # older arrays were all area-resized
+    assert stale_field(old, bicubic, "preprocessing") == ("preprocessing.interpolation", "area", "bicubic")
+    assert stale_field(old, {**area, "precision": "fp32"}, "precision") is None  # not recorded then
+    assert stale_field(old, {**area, "checkpoint_sha256": "b"}, "checkpoint_sha256") == ("checkpoint_sha256", "a", "b")

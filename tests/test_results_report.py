@@ -176,3 +176,20 @@ def test_tc_cells_keep_views_apart_and_the_papers_selection_is_labelled_optimist
         cli.main, ["report", "--results", str(tmp_path), "--protocol", "tc", "--metric", "top1_eval_selected"]
     )
     assert out.exit_code == 0 and "82.00" in out.output and "OPTIMISTIC" in out.output
+
+
+def test_other_train_splits_or_eval_rows_get_their_own_columns():
+    base = record(["r0"], "digits", 90.0, 1000)
+    records = [
+        {**base, "eval_rows": {"fingerprint": "aaaa1111"}},
+        {**record(["r1"], "digits", 80.0, 1000), "eval_rows": {"fingerprint": "bbbb2222"}},  # digits prepared again
+        {**record(["r2"], "digits", 70.0, 1000), "train_split": "val", "eval_rows": {"fingerprint": "aaaa1111"}},
+    ]
+    data = report.table(records)
+    assert len(data["datasets"]) == 3 and len(data["rows"]) == 1
+    cells = {name: data["rows"][0][name]["mean"] for name in data["datasets"]}
+    assert sorted(cells.values()) == [70.0, 80.0, 90.0]  # three cells, never a mean of two
+    assert any("fit on val" in name for name in cells) and any("rows bbbb2222" in name for name in cells)
+    old = [{k: v for k, v in r.items() if k != "top1_eval_selected"} for r in records]
+    with pytest.raises(TimecatError, match="no tc record carries top1_eval_selected"):
+        report.table([{**r, "protocol": "tc"} for r in old], protocol="tc", metric="top1_eval_selected")
