@@ -192,6 +192,11 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
 )
 @click.option("--eval-every", default=0, show_default=True, help="Steps between logged test evaluations (0: end).")
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Torch CPU threads (default: every CPU available); on a CPU the weights depend on it, so a resume keeps it.",
+)
 @click.option("--checkpoint-every", default=500, show_default=True, help="Steps between resumable checkpoints.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (worth it on GPU).")
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard scalars to RUNS/NAME/tensorboard.")
@@ -217,6 +222,7 @@ def pretrain(
     ramp,
     eval_every,
     workers,
+    threads,
     checkpoint_every,
     compile_,
     tensorboard,
@@ -261,6 +267,7 @@ def pretrain(
         "min_resolution": min_resolution,
         "ramp": ramp,
         "num_workers": workers,
+        "threads": threads,
         "optimizer": optimizer,
         "schedule": schedule,
         "eval_every": eval_every,
@@ -359,6 +366,7 @@ def status(plan_path, runs, as_json):
 @click.option("--overwrite", is_flag=True, help="Re-extract members cached from another checkpoint.")
 @click.option("--chunk-rows", type=int, help="Rows per Zarr chunk, a multiple of the batch size (default ~8 MiB).")
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
+@click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads (default: every CPU available).")
 @click.option("--views", default=0, show_default=True, help="Also cache K augmented views of each train image.")
 @click.option("--view-seed", default=0, show_default=True, help="Seed of the views' crops and flips.")
 @click.option(
@@ -379,6 +387,7 @@ def extract(
     overwrite,
     chunk_rows,
     workers,
+    threads,
     data_root,
     runs,
     cache_path,
@@ -418,6 +427,7 @@ def extract(
         views=views,
         view_seed=view_seed,
         precision=precision,
+        threads=threads,
     )
     summary = run(config, data_root, runs, cache_path)
     if os.environ.get("RANK", "0") != "0":

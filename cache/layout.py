@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import re
 
 import numpy as np
 
@@ -93,8 +94,14 @@ def resolve_dtype(dtype: str) -> type:
         raise CacheError(f"unknown feature dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
 
 
+# One rule for every name that becomes a folder, a file or a store path: members, datasets,
+# splits, plan members. ASCII only, so names survive every filesystem, shell and log line.
+NAME_RULE = "1 to 128 ASCII letters, digits, '-', '_' or '.', not starting with '.'"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
 def check_name(kind: str, name: str) -> str:
-    """Refuse names that would break the store's paths."""
-    if not name or "/" in name or "\\" in name or name.startswith(".") or name != name.strip():
-        raise CacheError(f"invalid {kind} name {name!r}: use a non-empty name without '/', '\\', '..' or a leading '.'")
+    """Refuse names that would break the store's paths or a shell: the error states the rule."""
+    if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+        raise CacheError(f"invalid {kind} name {name!r}: use {NAME_RULE}")
     return name

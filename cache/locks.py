@@ -8,6 +8,7 @@ start time, so a refused second writer can say who is in the way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl  # POSIX only, like the clusters timecat runs on
 import json
 import os
@@ -15,6 +16,8 @@ import socket
 import time
 
 from cache.errors import CacheError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
 
 
 class BusyError(CacheError):
@@ -25,29 +28,72 @@ class BusyError(CacheError):
         self.holder = holder
 
 
+# flock errors that mean the filesystem cannot lock (NFS without lockd, some FUSE and
+# parallel filesystems), as opposed to another process holding the lock.
+UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+class UnsupportedError(CacheError):
+    """The filesystem refuses file locks: concurrent writers could not be kept apart there."""
+
+
 @contextlib.contextmanager
-def hold(lock_path: str):
-    """Hold an exclusive lock on ``lock_path`` (created with its folders), or raise BusyError at once."""
-    os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+def hold(lock_path: str, wait: bool = False):
+    """Hold an exclusive lock on ``lock_path`` (created with its folders).
+
+    Raises BusyError at once when another process holds it, or waits for it with
+    ``wait``. A symlink planted at ``lock_path`` is refused, not followed.
+    """
+    try:
+        os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
+        fd = _open(lock_path, os.O_RDWR | os.O_CREAT)
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise CacheError(f"no space left on the device to create the lock {lock_path}: free some space") from None
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise CacheError(f"cannot create the lock {lock_path} ({e.strerror}): the folder is not writable") from None
+        raise
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BusyError(lock_path, _read_holder(fd)) from None
-        os.ftruncate(fd, 0)
+        except OSError as e:
+            if e.errno in UNSUPPORTED:
+                raise UnsupportedError(
+                    f"{lock_path}: this filesystem does not support file locks ({e.strerror}), so concurrent "
+                    "writers could not be kept apart; put the runs folder and the cache on a local disk or a "
+                    "filesystem with working flock (ext4, xfs, NFSv4 with locking, Lustre mounted with -o flock)"
+                ) from None
+            raise
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+        except OSError as e:
+            if e.errno in NO_SPACE:  # the lock is held; only its note of the holder is lost
+                pass
+            else:
+                raise
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
 
 
+def _open(path: str, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CacheError(f"{path} is a symbolic link: refusing to follow it; remove it and run again") from None
+        raise
+
+
 def holder(lock_path: str) -> dict | None:
     """Who holds ``lock_path`` now (pid, host, since), or None when nobody does."""
     try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+    except (FileNotFoundError, OSError):  # absent, or a planted symlink: nobody holds it
         return None
     try:
         try:

@@ -14,36 +14,75 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from cache import layout, locks
 from cache.errors import CacheError
-from cache.writer import FeatureWriter
+from cache.writer import NO_SPACE, FeatureWriter
 
 # zarr warns that consolidated metadata is not in the v3 spec yet; we rely on it
 # only as a read-side speed-up and rewrite it after every stage.
 warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
 
 
-def open(path: str, mode: str = "r", storage_options: dict | None = None) -> Cache:  # noqa: A001
+# fsspec URL schemes and the package that serves each (for the error when it is missing).
+FSSPEC_DRIVERS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub"}
+
+
+def open(  # noqa: A001
+    path: str, mode: str = "r", storage_options: dict | None = None, use_consolidated: bool | None = None
+) -> Cache:
     """Open the cache at ``path`` (a local path or any fsspec URL zarr accepts).
 
     ``mode`` is ``"r"`` to read, ``"a"`` to read and add arrays (created if absent).
+    ``use_consolidated=False`` reads every array's own metadata (``verify`` does).
     """
     if mode not in ("r", "a"):
         raise CacheError(f"unknown mode {mode!r}; choose 'r' or 'a'")
+    path = str(path)
+    if mode == "a":
+        _check_writable(path)
     try:
         if mode == "r":
-            group = zarr.open_group(store=path, mode="r", storage_options=storage_options)
+            group = zarr.open_group(
+                store=path, mode="r", storage_options=storage_options, use_consolidated=use_consolidated
+            )
         else:
             # Writers never trust consolidated metadata: it may be stale.
             group = zarr.open_group(store=path, mode="a", use_consolidated=False, storage_options=storage_options)
             group.attrs.setdefault("format_version", layout.FORMAT_VERSION)
     except FileNotFoundError:
-        raise CacheError(f"no feature cache at {path}: run `timecat extract` first") from None
+        raise CacheError(
+            f"no feature cache at {path}: run `timecat extract` first (--cache or TIMECAT_CACHE names another)"
+        ) from None
+    except ImportError as e:  # fsspec or its driver for the URL's scheme
+        scheme = path.split("://", 1)[0]
+        package = FSSPEC_DRIVERS.get(scheme, "fsspec and the driver for " + scheme)
+        raise CacheError(f"{path}: reading {scheme}:// caches needs {package} (pip install {package}): {e}") from None
+    except PermissionError as e:
+        raise CacheError(f"cache {path} cannot be read ({e.strerror}): check its permissions") from None
+    except (ValueError, TypeError, KeyError) as e:  # a root zarr.json that is not metadata
+        raise CacheError(f"{path} is not a readable zarr store ({type(e).__name__}: {e})") from None
     version = group.attrs.get("format_version")
     if version != layout.FORMAT_VERSION:
         raise CacheError(f"{path} is not a timecat cache of format {layout.FORMAT_VERSION} (found {version!r})")
     return Cache(group, path, mode)
+
+
+def _check_writable(path: str) -> None:
+    """Refuse, before any work, a cache that writes cannot reach or keep."""
+    if path.startswith("memory://"):
+        raise CacheError(f"{path}: a memory:// cache keeps nothing once the process ends; give a path or a URL")
+    if "://" in path and not path.startswith("file://"):
+        return  # remote stores report their own permission errors
+    local = path.removeprefix("file://")
+    existing = local
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip("/")) or "."
+    if not os.access(existing or ".", os.W_OK):
+        raise CacheError(
+            f"cache {path} is not writable ({existing} refuses writes): check its permissions or use another --cache"
+        )
 
 
 def labels_digest(labels: np.ndarray) -> str:
@@ -119,54 +158,81 @@ class Cache:
         return rows
 
     def verify(self) -> list[dict]:
-        """Check every array: status, shape against the labels, a full NaN scan, label agreement.
+        """Check every array: its own metadata, status, shape, labels, provenance, a full non-finite scan, and
+        that each member's splits and views come from one checkpoint and each view from one seed.
 
-        Returns one row per array with ``ok`` and a list of ``problems``.
+        Every array is found by listing the store and read through its own metadata, never the
+        consolidated copy, which a killed or edited store can leave stale. Returns one row per
+        array with ``ok`` and a list of ``problems``.
         """
-        rows, label_checks = [], {}
-        for dataset, split, view, member in self.arrays():
-            array = self._features_array(dataset, split, member, view)
-            attrs = self.split_attrs(dataset, split)
-            if (dataset, split) not in label_checks:  # once per split, not once per array
-                labels = self.labels(dataset, split)
-                found = []
-                if len(labels) != attrs.get("rows"):
-                    found.append(f"labels hold {len(labels)} rows, attributes say {attrs.get('rows')}")
-                if labels_digest(labels) != attrs.get("labels_sha256"):
-                    found.append("labels do not match their recorded sha256")
-                label_checks[(dataset, split)] = (len(labels), found)
-            n_labels, found = label_checks[(dataset, split)]
-            problems = list(found)
-            if array.attrs.get("status") != layout.STATUS_COMPLETE:
-                problems.append(f"status is {array.attrs.get('status')!r}, not 'complete'")
-            if array.shape[0] != n_labels:
-                problems.append(f"{array.shape[0]} rows but the split has {n_labels}")
-            prov = array.attrs.get("provenance", {})
-            if prov.get("labels_sha256") != attrs.get("labels_sha256"):
-                problems.append("extracted with other labels than the split's")
-            if prov.get("dataset_fingerprint") != attrs.get("fingerprint"):
-                problems.append("extracted from a different dataset fingerprint")
-            first = self.first_unwritten_row(dataset, split, member, view=view)
-            if first < array.shape[0]:
-                problems.append(f"unwritten, unreadable or NaN rows from row {first}")
+        root = zarr.open_group(store=self.group.store, mode="r", use_consolidated=False)
+        rows, splits = [], {}
+        for dataset, split, view, member, array, error in _walk(root):
+            if (dataset, split) not in splits:  # once per split, not once per array
+                splits[(dataset, split)] = _split_problems(root, dataset, split)
+            n_labels, attrs, problems = splits[(dataset, split)]
+            problems = list(problems)
+            prov = {}
+            if error is not None:
+                where = layout.features_path(dataset, split, member, view)
+                problems.append(f"array metadata unreadable ({error}): delete {self.path}/{where} and re-extract")
+            else:
+                prov = dict(array.attrs.get("provenance", {}))
+                problems += _array_problems(array, prov, attrs, n_labels)
             rows.append(
                 {
                     "dataset": dataset,
                     "split": split,
                     "view": view,
                     "member": member,
-                    "shape": list(array.shape),
-                    "ok": not problems,
+                    "shape": list(array.shape) if error is None else None,
+                    "checkpoint_sha256": prov.get("checkpoint_sha256"),
+                    "view_seed": prov.get("view_seed"),
                     "problems": problems,
                 }
             )
+        _cross_problems(rows)
+        for row in rows:
+            row["ok"] = not row["problems"]
         return rows
+
+    def check_same_checkpoint(self, dataset: str, splits: Sequence[tuple[str, int | None]], members) -> dict:
+        """Each member's checkpoint sha256 per (split, view) read; refuse a member whose arrays disagree.
+
+        An interrupted ``extract --overwrite`` can leave one split from the new checkpoint and
+        another from the old: concatenating them gives a number with no meaning.
+        """
+        shas = {}
+        for member in members:
+            found = {
+                layout.describe(dataset, split, view): self.provenance(dataset, split, member, view=view).get(
+                    "checkpoint_sha256"
+                )
+                for split, view in splits
+            }
+            if len(set(found.values())) > 1:
+                shown = {where: str(sha)[:12] for where, sha in found.items()}
+                raise CacheError(
+                    f"member {member}'s arrays come from different checkpoints ({shown}): an extraction was "
+                    f"interrupted; rerun `timecat extract --members {member} --dataset {dataset} --overwrite`"
+                )
+            shas[member] = found
+        return shas
 
     # -- reading ---------------------------------------------------------------
 
     def labels(self, dataset: str, split: str) -> np.ndarray:
-        """The (n,) int64 labels of a split, in dataset order."""
-        return self._labels_array(dataset, split)[:]
+        """The (n,) int64 labels of a split, in dataset order, checked against their recorded sha256 as read."""
+        array = self._labels_array(dataset, split)
+        try:
+            labels = array[:]
+        except Exception as e:  # zarr/numcodecs raise several types for a damaged chunk
+            raise CacheError(
+                f"labels of {dataset}/{split} are unreadable ({type(e).__name__}): {_relabel(self)}"
+            ) from None
+        if labels_digest(labels) != array.attrs.get("labels_sha256"):
+            raise CacheError(f"labels of {dataset}/{split} do not match their recorded sha256: {_relabel(self)}")
+        return labels
 
     def split_attrs(self, dataset: str, split: str) -> dict:
         """Attributes of a split's labels: fingerprint, classes, rows."""
@@ -248,9 +314,9 @@ class Cache:
         slower (REFERENCE.md).
 
         Every member is checked to be ``complete`` with all its chunks present (a
-        missing chunk would read as NaN). ``scan_nan=True`` also scans every value,
-        which adds about a third to the read time; ``verify()`` does the same for the
-        whole cache.
+        missing chunk would read as NaN). ``scan_nan=True`` also scans every value for
+        NaN and inf, which adds about a third to the read time; ``verify()`` does the
+        same for the whole cache. The labels are hashed as they are read.
         """
         arrays = self.check_members(dataset, split, members, view=view)
         n = arrays[0].shape[0]
@@ -259,11 +325,12 @@ class Cache:
         for member, array in zip(members, arrays, strict=True):
             block = X[:, col : col + array.shape[1]]
             _read_into(array, slice(0, n), block)
-            # Scan a chunk of rows at a time: a whole-block isnan would allocate n x d bools.
+            # Scan a chunk of rows at a time: a whole-block isfinite would allocate n x d bools.
             step = array.chunks[0]
-            if scan_nan and any(np.isnan(block[i : i + step]).any() for i in range(0, n, step)):
+            if scan_nan and not all(np.isfinite(block[i : i + step]).all() for i in range(0, n, step)):
                 raise CacheError(
-                    f"member {member} holds NaN rows in {layout.describe(dataset, split, view)}: re-extract it"
+                    f"member {member} holds non-finite (NaN or inf) values in {layout.describe(dataset, split, view)}: "
+                    "rerun `timecat extract` for it (it rewrites the damaged chunks)"
                 )
             col += array.shape[1]
         return X, self.labels(dataset, split)
@@ -284,7 +351,7 @@ class Cache:
         arrays = self.check_members(dataset, split, members, view=view)
         n = arrays[0].shape[0]
         step = block_rows or arrays[0].chunks[0]
-        labels = self._labels_array(dataset, split)
+        labels = self.labels(dataset, split)  # (n,) int64: small beside the features, and hashed as read
         width = sum(a.shape[1] for a in arrays)
         for start in range(0, n, step):
             rows = slice(start, min(n, start + step))
@@ -316,31 +383,47 @@ class Cache:
         layout.check_name("dataset", dataset)
         layout.check_name("split", split)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
-        path = layout.labels_path(dataset, split)
-        if path in self.group:
-            attrs = self.split_attrs(dataset, split)
-            if attrs.get("fingerprint") != fingerprint or attrs.get("labels_sha256") != labels_digest(labels):
-                raise CacheError(
-                    f"{dataset}/{split} is cached from a different dataset (fingerprint "
-                    f"{attrs.get('fingerprint')}, now {fingerprint}); use a new cache path or delete "
-                    f"{self.path}/{dataset}/{split}"
-                )
-            if kind is not None and attrs.get("kind") != kind:
-                if attrs.get("kind") is not None:
-                    raise CacheError(f"{dataset}/{split} is cached as kind {attrs['kind']!r}, not {kind!r}")
-                self._labels_array(dataset, split).attrs["kind"] = kind
-            return
-        array = self.group.create_array(path, shape=labels.shape, chunks=(1 << 20,), dtype=np.int64)
-        array[:] = labels
-        array.attrs.update(
-            {
-                "fingerprint": fingerprint,
-                "labels_sha256": labels_digest(labels),
-                "rows": len(labels),
-                "classes": list(classes),
-                "kind": kind,
-            }
-        )
+        attrs = {
+            "fingerprint": fingerprint,
+            "labels_sha256": labels_digest(labels),
+            "rows": len(labels),
+            "classes": list(classes),
+            "kind": kind,
+        }
+        # Concurrent extractions of other members create a split together: one creates it
+        # while the others wait, then find it whole (its attributes and labels written).
+        with _split_lock(self.path, dataset, split):
+            path = layout.labels_path(dataset, split)
+            current = self.split_attrs(dataset, split) if path in self.group else {}
+            if current.get("fingerprint") is not None:  # a finished split: it must be this dataset's
+                if (current["fingerprint"], current.get("labels_sha256")) != (fingerprint, attrs["labels_sha256"]):
+                    raise CacheError(
+                        f"{dataset}/{split} is cached from a different dataset (fingerprint "
+                        f"{current.get('fingerprint')}, now {fingerprint}); use a new cache path or delete "
+                        f"{self.path}/{dataset}/{split}"
+                    )
+                if kind is not None and current.get("kind") not in (None, kind):
+                    raise CacheError(f"{dataset}/{split} is cached as kind {current['kind']!r}, not {kind!r}")
+                if self._stored_labels_intact(dataset, split):
+                    if kind is not None and current.get("kind") is None:
+                        self._labels_array(dataset, split).attrs["kind"] = kind  # a cache from before kinds
+                    return
+            # New, unfinished (a full disk or a kill while writing) or damaged labels: write them whole.
+            # The attributes go into the array's own metadata when it is created, not in a second step.
+            array = self.group.create_array(
+                path, shape=labels.shape, chunks=(1 << 20,), dtype=np.int64, attributes=attrs, overwrite=True
+            )
+            try:
+                array[:] = labels
+            except OSError as e:
+                raise _disk_error(e, f"the labels of {dataset}/{split}") from e
+
+    def _stored_labels_intact(self, dataset: str, split: str) -> bool:
+        try:
+            self.labels(dataset, split)
+        except CacheError:
+            return False
+        return True
 
     def create_features(
         self,
@@ -385,22 +468,12 @@ class Cache:
     def first_unwritten_row(
         self, dataset: str, split: str, member: str, start: int = 0, stop: int | None = None, *, view: int | None = None
     ) -> int:
-        """Start of the first chunk in rows [start, stop) that is missing, unreadable or holds NaN; ``stop`` if none.
+        """Start of the first chunk in rows [start, stop) that is missing, unreadable or not finite; ``stop`` if none.
 
         A process killed mid-write can leave a truncated chunk on stores that do not
         write atomically: it fails to decode, and counts as unwritten.
         """
-        array = self._features_array(dataset, split, member, view)
-        step = array.chunks[0]
-        stop = array.shape[0] if stop is None else stop
-        for row in range(start, stop, step):
-            try:
-                block = array[row : min(stop, row + step)]
-            except Exception:  # zarr/numcodecs raise several types for a damaged chunk
-                return row
-            if np.isnan(block).any():
-                return row
-        return stop
+        return _first_bad_row(self._features_array(dataset, split, member, view), start, stop)
 
     def resume_features(
         self, dataset: str, split: str, member: str, start: int = 0, stop: int | None = None, *, view: int | None = None
@@ -424,6 +497,11 @@ class Cache:
         as URLs other than file:// are not locked.
         """
         return _member_lock(self.path, dataset, split, member)
+
+    def mark_writing(self, dataset: str, split: str, member: str, *, view: int | None = None) -> None:
+        """Set a damaged complete array back to ``writing`` before its bad chunks are written again."""
+        self._require_writable()
+        self._features_array(dataset, split, member, view).attrs["status"] = layout.STATUS_WRITING
 
     def finish_features(self, dataset: str, split: str, member: str, *, view: int | None = None) -> None:
         """Check every row is written (no NaN) and mark the member ``complete``."""
@@ -494,3 +572,132 @@ def _read_into(array: zarr.Array, rows: slice, out: np.ndarray) -> None:
         return
     buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
     array.get_basic_selection((rows, slice(None)), out=buffer)
+
+
+def _first_bad_row(array: zarr.Array, start: int = 0, stop: int | None = None) -> int:
+    """Start of the first chunk in rows [start, stop) that is missing, unreadable or not finite; ``stop`` if none."""
+    step = array.chunks[0]
+    stop = array.shape[0] if stop is None else stop
+    for row in range(start, stop, step):
+        try:
+            block = array[row : min(stop, row + step)]
+        except Exception:  # zarr/numcodecs raise several types for a damaged chunk
+            return row
+        if not np.isfinite(block).all():  # NaN: never written; inf: damaged (writers refuse both)
+            return row
+    return stop
+
+
+def _relabel(store: Cache) -> str:
+    return (
+        "the store is damaged; rerun `timecat extract` for this dataset (it writes the labels again) "
+        f"or delete the split from {store.path}"
+    )
+
+
+def _disk_error(error: OSError, what: str) -> CacheError:
+    if error.errno in NO_SPACE:
+        return CacheError(
+            f"no space left on the device while writing {what} ({error.strerror}); free some space and run the "
+            "same command again: nothing written before is lost"
+        )
+    return CacheError(f"cannot write {what}: {error}")
+
+
+@contextlib.contextmanager
+def _split_lock(path: str, dataset: str, split: str):
+    """Wait for the lock that serialises creating a split's labels (local stores only)."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        yield
+        return
+    root = str(path).removeprefix("file://").rstrip("/")
+    with locks.hold(os.path.join(f"{root}.locks", dataset, split, ".labels.lock"), wait=True):
+        yield
+
+
+def _children(group: zarr.Group, prefix: str) -> list[str]:
+    """Names of the entries under ``prefix``, from the store's own listing (not from metadata)."""
+
+    async def collect() -> list[str]:
+        return [key async for key in group.store.list_dir(prefix)]
+
+    # zarr's stores list asynchronously; sync() is how zarr's own synchronous API waits on them.
+    return sorted(k for k in sync(collect()) if k != "zarr.json" and not k.startswith("."))
+
+
+def _walk(root: zarr.Group) -> Iterator[tuple[str, str, int | None, str, zarr.Array | None, str | None]]:
+    """Every member array as ``(dataset, split, view, member, array, error)``, opened from its own metadata."""
+    for dataset in _children(root, ""):
+        for split in _children(root, dataset):
+            groups = [(None, layout.features_group(dataset, split))]
+            groups += [
+                (int(v), layout.features_group(dataset, split, int(v)))
+                for v in _children(root, layout.views_group(dataset, split))
+                if v.isdigit()
+            ]
+            for view, group in groups:
+                for member in _children(root, group):
+                    try:
+                        yield (
+                            dataset,
+                            split,
+                            view,
+                            member,
+                            zarr.open_array(store=root.store, path=f"{group}/{member}", mode="r"),
+                            None,
+                        )
+                    except Exception as e:  # missing or garbage metadata: zarr raises several types
+                        yield dataset, split, view, member, None, f"{type(e).__name__}: {e}"
+
+
+def _split_problems(root: zarr.Group, dataset: str, split: str) -> tuple[int | None, dict, list[str]]:
+    """(rows of the labels, their attributes, problems) of one split, from the labels' own metadata."""
+    try:
+        array = zarr.open_array(store=root.store, path=layout.labels_path(dataset, split), mode="r")
+        labels, attrs = array[:], dict(array.attrs)
+    except Exception as e:  # missing or unreadable labels
+        return None, {}, [f"the split's labels are missing or unreadable ({type(e).__name__})"]
+    problems = []
+    if attrs.get("fingerprint") is None:
+        problems.append("the split's labels were never finished (no fingerprint): rerun `timecat extract`")
+    if len(labels) != attrs.get("rows"):
+        problems.append(f"labels hold {len(labels)} rows, attributes say {attrs.get('rows')}")
+    if labels_digest(labels) != attrs.get("labels_sha256"):
+        problems.append("labels do not match their recorded sha256")
+    return len(labels), attrs, problems
+
+
+def _array_problems(array: zarr.Array, prov: dict, split_attrs: dict, n_labels: int | None) -> list[str]:
+    """What is wrong with one member array against its split."""
+    problems = []
+    if array.attrs.get("status") != layout.STATUS_COMPLETE:
+        problems.append(f"status is {array.attrs.get('status')!r}, not 'complete'")
+    if n_labels is not None and array.shape[0] != n_labels:
+        problems.append(f"{array.shape[0]} rows but the split has {n_labels}")
+    if prov.get("labels_sha256") != split_attrs.get("labels_sha256"):
+        problems.append("extracted with other labels than the split's")
+    if prov.get("dataset_fingerprint") != split_attrs.get("fingerprint"):
+        problems.append("extracted from a different dataset fingerprint")
+    first = _first_bad_row(array)
+    if first < array.shape[0]:
+        problems.append(f"unwritten, unreadable or non-finite rows from row {first}")
+    return problems
+
+
+def _cross_problems(rows: list[dict]) -> None:
+    """Add the invariants between arrays: one checkpoint per member and dataset, one seed per view."""
+    shas, seeds = {}, {}
+    for row in rows:
+        where = layout.describe(row["dataset"], row["split"], row["view"])
+        shas.setdefault((row["dataset"], row["member"]), {})[where] = row["checkpoint_sha256"]
+        if row["view"] is not None:
+            seeds.setdefault((row["dataset"], row["split"], row["view"]), {})[row["member"]] = row["view_seed"]
+    for row in rows:
+        found = shas[(row["dataset"], row["member"])]
+        if len(set(found.values())) > 1:
+            shown = {where: str(sha)[:12] for where, sha in found.items()}
+            row["problems"].append(f"the member's splits come from different checkpoints {shown}: re-extract it")
+        if row["view"] is not None:
+            drawn = seeds[(row["dataset"], row["split"], row["view"])]
+            if len(set(drawn.values())) > 1:
+                row["problems"].append(f"members' views were drawn with different seeds {drawn}: re-extract them")

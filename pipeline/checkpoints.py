@@ -10,25 +10,24 @@ Loading uses ``weights_only=True``: a checkpoint is a pickle, and may come from 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 
+from pipeline import files
 from pipeline.errors import TimecatError
 from pipeline.models import Classifier, build
 
 
 def save(path: Path, payload: dict) -> None:
     """Write ``payload`` to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.replace(Path(path), lambda tmp: write_torch(payload, tmp))
+
+
+def write_torch(obj, path: Path) -> None:
+    """``torch.save`` through a Python file, so a full disk raises ENOSPC (as a path, torch says 'unexpected pos')."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load(path: Path, mmap: bool = False) -> dict:

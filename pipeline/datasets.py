@@ -196,12 +196,38 @@ def read_fashion_mnist(data_root: Path, options: SourceOptions) -> dict[str, Spl
 # -- CIFAR python pickles --------------------------------------------------------
 
 
+# What CIFAR's python pickles hold: dicts, lists, bytes and numpy arrays. Only the callables
+# that rebuild those are loaded; anything else a pickle names (os.system, eval, ...) is refused,
+# because a pickle runs whatever callable it names.
+CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),  # arrays, numpy 1 (and the original Python 2 files)
+    ("numpy._core.multiarray", "_reconstruct"),  # arrays, numpy 2
+    ("numpy.core.numeric", "_frombuffer"),  # arrays, pickle protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which a CIFAR batch never holds (refused: a pickle runs what it names)"
+            )
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+            data = _CifarUnpickler(f, encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise TimecatError(f"{path}: not a CIFAR python pickle ({e})") from None
+    if not isinstance(data, dict):
+        raise TimecatError(f"{path}: not a CIFAR python pickle (holds a {type(data).__name__}, not a dict)")
+    return data
 
 
 def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:

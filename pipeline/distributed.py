@@ -80,3 +80,19 @@ def launch(nproc_per_node: int, command: list[str]) -> None:
     if nproc_per_node < 1:
         raise TimecatError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
     torchrun(["--standalone", f"--nproc-per-node={nproc_per_node}", "--no-python", *command])
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's CPU intra-op threads (``None``: every CPU this process may use); return the count.
+
+    An explicit setting, recorded with what it produced: on a CPU, the thread count
+    changes the order of reductions in convolutions, and so the weights' last bits.
+    Under torchrun the CPUs are shared by the ranks on a node.
+    """
+    if threads is None:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, available // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads < 1:
+        raise TimecatError(f"threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads

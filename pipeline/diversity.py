@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import cache
+from cache.layout import check_name
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger
 
@@ -33,6 +34,10 @@ class DiversityConfig:
     probe: bool = True  # also probe (logreg) each member alone and their concatenation
 
     def __post_init__(self):
+        check_name("dataset", self.dataset)
+        check_name("split", self.split)
+        for member in self.members:
+            check_name("member", member)
         if len(self.members) < 2:
             raise TimecatError(f"diversity compares at least 2 members, got {list(self.members)}")
         if len(set(self.members)) != len(self.members):

@@ -54,10 +54,19 @@ class ExtractConfig:
     view_splits: tuple[str, ...] = ("train",)  # the splits a probe trains on
     view_seed: int = 0  # the views' crops and flips; their scale and resizing come from the dataset kind's recipe
     precision: str | None = None  # forward pass: bf16 autocast or fp32 (the paper's); None: bf16 on GPU, fp32 on CPU
+    threads: int | None = None  # torch CPU threads; None: every CPU available (shared by the ranks of a node)
 
     def __post_init__(self):
         if not self.members:
             raise TimecatError("no members given: pass --members run0,run1,...")
+        check_name("dataset", self.dataset)  # before anything (a lock, a folder) is made from it
+        for split in self.splits:
+            check_name("split", split)
+        names = [interop.foreign_name_and_path(m)[0] if interop.is_foreign(m) else m for m in self.members]
+        for name in names:
+            check_name("member", name)
+        if len(set(names)) != len(names):
+            raise TimecatError(f"a member is named twice in {list(self.members)}: name each once")
         if self.chunk_rows is not None and (self.chunk_rows < 1 or self.chunk_rows % self.batch_size):
             raise TimecatError(
                 f"chunk rows ({self.chunk_rows}) must be a multiple of the batch size ({self.batch_size})"
@@ -207,7 +216,19 @@ def _plan(
                 )
             return "new"
     if store.status(dataset, split, member.name, view=view) == cache.layout.STATUS_COMPLETE:
-        return "keep"
+        # Complete arrays are scanned, not trusted: a deleted or garbled chunk is written again.
+        rows = store.shape(dataset, split, member.name, view=view)[0]
+        first = store.first_unwritten_row(dataset, split, member.name, view=view)
+        if first == rows:
+            return "keep"
+        log.warning(
+            "%s %s: complete but damaged from row %d (a missing, garbled or non-finite chunk): rewriting from there",
+            cache.layout.describe(dataset, split, view),
+            member.name,
+            first,
+        )
+        store.mark_writing(dataset, split, member.name, view=view)
+        return "resume"
     return "resume" if cached.get("dataset_fingerprint") == provenance["dataset_fingerprint"] else "new"
 
 
@@ -434,6 +455,7 @@ def extract(config: ExtractConfig, data_root: Path, runs_root: Path, cache_path:
 
 
 def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> list[dict]:
+    distributed.use_threads(config.threads)
     setting = resolve(config, data_root, d.device)
     members = [load_member(runs_root, name, d.device) for name in config.members]
     for m in members:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoints, recipes
+from pipeline import checkpoints, files, recipes
 from pipeline.errors import TimecatError
 from pipeline.models import build
 
@@ -97,9 +97,4 @@ def export_torchvision(payload: dict, out: Path) -> Path:
     model = payload["model"]
     state = {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
     state.update({f"fc.{k.removeprefix('head.')}": v for k, v in model.items() if k.startswith("head.")})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
-    return out
+    return files.replace(Path(out), lambda tmp: checkpoints.write_torch(state, tmp))

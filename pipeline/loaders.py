@@ -1,17 +1,23 @@
 """Everything that touches FFCV: writing .beton files and streaming batches.
 
 Only prepare, pretrain and extract import this module, so that the cache, the
-probe and the report work without FFCV installed.
+probe and the report work without FFCV installed. Importing it changes two
+things in FFCV, once: FFCV no longer sets torch's thread count (timecat's
+``--threads`` does), and one harmless numba finalizer message is silenced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import multiprocessing
 import operator
 import queue
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,7 @@ try:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.compiler import Compiler
     from ffcv.transforms import NormalizeImage, ToTensor, ToTorchImage
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise TimecatError(
@@ -57,6 +64,28 @@ def _drop_numba_finalizer_noise(previous):
 
 
 sys.unraisablehook = _drop_numba_finalizer_noise(sys.unraisablehook)
+
+
+def _keep_torch_threads(set_num_threads):
+    """FFCV's ``Compiler.set_num_threads``, minus its side effect on torch.
+
+    FFCV sets numba's threads and also torch's intra-op threads to a loader's worker
+    count (at import, when a Loader is built, at each epoch), so the same member
+    trained with --workers 1 and 2 ran its convolutions on different thread counts
+    and ended up to 0.32 apart in weights. Torch's count is timecat's setting
+    (``--threads``), so it is put back after every call.
+    """
+
+    def numba_only(cls, n):
+        threads = torch.get_num_threads()
+        set_num_threads.__func__(cls, n)
+        torch.set_num_threads(threads)
+
+    return classmethod(numba_only)
+
+
+# Explicit, once, at import: every FFCV loader timecat builds goes through this module.
+Compiler.set_num_threads = _keep_torch_threads(Compiler.set_num_threads)
 
 
 @dataclass(frozen=True)
@@ -106,8 +135,61 @@ class _WriterProgress:
         self.bar.close()
 
 
+DISK_FULL_EXIT = 28  # exit status of a writer process that found the disk full (ENOSPC's number)
+
+
+class WriterDiedError(TimecatError):
+    """An FFCV writer process exited before its work was done."""
+
+
+class _Watch:
+    """Stands in for FFCV writer's ``Process`` and ``sleep`` to notice a worker that died.
+
+    FFCV's parent process waits for its workers by polling a shared counter forever:
+    a worker killed by a full disk (ENOSPC) or a crash leaves it waiting. Its module
+    names ``Process`` and ``sleep`` are the only hooks it offers, so the workers it
+    starts are recorded here and every poll checks that none died.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.workers = path, []
+
+    def process(self, target, args=(), **kwargs):
+        def run(*work):
+            try:
+                target(*work)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise  # a bug, not the user's disk: keep its traceback
+                sys.exit(DISK_FULL_EXIT)  # quietly: the parent says what happened, once
+
+        worker = multiprocessing.Process(target=run, args=args, **kwargs)  # forked: a closure is fine
+        self.workers.append(worker)
+        return worker
+
+    def sleep(self, seconds: float) -> None:
+        dead = [w.exitcode for w in self.workers if w.exitcode not in (None, 0)]
+        if DISK_FULL_EXIT in dead:
+            free = shutil.disk_usage(self.path.parent).free / 2**20
+            raise WriterDiedError(
+                f"no space left on the device while writing {self.path} ({free:.1f} MiB free): free some space "
+                "and run the same command again (splits already prepared are kept)"
+            )
+        if dead:
+            raise WriterDiedError(f"an FFCV writer process died (exit code {dead[0]}) while writing {self.path}")
+        time.sleep(seconds)
+
+    def stop(self) -> None:
+        """Terminate and reap every worker still running (none is left behind as an orphan)."""
+        for w in self.workers:
+            if w.is_alive():
+                w.terminate()
+        for w in self.workers:
+            w.join(timeout=10)
+
+
 def write_beton(path: Path, images, labels: np.ndarray, fmt: BetonFormat, num_workers: int) -> None:
-    """Write images and int labels to ``path`` as an FFCV dataset."""
+    """Write images and int labels to ``path`` as an FFCV dataset; a worker that dies fails the write."""
     fields = {
         "image": RGBImageField(
             write_mode=fmt.write_mode,
@@ -117,9 +199,25 @@ def write_beton(path: Path, images, labels: np.ndarray, fmt: BetonFormat, num_wo
         ),
         "label": IntField(),
     }
-    ffcv.writer.tqdm = _WriterProgress  # its module-level name is the only hook it offers
+    watch = _Watch(Path(path))
     writer = ffcv.writer.DatasetWriter(str(path), fields, num_workers=num_workers)
-    writer.from_indexed_dataset(_Labelled(images, labels))
+    hooks = {"tqdm": _WriterProgress, "Process": watch.process, "sleep": watch.sleep}
+    saved = {name: getattr(ffcv.writer, name) for name in hooks}
+    try:
+        for name, hook in hooks.items():
+            setattr(ffcv.writer, name, hook)
+        writer.from_indexed_dataset(_Labelled(images, labels))
+    except BaseException:
+        watch.stop()
+        memory = getattr(writer, "metadata_sm", None)  # FFCV's shared metadata block, unlinked only on success
+        if isinstance(memory, shared_memory.SharedMemory):
+            with contextlib.suppress(OSError):
+                memory.close()
+                memory.unlink()
+        raise
+    finally:
+        for name, value in saved.items():
+            setattr(ffcv.writer, name, value)
 
 
 def _label_pipeline() -> list:

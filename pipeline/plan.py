@@ -9,12 +9,11 @@ member's checkpoint lives at ``<runs>/<name>/checkpoint.pt``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cache.layout import check_name
-from pipeline import __version__
+from pipeline import __version__, files
 from pipeline.errors import TimecatError
 from pipeline.models import ARCHS
 
@@ -50,6 +49,7 @@ class Plan:
     preset: str | None = None
 
     def __post_init__(self):
+        check_name("dataset", self.dataset)
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise TimecatError(f"a member name appears twice in the plan: {names}")
@@ -131,13 +131,8 @@ def make_plan(
 
 def save(plan: Plan, path: Path) -> Path:
     """Write the plan as JSON (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**asdict(plan), "checkpoint_layout": "<runs>/<name>/checkpoint.pt", "timecat_version": __version__}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-    return path
+    return files.write_text(path, json.dumps(payload, indent=1))
 
 
 def load(path: Path) -> Plan:
@@ -188,5 +183,5 @@ def status(plan: Plan, runs_root: Path) -> list[dict]:
 def _last_logged_step(path: Path) -> int:
     if not path.is_file():
         return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
+    lines, _ = files.read_jsonl(path)  # a line torn by a kill mid-write is not a step
+    return max((r.get("step", 0) for _, r in lines if isinstance(r.get("step", 0), int)), default=0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.layout import check_name
-from pipeline import __version__
+from pipeline import __version__, files
 from pipeline.datasets import BetonFormat, FileImages, SourceOptions, Split, get_spec
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger, progress
@@ -85,12 +85,31 @@ def read_manifest(data_root: Path, name: str, split: str) -> dict:
         prepared = sorted(p.name for p in Path(data_root).glob("*") if (p / "train.json").is_file())
         raise TimecatError(
             f"dataset {name!r} split {split!r} is not prepared under {data_root} (no {beton.name} with its manifest); "
-            f"run `timecat prepare {name}` (prepared there: {prepared or 'none'})"
+            f"run {prepare_command(name)} (prepared there: {prepared or 'none'}; --data-root or TIMECAT_DATA "
+            "changes where to look)"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TimecatError(f"{path}: not a readable manifest ({e}); run {prepare_command(name)} again") from None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise TimecatError(f"{path}: manifest lacks {missing}; run {prepare_command(name)} again")
     if manifest.get("bytes") != beton.stat().st_size:
-        raise TimecatError(f"{beton} does not match its manifest (size changed); run `timecat prepare {name}` again")
+        raise TimecatError(f"{beton} does not match its manifest (size changed); run {prepare_command(name)} again")
     return manifest
+
+
+MANIFEST_KEYS = ("name", "kind", "split", "rows", "classes", "mean", "std", "fingerprint", "format", "bytes")
+
+
+def prepare_command(name: str) -> str:
+    """The command that prepares ``name``: `timecat prepare NAME`, or with --name when NAME is not a kind."""
+    from pipeline.datasets import DATASETS
+
+    if name in DATASETS:
+        return f"`timecat prepare {name}`"
+    return f"`timecat prepare KIND --name {name}` (KIND one of {sorted(DATASETS)})"
 
 
 def is_complete(data_root: Path, name: str, split: str) -> bool:
@@ -161,12 +180,34 @@ def write_split(split: Split, out: Path, fmt: BetonFormat, num_workers: int) -> 
     """Write one split's .beton to a temporary name, then rename it into place."""
     from pipeline.loaders import write_beton  # FFCV is only needed from here on
 
+    _remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         write_beton(tmp, split.images, split.labels, fmt, num_workers)
         os.replace(tmp, out)
+    except OSError as e:
+        raise files.disk_error(e, str(out)) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete ``.NAME.tmp-PID`` files left by writers that died (their PID is gone), never a live one's."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by a writer that died", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def storage_format(default: BetonFormat, storage: str | None) -> BetonFormat:
@@ -224,8 +265,6 @@ def prepare(config: PrepareConfig) -> list[dict]:
             "skipped": skipped,  # unreadable files left out with --on-corrupt skip: path and error
             "timecat_version": __version__,
         }
-        tmp = manifest_path(config.data_root, name, split_name).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, manifest_path(config.data_root, name, split_name))
+        files.write_text(manifest_path(config.data_root, name, split_name), json.dumps(manifest, indent=1))
         manifests.append(manifest)
     return manifests

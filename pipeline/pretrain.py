@@ -27,7 +27,7 @@ from torch import nn
 
 from cache import locks
 from cache.layout import check_name
-from pipeline import __version__, checkpoints, distributed
+from pipeline import __version__, checkpoints, distributed, files
 from pipeline.datasets import get_spec
 from pipeline.errors import TimecatError
 from pipeline.models import ARCHS, Classifier, build
@@ -68,14 +68,18 @@ class PretrainConfig:
     checkpoint_every: int = 500  # steps between resumable checkpoints; 0: only the final one
     compile: bool = False  # torch.compile the training forward/backward (worth it on GPU)
     tensorboard: bool = False  # also write the log's numbers as TensorBoard scalars under <run>/tensorboard
+    threads: int | None = None  # torch CPU threads (the numerics on CPU depend on it); None: every CPU available
 
     def __post_init__(self):
         check_name("member", self.name)  # it becomes a folder and a cache path
+        check_name("dataset", self.dataset)
         if self.arch not in ARCHS:
             raise TimecatError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHS)}")
         for field in ("eval_every", "checkpoint_every"):
             if getattr(self, field) < 0:
                 raise TimecatError(f"{field} must be 0 (only at the end) or more, got {getattr(self, field)}")
+        if self.threads is not None and self.threads < 1:
+            raise TimecatError(f"threads must be at least 1, got {self.threads}")
         for field in ("steps", "batch_size", "log_every", "num_workers"):
             if getattr(self, field) < 1:
                 raise TimecatError(f"{field} must be at least 1, got {getattr(self, field)}")
@@ -94,7 +98,8 @@ class PretrainConfig:
 
 
 # How a run is operated, not what it trains: changing these never makes a member "another member".
-OPERATIONAL = ("num_workers", "log_every", "eval_every", "checkpoint_every", "compile", "tensorboard")
+# threads is checked on its own: a resume on CPU must keep it (restore), a finished member never cares.
+OPERATIONAL = ("num_workers", "log_every", "eval_every", "checkpoint_every", "compile", "tensorboard", "threads")
 
 
 def recipe(config: PretrainConfig) -> dict:
@@ -268,6 +273,7 @@ class Run:
     criterion: nn.Module
     loader: object  # this rank's FFCV train loader
     order: object  # its pipeline.seeded.StepOrder
+    threads: int = 1  # torch CPU threads
     _eval_loaders: dict | None = None
 
     def eval_loader(self, split: str):
@@ -295,6 +301,7 @@ def build_run(config: PretrainConfig, data_root: Path, d: distributed.Dist) -> R
             f"--min-resolution {config.min_resolution} must be below the training resolution {pre.resolution}; "
             "pass a larger --resolution or a smaller --min-resolution"
         )
+    threads = distributed.use_threads(config.threads)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build(config.arch, len(manifest["classes"]), config.width)
     model = model.to(d.device, memory_format=torch.channels_last)
@@ -322,6 +329,7 @@ def build_run(config: PretrainConfig, data_root: Path, d: distributed.Dist) -> R
         nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         loader,
         order,
+        threads,
     )
 
 
@@ -378,6 +386,7 @@ def checkpoint_payload(run: Run, step: int, weights: dict, final: dict | None) -
         "preprocess": run.pre.to_dict(),
         "dataset_fingerprint": run.manifest["fingerprint"],
         "world_size": run.d.world_size,
+        "threads": run.threads,  # torch CPU threads this member trained with
         "timecat_version": __version__,
         "final": final,
     }
@@ -390,6 +399,13 @@ def restore(run: Run, payload: dict) -> int:
             f"member {run.config.name} was started on another version of {run.config.dataset} "
             f"(fingerprint {payload['dataset_fingerprint']} vs now {run.manifest['fingerprint']}); "
             "restore that data, or delete the member's folder to start over"
+        )
+    saved_threads = payload.get("threads")
+    if run.d.device.type == "cpu" and saved_threads not in (None, run.threads):
+        raise TimecatError(
+            f"member {run.config.name} was trained on {saved_threads} CPU thread(s) up to step {payload['step']}, "
+            f"and this run would use {run.threads}: on a CPU the weights depend on it. Pass --threads "
+            f"{saved_threads} to resume it bit for bit"
         )
     weights = payload["train_model"] if payload.get("train_model") is not None else payload["model"]
     checkpoints.load_state_strict(run.model, weights, f"checkpoint of {run.config.name}")
@@ -405,28 +421,35 @@ def metrics_log(path: Path, active: bool, resume_step: int | None, tensorboard: 
     """A function that appends one JSON record to log.jsonl (rank 0; a no-op elsewhere).
 
     On resume, records past the checkpoint are dropped: those steps are trained again.
-    ``tensorboard``: also write every number of every record there as a scalar
-    (``train/loss``, ``eval/test_top1``, ...) at the record's step.
+    The log is never emptied by a run that fails to start: everything that can refuse
+    (the TensorBoard writer) is set up first, and the kept records are written to a new
+    file renamed into place. A line torn by a crash is dropped. ``tensorboard``: also
+    write every number of every record there as a scalar (``train/loss``,
+    ``eval/test_top1``, ...) at the record's step.
     """
     if not active:
         yield lambda record: None
         return
-    kept = []
-    if resume_step is not None and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
-    with open(path, "w") as f, _tensorboard(tensorboard) as board:
-        f.writelines(line + "\n" for line in kept)
+    with _tensorboard(tensorboard) as board:
+        kept = []
+        if resume_step is not None and path.is_file():
+            lines, torn = files.read_jsonl(path)
+            if torn:
+                log.warning("%s: dropped %d torn line(s) %s", path, len(torn), torn[:5])
+            kept = [record for _, record in lines if record.get("step", 0) <= resume_step]
+        files.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+        with files.open_append(path) as fd:
 
-        def write(record: dict) -> None:
-            f.write(json.dumps(record) + "\n")
-            f.flush()  # readable while training runs (timecat status, tail -f)
-            if board is not None:
-                group = record.get("event", "train")
-                for key, value in record.items():
-                    if isinstance(value, int | float) and key != "step":
-                        board.add_scalar(f"{group}/{key}", value, record["step"])
+            def write(record: dict) -> None:
+                # One write() per record: readable while training runs (timecat status, tail -f).
+                files.append_all_or_nothing(fd, (json.dumps(record) + "\n").encode(), f"the log {path}")
+                if board is not None:
+                    group = record.get("event", "train")
+                    for key, value in record.items():
+                        if isinstance(value, int | float) and key != "step":
+                            board.add_scalar(f"{group}/{key}", value, record["step"])
 
-        yield write
+            yield write
 
 
 @contextlib.contextmanager
@@ -570,8 +593,13 @@ def _train_member(config, data_root: Path, runs_root: Path, d: distributed.Dist,
     out, ckpt = run_dir(runs_root, config.name), checkpoint_path(runs_root, config.name)
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        resolved = {"config": asdict(config), "preprocess": run.pre.to_dict(), "world_size": d.world_size}
-        (out / "config.json").write_text(json.dumps({**resolved, "timecat_version": __version__}, indent=1))
+        resolved = {
+            "config": asdict(config),
+            "preprocess": run.pre.to_dict(),
+            "world_size": d.world_size,
+            "threads": run.threads,
+        }
+        files.write_text(out / "config.json", json.dumps({**resolved, "timecat_version": __version__}, indent=1))
     started = time.perf_counter()
     board = out / "tensorboard" if config.tensorboard else None
     with metrics_log(out / "log.jsonl", d.is_main, start if payload is not None else None, board) as write:

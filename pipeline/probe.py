@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 import cache
+from cache.layout import check_name
 from pipeline import __version__, backends, recipes, results, stats, tc
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger, progress
@@ -70,6 +71,11 @@ class ProbeConfig:
             raise TimecatError(f"holdout is a fraction in (0, 1), got {self.holdout}")
         if not self.members:
             raise TimecatError("no members given: pass --members run0,run1,...")
+        check_name("dataset", self.dataset)
+        for split in (self.train_split, self.eval_split):
+            check_name("split", split)
+        for member in self.members:
+            check_name("member", member)
         if self.search_rows < 1 or self.search_per_class < 1:
             raise TimecatError(
                 f"search_rows and search_per_class must be at least 1, got {self.search_rows}, {self.search_per_class}"
@@ -306,6 +312,10 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
         classes = train_attrs["classes"]
         check_classes(y_train, classes, config)
         provenance = {m: store.provenance(config.dataset, config.train_split, m) for m in config.members}
+        used = [(config.train_split, None), (config.eval_split, None)]
+        if config.protocol == "tc":
+            used += [(config.train_split, v) for v in store.views(config.dataset, config.train_split)]
+        checkpoints_used = store.check_same_checkpoint(config.dataset, used, config.members)
         _warn_duplicates(provenance)
         log.info(
             "probing %s on %s (%s): %d x %d features",
@@ -342,7 +352,10 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
         },
         "wall_s": round(time.perf_counter() - started, 3),
         "peak_rss_mib": peak_rss_mib(),
-        "member_provenance": {m: {k: p.get(k) for k in PROVENANCE_KEYS} for m, p in provenance.items()},
+        "member_provenance": {
+            m: {**{k: p.get(k) for k in PROVENANCE_KEYS}, "checkpoint_sha256_by_array": checkpoints_used[m]}
+            for m, p in provenance.items()
+        },
         "timecat_version": __version__,
         **(extra or {}),
     }

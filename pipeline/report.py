@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline import stats
+from pipeline import files, stats
 from pipeline.errors import TimecatError
 from pipeline.results import augmented, find, latest_per_probe, load, load_predictions
 
@@ -339,8 +339,8 @@ def _pyplot():
 
 def _save(fig, out: Path) -> Path:
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    _pyplot().close(fig)
-    return out
+    try:
+        # A temporary name, then a rename: a symlink planted at ``out`` is replaced, not written through.
+        return files.replace(Path(out), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        _pyplot().close(fig)

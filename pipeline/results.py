@@ -3,10 +3,12 @@
     <results>/probes.jsonl               one record per probe
     <results>/predictions/<id>.npz       its eval predictions: top5 (n, <=5) class indices, labels (n,)
 
-Appends take an exclusive ``flock`` on the file, so concurrent probes never
-interleave half lines; readers skip nothing and parse every line. Predictions
-are written (atomically) before their record, so a record never names a file
-that is not there.
+Appends take an exclusive ``flock`` on the file and write in bounded blocks,
+so concurrent probes never interleave lines however long a record is; an
+append that fails (a full disk) is cut back off, so it leaves no torn line,
+and a line torn by a crash is skipped by readers and never glued onto.
+Predictions are written (atomically) before their record, so a record never
+names a file that is not there.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from __future__ import annotations
 import fcntl
 import fnmatch
 import json
-import os
 import re
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import files
 from pipeline.errors import TimecatError
+from pipeline.progress import get_logger
+
+log = get_logger(__name__)
 
 RESULTS_FILE = "probes.jsonl"
 PREDICTIONS_DIR = "predictions"
@@ -33,32 +38,24 @@ def results_path(results_root: Path) -> Path:
 
 
 def append(results_root: Path, record: dict) -> Path:
-    """Append one record as a single line, under an exclusive lock; return the file."""
+    """Append one record as a single line, under an exclusive lock, all or nothing; return the file."""
     path = results_path(results_root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            f.write(line)
-            f.flush()
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    with files.open_append(path) as fd:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes
+        files.append_all_or_nothing(fd, line, f"a record to {path}")
     return path
 
 
 def save(results_root: Path, record: dict, top5: np.ndarray, labels: np.ndarray) -> Path:
     """Write a probe's eval predictions, then append its record (which names them); return the JSONL file."""
     relative = f"{PREDICTIONS_DIR}/{record['id']}.npz"
-    path = Path(results_root) / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
             np.savez_compressed(f, top5=np.asarray(top5, dtype=np.int32), labels=np.asarray(labels, dtype=np.int64))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    files.replace(Path(results_root) / relative, write)
     record["predictions"] = relative
     return append(results_root, record)
 
@@ -87,18 +84,18 @@ def find(records: list[dict], record_id: str, results_root: Path) -> dict:
 
 
 def load(results_root: Path) -> list[dict]:
-    """Every record, oldest first; a malformed line is an error that names its number."""
+    """Every record, oldest first. A line that is not a JSON record (torn by a crash mid-write, or edited)
+    is skipped with a warning naming its number, so one bad line never hides the others."""
     path = results_path(results_root)
     if not path.is_file():
-        raise TimecatError(f"no results at {path}: run `timecat probe` first")
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise TimecatError(f"{path}:{number}: not a JSON record ({e})") from None
+        raise TimecatError(
+            f"no results at {path}: run `timecat probe` first (--results or TIMECAT_RESULTS names another folder)"
+        )
+    lines, bad = files.read_jsonl(path)
+    records = [r for _, r in lines if "members" in r and "dataset" in r]
+    bad = sorted(bad + [n for n, r in lines if "members" not in r or "dataset" not in r])
+    if bad:
+        log.warning("%s: skipped %d line(s) that are not probe records (torn or edited): %s", path, len(bad), bad[:10])
     return records
 
 

@@ -171,5 +171,5 @@ def test_cache_ls_and_verify(tmp_path):
     store.group["toy/train/features/b"][3] = np.nan  # damage a complete member
     result = run("cache", "verify", tmp_path / "c.zarr")
     assert result.exit_code == 1
-    assert "toy/train b (50, 4): PROBLEM: unwritten, unreadable or NaN rows from row 0" in result.output
+    assert "toy/train b (50, 4): PROBLEM: unwritten, unreadable or non-finite rows from row 0" in result.output
     assert "1 of 2 arrays have problems" in result.output

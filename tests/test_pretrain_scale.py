@@ -335,6 +335,27 @@ def test_a_checkpoint_from_other_data_is_not_resumed(data, tmp_path):
     assert checkpoints.load(ckpt)["step"] == 1  # nothing overwritten
 
 
+def test_the_loaders_worker_count_does_not_change_the_weights_and_a_resume_keeps_the_threads(data, tmp_path):
+    runs = tmp_path / "runs"
+    states = []
+    for name, workers in (("w1", 1), ("w2", 2)):
+        pretrain(PretrainConfig(name, "fashion-mnist", 0, steps=6, batch_size=64, num_workers=workers), data, runs)
+        states.append(checkpoints.load(runs / name / "checkpoint.pt"))
+    assert states[0]["threads"] == states[1]["threads"] >= 1  # FFCV used to set torch's threads to --workers
+    for key, value in states[0]["model"].items():
+        assert torch.equal(value, states[1]["model"][key]), key
+    assert json.loads((runs / "w1/config.json").read_text())["threads"] == states[0]["threads"]
+    # An interrupted member resumed with another thread count is refused on a CPU, and kept.
+    config = PretrainConfig("w3", "fashion-mnist", 0, steps=6, batch_size=64, threads=1)
+    pretrain(config, data, runs)
+    ckpt = runs / "w3/checkpoint.pt"
+    payload = checkpoints.load(ckpt)
+    checkpoints.save(ckpt, {**payload, "complete": False, "step": 3, "threads": 2})
+    with pytest.raises(TimecatError, match=r"trained on 2 CPU thread\(s\).*Pass --threads 2 to resume it"):
+        pretrain(config, data, runs)
+    assert checkpoints.load(ckpt)["step"] == 3
+
+
 def test_nproc_per_node_hands_the_other_arguments_to_the_launched_processes():
     argv = ["pretrain", "--nproc-per-node", "2", "--name", "a", "--nproc-per-node=4", "--steps", "3"]
     assert cli._without_option(argv, "--nproc-per-node") == ["pretrain", "--name", "a", "--steps", "3"]

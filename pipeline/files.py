@@ -1,0 +1,117 @@
+"""timecat's files in shared folders: written whole or not at all, never through a planted symlink.
+
+Every file timecat writes is written to a temporary name beside it and renamed
+into place (a rename replaces a symlink at the destination instead of
+following it, and a reader never sees half a file); files that are appended
+to (JSON-lines logs) are opened with O_NOFOLLOW. A full disk becomes one
+message that says so, and leaves the file as it was. JSON-lines files are read
+tolerating lines torn by a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from pipeline.errors import TimecatError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
+WRITE_BLOCK = 1 << 16  # bytes per write() when appending; the results lock keeps writers' blocks apart
+
+
+def disk_error(error: OSError, what: str) -> TimecatError:
+    """The user-facing error for a failed write of ``what``: a full disk says so and how to go on."""
+    if error.errno in NO_SPACE:
+        return TimecatError(
+            f"no space left on the device while writing {what} ({error.strerror}); free some space and run the "
+            "same command again: nothing written before is lost"
+        )
+    if error.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return TimecatError(f"cannot write {what} ({error.strerror}): the folder is not writable")
+    if error.errno == errno.ELOOP:
+        return TimecatError(f"{what} is a symbolic link: refusing to follow it; remove it and run again")
+    return TimecatError(f"cannot write {what}: {error}")
+
+
+def replace(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it onto ``path``.
+
+    A symlink at ``path`` is replaced, never followed; on any error ``path`` is untouched
+    and the temporary file is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise disk_error(e, str(path)) from e
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` whole (temporary file, then rename)."""
+    return replace(path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def open_append(path: Path) -> Iterator[int]:
+    """A file descriptor that appends to ``path`` (created if absent); a symlink there is refused."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # read: the last byte
+    except OSError as e:
+        raise disk_error(e, str(path)) from e
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def append_all_or_nothing(fd: int, data: bytes, what: str) -> None:
+    """Append ``data`` in bounded writes; on any error cut the file back to where it was, and say why.
+
+    A file whose last line was torn by an earlier crash gets a newline first, so the
+    new line starts clean. The caller holds whatever lock keeps other writers out.
+    """
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        data = b"\n" + data
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.write(fd, view[:WRITE_BLOCK])
+            view = view[written:]
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)  # all or nothing: no torn line for the next writer to glue onto
+        raise disk_error(e, what) from e
+
+
+def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[int]]:
+    """``(line number, object)`` for each JSON object of a JSON-lines file, and the numbers of the lines
+    that are not one (torn by a crash, or edited)."""
+    records, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(number)
+                continue
+            if isinstance(record, dict):
+                records.append((number, record))
+            else:
+                bad.append(number)
+    return records, bad
