@@ -53,30 +53,59 @@ def _fractions(value: str) -> tuple[float, float]:
     return start, end
 
 
-def _positive_numbers(value: str | None) -> tuple[float, ...] | None:
-    """'1e-4,5e-4' -> (0.0001, 0.0005); a usage error names each item that is not a positive number."""
-    if value is None:
-        return None
-    items = [v.strip() for v in value.split(",")]
-    bad = []
-    for item in items:
-        try:
-            if not float(item) > 0:
+class CommaList(click.ParamType):
+    """``a,b,c`` -> a tuple, each item converted; bad or empty items are a usage error that names them."""
+
+    def __init__(self, convert_item, what: str, example: str, unique: bool = False):
+        self.convert_item, self.what, self.example, self.unique = convert_item, what, example, unique
+        self.name = f"{what} list"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = [item.strip() for item in str(value).split(",")]
+        bad, out = [], []
+        for item in items:
+            try:
+                out.append(self.convert_item(item))
+            except (TypeError, ValueError):
                 bad.append(item)
-        except ValueError:
-            bad.append(item)
-    if bad or not items:
-        raise click.BadParameter(f"{bad} are not positive numbers; give comma-separated numbers such as 1e-4,5e-4")
-    return tuple(float(v) for v in items)
+        if bad:
+            self.fail(
+                f"{bad} are not {self.what}s; give comma-separated {self.what}s such as {self.example}", param, ctx
+            )
+        if self.unique and len(set(out)) != len(out):
+            self.fail(f"an item is named twice in {value!r}", param, ctx)
+        return tuple(out)
+
+
+def _positive(item: str) -> float:
+    number = float(item)
+    if not number > 0 or number == float("inf"):
+        raise ValueError(item)
+    return number
+
+
+def _name(item: str) -> str:
+    if not item:
+        raise ValueError(item)
+    return item
+
+
+def _integer(item: str) -> int:
+    if not item.lstrip("-").isdigit():
+        raise ValueError(item)
+    return int(item)
+
+
+POSITIVE_NUMBERS = CommaList(_positive, "positive number", "1e-4,5e-4")
+INTEGERS = CommaList(_integer, "integer", "0,1,2", unique=True)
+NAMES = CommaList(_name, "name", "run0,run1", unique=True)
 
 
 def _choice(flag: str, choices: list[str], default: str, help_text: str):
     """An option with fixed choices and a shown default (click lists the choices in --help and in errors)."""
     return click.option(flag, type=click.Choice(choices), default=default, show_default=True, help=help_text)
-
-
-def _members(value: str) -> tuple[str, ...]:
-    return tuple(m.strip() for m in value.split(",") if m.strip())
 
 
 class TimecatGroup(click.Group):
@@ -305,7 +334,9 @@ def pretrain(
 @click.option("--total-steps", type=int, help="Total steps S (each member: S / N); per member for paper-table2.")
 @click.option("--preset", type=click.Choice(["paper-table3", "paper-table2"]), help="The paper's experiments.")
 @click.option("--arch", default="resnet50", show_default=True, help="Architecture of --cat members.")
-@click.option("--seeds", help="Comma-separated seeds (default: the paper's 2,550,23,477,8529, then 0,1,...).")
+@click.option(
+    "--seeds", type=INTEGERS, help="Comma-separated seeds (default: the paper's 2,550,23,477,8529, then 0,1,...)."
+)
 @click.option("--batch-size", default=128, show_default=True, help="Images per step, for every member.")
 @click.option("--out", type=click.Path(path_type=Path), default="plan.json", show_default=True)
 @JSON
@@ -320,7 +351,7 @@ def plan(dataset, cat, total_steps, preset, arch, seeds, batch_size, out, as_jso
 
     from pipeline import plan as plans
 
-    seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None
+    seed_list = seeds or None
     made = plans.make_plan(dataset, cat, total_steps, preset, arch, seed_list, batch_size)
     path = plans.save(made, out)
     if as_json:
@@ -358,7 +389,7 @@ def status(plan_path, runs, as_json):
 
 
 @main.command()
-@click.option("--members", required=True, help="Comma-separated member names, e.g. run0,run1.")
+@click.option("--members", type=NAMES, required=True, help="Comma-separated member names, e.g. run0,run1.")
 @click.option("--dataset", required=True, help="Prepared dataset to extract.")
 @click.option("--batch-size", default=512, show_default=True, help="Images per forward pass.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
@@ -417,7 +448,7 @@ def extract(
 
     config = ExtractConfig(
         dataset=dataset,
-        members=_members(members),
+        members=members,
         batch_size=batch_size,
         num_workers=workers,
         dtype=dtype,
@@ -440,9 +471,9 @@ def extract(
 
 
 @main.command()
-@click.option("--members", help="Comma-separated members to concatenate, e.g. run0,run1,run2,run3.")
+@click.option("--members", type=NAMES, help="Comma-separated members to concatenate, e.g. run0,run1,run2,run3.")
 @click.option("--cat", "cat", type=int, help="Sweep: probe every N-member subset of --from.")
-@click.option("--from", "pool", help="Sweep: the pool of members, e.g. run0,run1,run2,run3,run4.")
+@click.option("--from", "pool", type=NAMES, help="Sweep: the pool of members, e.g. run0,run1,run2,run3,run4.")
 @click.option("--max-subsets", type=int, help="Sweep: a seeded sample of at most this many subsets.")
 @click.option("--dataset", required=True, help="Cached dataset to probe.")
 @click.option("--train-split", default="train", show_default=True)
@@ -462,10 +493,13 @@ def extract(
 )
 @click.option(
     "--wd-grid",
-    callback=lambda ctx, param, value: _positive_numbers(value),
+    type=POSITIVE_NUMBERS,
     help="tc: comma-separated weight decays to try (default: the paper's grid for the dataset's kind).",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the held-out split, solver and subset sample.")
+@click.option(
+    "--allow-same-split", is_flag=True, help="Let the eval split be the train split (memorisation; never in report)."
+)
 @CACHE
 @RESULTS
 @JSON
@@ -481,6 +515,7 @@ def probe(
     backend,
     wd_grid,
     seed,
+    allow_same_split,
     cache_path,
     results,
     as_json,
@@ -507,20 +542,21 @@ def probe(
         raise click.UsageError("--cat N needs --from POOL (comma-separated members)")
     config = ProbeConfig(
         dataset,
-        _members(members or pool),
+        members or pool,
         train_split,
         eval_split,
         seed=seed,
         backend=backend,
         protocol=protocol,
         wd_grid=wd_grid,
+        allow_same_split=allow_same_split,
     )
     path = results_path(results)
     if cat is None:
         record = run(config, cache_path, results)
         click.echo(json.dumps(record, indent=1) if as_json else _probe_line(record, path))
         return
-    records, summary = sweep(config, _members(pool), cat, max_subsets, cache_path, results)
+    records, summary = sweep(config, pool, cat, max_subsets, cache_path, results)
     if as_json:
         click.echo(json.dumps({"records": records, "summary": summary}, indent=1))
         return
@@ -814,7 +850,7 @@ def toy(mixtures, penalty, strength, loss, seed, plot_path, results, as_json):
 
 
 @main.command()
-@click.option("--members", required=True, help="Comma-separated cached members, e.g. run3,run4,run5,run6.")
+@click.option("--members", type=NAMES, required=True, help="Comma-separated cached members, e.g. run3,run4,run5,run6.")
 @click.option("--dataset", required=True, help="Cached dataset.")
 @click.option("--split", default="test", show_default=True, help="Split whose rows CKA is measured on.")
 @click.option("--rows", default=10_000, show_default=True, help="At most this many rows (seeded sample) for CKA.")
@@ -839,7 +875,7 @@ def diversity(members, dataset, split, rows, no_probe, plot_path, cache_path, re
     """
     from pipeline import diversity as div
 
-    config = div.DiversityConfig(dataset, _members(members), split=split, rows=rows, probe=not no_probe)
+    config = div.DiversityConfig(dataset, members, split=split, rows=rows, probe=not no_probe)
     summary, _ = div.run(config, cache_path, results)
     png = div.plot(summary, plot_path or Path(results) / "diversity.png")
     summary["plot"] = str(png)
@@ -861,7 +897,9 @@ def diversity(members, dataset, split, rows, no_probe, plot_path, cache_path, re
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default="dominoes", show_default=True)
 @DATA_ROOT
-@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds, one run of each model each.")
+@click.option(
+    "--seeds", type=INTEGERS, default="0,1,2", show_default=True, help="Comma-separated seeds, one run of each model."
+)
 @click.option("--steps", default=300, show_default=True, help="SGD steps of every CNN (equal budgets).")
 @JSON
 def dominoes(workdir, data_root, seeds, steps, as_json):
@@ -882,10 +920,7 @@ def dominoes(workdir, data_root, seeds, steps, as_json):
     """
     from pipeline.dominoes import DominoesConfig, run
 
-    try:
-        seed_list = tuple(int(s) for s in seeds.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
+    seed_list = seeds
     summary = run(DominoesConfig(workdir=workdir, data_root=data_root, seeds=seed_list, steps=steps))
     if as_json:
         click.echo(json.dumps(summary, indent=1))

@@ -566,12 +566,18 @@ def _member_lock(path: str, dataset: str, split: str, member: str):
 
 def _read_into(array: zarr.Array, rows: slice, out: np.ndarray) -> None:
     """Decode ``array[rows]`` straight into ``out`` (a column-block view), no temporary copy."""
-    if array.dtype != out.dtype:
-        # Widening float16 needs a temporary of the block anyway.
-        out[...] = array[rows]
-        return
-    buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
-    array.get_basic_selection((rows, slice(None)), out=buffer)
+    try:
+        if array.dtype != out.dtype:
+            # Widening float16 needs a temporary of the block anyway.
+            out[...] = array[rows]
+            return
+        buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
+        array.get_basic_selection((rows, slice(None)), out=buffer)
+    except Exception as e:  # zarr/numcodecs raise several types for a garbled chunk
+        raise CacheError(
+            f"{array.path} has an unreadable chunk in rows {rows.start}-{rows.stop - 1} ({type(e).__name__}): "
+            "rerun `timecat extract` for it (it rewrites damaged chunks)"
+        ) from None
 
 
 def _first_bad_row(array: zarr.Array, start: int = 0, stop: int | None = None) -> int:

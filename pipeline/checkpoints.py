@@ -39,13 +39,41 @@ def load(path: Path, mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise TimecatError(f"no checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # torch raises several types for a corrupt or unsafe file
-        raise TimecatError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or "model" not in payload or "member" not in payload:
-        raise TimecatError(f"{path}: not a timecat checkpoint (expected a dict with 'model' and 'member')")
+    return require(read_torch(path, mmap), REQUIRED, path)
+
+
+REQUIRED = ("model", "member", "num_classes", "member.arch")  # what rebuilding the model reads
+
+
+def require(payload, keys: tuple[str, ...], path: Path) -> dict:
+    """``payload`` if it is a dict with every key (``a.b``: key b of dict a), else an error listing what lacks."""
+    if not isinstance(payload, dict):
+        raise TimecatError(f"{path}: not a timecat checkpoint (it holds a {type(payload).__name__}, not a dict)")
+    missing = []
+    for key in keys:
+        outer, _, inner = key.partition(".")
+        if outer not in payload or (inner and not (isinstance(payload[outer], dict) and inner in payload[outer])):
+            missing.append(key)
+    if missing:
+        raise TimecatError(f"{path}: not a timecat checkpoint (it lacks {missing}); train it again, or name another")
     return payload
+
+
+def read_torch(path: Path, mmap: bool = False):
+    """``torch.load(weights_only=True)``, with one clean error for a file that is damaged or holds code.
+
+    torch's own message for an unsafe pickle advises ``weights_only=False``, which would
+    run whatever the file holds; that advice is not passed on.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises several types for a corrupt or unsafe file
+        reason = (
+            "it holds objects other than tensors and plain values" if "weights_only" in str(e) else type(e).__name__
+        )
+        raise TimecatError(
+            f"{path}: not a loadable checkpoint ({reason}); timecat loads only tensors and plain values, never code"
+        ) from None
 
 
 def sha256(path: Path, block: int = 1 << 20) -> str:

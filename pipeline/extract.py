@@ -67,12 +67,18 @@ class ExtractConfig:
             check_name("member", name)
         if len(set(names)) != len(names):
             raise TimecatError(f"a member is named twice in {list(self.members)}: name each once")
+        if self.batch_size < 1 or self.num_workers < 1:
+            raise TimecatError(
+                f"batch size and workers must be at least 1, got {self.batch_size} and {self.num_workers}"
+            )
         if self.chunk_rows is not None and (self.chunk_rows < 1 or self.chunk_rows % self.batch_size):
             raise TimecatError(
                 f"chunk rows ({self.chunk_rows}) must be a multiple of the batch size ({self.batch_size})"
             )
         if self.views < 0:
             raise TimecatError(f"views must be 0 or more, not {self.views}")
+        if self.threads is not None and self.threads < 1:
+            raise TimecatError(f"threads must be at least 1, got {self.threads}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise TimecatError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
         if self.compression not in {c.value for c in cache.Compression}:
@@ -140,6 +146,7 @@ def load_member(runs_root: Path, name: str, device: torch.device) -> Member:
             known = sorted(p.parent.name for p in Path(runs_root).glob("*/checkpoint.pt"))
             raise TimecatError(f"unknown member {name!r}: no {path}; trained members: {known or 'none'}")
         payload = checkpoints.load(path)
+    checkpoints.require(payload, ("step", "preprocess", "member.seed", "member.dataset"), path)
     if not payload.get("complete"):
         raise TimecatError(f"member {name} has not finished training ({path}); run its `timecat pretrain` again")
     model = checkpoints.load_model(payload, str(path)).to(device, memory_format=torch.channels_last).eval()

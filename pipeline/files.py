@@ -37,6 +37,17 @@ def disk_error(error: OSError, what: str) -> TimecatError:
     return TimecatError(f"cannot write {what}: {error}")
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse, before any work, a folder (or its nearest existing parent) that cannot be written."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise TimecatError(
+            f"{what} {folder} is not writable ({existing} refuses writes): fix its permissions or choose another"
+        )
+
+
 def replace(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it onto ``path``.
 

@@ -72,11 +72,7 @@ def load_foreign(path: Path, arch: str = "resnet50") -> dict:
     path = Path(path)
     if not path.is_file():
         raise TimecatError(f"no checkpoint file at {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt or unsafe pickles
-        raise TimecatError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
-    state = backbone_state(obj, str(path))
+    state = backbone_state(checkpoints.read_torch(path), str(path))
     model = build(arch, num_classes=1)
     checkpoints.load_state_strict(model.backbone, state, f"{path} (as a {arch} backbone)")
     return {

@@ -283,6 +283,7 @@ def eval_loader(
     A rank of a multi-process extraction reads only its own contiguous range;
     FFCV's distributed mode would interleave rows across ranks instead.
     """
+    total = _row_count(beton)  # checks the file first
     image = [
         CenterCropRGBImageDecoder((pre.resolution, pre.resolution), ratio=pre.crop_ratio),
         _normalize(pre),
@@ -297,23 +298,44 @@ def eval_loader(
         drop_last=False,
         os_cache=True,
         # uint64 like FFCV's own default: int64 indices mix with its uint64 maths into float64.
-        indices=_row_indices(beton, start_row, stop_row),
+        indices=_row_indices(total, start_row, stop_row),
         pipelines={"image": image, "label": _label_pipeline()},
     )
 
 
-def _row_indices(beton: Path, start_row: int, stop_row: int | None) -> np.ndarray | None:
-    total = _row_count(beton)
+def _row_indices(total: int, start_row: int, stop_row: int | None) -> np.ndarray | None:
     stop_row = total if stop_row is None else stop_row
     if (start_row, stop_row) == (0, total):
         return None  # FFCV's default: every row
     return np.arange(start_row, stop_row, dtype=np.uint64)
 
 
-def _row_count(beton: Path) -> int:
+MAX_SIDE = 16384  # px: a stored image side beyond this is a damaged header, not an image
+
+
+def open_reader(beton: Path):
+    """FFCV's reader of a .beton, checked: a damaged header or metadata is an error, never a crash or a huge buffer."""
     from ffcv.reader import Reader
 
-    return Reader(str(beton)).num_samples
+    fix = f"delete it and run `timecat prepare` again for {Path(beton).parent.name}"
+    try:
+        reader = Reader(str(beton))
+    except Exception as e:  # FFCV asserts, or numpy fails, on a header it cannot parse
+        raise TimecatError(f"{beton} is damaged ({type(e).__name__}: {str(e)[:120]}); {fix}") from None
+    size = Path(beton).stat().st_size
+    image = reader.metadata["f0"]  # timecat writes the image field first, then the label
+    if len(image) and (
+        image["width"].max() > MAX_SIDE or image["height"].max() > MAX_SIDE or image["data_ptr"].max() >= size
+    ):
+        raise TimecatError(
+            f"{beton} is damaged: its metadata names images up to {image['width'].max()} x {image['height'].max()} "
+            f"px or data beyond the file's {size:,} bytes; {fix}"
+        )
+    return reader
+
+
+def _row_count(beton: Path) -> int:
+    return open_reader(beton).num_samples
 
 
 @contextlib.contextmanager
@@ -351,6 +373,7 @@ def to_model_input(
 
 def read_labels(beton: Path) -> np.ndarray:
     """All labels of a .beton in dataset order, (n,) int64, without decoding any image."""
+    open_reader(beton)  # a damaged file is an error here, before any work
     loader = Loader(
         str(beton),
         batch_size=65536,

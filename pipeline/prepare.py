@@ -176,6 +176,25 @@ def drop_corrupt(split: Split, name: str, on_corrupt: str, num_workers: int) -> 
     return replace(split, images=images, labels=split.labels[keep]), bad
 
 
+def validate_split(split: Split, where: str, train: bool) -> None:
+    """Refuse a split timecat cannot use: a train split of one class, or file or class names that are not UTF-8."""
+    if train and len(np.unique(split.labels)) < 2:
+        raise TimecatError(
+            f"{where} holds a single class ({split.classes[int(split.labels[0])] if len(split.labels) else 'none'}): "
+            "a classifier needs at least two; point prepare at the dataset's whole train folder"
+        )
+    names = [*split.classes, *(str(p) for p in getattr(split.images, "paths", []))]
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = name.encode("utf-8", "backslashreplace").decode()
+            raise TimecatError(
+                f"{where}: the name {shown!r} is not valid UTF-8, which manifests and caches cannot record; "
+                "rename it (e.g. with convmv) and run again"
+            ) from None
+
+
 def write_split(split: Split, out: Path, fmt: BetonFormat, num_workers: int) -> None:
     """Write one split's .beton to a temporary name, then rename it into place."""
     from pipeline.loaders import write_beton  # FFCV is only needed from here on
@@ -235,6 +254,8 @@ def prepare(config: PrepareConfig) -> list[dict]:
         return [read_manifest(config.data_root, name, s) for s in SPLITS]
     options = SourceOptions(config.train_dir, config.test_dir, config.download)
     splits = spec.read(Path(config.data_root), options)
+    for split_name in SPLITS:  # everything that can refuse, before anything is written
+        validate_split(splits[split_name], f"{name}/{split_name}", train=split_name == "train")
     (Path(config.data_root) / name).mkdir(parents=True, exist_ok=True)
     manifests = []
     for split_name in SPLITS:

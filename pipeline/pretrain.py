@@ -83,6 +83,16 @@ class PretrainConfig:
         for field in ("steps", "batch_size", "log_every", "num_workers"):
             if getattr(self, field) < 1:
                 raise TimecatError(f"{field} must be at least 1, got {getattr(self, field)}")
+        for field in ("lr", "momentum", "weight_decay", "label_smoothing", "warmup"):
+            value = getattr(self, field)
+            if not math.isfinite(value) or value < 0 or (field == "lr" and value == 0):
+                raise TimecatError(
+                    f"{field} must be a finite {'positive' if field == 'lr' else 'non-negative'} number, got {value}"
+                )
+        if self.resolution is not None and self.resolution < 8:
+            raise TimecatError(f"resolution must be at least 8 px, got {self.resolution}")
+        if not 0 <= self.label_smoothing < 1:
+            raise TimecatError(f"label_smoothing is a fraction in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.warmup < 1:
             raise TimecatError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
         if self.optimizer not in OPTIMIZERS:

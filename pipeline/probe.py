@@ -21,7 +21,7 @@ import numpy as np
 
 import cache
 from cache.layout import check_name
-from pipeline import __version__, backends, recipes, results, stats, tc
+from pipeline import __version__, backends, files, recipes, results, stats, tc
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger, progress
 
@@ -61,6 +61,7 @@ class ProbeConfig:
     protocol: str = "logreg"  # logreg | tc (the paper's BatchNorm + Linear head, SGD, 28 epochs)
     wd_grid: tuple[float, ...] | None = None  # tc: weight decays to try; None: the paper's grid for the dataset kind
     bootstrap: int = stats.RESAMPLES  # resamples of the eval rows for top-1's 95% interval (at least 1,000)
+    allow_same_split: bool = False  # fit and score on one split (memorisation, not transfer); report leaves it out
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -74,6 +75,11 @@ class ProbeConfig:
         check_name("dataset", self.dataset)
         for split in (self.train_split, self.eval_split):
             check_name("split", split)
+        if self.train_split == self.eval_split and not self.allow_same_split:
+            raise TimecatError(
+                f"train and eval split are both {self.train_split!r}: a probe fit and scored on the same rows measures "
+                "memorisation, not transfer; pass --allow-same-split to run it anyway (report leaves such records out)"
+            )
         for member in self.members:
             check_name("member", member)
         if self.search_rows < 1 or self.search_per_class < 1:
@@ -302,6 +308,8 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
     (a sweep's) join the record before it is saved.
     """
     started = time.perf_counter()
+    if results_root is not None:
+        files.check_writable(results_root, "the results folder")  # now, not after the fit
     store = cache.open(cache_path)
     try:
         # A probe reads each matrix once, so a full NaN scan costs little next to the fit.

@@ -146,7 +146,10 @@ def table(records: list[dict], layout: str = "table3", protocol: str = "logreg",
         raise TimecatError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
     if metric == "top1_eval_selected" and protocol != "tc":
         raise TimecatError("top1_eval_selected exists for protocol tc only (the paper's code's selection)")
-    records = [r for r in latest_per_probe(records) if r["protocol"] == protocol]
+    # A probe fit and scored on one split measures memorisation: it never enters a table.
+    records = [
+        r for r in latest_per_probe(records) if r["protocol"] == protocol and r["train_split"] != r["eval_split"]
+    ]
     if not records:
         raise TimecatError(f"no {protocol} probe records to report: run `timecat probe --protocol {protocol}` first")
     if metric != "top1":

@@ -130,16 +130,16 @@ def test_cache_probe_and_report_work_without_ffcv(tmp_path):
     import subprocess
     import sys
 
-    from test_cache import make_cache
+    from test_probe import blob_cache
 
-    make_cache(tmp_path / "c.zarr", rows=60)
+    blob_cache(tmp_path / "c.zarr")
     script = f"""
 import sys
 sys.modules["ffcv"] = None  # any 'import ffcv' now raises ImportError
 from click.testing import CliRunner
 import cli
 runner = CliRunner()
-args = ["probe", "--members", "a,b", "--dataset", "toy", "--eval-split", "train",
+args = ["probe", "--members", "m", "--dataset", "toy",
         "--cache", {str(tmp_path / "c.zarr")!r}, "--results", {str(tmp_path / "r")!r}]
 probe = runner.invoke(cli.main, args)
 report = runner.invoke(cli.main, ["report", "--results", {str(tmp_path / "r")!r}])

@@ -65,14 +65,14 @@ def test_a_class_missing_from_train_is_a_clear_error():
 def test_probe_from_cache_refuses_unknown_members(tmp_path):
     make_cache(tmp_path / "c.zarr")
     with pytest.raises(TimecatError, match=r"unknown member\(s\) \['run9'\].*available: \['a', 'b'\]"):
-        probe(ProbeConfig("toy", ("a", "run9"), eval_split="train"), str(tmp_path / "c.zarr"))
+        probe(ProbeConfig("toy", ("a", "run9"), eval_split="train", allow_same_split=True), str(tmp_path / "c.zarr"))
 
 
 def test_probe_from_cache_refuses_mismatched_members(tmp_path):
     make_cache(tmp_path / "c.zarr")
     add_member(tmp_path / "c.zarr", "stale", 3, "old")
     with pytest.raises(TimecatError, match="member stale was extracted from a different toy/train"):
-        probe(ProbeConfig("toy", ("a", "stale"), eval_split="train"), str(tmp_path / "c.zarr"))
+        probe(ProbeConfig("toy", ("a", "stale"), eval_split="train", allow_same_split=True), str(tmp_path / "c.zarr"))
 
 
 def test_subsets_are_all_or_a_seeded_sample():
@@ -92,7 +92,7 @@ def test_sweep_probes_each_subset_and_reports_mean_and_std(tmp_path):
     from pipeline.probe import sweep
 
     make_cache(tmp_path / "c.zarr", members=("a", "b", "c"), dims=(6, 4, 5))
-    config = ProbeConfig("toy", ("a",), eval_split="train", backend="sklearn")
+    config = ProbeConfig("toy", ("a",), eval_split="train", backend="sklearn", allow_same_split=True)
     records, summary = sweep(config, ("a", "b", "c"), 2, None, str(tmp_path / "c.zarr"), tmp_path / "r")
     assert [r["members"] for r in records] == [["a", "b"], ["a", "c"], ["b", "c"]]
     assert [r["id"] for r in results.load(tmp_path / "r")] == [r["id"] for r in records]  # saved as each finished

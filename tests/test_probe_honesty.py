@@ -226,7 +226,7 @@ def test_records_carry_an_interval_and_saved_predictions_that_compare_pairs(tmp_
     text = CliRunner().invoke(cli.main, ["compare", a["id"], b["id"], "--results", str(root)]).output
     assert "points [95% CI" in text and "interval" in text
     # Scored on other rows (the train split as eval): refused.
-    c = probe(ProbeConfig("toy", ("m",), eval_split="train"), path, root)
+    c = probe(ProbeConfig("toy", ("m",), eval_split="train", allow_same_split=True), path, root)
     refused = CliRunner().invoke(cli.main, ["compare", a["id"], c["id"], "--results", str(root)])
     assert refused.exit_code == 1 and "scored on different eval rows" in refused.output
     missing = CliRunner().invoke(cli.main, ["compare", a["id"], "nope", "--results", str(root)])
