@@ -223,7 +223,7 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
 @click.option(
     "--threads",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 4096),
     help="Torch CPU threads (default: every CPU available); on a CPU the weights depend on it, so a resume keeps it.",
 )
 @click.option("--checkpoint-every", default=500, show_default=True, help="Steps between resumable checkpoints.")
@@ -397,7 +397,7 @@ def status(plan_path, runs, as_json):
 @click.option("--overwrite", is_flag=True, help="Re-extract members cached from another checkpoint.")
 @click.option("--chunk-rows", type=int, help="Rows per Zarr chunk, a multiple of the batch size (default ~8 MiB).")
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
-@click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads (default: every CPU available).")
+@click.option("--threads", type=click.IntRange(1, 4096), help="Torch CPU threads (default: every CPU available).")
 @click.option("--views", default=0, show_default=True, help="Also cache K augmented views of each train image.")
 @click.option("--view-seed", default=0, show_default=True, help="Seed of the views' crops and flips.")
 @click.option(
@@ -708,13 +708,14 @@ def export(member, out, runs):
     Example: timecat export run0 --out run0_resnet50.pth
     Example: timecat export algoperf/seed2/checkpoint.pt --out seed2.pth
     """
+    from cache.layout import check_name
     from pipeline import checkpoints, interop
     from pipeline.pretrain import checkpoint_path
 
     if interop.is_foreign(member):
         payload = interop.load_foreign(interop.foreign_name_and_path(member)[1])
     else:
-        payload = checkpoints.load(checkpoint_path(runs, member))
+        payload = checkpoints.load(checkpoint_path(runs, check_name("member", member)))
     path = interop.export_torchvision(payload, out)
     click.echo(f"{member} -> {path} (torchvision resnet50, num_classes={payload['num_classes']})")
 
@@ -774,7 +775,8 @@ def cache_verify(path, as_json):
     else:
         for r in rows:
             verdict = "ok" if r["ok"] else "PROBLEM: " + "; ".join(r["problems"])
-            click.echo(f"{_where(r)} {r['member']} {tuple(r['shape'])}: {verdict}")
+            shape = tuple(r["shape"]) if r["shape"] is not None else "(metadata unreadable)"
+            click.echo(f"{_where(r)} {r['member']} {shape}: {verdict}")
     bad = sum(not r["ok"] for r in rows)
     if bad:
         raise click.ClickException(f"{bad} of {len(rows)} arrays have problems")

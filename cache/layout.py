@@ -96,8 +96,8 @@ def resolve_dtype(dtype: str) -> type:
 
 # One rule for every name that becomes a folder, a file or a store path: members, datasets,
 # splits, plan members. ASCII only, so names survive every filesystem, shell and log line.
-NAME_RULE = "1 to 128 ASCII letters, digits, '-', '_' or '.', not starting with '.'"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+NAME_RULE = "1 to 128 ASCII letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 def check_name(kind: str, name: str) -> str:

@@ -27,7 +27,14 @@ def save(path: Path, payload: dict) -> None:
 def write_torch(obj, path: Path) -> None:
     """``torch.save`` through a Python file, so a full disk raises ENOSPC (as a path, torch says 'unexpected pos')."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            # On a failed write, torch's zip writer fails again while closing ('unexpected pos') and
+            # that error hides the real one: raise the OSError it hides, so a full disk says so.
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
 
 
 def load(path: Path, mmap: bool = False) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 
 import cache
 from cache.layout import check_name
-from pipeline.errors import TimecatError
+from pipeline.errors import TimecatError, check_seed
 from pipeline.progress import get_logger
 
 log = get_logger(__name__)
@@ -35,6 +35,7 @@ class DiversityConfig:
 
     def __post_init__(self):
         check_name("dataset", self.dataset)
+        check_seed(self.seed)
         check_name("split", self.split)
         for member in self.members:
             check_name("member", member)

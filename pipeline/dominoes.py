@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import stats
-from pipeline.errors import TimecatError
+from pipeline.errors import TimecatError, check_seed
 from pipeline.progress import get_logger
 
 log = get_logger(__name__)
@@ -46,6 +46,8 @@ class DominoesConfig:
     def __post_init__(self):
         if not self.seeds:
             raise TimecatError("give at least one seed")
+        for seed in self.seeds:
+            check_seed(seed)
         if self.steps < 1:
             raise TimecatError(f"steps must be at least 1, got {self.steps}")
 

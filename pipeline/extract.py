@@ -22,7 +22,7 @@ import torch
 import cache
 from cache.layout import check_name
 from pipeline import __version__, checkpoints, distributed, interop, recipes
-from pipeline.errors import TimecatError
+from pipeline.errors import TimecatError, check_seed
 from pipeline.models import FEATURE_LAYER, Classifier
 from pipeline.prepare import SPLITS, beton_path, read_manifest
 from pipeline.pretrain import checkpoint_path
@@ -60,6 +60,7 @@ class ExtractConfig:
         if not self.members:
             raise TimecatError("no members given: pass --members run0,run1,...")
         check_name("dataset", self.dataset)  # before anything (a lock, a folder) is made from it
+        check_seed(self.view_seed, "view seed")
         for split in self.splits:
             check_name("split", split)
         names = [interop.foreign_name_and_path(m)[0] if interop.is_foreign(m) else m for m in self.members]

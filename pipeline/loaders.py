@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import multiprocessing
+import multiprocessing.queues
 import operator
+import os
 import queue
 import shutil
 import sys
@@ -143,16 +145,17 @@ class WriterDiedError(TimecatError):
 
 
 class _Watch:
-    """Stands in for FFCV writer's ``Process`` and ``sleep`` to notice a worker that died.
+    """Stands in for FFCV writer's ``Process``, ``Queue`` and ``sleep`` to notice a worker that died.
 
-    FFCV's parent process waits for its workers by polling a shared counter forever:
-    a worker killed by a full disk (ENOSPC) or a crash leaves it waiting. Its module
-    names ``Process`` and ``sleep`` are the only hooks it offers, so the workers it
-    starts are recorded here and every poll checks that none died.
+    FFCV's parent process waits for its workers by polling a shared counter, then by
+    reading one result per worker from a queue, both forever: a worker killed by a
+    full disk (ENOSPC) or a crash leaves it waiting, and the other workers spin on the
+    page it never wrote. Those three module names are the only hooks it offers, so the
+    workers it starts are recorded here, and every wait of the parent checks them.
     """
 
     def __init__(self, path: Path):
-        self.path, self.workers = path, []
+        self.path, self.workers, self.parent = path, [], os.getpid()
 
     def process(self, target, args=(), **kwargs):
         def run(*work):
@@ -167,7 +170,11 @@ class _Watch:
         self.workers.append(worker)
         return worker
 
-    def sleep(self, seconds: float) -> None:
+    def queue(self, maxsize: int = 0):
+        return _WatchedQueue(self, maxsize)
+
+    def check(self) -> None:
+        """Raise if a worker died (only the parent, which started them, can ask)."""
         dead = [w.exitcode for w in self.workers if w.exitcode not in (None, 0)]
         if DISK_FULL_EXIT in dead:
             free = shutil.disk_usage(self.path.parent).free / 2**20
@@ -177,6 +184,9 @@ class _Watch:
             )
         if dead:
             raise WriterDiedError(f"an FFCV writer process died (exit code {dead[0]}) while writing {self.path}")
+
+    def sleep(self, seconds: float) -> None:
+        self.check()
         time.sleep(seconds)
 
     def stop(self) -> None:
@@ -186,6 +196,23 @@ class _Watch:
                 w.terminate()
         for w in self.workers:
             w.join(timeout=10)
+
+
+class _WatchedQueue(multiprocessing.queues.Queue):
+    """A queue whose blocking ``get`` in the parent checks the workers every half second."""
+
+    def __init__(self, watch: _Watch, maxsize: int = 0):
+        super().__init__(maxsize, ctx=multiprocessing.get_context())
+        self._watch = watch
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        if os.getpid() != self._watch.parent or not block or timeout is not None:
+            return super().get(block, timeout)  # the workers' own reads, unchanged
+        while True:
+            try:
+                return super().get(True, 0.5)
+            except queue.Empty:
+                self._watch.check()
 
 
 def write_beton(path: Path, images, labels: np.ndarray, fmt: BetonFormat, num_workers: int) -> None:
@@ -201,7 +228,7 @@ def write_beton(path: Path, images, labels: np.ndarray, fmt: BetonFormat, num_wo
     }
     watch = _Watch(Path(path))
     writer = ffcv.writer.DatasetWriter(str(path), fields, num_workers=num_workers)
-    hooks = {"tqdm": _WriterProgress, "Process": watch.process, "sleep": watch.sleep}
+    hooks = {"tqdm": _WriterProgress, "Process": watch.process, "Queue": watch.queue, "sleep": watch.sleep}
     saved = {name: getattr(ffcv.writer, name) for name in hooks}
     try:
         for name, hook in hooks.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cache.layout import check_name
 from pipeline import __version__, files
-from pipeline.errors import TimecatError
+from pipeline.errors import TimecatError, check_seed
 from pipeline.models import ARCHS
 
 PAPER_SEEDS = (2, 550, 23, 477, 8529)  # the seeds of the paper's released members (REFERENCE.md)
@@ -33,6 +33,7 @@ class PlannedMember:
 
     def __post_init__(self):
         check_name("member", self.name)
+        check_seed(self.seed, f"member {self.name}'s seed")
         if self.arch not in ARCHS:
             raise TimecatError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHS)}")
         if self.steps < 1:

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from cache import locks
+from cache.errors import CacheError
 from cache.layout import check_name
 from pipeline import __version__, checkpoints, distributed, files
 from pipeline.datasets import get_spec
-from pipeline.errors import TimecatError
+from pipeline.errors import TimecatError, check_seed
 from pipeline.models import ARCHS, Classifier, build
 from pipeline.prepare import beton_path, read_manifest
 from pipeline.progress import get_logger, progress
@@ -73,6 +74,7 @@ class PretrainConfig:
     def __post_init__(self):
         check_name("member", self.name)  # it becomes a folder and a cache path
         check_name("dataset", self.dataset)
+        check_seed(self.seed)
         if self.arch not in ARCHS:
             raise TimecatError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHS)}")
         for field in ("eval_every", "checkpoint_every"):
@@ -571,6 +573,8 @@ def _claim(config: PretrainConfig, runs_root: Path, stack: contextlib.ExitStack)
             f"member {config.name} is being trained by another process ({json.dumps(e.holder)}); "
             "wait for it or stop it: a stopped member resumes from its last checkpoint"
         ) from None
+    except CacheError as e:  # a planted symlink, a full disk, a filesystem without locks
+        raise TimecatError(str(e)) from None
     return _existing(checkpoint_path(runs_root, config.name), config)
 
 
@@ -581,6 +585,7 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path, d: distri
     """
     d = d or distributed.init()
     ckpt = checkpoint_path(runs_root, config.name)
+    read_manifest(data_root, config.dataset, "train")  # an unprepared dataset is refused before the lock is made
     with contextlib.ExitStack() as stack:
         claimed = None
         if d.is_main:

@@ -22,7 +22,7 @@ import numpy as np
 import cache
 from cache.layout import check_name
 from pipeline import __version__, backends, files, recipes, results, stats, tc
-from pipeline.errors import TimecatError
+from pipeline.errors import TimecatError, check_seed
 from pipeline.progress import get_logger, progress
 
 log = get_logger(__name__)
@@ -73,6 +73,7 @@ class ProbeConfig:
         if not self.members:
             raise TimecatError("no members given: pass --members run0,run1,...")
         check_name("dataset", self.dataset)
+        check_seed(self.seed)
         for split in (self.train_split, self.eval_split):
             check_name("split", split)
         if self.train_split == self.eval_split and not self.allow_same_split:

@@ -27,13 +27,14 @@ and no other, so the summary reports them together.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.errors import TimecatError
+from pipeline.errors import TimecatError, check_seed
 
 POINTS = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # (4, 2): +x, -x, +y, -y
 LABELS = np.array([1.0, 1.0, -1.0, -1.0])  # the x-axis points are positive, the y-axis points negative
@@ -64,6 +65,13 @@ class ToyConfig:
             raise TimecatError(f"unknown penalty {self.penalty!r}; choose one of {list(PENALTIES)}")
         if self.loss not in LOSSES:
             raise TimecatError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
+        check_seed(self.seed)
+        if not 1 <= self.mixtures <= 1_000_000 or not 1 <= self.steps <= 10_000_000:
+            raise TimecatError(
+                f"mixtures and steps are 1 to a million (steps 10 million), got {self.mixtures}, {self.steps}"
+            )
+        if not all(math.isfinite(v) for v in (self.strength, self.lr, self.temperature, self.used, self.collapsed)):
+            raise TimecatError("strength, lr, temperature and thresholds must be finite numbers")
         if self.mixtures < 1 or self.steps < 1 or self.strength < 0 or self.lr <= 0 or self.temperature <= 0:
             raise TimecatError("mixtures, steps >= 1; strength >= 0; lr, temperature > 0")
 
