@@ -395,6 +395,12 @@ def status(plan_path, runs, as_json):
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--compression", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Re-extract members cached from another checkpoint.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Scan every value of the arrays kept and write again from a garbled or non-finite chunk (missing chunks "
+    "are always written again).",
+)
 @click.option("--chunk-rows", type=int, help="Rows per Zarr chunk, a multiple of the batch size (default ~8 MiB).")
 @click.option("--workers", default=2, show_default=True, help="Loader threads.")
 @click.option("--threads", type=click.IntRange(1, 4096), help="Torch CPU threads (default: every CPU available).")
@@ -416,6 +422,7 @@ def extract(
     dtype,
     compression,
     overwrite,
+    repair,
     chunk_rows,
     workers,
     threads,
@@ -454,6 +461,7 @@ def extract(
         dtype=dtype,
         compression=compression,
         overwrite=overwrite,
+        repair=repair,
         chunk_rows=chunk_rows,
         views=views,
         view_seed=view_seed,
@@ -776,7 +784,8 @@ def cache_verify(path, as_json):
         for r in rows:
             verdict = "ok" if r["ok"] else "PROBLEM: " + "; ".join(r["problems"])
             shape = tuple(r["shape"]) if r["shape"] is not None else "(metadata unreadable)"
-            click.echo(f"{_where(r)} {r['member']} {shape}: {verdict}")
+            what = r["member"] if r["member"] is not None else "labels"
+            click.echo(f"{_where(r)} {what} {'' if r['member'] is None else shape}: {verdict}")
     bad = sum(not r["ok"] for r in rows)
     if bad:
         raise click.ClickException(f"{bad} of {len(rows)} arrays have problems")

@@ -39,9 +39,12 @@ class Compression(enum.Enum):
     NONE = "none"  # about 2.5x faster to read, larger on disk
 
 
+LABELS = "labels"  # the name of a split's label array
+
+
 def labels_path(dataset: str, split: str) -> str:
     """Path of a split's label array inside the store."""
-    return f"{dataset}/{split}/labels"
+    return f"{dataset}/{split}/{LABELS}"
 
 
 def views_group(dataset: str, split: str) -> str:

@@ -15,9 +15,7 @@ import os
 import socket
 import time
 
-from cache.errors import CacheError
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
+from cache.errors import NO_SPACE, NOT_WRITABLE, CacheError
 
 
 class BusyError(CacheError):
@@ -50,22 +48,14 @@ def hold(lock_path: str, wait: bool = False):
     except OSError as e:
         if e.errno in NO_SPACE:
             raise CacheError(f"no space left on the device to create the lock {lock_path}: free some space") from None
-        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        if e.errno in NOT_WRITABLE:
             raise CacheError(f"cannot create the lock {lock_path} ({e.strerror}): the folder is not writable") from None
         raise
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_fd(fd, lock_path, wait)
         except BlockingIOError:
             raise BusyError(lock_path, _read_holder(fd)) from None
-        except OSError as e:
-            if e.errno in UNSUPPORTED:
-                raise UnsupportedError(
-                    f"{lock_path}: this filesystem does not support file locks ({e.strerror}), so concurrent "
-                    "writers could not be kept apart; put the runs folder and the cache on a local disk or a "
-                    "filesystem with working flock (ext4, xfs, NFSv4 with locking, Lustre mounted with -o flock)"
-                ) from None
-            raise
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
             os.ftruncate(fd, 0)
@@ -78,6 +68,22 @@ def hold(lock_path: str, wait: bool = False):
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def lock_fd(fd: int, path: str, wait: bool = True) -> None:
+    """flock ``fd`` exclusively (waiting, or BlockingIOError at once); a filesystem without locks is named."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        if e.errno in UNSUPPORTED:
+            raise UnsupportedError(
+                f"{path}: this filesystem does not support file locks ({e.strerror}), so concurrent "
+                "writers could not be kept apart; put the runs folder, the cache and the results on a local disk "
+                "or a filesystem with working flock (ext4, xfs, NFSv4 with locking, Lustre mounted with -o flock)"
+            ) from None
+        raise
 
 
 def _open(path: str, flags: int) -> int:

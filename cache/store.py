@@ -17,8 +17,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from cache import layout, locks
-from cache.errors import CacheError
-from cache.writer import NO_SPACE, FeatureWriter
+from cache.errors import NO_SPACE, CacheError, disk_full
+from cache.writer import FeatureWriter
 
 # zarr warns that consolidated metadata is not in the v3 spec yet; we rely on it
 # only as a read-side speed-up and rewrite it after every stage.
@@ -117,7 +117,10 @@ class Cache:
         path = layout.features_group(dataset, split, view)
         if path not in self.group:
             return []
-        names = sorted(name for name, _ in self.group[path].arrays())
+        try:
+            names = sorted(name for name, _ in self.group[path].arrays())
+        except Exception:  # a member whose metadata is garbage: list by name; reading it names the problem
+            names = _children(self.group, path)
         if complete_only:
             names = [m for m in names if self.status(dataset, split, m, view=view) == layout.STATUS_COMPLETE]
         return names
@@ -178,7 +181,7 @@ class Cache:
                 problems.append(f"array metadata unreadable ({error}): delete {self.path}/{where} and re-extract")
             else:
                 prov = dict(array.attrs.get("provenance", {}))
-                problems += _array_problems(array, prov, attrs, n_labels)
+                problems += _array_problems(array, prov, attrs, n_labels)  # (labels checks only where readable)
             rows.append(
                 {
                     "dataset": dataset,
@@ -192,6 +195,23 @@ class Cache:
                 }
             )
         _cross_problems(rows)
+        for dataset in _children(root, ""):  # a split whose labels are broken, with no array yet to report it
+            for split in _children(root, dataset):
+                if (dataset, split) not in splits and layout.LABELS in _children(root, f"{dataset}/{split}"):
+                    _, _, problems = _split_problems(root, dataset, split)
+                    if problems:
+                        rows.append(
+                            {
+                                "dataset": dataset,
+                                "split": split,
+                                "view": None,
+                                "member": None,
+                                "shape": None,
+                                "checkpoint_sha256": None,
+                                "view_seed": None,
+                                "problems": problems,
+                            }
+                        )
         for row in rows:
             row["ok"] = not row["problems"]
         return rows
@@ -283,7 +303,7 @@ class Cache:
             if array.nchunks_initialized < array.nchunks:  # e.g. a cache copied in part
                 raise CacheError(
                     f"member {m} of {where} is missing {array.nchunks - array.nchunks_initialized} of its "
-                    f"{array.nchunks} chunks: rerun `timecat extract` for it (it rewrites only those)"
+                    f"{array.nchunks} chunks: rerun `timecat extract` for it (it writes again from the first missing)"
                 )
             prov = array.attrs.get("provenance", {})
             if array.shape[0] != split_attrs.get("rows"):
@@ -330,7 +350,7 @@ class Cache:
             if scan_nan and not all(np.isfinite(block[i : i + step]).all() for i in range(0, n, step)):
                 raise CacheError(
                     f"member {member} holds non-finite (NaN or inf) values in {layout.describe(dataset, split, view)}: "
-                    "rerun `timecat extract` for it (it rewrites the damaged chunks)"
+                    "rerun `timecat extract --repair` for it (it writes again from the first damaged chunk)"
                 )
             col += array.shape[1]
         return X, self.labels(dataset, split)
@@ -394,7 +414,10 @@ class Cache:
         # while the others wait, then find it whole (its attributes and labels written).
         with _split_lock(self.path, dataset, split):
             path = layout.labels_path(dataset, split)
-            current = self.split_attrs(dataset, split) if path in self.group else {}
+            try:
+                current = self.split_attrs(dataset, split) if path in self.group else {}
+            except Exception:  # labels whose own metadata is garbage: as unfinished, written again below
+                current = {}
             if current.get("fingerprint") is not None:  # a finished split: it must be this dataset's
                 if (current["fingerprint"], current.get("labels_sha256")) != (fingerprint, attrs["labels_sha256"]):
                     raise CacheError(
@@ -498,6 +521,11 @@ class Cache:
         """
         return _member_lock(self.path, dataset, split, member)
 
+    def missing_chunks(self, dataset: str, split: str, member: str, *, view: int | None = None) -> int:
+        """How many chunks of a member's array are absent from the store (a listing, no decoding)."""
+        array = self._features_array(dataset, split, member, view)
+        return array.nchunks - array.nchunks_initialized
+
     def mark_writing(self, dataset: str, split: str, member: str, *, view: int | None = None) -> None:
         """Set a damaged complete array back to ``writing`` before its bad chunks are written again."""
         self._require_writable()
@@ -517,7 +545,13 @@ class Cache:
     def consolidate(self) -> None:
         """Rewrite consolidated metadata so readers see every array added since."""
         self._require_writable()
-        zarr.consolidate_metadata(self.group.store)
+        try:
+            zarr.consolidate_metadata(self.group.store)
+        except Exception as e:  # an array whose own metadata is garbage cannot be consolidated
+            raise CacheError(
+                f"could not rewrite the consolidated metadata of {self.path} ({type(e).__name__}): "
+                "`timecat cache verify` names the damaged array; extract it again with --overwrite"
+            ) from None
 
     # -- helpers ---------------------------------------------------------------
 
@@ -533,18 +567,30 @@ class Cache:
     def _labels_array(self, dataset: str, split: str) -> zarr.Array:
         self._group(dataset)
         path = layout.labels_path(dataset, split)
-        if path not in self.group:
-            raise CacheError(f"split {split!r} of {dataset} is not cached; cached: {self.splits(dataset)}")
-        return self.group[path]
+        try:
+            if path in self.group:
+                return self.group[path]
+        except Exception as e:  # zarr raises several types for metadata that is garbage
+            raise CacheError(
+                f"the metadata of the labels of {dataset}/{split} is unreadable ({type(e).__name__}): "
+                "rerun `timecat extract` for this dataset (it writes the labels again)"
+            ) from None
+        raise CacheError(f"split {split!r} of {dataset} is not cached; cached: {self.splits(dataset)}")
 
     def _features_array(self, dataset: str, split: str, member: str, view: int | None = None) -> zarr.Array:
         path = layout.features_path(dataset, split, member, view)
-        if path not in self.group:
+        try:
+            if path in self.group:
+                return self.group[path]
+        except Exception as e:  # zarr raises several types for metadata that is garbage
             raise CacheError(
-                f"member {member!r} has no features for {layout.describe(dataset, split, view)}; "
-                f"available: {self.members(dataset, split, view=view) or 'none'}"
-            )
-        return self.group[path]
+                f"the metadata of member {member} in {layout.describe(dataset, split, view)} is unreadable "
+                f"({type(e).__name__}): extract it again with `timecat extract --overwrite`"
+            ) from None
+        raise CacheError(
+            f"member {member!r} has no features for {layout.describe(dataset, split, view)}; "
+            f"available: {self.members(dataset, split, view=view) or 'none'}"
+        )
 
 
 @contextlib.contextmanager
@@ -576,7 +622,7 @@ def _read_into(array: zarr.Array, rows: slice, out: np.ndarray) -> None:
     except Exception as e:  # zarr/numcodecs raise several types for a garbled chunk
         raise CacheError(
             f"{array.path} has an unreadable chunk in rows {rows.start}-{rows.stop - 1} ({type(e).__name__}): "
-            "rerun `timecat extract` for it (it rewrites damaged chunks)"
+            "rerun `timecat extract --repair` for it (it writes again from the first damaged chunk)"
         ) from None
 
 
@@ -603,10 +649,7 @@ def _relabel(store: Cache) -> str:
 
 def _disk_error(error: OSError, what: str) -> CacheError:
     if error.errno in NO_SPACE:
-        return CacheError(
-            f"no space left on the device while writing {what} ({error.strerror}); free some space and run the "
-            "same command again: nothing written before is lost"
-        )
+        return CacheError(disk_full(what, error.strerror))
     return CacheError(f"cannot write {what}: {error}")
 
 
@@ -680,9 +723,9 @@ def _array_problems(array: zarr.Array, prov: dict, split_attrs: dict, n_labels: 
         problems.append(f"status is {array.attrs.get('status')!r}, not 'complete'")
     if n_labels is not None and array.shape[0] != n_labels:
         problems.append(f"{array.shape[0]} rows but the split has {n_labels}")
-    if prov.get("labels_sha256") != split_attrs.get("labels_sha256"):
+    if split_attrs and prov.get("labels_sha256") != split_attrs.get("labels_sha256"):
         problems.append("extracted with other labels than the split's")
-    if prov.get("dataset_fingerprint") != split_attrs.get("fingerprint"):
+    if split_attrs and prov.get("dataset_fingerprint") != split_attrs.get("fingerprint"):
         problems.append("extracted from a different dataset fingerprint")
     first = _first_bad_row(array)
     if first < array.shape[0]:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 import queue
 import threading
 
 import numpy as np
 import zarr
 
-from cache.errors import CacheError
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
+from cache.errors import NO_SPACE, CacheError
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 

@@ -55,6 +55,7 @@ class ExtractConfig:
     view_seed: int = 0  # the views' crops and flips; their scale and resizing come from the dataset kind's recipe
     precision: str | None = None  # forward pass: bf16 autocast or fp32 (the paper's); None: bf16 on GPU, fp32 on CPU
     threads: int | None = None  # torch CPU threads; None: every CPU available (shared by the ranks of a node)
+    repair: bool = False  # scan every value of complete arrays and write again from a garbled or non-finite chunk
 
     def __post_init__(self):
         if not self.members:
@@ -211,7 +212,12 @@ def _plan(
     dataset = config.dataset
     if member.name not in store.members(dataset, split, view=view):
         return "new"
-    cached = store.provenance(dataset, split, member.name, view=view)
+    try:
+        cached = store.provenance(dataset, split, member.name, view=view)
+    except cache.CacheError:  # its metadata is garbage: written anew with --overwrite, else that message
+        if config.overwrite:
+            return "new"
+        raise
     for key, what in STALE_KEYS:
         differs = stale_field(cached, provenance, key)
         if differs:
@@ -224,8 +230,11 @@ def _plan(
                 )
             return "new"
     if store.status(dataset, split, member.name, view=view) == cache.layout.STATUS_COMPLETE:
-        # Complete arrays are scanned, not trusted: a deleted or garbled chunk is written again.
+        # A missing chunk costs a listing to notice; a garbled or non-finite one, a scan of every value,
+        # so that is done when asked (--repair), not on every rerun of a large cache.
         rows = store.shape(dataset, split, member.name, view=view)[0]
+        if not config.repair and not store.missing_chunks(dataset, split, member.name, view=view):
+            return "keep"
         first = store.first_unwritten_row(dataset, split, member.name, view=view)
         if first == rows:
             return "keep"
@@ -490,7 +499,11 @@ def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> l
                         summary.append(row if view is None else {**row, "view": view})
                 if written:
                     log.info("%s/%s: cached %d array(s) in %.1f s", config.dataset, split, len(written), seconds)
-        finally:
-            if d.is_main:
-                store.consolidate()
+        except BaseException:
+            if d.is_main:  # still consolidate what was written, but report the first error, not this one
+                with contextlib.suppress(cache.CacheError):
+                    store.consolidate()
+            raise
+        if d.is_main:
+            store.consolidate()
     return summary

@@ -14,23 +14,23 @@ import contextlib
 import errno
 import json
 import os
+import socket
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from cache.errors import NO_SPACE, NOT_WRITABLE, disk_full
 from pipeline.errors import TimecatError
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
 WRITE_BLOCK = 1 << 16  # bytes per write() when appending; the results lock keeps writers' blocks apart
 
 
 def disk_error(error: OSError, what: str) -> TimecatError:
     """The user-facing error for a failed write of ``what``: a full disk says so and how to go on."""
     if error.errno in NO_SPACE:
-        return TimecatError(
-            f"no space left on the device while writing {what} ({error.strerror}); free some space and run the "
-            "same command again: nothing written before is lost"
-        )
-    if error.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return TimecatError(disk_full(what, error.strerror))
+    if error.errno in NOT_WRITABLE:
         return TimecatError(f"cannot write {what} ({error.strerror}): the folder is not writable")
     if error.errno == errno.ELOOP:
         return TimecatError(f"{what} is a symbolic link: refusing to follow it; remove it and run again")
@@ -55,17 +55,69 @@ def replace(path: Path, write: Callable[[Path], None]) -> Path:
     and the temporary file is removed.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary(path)
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         raise disk_error(e, str(path)) from e
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return path
+
+
+def temporary(path: Path) -> Path:
+    """A new, empty file beside ``path`` with an unguessable name: ``.NAME.tmp-HOST-PID-RANDOM``.
+
+    Created exclusively (O_EXCL), so nothing planted under a name can be written through;
+    the host and pid in the name let ``remove_stale`` tell a dead writer's file from a live one's.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # what a plain open() would give, not mkstemp's 0600
+    os.close(fd)
+    return Path(name)
+
+
+STALE_AFTER_S = 7 * 24 * 3600  # another host's temporary this old is taken for a dead writer's
+
+
+def remove_stale(path: Path) -> list[Path]:
+    """Delete temporaries beside ``path`` left by writers that died; return them.
+
+    On this host, a writer is dead when its pid is gone. Another host's temporary (the
+    folder may be shared) is only removed once it is a week old: its pid means nothing here.
+    """
+    removed = []
+    for tmp in Path(path).parent.glob(f".{Path(path).name}.tmp-*"):
+        parts = tmp.name.rsplit(".tmp-", 1)[1].split("-")
+        if len(parts) >= 3 and parts[-2].isdigit():
+            host, pid = "-".join(parts[:-2]), int(parts[-2])
+        elif len(parts) == 1 and parts[0].isdigit():  # the older .NAME.tmp-PID form
+            host, pid = socket.gethostname(), int(parts[0])
+        else:
+            continue
+        here = host == socket.gethostname()
+        with contextlib.suppress(OSError):
+            if (here and not _alive(pid)) or (not here and time.time() - tmp.stat().st_mtime > STALE_AFTER_S):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -137,6 +137,7 @@ class _WriterProgress:
         self.bar.close()
 
 
+FORK = multiprocessing.get_context("fork")  # not the platform default, which Python 3.14 makes forkserver
 DISK_FULL_EXIT = 28  # exit status of a writer process that found the disk full (ENOSPC's number)
 
 
@@ -166,7 +167,8 @@ class _Watch:
                     raise  # a bug, not the user's disk: keep its traceback
                 sys.exit(DISK_FULL_EXIT)  # quietly: the parent says what happened, once
 
-        worker = multiprocessing.Process(target=run, args=args, **kwargs)  # forked: a closure is fine
+        # Forked, as FFCV's writer assumes (its queues and allocator are inherited): a closure is fine.
+        worker = FORK.Process(target=run, args=args, **kwargs)
         self.workers.append(worker)
         return worker
 
@@ -202,7 +204,7 @@ class _WatchedQueue(multiprocessing.queues.Queue):
     """A queue whose blocking ``get`` in the parent checks the workers every half second."""
 
     def __init__(self, watch: _Watch, maxsize: int = 0):
-        super().__init__(maxsize, ctx=multiprocessing.get_context())
+        super().__init__(maxsize, ctx=FORK)
         self._watch = watch
 
     def get(self, block: bool = True, timeout: float | None = None):

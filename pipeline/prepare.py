@@ -11,7 +11,6 @@ looks complete.
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -199,34 +198,10 @@ def write_split(split: Split, out: Path, fmt: BetonFormat, num_workers: int) -> 
     """Write one split's .beton to a temporary name, then rename it into place."""
     from pipeline.loaders import write_beton  # FFCV is only needed from here on
 
-    _remove_stale_temporaries(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        write_beton(tmp, split.images, split.labels, fmt, num_workers)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise files.disk_error(e, str(out)) from e
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete ``.NAME.tmp-PID`` files left by writers that died (their PID is gone), never a live one's."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            log.info("removing %s, left by a writer that died", tmp)
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+    for stale in files.remove_stale(out):
+        log.info("removed %s, left by a writer that died", stale)
+    # FFCV writes to a path, so the temporary is made (exclusively, unguessably) and handed over.
+    files.replace(out, lambda tmp: write_beton(tmp, split.images, split.labels, fmt, num_workers))
 
 
 def storage_format(default: BetonFormat, storage: str | None) -> BetonFormat:
@@ -252,6 +227,7 @@ def prepare(config: PrepareConfig) -> list[dict]:
     if all(is_complete(config.data_root, name, s) for s in SPLITS):
         log.info("%s is already prepared under %s", name, Path(config.data_root) / name)
         return [read_manifest(config.data_root, name, s) for s in SPLITS]
+    files.check_writable(Path(config.data_root) / name, "the data folder")  # before reading every image
     options = SourceOptions(config.train_dir, config.test_dir, config.download)
     splits = spec.read(Path(config.data_root), options)
     for split_name in SPLITS:  # everything that can refuse, before anything is written

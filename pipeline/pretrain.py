@@ -550,7 +550,9 @@ def _existing(ckpt: Path, config: PretrainConfig) -> dict | None:
     """This member's checkpoint (finished or resumable), None if there is none, an error if it is another member."""
     if not ckpt.is_file():
         return None
-    payload = checkpoints.load(ckpt)
+    payload = checkpoints.require(checkpoints.load(ckpt), RESUMABLE, ckpt)
+    if not payload["complete"]:  # only a resume reads these
+        checkpoints.require(payload, ("optimizer", "rng", "dataset_fingerprint", "scheduler"), ckpt)
     asked = recipe(config)
     # Fields added since it was saved count as unchanged; operational ones never matter.
     saved = {**asked, **{k: v for k, v in payload["member"].items() if k in asked}}
@@ -561,6 +563,9 @@ def _existing(ckpt: Path, config: PretrainConfig) -> dict | None:
             "choose another --name or delete that folder"
         )
     return payload
+
+
+RESUMABLE = ("complete", "step", "member", "final")  # what deciding to keep or resume a member reads
 
 
 def _claim(config: PretrainConfig, runs_root: Path, stack: contextlib.ExitStack) -> dict | None:

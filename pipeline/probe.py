@@ -313,6 +313,13 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
         files.check_writable(results_root, "the results folder")  # now, not after the fit
     store = cache.open(cache_path)
     try:
+        # Metadata first, so a refusal comes before the expensive reads.
+        for split in (config.train_split, config.eval_split):
+            store.check_members(config.dataset, split, config.members)
+        used = [(config.train_split, None), (config.eval_split, None)]
+        if config.protocol == "tc":
+            used += [(config.train_split, v) for v in store.views(config.dataset, config.train_split)]
+        checkpoints_used = store.check_same_checkpoint(config.dataset, used, config.members)
         # A probe reads each matrix once, so a full NaN scan costs little next to the fit.
         X_train, y_train = store.features(config.dataset, config.train_split, config.members, scan_nan=True)
         X_eval, y_eval = store.features(config.dataset, config.eval_split, config.members, scan_nan=True)
@@ -321,10 +328,6 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
         classes = train_attrs["classes"]
         check_classes(y_train, classes, config)
         provenance = {m: store.provenance(config.dataset, config.train_split, m) for m in config.members}
-        used = [(config.train_split, None), (config.eval_split, None)]
-        if config.protocol == "tc":
-            used += [(config.train_split, v) for v in store.views(config.dataset, config.train_split)]
-        checkpoints_used = store.check_same_checkpoint(config.dataset, used, config.members)
         _warn_duplicates(provenance)
         log.info(
             "probing %s on %s (%s): %d x %d features",

@@ -13,7 +13,6 @@ names a file that is not there.
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import json
 import re
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cache import locks
+from cache.errors import CacheError
 from pipeline import files
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger
@@ -42,7 +43,10 @@ def append(results_root: Path, record: dict) -> Path:
     path = results_path(results_root)
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     with files.open_append(path) as fd:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes
+        try:
+            locks.lock_fd(fd, str(path))  # released when the descriptor closes
+        except CacheError as e:  # a filesystem without locks
+            raise TimecatError(str(e)) from None
         files.append_all_or_nothing(fd, line, f"a record to {path}")
     return path
 
