@@ -566,31 +566,35 @@ class Cache:
 
     def _labels_array(self, dataset: str, split: str) -> zarr.Array:
         self._group(dataset)
-        path = layout.labels_path(dataset, split)
-        try:
-            if path in self.group:
-                return self.group[path]
-        except Exception as e:  # zarr raises several types for metadata that is garbage
-            raise CacheError(
-                f"the metadata of the labels of {dataset}/{split} is unreadable ({type(e).__name__}): "
-                "rerun `timecat extract` for this dataset (it writes the labels again)"
-            ) from None
-        raise CacheError(f"split {split!r} of {dataset} is not cached; cached: {self.splits(dataset)}")
+        array = self._node(
+            layout.labels_path(dataset, split),
+            f"the labels of {dataset}/{split}",
+            "rerun `timecat extract` for this dataset (it writes the labels again)",
+        )
+        if array is None:
+            raise CacheError(f"split {split!r} of {dataset} is not cached; cached: {self.splits(dataset)}")
+        return array
 
     def _features_array(self, dataset: str, split: str, member: str, view: int | None = None) -> zarr.Array:
-        path = layout.features_path(dataset, split, member, view)
-        try:
-            if path in self.group:
-                return self.group[path]
-        except Exception as e:  # zarr raises several types for metadata that is garbage
-            raise CacheError(
-                f"the metadata of member {member} in {layout.describe(dataset, split, view)} is unreadable "
-                f"({type(e).__name__}): extract it again with `timecat extract --overwrite`"
-            ) from None
-        raise CacheError(
-            f"member {member!r} has no features for {layout.describe(dataset, split, view)}; "
-            f"available: {self.members(dataset, split, view=view) or 'none'}"
+        where = layout.describe(dataset, split, view)
+        array = self._node(
+            layout.features_path(dataset, split, member, view),
+            f"member {member} in {where}",
+            "extract it again with `timecat extract --overwrite`",
         )
+        if array is None:
+            raise CacheError(
+                f"member {member!r} has no features for {where}; "
+                f"available: {self.members(dataset, split, view=view) or 'none'}"
+            )
+        return array
+
+    def _node(self, path: str, what: str, fix: str) -> zarr.Array | None:
+        """The array at ``path``, None if absent, or a clean error when its own metadata is garbage."""
+        try:
+            return self.group.get(path)  # None when absent (KeyError); garbage metadata raises
+        except Exception as e:  # zarr raises several types for metadata that is garbage
+            raise CacheError(f"the metadata of {what} is unreadable ({type(e).__name__}): {fix}") from None
 
 
 @contextlib.contextmanager
