@@ -578,14 +578,15 @@ def probe(
 
 
 def _probe_line(record: dict, path) -> str:
-    chosen = ", ".join(f"{k}={v:.3g}" for k, v in record["chosen"].items() if k not in ("converged", "warm_start"))
+    chosen = ", ".join(f"{k}={v:.3g}" for k, v in record["chosen"].items() if k in ("C", "weight_decay"))
     lo, hi = record["top1_ci95"]
     held = record["holdout"]
     line = (
         f"{record['id']}  {','.join(record['members'])} on {record['dataset']}: top-1 {record['top1']:.2f}% "
         f"[95% CI {lo:.2f}, {hi:.2f}], top-5 {record['top5']:.2f}% ({record['protocol']}, {chosen}, "
         f"{record['dim']} dims, held out {held['held_out_rows']:,} rows of {held['held_out_classes']:,} / "
-        f"{held['classes']:,} classes, {record['backend']}) -> {path}"
+        f"{held['classes']:,} classes, {record['backend']}{' ' + record['precision'] if 'precision' in record else ''})"
+        f" -> {path}"
     )
     if "top1_eval_selected" in record:
         line += f"\n  paper's selection on the eval split (optimistic): {record['top1_eval_selected']:.2f}%"

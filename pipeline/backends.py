@@ -245,7 +245,10 @@ CHOICES = ("auto", *BACKENDS)
 
 
 def choose(name: str, n_rows: int, n_classes: int) -> tuple[str, str]:
-    """Resolve ``auto`` for this shape and hardware: ``(backend name, why)``."""
+    """Resolve ``auto`` among these one-fit-at-a-time backends for this shape and hardware: ``(name, why)``.
+
+    (The probe's own ``auto`` is the batched solver, pipeline.batched_probe.)
+    """
     if name != "auto":
         if name not in BACKENDS:
             raise TimecatError(f"unknown backend {name!r}; choose one of {list(CHOICES)}")

@@ -21,13 +21,15 @@ import numpy as np
 
 import cache
 from cache.layout import check_name
-from pipeline import __version__, backends, files, recipes, results, stats, tc
+from pipeline import __version__, backends, batched_probe, files, recipes, results, stats, tc
 from pipeline.errors import TimecatError, check_seed
+from pipeline.heldout import best_trial, describe_split, search_split, standardize, topk_accuracy
 from pipeline.progress import get_logger, progress
 
 log = get_logger(__name__)
 
 PROTOCOLS = ("logreg", "tc")
+BACKENDS = (*backends.CHOICES, "batched")  # auto: batched for logreg
 PROVENANCE_KEYS = (
     "checkpoint_sha256",
     "dataset_fingerprint",
@@ -57,7 +59,11 @@ class ProbeConfig:
     search_iter: int = 100  # L-BFGS iterations per C candidate (warm-started along the grid)
     max_iter: int = 300  # L-BFGS iterations of the final refit (warm-started from the search)
     tol: float = 1e-4  # L-BFGS stopping tolerance (scikit-learn's default)
-    backend: str = "auto"  # auto | sklearn | torch | cuml (see pipeline.backends); logreg only
+    backend: str = "auto"  # auto (= batched) | batched | sklearn | torch | cuml (pipeline.backends); logreg only
+    precision: str = (
+        "auto"  # batched: auto | bf16 | fp32 matrix products (auto: bf16 where the hardware has bf16 units)
+    )
+    memory_gib: float = 4.0  # batched: solver state and working logits of one batch of subsets, GiB
     protocol: str = "logreg"  # logreg | tc (the paper's BatchNorm + Linear head, SGD, 28 epochs)
     wd_grid: tuple[float, ...] | None = None  # tc: weight decays to try; None: the paper's grid for the dataset kind
     bootstrap: int = stats.RESAMPLES  # resamples of the eval rows for top-1's 95% interval (at least 1,000)
@@ -66,8 +72,12 @@ class ProbeConfig:
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise TimecatError(f"unknown protocol {self.protocol!r}; choose one of {list(PROTOCOLS)}")
-        if self.backend not in backends.CHOICES:
-            raise TimecatError(f"unknown backend {self.backend!r}; choose one of {list(backends.CHOICES)}")
+        if self.backend not in BACKENDS:
+            raise TimecatError(f"unknown backend {self.backend!r}; choose one of {list(BACKENDS)}")
+        if self.precision not in batched_probe.PRECISIONS:
+            raise TimecatError(f"unknown precision {self.precision!r}; choose one of {list(batched_probe.PRECISIONS)}")
+        if not self.memory_gib > 0:
+            raise TimecatError(f"memory_gib must be positive, got {self.memory_gib}")
         if not 0 < self.holdout < 1:
             raise TimecatError(f"holdout is a fraction in (0, 1), got {self.holdout}")
         if not self.members:
@@ -89,114 +99,6 @@ class ProbeConfig:
             )
         if self.bootstrap < stats.RESAMPLES:
             raise TimecatError(f"bootstrap resamples must be at least {stats.RESAMPLES}, got {self.bootstrap}")
-
-
-def standardize(X_train: np.ndarray, *others: np.ndarray, block_rows: int = 4096) -> None:
-    """Centre and scale every matrix in place with the train columns' mean and std.
-
-    Statistics accumulate in float64 over blocks of rows: ``np.std`` would build
-    a float64 temporary of the whole matrix (twice its size).
-    """
-    n = len(X_train)
-    total = np.zeros(X_train.shape[1])
-    for start in range(0, n, block_rows):
-        total += X_train[start : start + block_rows].sum(axis=0, dtype=np.float64)
-    mean = total / n
-    squares = np.zeros(X_train.shape[1])
-    for start in range(0, n, block_rows):
-        squares += ((X_train[start : start + block_rows] - mean) ** 2).sum(axis=0)
-    std = np.sqrt(squares / n).astype(np.float32)
-    std[std < 1e-6] = 1.0  # dead features stay 0 instead of becoming inf
-    mean = mean.astype(np.float32)
-    for X in (X_train, *others):
-        for start in range(0, len(X), block_rows):
-            X[start : start + block_rows] -= mean
-            X[start : start + block_rows] /= std
-
-
-def topk_accuracy(best: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Percentage of rows whose label is among the first k of ``best`` ((n, >=k) classes, best first)."""
-    return 100.0 * float((best[:, :k] == y[:, None]).any(axis=1).mean())
-
-
-def _rounded_share(counts: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """fraction x counts per class, rounded up or down at random (seeded), so that totals stay unbiased."""
-    want = counts * fraction
-    base = np.floor(want)
-    return (base + (rng.random(len(counts)) < want - base)).astype(np.int64)
-
-
-def _take_per_class(y: np.ndarray, take: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Bool mask over y: ``take[c]`` rows of each class c, drawn at random (seeded)."""
-    order = rng.permutation(len(y))
-    order = order[np.argsort(y[order], kind="stable")]  # grouped by class, shuffled within each class
-    grouped = y[order]
-    rank = np.arange(len(y)) - np.searchsorted(grouped, grouped, side="left")  # position within its class
-    mask = np.zeros(len(y), dtype=bool)
-    mask[order[rank < take[grouped]]] = True
-    return mask
-
-
-def search_split(y: np.ndarray, config: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, stratified (fit rows, held-out rows) of the train split for choosing C.
-
-    Per class, ``holdout`` of its rows are held out (rounded at random, so that
-    classes of 2-4 rows are held out in proportion over the split, not never or
-    always), but never its last row: every class keeps at least one row in the
-    fitting part, so a class of one row is fit, not lost. The fitting part is
-    then capped at max(search_rows, search_per_class x classes) rows, again per
-    class with at least one row each, so the search fits the same classes as the
-    refit (and warm starts stay valid), and a problem of 8,142 classes is not
-    searched on about one row per class.
-    """
-    rng = np.random.default_rng(config.seed)
-    counts = np.bincount(y)
-    spare = np.maximum(counts - 1, 0)  # rows a class can give without losing its last
-    if not spare.any():
-        raise TimecatError(
-            f"every class of {config.dataset}/{config.train_split} has a single train row: no row is left to hold "
-            "out for choosing C; a held-out search needs at least one class with 2 or more rows"
-        )
-    held_take = np.minimum(_rounded_share(counts, config.holdout, rng), spare)
-    if not held_take.any():  # small data can round every class down: hold out one row of the largest
-        held_take[np.argmax(spare)] = 1
-    held = _take_per_class(y, held_take, rng)
-    fit_idx, held_idx = np.flatnonzero(~held), np.flatnonzero(held)
-    budget = max(config.search_rows, config.search_per_class * int(np.count_nonzero(counts)))
-    if len(fit_idx) > budget:
-        fit_counts = np.bincount(y[fit_idx], minlength=len(counts))
-        keep = np.where(fit_counts > 0, np.maximum(_rounded_share(fit_counts, budget / len(fit_idx), rng), 1), 0)
-        fit_idx = fit_idx[_take_per_class(y[fit_idx], keep, rng)]
-    return fit_idx, held_idx
-
-
-def describe_split(y: np.ndarray, fit_idx: np.ndarray, held_idx: np.ndarray, n_classes: int) -> dict:
-    """How the held-out part was drawn, for the record: rows and classes on each side."""
-    return {
-        "train_rows": len(y),
-        "classes": n_classes,
-        "held_out_rows": len(held_idx),
-        "held_out_classes": len(np.unique(y[held_idx])),  # classes the choice of C is scored on
-        "fit_rows": len(fit_idx),
-        "fit_classes": len(np.unique(y[fit_idx])),
-        "rule": "per class: holdout x rows (seeded rounding), never its last row; fit rows capped at "
-        "max(search_rows, search_per_class x classes), at least one per class",
-    }
-
-
-def best_trial(trials: list[dict], key: str, regularised: str) -> dict:
-    """The trial with the highest held-out top-1; ties go to the most regularised one.
-
-    ``regularised`` says which end of ``key`` is more regularised: ``"smaller"``
-    (C) or ``"larger"`` (weight decay). Every trial counts, refined ones included.
-    """
-    top = max(t["holdout_top1"] for t in trials)
-    tied = [t for t in trials if t["holdout_top1"] == top]
-    if regularised == "smaller":
-        return min(tied, key=lambda t: t[key])
-    if regularised == "larger":
-        return max(tied, key=lambda t: t[key])
-    raise TimecatError(f"unknown regularised end {regularised!r}; choose 'smaller' or 'larger'")
 
 
 def choose_c(X: np.ndarray, y: np.ndarray, model, config: ProbeConfig, n_classes: int | None = None):
@@ -257,6 +159,13 @@ def probe_matrices(
     ``eval_top5`` holds the (n_eval, <=5) ranked predictions, for the results store.
     """
     n_classes = n_classes or int(max(y_train.max(), y_eval.max())) + 1
+    if uses_batched(config):  # the matrices as one member block
+        standardize(X_train, X_eval)
+        where = batched_probe.device()
+        dtype = batched_probe.DTYPES[batched_probe.resolve_precision(config.precision, where)[0]]
+        train, evals = (batched_probe.to_blocks({0: X}, dtype, where) for X in (X_train, X_eval))
+        measured = batched_probe.probe_subsets(train, y_train, evals, y_eval, [(0,)], config, n_classes)[0]
+        return {**measured, **uncertainty(measured["eval_top5"], y_eval, config)}
     name, why = backends.choose(config.backend, len(y_train), n_classes)
     model = backends.make(name, backends.FitOptions(n_classes, config.seed, config.tol))
     log.info("backend %s (%s)", name, why)
@@ -301,6 +210,11 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # macOS and others
 
 
+def uses_batched(config: ProbeConfig) -> bool:
+    """Whether ``config`` runs on the batched solver (logreg with backend auto or batched)."""
+    return config.protocol == "logreg" and config.backend in ("auto", "batched")
+
+
 def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict | None = None) -> dict:
     """Probe the concatenation of ``config.members`` read from the cache; return the result record.
 
@@ -308,27 +222,19 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
     predictions are saved beside it (for ``timecat compare``). ``extra`` fields
     (a sweep's) join the record before it is saved.
     """
+    if uses_batched(config):
+        return probe_many(config, [config.members], cache_path, results_root, extra)[0]
     started = time.perf_counter()
     if results_root is not None:
         files.check_writable(results_root, "the results folder")  # now, not after the fit
     store = cache.open(cache_path)
     try:
-        # Metadata first, so a refusal comes before the expensive reads.
-        for split in (config.train_split, config.eval_split):
-            store.check_members(config.dataset, split, config.members)
-        used = [(config.train_split, None), (config.eval_split, None)]
-        if config.protocol == "tc":
-            used += [(config.train_split, v) for v in store.views(config.dataset, config.train_split)]
-        checkpoints_used = store.check_same_checkpoint(config.dataset, used, config.members)
+        context = _checked(store, config, config.members)
         # A probe reads each matrix once, so a full NaN scan costs little next to the fit.
         X_train, y_train = store.features(config.dataset, config.train_split, config.members, scan_nan=True)
         X_eval, y_eval = store.features(config.dataset, config.eval_split, config.members, scan_nan=True)
-        train_attrs = store.split_attrs(config.dataset, config.train_split)
-        eval_attrs = store.split_attrs(config.dataset, config.eval_split)
-        classes = train_attrs["classes"]
-        check_classes(y_train, classes, config)
-        provenance = {m: store.provenance(config.dataset, config.train_split, m) for m in config.members}
-        _warn_duplicates(provenance)
+        n_classes = len(context["classes"])
+        check_classes(y_train, context["classes"], config)
         log.info(
             "probing %s on %s (%s): %d x %d features",
             ",".join(config.members),
@@ -337,35 +243,62 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
             *X_train.shape,
         )
         if config.protocol == "logreg":
-            measured = probe_matrices(X_train, y_train, X_eval, y_eval, config, n_classes=len(classes))
+            measured = probe_matrices(X_train, y_train, X_eval, y_eval, config, n_classes=n_classes)
         else:
-            kind = train_attrs.get("kind")
-            measured = probe_tc(store, X_train, y_train, X_eval, y_eval, config, len(classes), kind)
+            kind = context["train_attrs"].get("kind")
+            measured = probe_tc(store, X_train, y_train, X_eval, y_eval, config, n_classes, kind)
     except cache.CacheError as e:
         raise TimecatError(str(e)) from None
-    eval_top5 = measured.pop("eval_top5")
+    record = _record(config, measured, context, len(y_eval), started, extra)
+    if results_root is not None:
+        results.save(results_root, record, measured["eval_top5"], y_eval)
+    return record
+
+
+def _checked(store: cache.Cache, config: ProbeConfig, members) -> dict:
+    """Metadata checks before any expensive read; the splits' attributes and every member's provenance."""
+    for split in (config.train_split, config.eval_split):
+        store.check_members(config.dataset, split, members)
+    used = [(config.train_split, None), (config.eval_split, None)]
+    if config.protocol == "tc":
+        used += [(config.train_split, v) for v in store.views(config.dataset, config.train_split)]
+    train_attrs = store.split_attrs(config.dataset, config.train_split)
+    return {
+        "checkpoints": store.check_same_checkpoint(config.dataset, used, members),
+        "train_attrs": train_attrs,
+        "eval_attrs": store.split_attrs(config.dataset, config.eval_split),
+        "classes": train_attrs["classes"],
+        "provenance": {m: store.provenance(config.dataset, config.train_split, m) for m in members},
+    }
+
+
+def _record(config: ProbeConfig, measured: dict, context: dict, n_eval: int, started: float, extra) -> dict:
+    """The result record of one probe (``measured`` from a protocol; ``eval_top5`` stays out)."""
+    provenance = {m: context["provenance"][m] for m in config.members}
+    _warn_duplicates(provenance)
+    eval_attrs = context["eval_attrs"]
     record = {
         "id": uuid.uuid4().hex[:12],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dataset": config.dataset,
-        "kind": train_attrs.get("kind"),
+        "kind": context["train_attrs"].get("kind"),
         "members": list(config.members),
         "n_members": len(config.members),
         "train_split": config.train_split,
         "eval_split": config.eval_split,
         "protocol": config.protocol,
         "config": asdict(config),
-        **measured,
+        **{k: v for k, v in measured.items() if k != "eval_top5"},
         # The eval rows' identity: compare refuses records made on other rows.
         "eval_rows": {
-            "rows": len(y_eval),
+            "rows": n_eval,
             "fingerprint": eval_attrs.get("fingerprint"),
             "labels_sha256": eval_attrs.get("labels_sha256"),
         },
         "wall_s": round(time.perf_counter() - started, 3),
         "peak_rss_mib": peak_rss_mib(),
         "member_provenance": {
-            m: {**{k: p.get(k) for k in PROVENANCE_KEYS}, "checkpoint_sha256_by_array": checkpoints_used[m]}
+            m: {**{k: p.get(k) for k in PROVENANCE_KEYS}, "checkpoint_sha256_by_array": context["checkpoints"][m]}
             for m, p in provenance.items()
         },
         "timecat_version": __version__,
@@ -379,9 +312,59 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
         *record["top1_ci95"],
         record["top5"],
     )
-    if results_root is not None:
-        results.save(results_root, record, eval_top5, y_eval)
     return record
+
+
+def read_blocks(store: cache.Cache, config: ProbeConfig, members, dtype, device):
+    """Each member's train and eval features, standardised with train statistics, as compute-dtype tensors.
+
+    One member at a time: its float32 arrays are freed once converted, so a
+    bf16 probe peaks near half the float32 train matrix plus one member.
+    Returns ({index: train (n, d_j)}, {index: eval}, y_train, y_eval).
+    """
+    train, evals, y_train, y_eval = {}, {}, None, None
+    for j, member in enumerate(progress(members, desc=f"read {config.dataset}", unit="member")):
+        X_train, y_train = store.features(config.dataset, config.train_split, [member], scan_nan=True)
+        X_eval, y_eval = store.features(config.dataset, config.eval_split, [member], scan_nan=True)
+        standardize(X_train, X_eval)
+        train[j], evals[j] = batched_probe.to_blocks({0: X_train, 1: X_eval}, dtype, device).values()
+        del X_train, X_eval
+    return train, evals, y_train, y_eval
+
+
+def probe_many(
+    config: ProbeConfig, subsets: list[tuple[str, ...]], cache_path: str, results_root=None, extra=None
+) -> list[dict]:
+    """The logreg protocol for every subset of members on the batched solver; one record per subset.
+
+    Each member is read from the cache once, whatever the number of subsets
+    that contain it. ``extra`` fields join every record.
+    """
+    started = time.perf_counter()
+    if results_root is not None:
+        files.check_writable(results_root, "the results folder")  # now, not after the fit
+    members = list(dict.fromkeys(m for subset in subsets for m in subset))  # pool order, each once
+    where = batched_probe.device()
+    precision, _ = batched_probe.resolve_precision(config.precision, where)
+    store = cache.open(cache_path)
+    try:
+        context = _checked(store, config, members)
+        train, evals, y_train, y_eval = read_blocks(store, config, members, batched_probe.DTYPES[precision], where)
+    except cache.CacheError as e:
+        raise TimecatError(str(e)) from None
+    check_classes(y_train, context["classes"], config)
+    index = {m: j for j, m in enumerate(members)}
+    measured = batched_probe.probe_subsets(
+        train, y_train, evals, y_eval, [tuple(index[m] for m in s) for s in subsets], config, len(context["classes"])
+    )
+    records = []
+    for subset, fields in zip(subsets, measured, strict=True):
+        fields.update(uncertainty(fields["eval_top5"][:, :1], y_eval, config))
+        record = _record(replace(config, members=tuple(subset)), fields, context, len(y_eval), started, extra)
+        if results_root is not None:
+            results.save(results_root, record, fields["eval_top5"], y_eval)
+        records.append(record)
+    return records
 
 
 def tc_epoch_features(store: cache.Cache, X_train: np.ndarray, config: ProbeConfig, views: list[int]):
@@ -508,6 +491,10 @@ def sweep(
     Returns the records and their summary: top-1 and top-5 mean and sample std over subsets.
     """
     chosen = subsets(pool, n, max_subsets, config.seed)
+    if uses_batched(config):  # every subset in one batched fit, each member read once
+        sweep_fields = {"cat": n, "pool": list(pool), "subsets": len(chosen)}
+        records = probe_many(config, chosen, cache_path, results_root, extra={"sweep": sweep_fields})
+        return records, summarize(records)
     records = []
     for members in progress(chosen, desc=f"Cat{n} subsets of {len(pool)}", unit="probe"):
         sweep_fields = {"cat": n, "pool": list(pool), "subsets": len(chosen)}

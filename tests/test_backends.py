@@ -51,7 +51,7 @@ def test_gpu_backends_reach_sklearns_solution(agreement_data, name, problem):
 
 
 def test_backend_choice_is_explicit_and_recorded():
-    choices = r"\['auto', 'sklearn', 'torch', 'cuml'\]"
+    choices = r"\['auto', 'sklearn', 'torch', 'cuml', 'batched'\]"
     with pytest.raises(TimecatError, match=rf"unknown backend 'jax'; choose one of {choices}"):
         ProbeConfig("d", ("a",), backend="jax")
     assert backends.choose("sklearn", 10, 2) == ("sklearn", "asked for")

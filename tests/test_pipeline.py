@@ -81,7 +81,7 @@ def test_logged_metrics_are_real(pipeline_run):
 def test_probe_on_the_cache_equals_probe_on_hstacked_features(pipeline_run):
     store = cache.open(pipeline_run["cache"])
     members = ("run0", "run2")
-    config = ProbeConfig("digits", members)
+    config = ProbeConfig("digits", members, backend="sklearn")  # one-at-a-time; batched: test_batched_probe
     record = probe(config, pipeline_run["cache"])
     parts = {s: [store.features("digits", s, [m])[0] for m in members] for s in ("train", "test")}
     by_hand = probe_matrices(

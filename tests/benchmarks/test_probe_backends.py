@@ -17,7 +17,7 @@ import numpy as np
 import cache
 
 TRAIN, EVAL, DIM, MEMBERS, CLASSES = 50_000, 10_000, 2048, 4, 100
-BACKENDS = ("torch", "sklearn")  # cuml needs a GPU: see the README for GPU figures
+BACKENDS = ("auto", "sklearn")  # auto = the batched solver (bf16 where the CPU has bf16 units); cuml needs a GPU
 
 
 def member_rows(m: int, y: np.ndarray, seed: int) -> np.ndarray:
@@ -51,7 +51,8 @@ def run_probe(path: Path, members: list[str], backend: str) -> dict:
     code = (
         "import json, sys; from pipeline.probe import ProbeConfig, probe; "
         f"r = probe(ProbeConfig('bench', {tuple(members)!r}, backend={backend!r}), {str(path)!r}); "
-        "print(json.dumps({k: r[k] for k in ('backend', 'top1', 'top5', 'wall_s', 'peak_rss_mib', 'chosen')}))"
+        "keys = ('backend', 'precision', 'top1', 'top5', 'wall_s', 'peak_rss_mib', 'chosen'); "
+        "print(json.dumps({k: r.get(k) for k in keys}))"
     )
     repo = Path(cache.__path__[0]).parent
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
@@ -63,6 +64,11 @@ def test_probe_backends_on_cpu(tmp_path):
     figures = {"shape": [TRAIN, DIM * MEMBERS], "classes": CLASSES, "matrix_mib": TRAIN * DIM * MEMBERS * 4 // 2**20}
     for backend in BACKENDS:
         figures[backend] = run_probe(tmp_path / "bench.zarr", members, backend)
+    ours, reference = figures["auto"], figures["sklearn"]
+    figures["speedup"] = round(reference["wall_s"] / ours["wall_s"], 2)
+    figures["peak_over_matrix"] = round(ours["peak_rss_mib"] / figures["matrix_mib"], 2)
     print(json.dumps(figures, indent=1))
     (Path(__file__).parent / "last_run_probe.json").write_text(json.dumps(figures, indent=1))
-    assert abs(figures["torch"]["top1"] - figures["sklearn"]["top1"]) < 1.0
+    assert abs(ours["top1"] - reference["top1"]) <= 0.3  # the agreement goal
+    assert figures["speedup"] >= 3.0, figures
+    assert figures["peak_over_matrix"] <= 1.3, figures

@@ -1,0 +1,278 @@
+"""The logreg protocol for many member subsets at once, on the batched solver.
+
+Each subset gets exactly what ``pipeline.probe`` gives one probe: C chosen on
+the same held-out rows (the coarse grid, then refinements around its best,
+ties to the smaller C), a refit on the whole train split warm-started from the
+chosen candidate, top-1/top-5 on the eval split. The difference is the work:
+every C candidate of every subset in a group is one problem of one batched
+L-BFGS (``pipeline.batched_logreg``), so each member's block is read once per
+evaluation for all of them. Groups of subsets are sized to a memory budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline import batched_logreg as bl
+from pipeline.errors import TimecatError
+from pipeline.heldout import best_trial, describe_split, search_split, topk_accuracy
+from pipeline.progress import get_logger, progress
+
+log = get_logger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+STATE_COPIES = 2 * bl.HISTORY + 8  # weight-sized tensors L-BFGS keeps per problem (history, x, g, trials)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The C search and refit settings (ProbeConfig's), and the memory budget of one batch."""
+
+    c_grid: tuple[float, ...]
+    refine: tuple[float, ...]
+    search_iter: int
+    max_iter: int
+    tol: float
+    memory_bytes: int  # budget for one batch's solver state and working logits
+
+
+def device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(name: str, where: torch.device) -> tuple[str, str]:
+    """``(bf16 | fp32, why)``: ``auto`` is bf16 where the hardware multiplies bf16 matrices natively.
+
+    On the CPU that is AVX512-BF16 or AMX-BF16 (oneDNN's avx512_core_bf16 /
+    avx512_core_amx kernels); without them oneDNN emulates bf16 and is slower
+    than fp32. On the GPU it is compute capability 8.0 and newer (tensor cores).
+    """
+    if name not in PRECISIONS:
+        raise TimecatError(f"unknown precision {name!r}; choose one of {list(PRECISIONS)}")
+    if name != "auto":
+        return name, "asked for"
+    if where.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(where)
+        if major >= 8:
+            return "bf16", "GPU with bf16 tensor cores"
+        return "fp32", "GPU without bf16 tensor cores (compute capability < 8.0)"
+    flags = cpu_flags()
+    units = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if units:
+        return "bf16", f"CPU with bf16 matrix instructions ({', '.join(units)})"
+    return "fp32", "CPU without bf16 matrix instructions (no avx512_bf16 or amx_bf16)"
+
+
+def to_blocks(arrays: dict[int, np.ndarray], dtype: torch.dtype, where: torch.device) -> dict[int, torch.Tensor]:
+    """Member arrays as tensors in the compute dtype on the device (a view, for fp32 on the CPU)."""
+    return {j: torch.from_numpy(X).to(where, dtype) for j, X in arrays.items()}
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Some rows of the member blocks (``index`` None: all of them) and their labels (numpy)."""
+
+    blocks: dict[int, torch.Tensor]
+    index: torch.Tensor | None
+    y: np.ndarray
+
+    @classmethod
+    def of(cls, blocks: dict[int, torch.Tensor], y: np.ndarray, index: np.ndarray | None = None) -> Rows:
+        where = next(iter(blocks.values())).device
+        picked = None if index is None else torch.from_numpy(index).to(where)
+        return cls(blocks, picked, y if index is None else y[index])
+
+    def labels(self) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.y)).to(next(iter(self.blocks.values())).device)
+
+
+def groups(subsets: list[tuple[int, ...]], dims: dict[int, int], width: int, candidates: int, budget: int) -> list:
+    """Consecutive runs of subsets whose C candidates' solver state fits ``budget`` bytes (at least one each)."""
+    out, current, used = [], [], 0
+    for subset in subsets:
+        need = candidates * STATE_COPIES * 4 * width * (sum(dims[j] for j in subset) + 1)
+        if current and used + need > budget:
+            out.append(current)
+            current, used = [], 0
+        current.append(subset)
+        used += need
+    return [*out, current] if current else out
+
+
+class _Bar:
+    """One progress bar over a batched fit's iterations, showing how many problems still run."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = progress(total=total, desc=desc, unit="iter")
+
+    def __call__(self, iteration: int, running: int) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(running=running, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def solve(rows: Rows, problems, width: int, plan: Plan, max_iter: int, desc: str, init=None):
+    """One batched fit over ``rows`` with a progress bar; returns (params, end states)."""
+    bar = _Bar(max_iter, desc)
+    try:
+        return bl.fit(
+            rows.blocks,
+            rows.labels(),
+            problems,
+            width,
+            max_iter=max_iter,
+            tol=plan.tol,
+            init=init,
+            row_bytes=max(plan.memory_bytes // 4, 2**20),
+            index=rows.index,
+            on_iteration=bar,
+        )
+    finally:
+        bar.close()
+
+
+def _trials(fit: Rows, held: Rows, problems, width: int, plan: Plan, desc: str, init=None):
+    """Fit ``problems`` on ``fit``; returns their weights and one trial (C, held-out top-1, fit) each."""
+    params, ends = solve(fit, problems, width, plan, plan.search_iter, desc, init)
+    best = bl.topk(held.blocks, params, 1, index=held.index)  # (P, n_held, 1)
+    trials = [
+        {"C": p.C, "holdout_top1": topk_accuracy(best[i], held.y, 1), "converged": e["status"] == "converged", "fit": e}
+        for i, (p, e) in enumerate(zip(problems, ends, strict=True))
+    ]
+    return params, trials
+
+
+def _repeat(params, counts: list[int]):
+    """Problem i of ``params`` repeated counts[i] times, in order (warm starts for the next stage)."""
+    index = [i for i, c in enumerate(counts) for _ in range(c)]
+    return bl.take(params, torch.tensor(index, dtype=torch.long, device=params.b.device))
+
+
+def search(fit: Rows, held: Rows, subsets, width: int, plan: Plan):
+    """Every subset's C search: the coarse grid, then refinements around each subset's best.
+
+    The most regularised candidate goes first: from zero it converges in a few
+    iterations, and every other coarse candidate starts from its solution, all
+    of them together (scikit-learn walks the grid from the same end, one fit
+    after another). Refinements start from their subset's best coarse solution.
+    Returns per subset its trials and chosen trial, and the chosen trials'
+    search weights as one Params (problem i: subset i), the refit's warm start.
+    """
+    grid, refine, S = sorted(plan.c_grid), sorted(plan.refine), len(subsets)
+    first, trials0 = _trials(fit, held, [bl.Problem(s, grid[0]) for s in subsets], width, plan, f"choose C ({S})")
+    per = [[t] for t in trials0]
+    where = [[(first, i)] for i in range(S)]
+    if len(grid) > 1:
+        problems = [bl.Problem(s, C) for s in subsets for C in grid[1:]]
+        init = _repeat(first, [len(grid) - 1] * S)
+        rest, more = _trials(fit, held, problems, width, plan, f"choose C ({len(problems)} together)", init)
+        _extend(per, where, rest, more, len(grid) - 1)
+    if refine:
+        best = [t.index(best_trial(t, "C", "smaller")) for t in per]
+        starts = bl.concat([bl.take(where[i][b][0], _index([where[i][b][1]], first)) for i, b in enumerate(best)])
+        problems = [
+            bl.Problem(s, per[i][b]["C"] * f)
+            for i, (s, b) in enumerate(zip(subsets, best, strict=True))
+            for f in refine
+        ]
+        fine, more = _trials(fit, held, problems, width, plan, "refine C", _repeat(starts, [len(refine)] * S))
+        _extend(per, where, fine, more, len(refine))
+    chosen = [t.index(best_trial(t, "C", "smaller")) for t in per]
+    init = bl.concat([bl.take(where[i][c][0], _index([where[i][c][1]], first)) for i, c in enumerate(chosen)])
+    return list(zip(per, chosen, strict=True)), init
+
+
+def _extend(per: list, where: list, params, trials: list[dict], each: int) -> None:
+    """Append each subset's next ``each`` trials, and where their weights are, to its lists."""
+    for i in range(len(per)):
+        per[i] += trials[i * each : (i + 1) * each]
+        where[i] += [(params, i * each + r) for r in range(each)]
+
+
+def _index(values: list[int], like) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=like.b.device)
+
+
+def probe_group(train: Rows, evals: Rows, subsets, split, plan: Plan, width: int) -> list[dict]:
+    """Search, refit and score one group of subsets; one dict of measured fields per subset."""
+    fit_idx, held_idx = split
+    fit, held = Rows.of(train.blocks, train.y, fit_idx), Rows.of(train.blocks, train.y, held_idx)
+    found, init = search(fit, held, subsets, width, plan)
+    # The refit keeps the chosen C (CLIP's protocol), warm-started from its search solution.
+    problems = [bl.Problem(s, trials[c]["C"]) for s, (trials, c) in zip(subsets, found, strict=True)]
+    params, ends = solve(train, problems, width, plan, plan.max_iter, f"refit ({len(problems)})", init)
+    best = bl.topk(evals.blocks, params, 5)  # (subsets, n_eval, <=5)
+    return [
+        {
+            "search": trials,
+            "chosen": {
+                "C": problems[i].C,
+                "converged": ends[i]["status"] == "converged",
+                "warm_start": True,
+                "fit": ends[i],
+            },
+            "dim": int(sum(train.blocks[j].shape[1] for j in subsets[i])),
+            "eval_top5": best[i],
+        }
+        for i, (trials, _) in enumerate(found)
+    ]
+
+
+def probe_subsets(train, y_train: np.ndarray, evals, y_eval: np.ndarray, subsets, config, n_classes: int) -> list:
+    """The logreg protocol for every subset (tuples of member indices) on the batched solver.
+
+    ``train``/``evals`` map member index -> standardised (n, d_j) tensors in the
+    compute dtype, on the compute device (see ``to_blocks``). ``config`` is a
+    ProbeConfig. Returns one dict of measured fields per subset, in order.
+    """
+    where = next(iter(train.values())).device
+    resolved, why = resolve_precision(config.precision, where)
+    budget = int(config.memory_gib * 2**30)
+    plan = Plan(config.c_grid, config.refine, config.search_iter, config.max_iter, config.tol, budget)
+    fit_idx, held_idx = search_split(y_train, config)
+    split = describe_split(y_train, fit_idx, held_idx, n_classes)
+    width = 1 if n_classes == 2 else n_classes
+    dims = {j: X.shape[1] for j, X in train.items()}
+    batches = groups(subsets, dims, width, len(config.c_grid) + len(config.refine), budget)
+    log.info("batched logreg: %d subset(s) in %d batch(es), %s (%s)", len(subsets), len(batches), resolved, why)
+    measured = []
+    for batch in batches:
+        measured += probe_group(
+            Rows.of(train, y_train), Rows.of(evals, y_eval), batch, (fit_idx, held_idx), plan, width
+        )
+    for m in measured:
+        m.update(
+            {
+                "backend": "batched",
+                "backend_reason": f"one batched L-BFGS for every C candidate and subset, on {where.type}",
+                "precision": resolved,
+                "precision_reason": why,
+                "search_rows": split["fit_rows"],
+                "holdout": split,
+                "n_train": len(y_train),
+                "n_eval": len(y_eval),
+                "top1": topk_accuracy(m["eval_top5"], y_eval, 1),
+                "top5": topk_accuracy(m["eval_top5"], y_eval, 5),
+                "batch": {"subsets": len(subsets), "batches": len(batches), "memory_budget_gib": config.memory_gib},
+            }
+        )
+    return measured
