@@ -43,6 +43,11 @@ MAX_LINE_SEARCH = 20  # backtracks before a problem's line search gives up
 # 6e-7 with bfloat16 ones, whose outputs are rounded to 8 bits on the CPU). A full step that
 # changes the objective by less than this has reached the arithmetic's floor: converged.
 RESOLUTION = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-19, torch.float16: 2.0**-19}
+# Relative rounding of the data gradient X^T G, whose matrix product returns the blocks' dtype
+# (bfloat16 keeps 8 significant bits; two units of the last place). No gradient test can ask for
+# less than this times the data gradient's size: near the optimum that is the penalty's W / (C n),
+# and a bf16 fit of C = 1e-3 on 10k rows sat at max|g| = 1.4e-4 > tol 1e-4 for 35 iterations.
+GRADIENT_ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,7 @@ class Objective:
         self.n = len(y)
         self.row_bytes = row_bytes
         dtype = next(iter(blocks.values())).dtype
-        self.resolution = RESOLUTION[dtype]
+        self.resolution, self.rounding = RESOLUTION[dtype], GRADIENT_ROUNDING[dtype]
 
     def _rows(self, P: int) -> int:
         # float32 per row: logits Z, probabilities G and their copies (4 x P x k); one member's
@@ -231,8 +236,12 @@ class Objective:
         G.scatter_add_(2, at, torch.full((len(y), P, 1), -1.0, device=G.device))
         return loss, G
 
-    def __call__(self, params: Params, C: torch.Tensor) -> tuple[torch.Tensor, Params]:
-        """(P,) float64 objectives and their gradient, for problems with strengths C (P,)."""
+    def __call__(self, params: Params, C: torch.Tensor) -> tuple[torch.Tensor, Params, torch.Tensor]:
+        """(P,) float64 objectives, their gradient, and (P,) the gradient's rounding floor.
+
+        For problems with strengths C (P,). The floor is the largest entry the
+        matrix product's rounding can leave in the gradient (0 for float32).
+        """
         P, n = params.problems, self.n
         loss = torch.zeros(P, dtype=torch.float64, device=params.b.device)
         grad = params.zeros_like()
@@ -251,7 +260,8 @@ class Objective:
                 grad.W[j] += (X.T @ Gj.to(X.dtype)).view_as(grad.W[j])
         inv = 1.0 / (C.double() * n)  # (P,): the penalty ||W||^2 / (2 C n) and its gradient W / (C n)
         weights = params.like(params.W, torch.zeros_like(params.b))
-        return loss / n + 0.5 * inv * params.dot(weights), grad.axpy(inv.float(), weights)
+        floor = self.rounding * grad.amax()  # before the penalty: the rounding is the data gradient's
+        return loss / n + 0.5 * inv * params.dot(weights), grad.axpy(inv.float(), weights), floor
 
 
 def _every(params: Params, j: int) -> bool:
@@ -285,7 +295,7 @@ class _Lbfgs:
         self.final = x  # every problem's weights; finished ones are written here
         self.active = torch.arange(x.problems, device=device)
         self.x = x
-        self.f, self.g = objective(x, C)
+        self.f, self.g, self.floor = objective(x, C)
         self.history: list[tuple[Params, Params, torch.Tensor]] = []
         self.ends: list[dict | None] = [None] * x.problems
         self.evaluations = torch.ones(x.problems, dtype=torch.long, device=device)
@@ -303,17 +313,13 @@ class _Lbfgs:
                 "iterations": self.iteration,
                 "objective": float(self.f[local]),
                 "grad_max": float(grad_max[local]),
+                "grad_floor": float(self.floor[local]),  # the gradient's rounding floor (0 in float32)
                 "evaluations": int(self.evaluations[p]),
             }
         self.final = _store(self.final, self.x, self.active, done)
         keep = torch.nonzero(~done).flatten()
-        self.active, self.x, self.g, self.f, self.C = (
-            self.active[keep],
-            self.x.select(keep),
-            self.g.select(keep),
-            self.f[keep],
-            self.C[keep],
-        )
+        self.active, self.x, self.g = self.active[keep], self.x.select(keep), self.g.select(keep)
+        self.f, self.floor, self.C = self.f[keep], self.floor[keep], self.C[keep]
         self.history = [(s.select(keep), y.select(keep), rho[keep]) for s, y, rho in self.history]
 
     def line_search(self, d: Params, slope: torch.Tensor):
@@ -323,7 +329,7 @@ class _Lbfgs:
             t = torch.ones_like(slope)
         else:  # first step: scipy's 1/||g|| scaling
             t = torch.clamp(1.0 / self.g.dot(self.g).sqrt().clamp_min(1e-12), max=1.0)
-        x_new, g_new, f_new = self.x, self.g, self.f.clone()
+        x_new, g_new, f_new, floor_new = self.x, self.g, self.f.clone(), self.floor.clone()
         accepted = torch.zeros_like(slope, dtype=torch.bool)
         pending = torch.nonzero(slope < 0).flatten()  # not a descent direction: nothing to search
         first, flat = torch.zeros_like(accepted), torch.zeros_like(accepted)
@@ -331,7 +337,7 @@ class _Lbfgs:
             if not len(pending):
                 break
             trial = self.x.select(pending).axpy(t[pending], d.select(pending))
-            f_try, g_try = self.objective(trial, self.C[pending])
+            f_try, g_try, floor_try = self.objective(trial, self.C[pending])
             self.evaluations[self.active[pending]] += 1
             ok = f_try <= self.f[pending] + ARMIJO * t[pending] * slope[pending]
             if attempt == 0:  # a full step that moves the objective by less than the arithmetic resolves
@@ -342,6 +348,7 @@ class _Lbfgs:
                 x_new = x_new.where(mask, _expand(trial, pending, self.x))
                 g_new = g_new.where(mask, _expand(g_try, pending, self.g))
                 f_new[pending[ok]] = f_try[ok]
+                floor_new[pending[ok]] = floor_try[ok]
                 accepted[pending[ok]] = True
                 first[pending[ok]] = attempt == 0
             # The rest backtrack to the quadratic model's minimiser, kept within [0.1, 0.5] x the step.
@@ -350,18 +357,22 @@ class _Lbfgs:
             quad = torch.where(torch.isfinite(quad), quad, 0.5 * tp)
             pending = pending[~ok]
             t[pending] = torch.minimum(torch.maximum(quad, 0.1 * tp), 0.5 * tp)
-        return x_new, g_new, f_new, accepted, first | flat
+        return x_new, g_new, f_new, floor_new, accepted, first | flat
 
     def step(self) -> None:
         """One L-BFGS iteration of every running problem, then retire the ones that stopped."""
         d = _direction(self.g, self.history)
-        x_new, g_new, f_new, accepted, full = self.line_search(d, self.g.dot(d))
+        x_new, g_new, f_new, floor_new, accepted, full = self.line_search(d, self.g.dot(d))
         s, y = x_new.sub(self.x), g_new.sub(self.g)
         sy = s.dot(y)  # > 0 for an accepted step of a strongly convex objective
         # A full quasi-Newton step whose decrease float32 can no longer resolve (per-row losses carry
         # float32's relative error). A backtracked step says nothing about the distance to the optimum.
-        tiny = full & ((self.f - f_new) <= self.objective.resolution * torch.maximum(self.f.abs(), f_new.abs()))
-        self.x, self.g, self.f = x_new, g_new, f_new
+        # scipy's ftol test at the arithmetic's resolution: a step (full, or backtracked by the
+        # noise of bf16 products) that lowers the objective by less than it can resolve.
+        tiny = (accepted | full) & (
+            (self.f - f_new) <= self.objective.resolution * torch.maximum(self.f.abs(), f_new.abs())
+        )
+        self.x, self.g, self.f, self.floor = x_new, g_new, f_new, floor_new
         self.iteration += 1
         rho = torch.where(sy > 0, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
         self.history = [*self.history, (s, y, rho)][-HISTORY:]
@@ -370,7 +381,7 @@ class _Lbfgs:
 
     def run(self, on_iteration=None) -> tuple[Params, list[dict]]:
         while len(self.active):
-            small = self.g.amax() <= self.tol
+            small = self.g.amax() <= torch.clamp(self.floor, min=self.tol)  # tol, or the rounding floor above it
             self.retire(small, "converged")
             if self.iteration >= self.max_iter:
                 self.retire(torch.ones_like(self.f, dtype=torch.bool), "max_iter")
