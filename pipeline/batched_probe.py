@@ -85,6 +85,20 @@ def to_blocks(arrays: dict[int, np.ndarray], dtype: torch.dtype, where: torch.de
     return {j: torch.from_numpy(X).to(where, dtype) for j, X in arrays.items()}
 
 
+def standardised(X: np.ndarray, mean: np.ndarray, std: np.ndarray, dtype, where, block_rows: int = 1024):
+    """(X - mean) / std as a new compute-dtype tensor on the device, made block by block.
+
+    X is left as it is; the only temporaries are one block's, so a bf16 copy of
+    a member never costs a float32 copy besides the member itself.
+    """
+    out = torch.empty(X.shape, dtype=dtype, device=where)
+    mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
+    for start in range(0, len(X), block_rows):
+        block = torch.from_numpy(X[start : start + block_rows]).sub(mean_t).div_(std_t)  # one temporary
+        out[start : start + block_rows] = block.to(where, dtype)
+    return out
+
+
 @dataclass(frozen=True)
 class Rows:
     """Some rows of the member blocks (``index`` None: all of them) and their labels (numpy)."""
@@ -212,15 +226,19 @@ def _index(values: list[int], like) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=like.b.device)
 
 
-def probe_group(train: Rows, evals: Rows, subsets, split, plan: Plan, width: int) -> list[dict]:
-    """Search, refit and score one group of subsets; one dict of measured fields per subset."""
+def fit_group(train: Rows, subsets, split, plan: Plan, width: int):
+    """Search and refit one group of subsets: (per subset its trials and chosen trial, refit problems,
+    refit weights, refit end states)."""
     fit_idx, held_idx = split
     fit, held = Rows.of(train.blocks, train.y, fit_idx), Rows.of(train.blocks, train.y, held_idx)
     found, init = search(fit, held, subsets, width, plan)
     # The refit keeps the chosen C (CLIP's protocol), warm-started from its search solution.
     problems = [bl.Problem(s, trials[c]["C"]) for s, (trials, c) in zip(subsets, found, strict=True)]
     params, ends = solve(train, problems, width, plan, plan.max_iter, f"refit ({len(problems)})", init)
-    best = bl.topk(evals.blocks, params, 5)  # (subsets, n_eval, <=5)
+    return found, problems, params, ends
+
+
+def _measured(found, problems, ends, best: np.ndarray, dims: dict[int, int]) -> list[dict]:
     return [
         {
             "search": trials,
@@ -230,49 +248,52 @@ def probe_group(train: Rows, evals: Rows, subsets, split, plan: Plan, width: int
                 "warm_start": True,
                 "fit": ends[i],
             },
-            "dim": int(sum(train.blocks[j].shape[1] for j in subsets[i])),
+            "dim": int(sum(dims[j] for j in problems[i].members)),
             "eval_top5": best[i],
         }
         for i, (trials, _) in enumerate(found)
     ]
 
 
-def probe_subsets(train, y_train: np.ndarray, evals, y_eval: np.ndarray, subsets, config, n_classes: int) -> list:
+def probe_subsets(train, y_train: np.ndarray, load_evals, subsets, config, n_classes: int) -> list:
     """The logreg protocol for every subset (tuples of member indices) on the batched solver.
 
-    ``train``/``evals`` map member index -> standardised (n, d_j) tensors in the
-    compute dtype, on the compute device (see ``to_blocks``). ``config`` is a
-    ProbeConfig. Returns one dict of measured fields per subset, in order.
+    ``train`` maps member index -> standardised (n, d_j) tensors in the
+    compute dtype on the compute device (see ``standardised``);
+    ``load_evals()`` returns the eval split's (blocks, labels) likewise, and is
+    called once every fit is done, so eval features never share memory with a
+    fit. ``config`` is a ProbeConfig. Returns one dict of measured fields per
+    subset, in order.
     """
     where = next(iter(train.values())).device
     resolved, why = resolve_precision(config.precision, where)
-    budget = int(config.memory_gib * 2**30)
-    plan = Plan(config.c_grid, config.refine, config.search_iter, config.max_iter, config.tol, budget)
+    plan = Plan(config.c_grid, config.refine, config.search_iter, config.max_iter, config.tol, _budget(config))
     fit_idx, held_idx = search_split(y_train, config)
-    split = describe_split(y_train, fit_idx, held_idx, n_classes)
     width = 1 if n_classes == 2 else n_classes
     dims = {j: X.shape[1] for j, X in train.items()}
-    batches = groups(subsets, dims, width, len(config.c_grid) + len(config.refine), budget)
+    batches = groups(subsets, dims, width, len(config.c_grid) + len(config.refine), plan.memory_bytes)
     log.info("batched logreg: %d subset(s) in %d batch(es), %s (%s)", len(subsets), len(batches), resolved, why)
+    rows = Rows.of(train, y_train)
+    fitted = [fit_group(rows, batch, (fit_idx, held_idx), plan, width) for batch in batches]
+    evals, y_eval = load_evals()
     measured = []
-    for batch in batches:
-        measured += probe_group(
-            Rows.of(train, y_train), Rows.of(evals, y_eval), batch, (fit_idx, held_idx), plan, width
-        )
+    for found, problems, params, ends in fitted:
+        measured += _measured(found, problems, ends, bl.topk(evals, params, 5), dims)  # (subsets, n_eval, <=5)
+    common = {
+        "backend": "batched",
+        "backend_reason": f"one batched L-BFGS for every C candidate and subset, on {where.type}",
+        "precision": resolved,
+        "precision_reason": why,
+        "search_rows": len(fit_idx),
+        "holdout": describe_split(y_train, fit_idx, held_idx, n_classes),
+        "n_train": len(y_train),
+        "n_eval": len(y_eval),
+        "batch": {"subsets": len(subsets), "batches": len(batches), "memory_budget_gib": config.memory_gib},
+    }
     for m in measured:
-        m.update(
-            {
-                "backend": "batched",
-                "backend_reason": f"one batched L-BFGS for every C candidate and subset, on {where.type}",
-                "precision": resolved,
-                "precision_reason": why,
-                "search_rows": split["fit_rows"],
-                "holdout": split,
-                "n_train": len(y_train),
-                "n_eval": len(y_eval),
-                "top1": topk_accuracy(m["eval_top5"], y_eval, 1),
-                "top5": topk_accuracy(m["eval_top5"], y_eval, 5),
-                "batch": {"subsets": len(subsets), "batches": len(batches), "memory_budget_gib": config.memory_gib},
-            }
-        )
+        m.update(common, top1=topk_accuracy(m["eval_top5"], y_eval, 1), top5=topk_accuracy(m["eval_top5"], y_eval, 5))
     return measured
+
+
+def _budget(config) -> int:
+    return int(config.memory_gib * 2**30)

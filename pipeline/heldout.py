@@ -11,8 +11,8 @@ import numpy as np
 from pipeline.errors import TimecatError
 
 
-def standardize(X_train: np.ndarray, *others: np.ndarray, block_rows: int = 4096) -> None:
-    """Centre and scale every matrix in place with the train columns' mean and std.
+def column_stats(X_train: np.ndarray, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The train columns' float32 mean and std (dead columns get std 1, so they stay 0, never inf).
 
     Statistics accumulate in float64 over blocks of rows: ``np.std`` would build
     a float64 temporary of the whole matrix (twice its size).
@@ -26,8 +26,13 @@ def standardize(X_train: np.ndarray, *others: np.ndarray, block_rows: int = 4096
     for start in range(0, n, block_rows):
         squares += ((X_train[start : start + block_rows] - mean) ** 2).sum(axis=0)
     std = np.sqrt(squares / n).astype(np.float32)
-    std[std < 1e-6] = 1.0  # dead features stay 0 instead of becoming inf
-    mean = mean.astype(np.float32)
+    std[std < 1e-6] = 1.0
+    return mean.astype(np.float32), std
+
+
+def standardize(X_train: np.ndarray, *others: np.ndarray, block_rows: int = 4096) -> None:
+    """Centre and scale every matrix in place with the train columns' mean and std."""
+    mean, std = column_stats(X_train, block_rows)
     for X in (X_train, *others):
         for start in range(0, len(X), block_rows):
             X[start : start + block_rows] -= mean

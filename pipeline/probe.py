@@ -23,7 +23,7 @@ import cache
 from cache.layout import check_name
 from pipeline import __version__, backends, batched_probe, files, recipes, results, stats, tc
 from pipeline.errors import TimecatError, check_seed
-from pipeline.heldout import best_trial, describe_split, search_split, standardize, topk_accuracy
+from pipeline.heldout import best_trial, column_stats, describe_split, search_split, standardize, topk_accuracy
 from pipeline.progress import get_logger, progress
 
 log = get_logger(__name__)
@@ -164,7 +164,7 @@ def probe_matrices(
         where = batched_probe.device()
         dtype = batched_probe.DTYPES[batched_probe.resolve_precision(config.precision, where)[0]]
         train, evals = (batched_probe.to_blocks({0: X}, dtype, where) for X in (X_train, X_eval))
-        measured = batched_probe.probe_subsets(train, y_train, evals, y_eval, [(0,)], config, n_classes)[0]
+        measured = batched_probe.probe_subsets(train, y_train, lambda: (evals, y_eval), [(0,)], config, n_classes)[0]
         return {**measured, **uncertainty(measured["eval_top5"], y_eval, config)}
     name, why = backends.choose(config.backend, len(y_train), n_classes)
     model = backends.make(name, backends.FitOptions(n_classes, config.seed, config.tol))
@@ -315,21 +315,22 @@ def _record(config: ProbeConfig, measured: dict, context: dict, n_eval: int, sta
     return record
 
 
-def read_blocks(store: cache.Cache, config: ProbeConfig, members, dtype, device):
-    """Each member's train and eval features, standardised with train statistics, as compute-dtype tensors.
+def read_blocks(store: cache.Cache, config: ProbeConfig, split: str, members, dtype, device, stats=None):
+    """Each member's features of ``split`` standardised, as compute-dtype tensors on the device.
 
-    One member at a time: its float32 arrays are freed once converted, so a
-    bf16 probe peaks near half the float32 train matrix plus one member.
-    Returns ({index: train (n, d_j)}, {index: eval}, y_train, y_eval).
+    One member at a time, and each is freed in float32 once converted, so a bf16
+    probe peaks near half the float32 train matrix plus one float32 member.
+    ``stats`` ({index: (mean, std)}): the train statistics to apply; None
+    computes them from this split. Returns ({index: (n, d_j)}, labels, stats).
     """
-    train, evals, y_train, y_eval = {}, {}, None, None
-    for j, member in enumerate(progress(members, desc=f"read {config.dataset}", unit="member")):
-        X_train, y_train = store.features(config.dataset, config.train_split, [member], scan_nan=True)
-        X_eval, y_eval = store.features(config.dataset, config.eval_split, [member], scan_nan=True)
-        standardize(X_train, X_eval)
-        train[j], evals[j] = batched_probe.to_blocks({0: X_train, 1: X_eval}, dtype, device).values()
-        del X_train, X_eval
-    return train, evals, y_train, y_eval
+    blocks, stats, labels = {}, dict(stats or {}), None
+    for j, member in enumerate(progress(members, desc=f"read {config.dataset}/{split}", unit="member")):
+        X, labels = store.features(config.dataset, split, [member], scan_nan=True)
+        if j not in stats:
+            stats[j] = column_stats(X)
+        blocks[j] = batched_probe.standardised(X, *stats[j], dtype, device)
+        del X
+    return blocks, labels, stats
 
 
 def probe_many(
@@ -347,16 +348,24 @@ def probe_many(
     where = batched_probe.device()
     precision, _ = batched_probe.resolve_precision(config.precision, where)
     store = cache.open(cache_path)
+    dtype = batched_probe.DTYPES[precision]
+    read = functools.partial(read_blocks, store, config, members=members, dtype=dtype, device=where)
     try:
         context = _checked(store, config, members)
-        train, evals, y_train, y_eval = read_blocks(store, config, members, batched_probe.DTYPES[precision], where)
+        train, y_train, stats = read(config.train_split)
+        check_classes(y_train, context["classes"], config)
+        index = {m: j for j, m in enumerate(members)}
+        evals = {}
+
+        def load_evals():  # after the fits: eval features never share memory with one
+            evals["blocks"], evals["y"], _ = read(config.eval_split, stats=stats)
+            return evals["blocks"], evals["y"]
+
+        chosen = [tuple(index[m] for m in s) for s in subsets]
+        measured = batched_probe.probe_subsets(train, y_train, load_evals, chosen, config, len(context["classes"]))
     except cache.CacheError as e:
         raise TimecatError(str(e)) from None
-    check_classes(y_train, context["classes"], config)
-    index = {m: j for j, m in enumerate(members)}
-    measured = batched_probe.probe_subsets(
-        train, y_train, evals, y_eval, [tuple(index[m] for m in s) for s in subsets], config, len(context["classes"])
-    )
+    y_eval = evals["y"]
     records = []
     for subset, fields in zip(subsets, measured, strict=True):
         fields.update(uncertainty(fields["eval_top5"][:, :1], y_eval, config))

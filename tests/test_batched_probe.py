@@ -105,9 +105,9 @@ def test_subsets_in_one_batch_equal_subsets_fit_one_by_one(digits):
     train, evals = blocks_of(X, 4), blocks_of(X_eval, 4)
     subsets = [(0, 1), (0, 2), (1, 3), (2, 3)]
     config = ProbeConfig("digits", ("a",), precision="fp32", search_iter=2000, max_iter=2000, tol=1e-6)
-    together = batched_probe.probe_subsets(train, y, evals, y_eval, subsets, config, 10)
+    together = batched_probe.probe_subsets(train, y, lambda: (evals, y_eval), subsets, config, 10)
     tiny = replace(config, memory_gib=1e-9)  # a budget of one subset per batch
-    alone = batched_probe.probe_subsets(train, y, evals, y_eval, subsets, tiny, 10)
+    alone = batched_probe.probe_subsets(train, y, lambda: (evals, y_eval), subsets, tiny, 10)
     assert together[0]["batch"]["batches"] == 1 and alone[0]["batch"]["batches"] == 4
     for a, b in zip(together, alone, strict=True):
         assert a["chosen"]["C"] == b["chosen"]["C"] and abs(a["top1"] - b["top1"]) <= 0.1
