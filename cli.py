@@ -488,16 +488,32 @@ def extract(
 @click.option("--eval-split", default="test", show_default=True)
 @_choice(
     "--protocol",
-    ["logreg", "tc"],
+    ["logreg", "tc", "knn"],
     "logreg",
     "logreg: L-BFGS logistic regression, C chosen on held-out train rows. tc: the paper's BatchNorm+Linear "
-    "head, SGD 28 epochs, on cached views when present.",
+    "head, SGD 28 epochs, on cached views when present. knn: DINO's weighted k-NN (k in 10,20,100,200 chosen "
+    "on held-out train rows, T 0.07).",
 )
 @_choice(
     "--backend",
-    ["auto", "sklearn", "torch", "cuml"],
+    ["auto", "batched", "sklearn", "torch", "cuml"],
     "auto",
-    "logreg solver; auto picks by shape and hardware and is recorded.",
+    "logreg solver. auto = batched: every C candidate (and, with --cat, every subset) in one L-BFGS pass; "
+    "sklearn, torch, cuml fit one C at a time. Recorded.",
+)
+@_choice(
+    "--precision",
+    ["auto", "bf16", "fp32"],
+    "auto",
+    "batched: matrix products in bf16 (float32 accumulation, weights and loss) or fp32; auto = bf16 where the "
+    "CPU has avx512_bf16/amx_bf16 or the GPU has bf16 tensor cores. Recorded.",
+)
+@click.option(
+    "--memory-gib",
+    type=click.FloatRange(min=0, min_open=True),
+    default=4.0,
+    show_default=True,
+    help="batched: memory budget of one batch of subsets (solver state and working logits), GiB.",
 )
 @click.option(
     "--wd-grid",
@@ -521,6 +537,8 @@ def probe(
     eval_split,
     protocol,
     backend,
+    precision,
+    memory_gib,
     wd_grid,
     seed,
     allow_same_split,
@@ -539,6 +557,8 @@ def probe(
     Example: timecat probe --members run0,run1,run2,run3 --dataset fashion-mnist
     Example: timecat probe --cat 2 --from run0,run1,run2,run3,run4 --max-subsets 5 --dataset digits
     Example: timecat probe --members run0,run1 --dataset cifar100 --protocol tc
+    Example: timecat probe --members run0,run1 --dataset digits --protocol knn
+    Example: timecat probe --members run0,run1 --dataset digits --backend sklearn --precision fp32
     """
     from pipeline.probe import ProbeConfig, sweep
     from pipeline.probe import probe as run
@@ -555,6 +575,8 @@ def probe(
         eval_split,
         seed=seed,
         backend=backend,
+        precision=precision,
+        memory_gib=memory_gib,
         protocol=protocol,
         wd_grid=wd_grid,
         allow_same_split=allow_same_split,
@@ -666,7 +688,7 @@ def compare(id_a, id_b, resamples, seed, results, as_json):
     "table3",
     "table3: CatN at fixed total steps. table2: parameter-matched (architectures and CatN).",
 )
-@click.option("--protocol", type=click.Choice(["logreg", "tc"]), default="logreg", show_default=True)
+@click.option("--protocol", type=click.Choice(["logreg", "tc", "knn"]), default="logreg", show_default=True)
 @_choice(
     "--metric",
     ["top1", "top1_eval_selected"],

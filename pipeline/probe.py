@@ -21,14 +21,14 @@ import numpy as np
 
 import cache
 from cache.layout import check_name
-from pipeline import __version__, backends, batched_probe, files, recipes, results, stats, tc
+from pipeline import __version__, backends, batched_probe, files, knn, recipes, results, stats, tc
 from pipeline.errors import TimecatError, check_seed
 from pipeline.heldout import best_trial, column_stats, describe_split, search_split, standardize, topk_accuracy
 from pipeline.progress import get_logger, progress
 
 log = get_logger(__name__)
 
-PROTOCOLS = ("logreg", "tc")
+PROTOCOLS = ("logreg", "tc", "knn")
 BACKENDS = (*backends.CHOICES, "batched")  # auto: batched for logreg
 PROVENANCE_KEYS = (
     "checkpoint_sha256",
@@ -66,6 +66,8 @@ class ProbeConfig:
     memory_gib: float = 4.0  # batched: solver state and working logits of one batch of subsets, GiB
     protocol: str = "logreg"  # logreg | tc (the paper's BatchNorm + Linear head, SGD, 28 epochs)
     wd_grid: tuple[float, ...] | None = None  # tc: weight decays to try; None: the paper's grid for the dataset kind
+    k_grid: tuple[int, ...] = knn.K_GRID  # knn: neighbour counts to try (DINO's)
+    temperature: float = knn.TEMPERATURE  # knn: votes weigh exp(cosine similarity / temperature)
     bootstrap: int = stats.RESAMPLES  # resamples of the eval rows for top-1's 95% interval (at least 1,000)
     allow_same_split: bool = False  # fit and score on one split (memorisation, not transfer); report leaves it out
 
@@ -96,6 +98,10 @@ class ProbeConfig:
         if self.search_rows < 1 or self.search_per_class < 1:
             raise TimecatError(
                 f"search_rows and search_per_class must be at least 1, got {self.search_rows}, {self.search_per_class}"
+            )
+        if not self.k_grid or min(self.k_grid) < 1 or not self.temperature > 0:
+            raise TimecatError(
+                f"knn needs k values >= 1 and a positive temperature, got {self.k_grid} and {self.temperature}"
             )
         if self.bootstrap < stats.RESAMPLES:
             raise TimecatError(f"bootstrap resamples must be at least {stats.RESAMPLES}, got {self.bootstrap}")
@@ -244,6 +250,8 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
         )
         if config.protocol == "logreg":
             measured = probe_matrices(X_train, y_train, X_eval, y_eval, config, n_classes=n_classes)
+        elif config.protocol == "knn":
+            measured = probe_knn(X_train, y_train, X_eval, y_eval, config, n_classes)
         else:
             kind = context["train_attrs"].get("kind")
             measured = probe_tc(store, X_train, y_train, X_eval, y_eval, config, n_classes, kind)
@@ -464,6 +472,36 @@ def probe_tc(
         "top1_eval_selected": curves[selected][epoch],
         "eval_selected": {"weight_decay": grid[selected], "epoch": epoch + 1, "optimistic": True},
         "eval_top1_by_epoch": {str(w): [round(v, 4) for v in c] for w, c in zip(grid, curves, strict=True)},
+        "eval_top5": best,
+    }
+
+
+def probe_knn(X_train, y_train, X_eval, y_eval, config: ProbeConfig, n_classes: int) -> dict:
+    """Weighted k-NN (pipeline.knn): k chosen on held-out train rows, then every train row is the bank.
+
+    The held-out rows are drawn as for logreg (per class, never a class's last
+    row); the rest of the train split is their bank. Ties go to the larger k
+    (the smoother vote). The matrices are normalised in place.
+    """
+    fit_idx, held_idx = search_split(y_train, replace(config, search_rows=len(y_train)))
+    bank, queries = knn.normalise(X_train), knn.normalise(X_eval)
+    vote = functools.partial(knn.knn_topk, n_classes=n_classes, temperature=config.temperature)
+    ranked = vote(bank, y_train[fit_idx], knn.take(bank, held_idx), config.k_grid, rows=fit_idx)
+    trials = [{"k": k, "holdout_top1": topk_accuracy(ranked[k], y_train[held_idx], 1)} for k in config.k_grid]
+    k = best_trial(trials, "k", "larger")["k"]
+    best = vote(bank, y_train, queries, [k])[k]
+    return {
+        "backend": "torch",
+        "backend_reason": "exact k-NN, blocked over train rows",
+        "search": trials,
+        "holdout": describe_split(y_train, fit_idx, held_idx, n_classes),
+        "chosen": {"k": k, "temperature": config.temperature},
+        "dim": int(X_train.shape[1]),
+        "n_train": len(y_train),
+        "n_eval": len(y_eval),
+        "top1": topk_accuracy(best, y_eval, 1),
+        "top5": topk_accuracy(best, y_eval, 5),
+        **uncertainty(best, y_eval, config),
         "eval_top5": best,
     }
 

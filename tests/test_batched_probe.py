@@ -117,3 +117,46 @@ def test_subsets_in_one_batch_equal_subsets_fit_one_by_one(digits):
 def test_unknown_precision_names_the_choices():
     with pytest.raises(Exception, match=r"unknown precision 'fp8'; choose one of \['auto', 'bf16', 'fp32'\]"):
         ProbeConfig("d", ("a",), precision="fp8")
+
+
+def digits_cache(path, members: int = 4) -> tuple[str, ...]:
+    """A cache of digits cut into ``members`` 16-d members (train 1,400 / test 397 rows)."""
+    import cache
+
+    X, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    X, y = X[order].astype(np.float32), y[order]
+    store = cache.open(str(path), mode="a")
+    names = tuple(f"m{j}" for j in range(members))
+    for split, rows in (("train", slice(0, 1400)), ("test", slice(1400, None))):
+        store.write_labels("digits", split, y[rows], "fp", [str(c) for c in range(10)])
+        for name, part in zip(names, np.array_split(X[rows], members, axis=1), strict=True):
+            prov = {"dataset_fingerprint": "fp", "checkpoint_sha256": name}
+            writer = store.create_features("digits", split, name, part.shape[1], prov)
+            writer.append(np.ascontiguousarray(part))
+            writer.close()
+            store.finish_features("digits", split, name)
+    store.consolidate()
+    return names
+
+
+def test_a_batched_sweep_gives_the_records_of_one_probe_per_subset(tmp_path):
+    from pipeline import results
+    from pipeline.probe import probe, sweep
+
+    names = digits_cache(tmp_path / "c.zarr")
+    path = str(tmp_path / "c.zarr")
+    config = ProbeConfig("digits", names, precision="fp32")
+    records, summary = sweep(config, names, 2, None, path, tmp_path / "r")
+    assert len(records) == 6 and {r["backend"] for r in records} == {"batched"}
+    assert [r["id"] for r in results.load(tmp_path / "r")] == [r["id"] for r in records]
+    for record in records:
+        alone = probe(replace(config, members=tuple(record["members"]), backend="sklearn"), path)
+        # Both stop at the default tol 1e-4, a little apart: 4 rows of 397 (the benchmark holds the
+        # issue's 0.5 points on 10,000 eval rows).
+        assert abs(record["top1"] - alone["top1"]) <= 400 / 397, (record["members"], record["top1"], alone["top1"])
+        assert record["sweep"] == {"cat": 2, "pool": list(names), "subsets": 6}
+        assert set(alone) <= set(record)  # the same fields, and more
+        assert record["batch"]["subsets"] == 6 and record["dim"] == 32
+    top1 = np.array([r["top1"] for r in records])
+    assert summary["top1"]["mean"] == pytest.approx(top1.mean()) and summary["count"] == 6
