@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cache.errors import CacheError
 from cache.layout import check_name
 from pipeline import __version__, files
 from pipeline.errors import TimecatError, check_seed
@@ -147,6 +148,8 @@ def load(path: Path) -> Plan:
         return Plan(data["dataset"], members, data.get("batch_size", 128), data.get("preset"))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise TimecatError(f"{path}: not a timecat plan ({type(e).__name__}: {e})") from None
+    except (CacheError, TimecatError) as e:  # a hand-edited member: a bad name, arch or step count
+        raise TimecatError(f"{path}: {e}") from None
 
 
 def status(plan: Plan, runs_root: Path) -> list[dict]:

@@ -49,6 +49,12 @@ def test_plan_files_round_trip_and_bad_ones_are_named(tmp_path):
         plans.load(tmp_path / "bad.json")
     with pytest.raises(TimecatError, match=r"no member 'run9' in the plan; its members: \['cat1-run0'"):
         made.member("run9")
+    # A hand-edited plan cannot smuggle in a member name that the command line would refuse.
+    edited = json.loads((tmp_path / "p.json").read_text())
+    edited["members"][0]["name"] = "../escape"
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    with pytest.raises(TimecatError, match=r"edited.json: invalid member name '../escape': use 1 to 128"):
+        plans.load(tmp_path / "edited.json")
 
 
 def test_plan_then_pretrain_one_member_then_status(tmp_path):

@@ -26,7 +26,7 @@ def record(members, dataset, top1, steps, protocol="logreg", arch="resnet50", pa
 
 def _append_many(args):
     root, worker, size = args
-    for i in range(30):
+    for i in range(60):
         # Records larger than a pipe buffer and than one write block: written in several write() calls.
         big = {**record([f"w{worker}"], "d", float(i), 10), "padding": f"{worker}" * size}
         results.append(root, big)
@@ -36,7 +36,7 @@ def test_concurrent_appends_of_large_records_never_interleave(tmp_path):
     with multiprocessing.get_context("fork").Pool(6) as pool:
         pool.map(_append_many, [(tmp_path, w, 150_000 + 997 * w) for w in range(6)])
     lines = results.results_path(tmp_path).read_bytes().split(b"\n")
-    assert lines[-1] == b"" and len(lines) == 6 * 30 + 1
+    assert lines[-1] == b"" and len(lines) == 6 * 60 + 1
     for line in lines[:-1]:
         parsed = json.loads(line)  # a line broken by another writer's block would not parse
         assert parsed["padding"] == parsed["members"][0][1:] * len(parsed["padding"])
