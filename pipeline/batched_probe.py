@@ -230,8 +230,14 @@ def fit_group(train: Rows, subsets, split, plan: Plan, width: int):
     """Search and refit one group of subsets: (per subset its trials and chosen trial, refit problems,
     refit weights, refit end states)."""
     fit_idx, held_idx = split
-    fit, held = Rows.of(train.blocks, train.y, fit_idx), Rows.of(train.blocks, train.y, held_idx)
+    # The search rows are copied once: every evaluation reads them, and gathering them per
+    # evaluation took a fifth of the search's time. The copy (search_rows of the train rows)
+    # is freed before the refit; the peak stays the read's. Held-out rows are gathered when scored.
+    rows = torch.from_numpy(fit_idx).to(next(iter(train.blocks.values())).device)
+    fit = Rows({j: X.index_select(0, rows) for j, X in train.blocks.items()}, None, train.y[fit_idx])
+    held = Rows.of(train.blocks, train.y, held_idx)
     found, init = search(fit, held, subsets, width, plan)
+    del fit
     # The refit keeps the chosen C (CLIP's protocol), warm-started from its search solution.
     problems = [bl.Problem(s, trials[c]["C"]) for s, (trials, c) in zip(subsets, found, strict=True)]
     params, ends = solve(train, problems, width, plan, plan.max_iter, f"refit ({len(problems)})", init)
