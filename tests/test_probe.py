@@ -147,7 +147,7 @@ def test_tc_grids_are_the_papers_per_dataset_kind():
         wd_grid("imagenet-mixed")
     with pytest.raises(TimecatError, match="does not record its dataset kind.*--wd-grid"):
         wd_grid(None)
-    with pytest.raises(TimecatError, match=r"unknown protocol 'dino'; choose one of \['logreg', 'tc'\]"):
+    with pytest.raises(TimecatError, match=r"unknown protocol 'dino'; choose one of \['logreg', 'tc', 'knn'\]"):
         ProbeConfig("d", ("a",), protocol="dino")
 
 
