@@ -301,8 +301,9 @@ class _Lbfgs:
         self.evaluations = torch.ones(x.problems, dtype=torch.long, device=device)
         self.iteration = 0
 
-    def retire(self, done: torch.Tensor, status: str) -> None:
-        """Record the problems ``done`` (local mask) as finished with ``status`` and drop them from the batch."""
+    def retire(self, done: torch.Tensor, status: str, by: str | None = None) -> None:
+        """Record the problems ``done`` (local mask) as finished with ``status`` (and ``by`` which test) and
+        drop them from the batch."""
         if not done.any():
             return
         grad_max = self.g.amax()
@@ -310,6 +311,7 @@ class _Lbfgs:
             p = int(self.active[local])
             self.ends[p] = {
                 "status": status,
+                "by": by,  # converged: "gradient" (max |g| <= tol) or "resolution" (a decrease below it)
                 "iterations": self.iteration,
                 "objective": float(self.f[local]),
                 "grad_max": float(grad_max[local]),
@@ -376,13 +378,13 @@ class _Lbfgs:
         self.iteration += 1
         rho = torch.where(sy > 0, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
         self.history = [*self.history, (s, y, rho)][-HISTORY:]
-        self.retire(tiny, "converged")
+        self.retire(tiny, "converged", "resolution")
         self.retire(~accepted[~tiny], "stalled")
 
     def run(self, on_iteration=None) -> tuple[Params, list[dict]]:
         while len(self.active):
             small = self.g.amax() <= torch.clamp(self.floor, min=self.tol)  # tol, or the rounding floor above it
-            self.retire(small, "converged")
+            self.retire(small, "converged", "gradient")
             if self.iteration >= self.max_iter:
                 self.retire(torch.ones_like(self.f, dtype=torch.bool), "max_iter")
             if not len(self.active):

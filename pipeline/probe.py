@@ -152,6 +152,19 @@ def uncertainty(best: np.ndarray, y_eval: np.ndarray, config: ProbeConfig) -> di
     }
 
 
+def scored(best: np.ndarray, X_train: np.ndarray, y_eval: np.ndarray, config: ProbeConfig) -> dict:
+    """The fields every protocol reports from its ranked eval predictions ``best`` (n_eval, <=5)."""
+    return {
+        "dim": int(X_train.shape[1]),
+        "n_train": len(X_train),
+        "n_eval": len(y_eval),
+        "top1": topk_accuracy(best, y_eval, 1),
+        "top5": topk_accuracy(best, y_eval, 5),
+        **uncertainty(best, y_eval, config),
+        "eval_top5": best,
+    }
+
+
 def probe_matrices(
     X_train: np.ndarray,
     y_train: np.ndarray,
@@ -190,13 +203,7 @@ def probe_matrices(
         "search_rows": split["fit_rows"],
         "holdout": split,
         "chosen": {"C": C, "converged": converged, "warm_start": model.warm_started},
-        "dim": int(X_train.shape[1]),
-        "n_train": len(y_train),
-        "n_eval": len(y_eval),
-        "top1": topk_accuracy(best, y_eval, 1),
-        "top5": topk_accuracy(best, y_eval, 5),
-        **uncertainty(best, y_eval, config),
-        "eval_top5": best,
+        **scored(best, X_train, y_eval, config),
     }
 
 
@@ -496,13 +503,7 @@ def probe_knn(X_train, y_train, X_eval, y_eval, config: ProbeConfig, n_classes: 
         "search": trials,
         "holdout": describe_split(y_train, fit_idx, held_idx, n_classes),
         "chosen": {"k": k, "temperature": config.temperature},
-        "dim": int(X_train.shape[1]),
-        "n_train": len(y_train),
-        "n_eval": len(y_eval),
-        "top1": topk_accuracy(best, y_eval, 1),
-        "top5": topk_accuracy(best, y_eval, 5),
-        **uncertainty(best, y_eval, config),
-        "eval_top5": best,
+        **scored(best, X_train, y_eval, config),
     }
 
 
