@@ -520,6 +520,40 @@ def extract(
     type=POSITIVE_NUMBERS,
     help="tc: comma-separated weight decays to try (default: the paper's grid for the dataset's kind).",
 )
+@click.option(
+    "--tol",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-4,
+    show_default=True,
+    help="L-BFGS stopping tolerance (largest gradient entry; scikit-learn's default).",
+)
+@click.option(
+    "--search-iter",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="L-BFGS iterations per C candidate of the search.",
+)
+@click.option(
+    "--max-iter",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    help="L-BFGS iterations of the final refit.",
+)
+@click.option(
+    "--shots",
+    type=click.IntRange(min=1),
+    help="Few-shot: probe on K seeded train rows per class (e.g. 1, 2, 5, 10, 25); one record per draw.",
+)
+@click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True, help="Few-shot: draws of the shots.")
+@click.option(
+    "--fixed-c",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="C when no train row can be held out (1 shot per class): no search is possible.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the held-out split, solver and subset sample.")
 @click.option(
     "--allow-same-split", is_flag=True, help="Let the eval split be the train split (memorisation; never in report)."
@@ -540,6 +574,12 @@ def probe(
     precision,
     memory_gib,
     wd_grid,
+    tol,
+    search_iter,
+    max_iter,
+    shots,
+    draws,
+    fixed_c,
     seed,
     allow_same_split,
     cache_path,
@@ -559,8 +599,13 @@ def probe(
     Example: timecat probe --members run0,run1 --dataset cifar100 --protocol tc
     Example: timecat probe --members run0,run1 --dataset digits --protocol knn
     Example: timecat probe --members run0,run1 --dataset digits --backend sklearn --precision fp32
+    Example: torchrun --nproc-per-node 8 --no-python timecat probe --cat 4 --from run0,...,run11 --dataset inat18
+    Example: timecat probe --members run0,run1 --dataset digits --shots 5 --draws 5
+
+    Under torchrun (batched backend) the ranks split the subsets, or, for a
+    single probe, the C candidates; each record is appended once.
     """
-    from pipeline.probe import ProbeConfig, sweep
+    from pipeline.probe import ProbeConfig, few_shot, sweep
     from pipeline.probe import probe as run
     from pipeline.results import results_path
 
@@ -579,14 +624,39 @@ def probe(
         memory_gib=memory_gib,
         protocol=protocol,
         wd_grid=wd_grid,
+        tol=tol,
+        search_iter=search_iter,
+        max_iter=max_iter,
+        shots=shots,
+        draws=draws,
+        fixed_c=fixed_c,
         allow_same_split=allow_same_split,
     )
     path = results_path(results)
+    if cat is None and shots is not None:
+        records, summary = few_shot(config, cache_path, results)
+        what = f"{shots}-shot Cat{len(members)} over {len(records)} draw(s)"
+        _print_many(records, summary, what, "draws", path, as_json)
+        return
     if cat is None:
         record = run(config, cache_path, results)
+        if os.environ.get("RANK", "0") != "0":
+            return  # under torchrun, rank 0 reports for the job
         click.echo(json.dumps(record, indent=1) if as_json else _probe_line(record, path))
         return
     records, summary = sweep(config, pool, cat, max_subsets, cache_path, results)
+    if shots is None:
+        what, over = f"Cat{cat} over {len(records)} subset(s)", "subsets"
+    else:
+        what = f"{shots}-shot Cat{cat} over {len(records)} record(s)"
+        over = f"{len(records) // draws} subsets x {draws} draws"
+    _print_many(records, summary, what, over, path, as_json)
+
+
+def _print_many(records: list[dict], summary: dict, what: str, over: str, path, as_json: bool) -> None:
+    """A sweep's or few-shot probe's records and their mean ± sample std (rank 0 only under torchrun)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     if as_json:
         click.echo(json.dumps({"records": records, "summary": summary}, indent=1))
         return
@@ -594,8 +664,8 @@ def probe(
         click.echo(_probe_line(record, path))
     top1, top5 = summary["top1"], summary["top5"]
     click.echo(
-        f"Cat{cat} over {summary['count']} subset(s) on {dataset}: top-1 {top1['mean']:.2f} ± {top1['std']:.2f}%, "
-        f"top-5 {top5['mean']:.2f} ± {top5['std']:.2f}% (mean ± sample std over subsets)"
+        f"{what} on {records[0]['dataset']}: top-1 {top1['mean']:.2f} ± "
+        f"{top1['std']:.2f}%, top-5 {top5['mean']:.2f} ± {top5['std']:.2f}% (mean ± sample std over {over})"
     )
 
 
@@ -704,7 +774,8 @@ def report(results, layout, protocol, metric, plot_path, as_json):
     A cell is one probe's top-1 with its 95% bootstrap interval, or mean ± sample
     std (n) over member sets of the same kind. Plots: top-1 against N per dataset
     (RESULTS/catn.png), and in-distribution against transfer accuracy
-    (RESULTS/id_vs_ood.png) when the members' pretraining dataset was probed too.
+    (RESULTS/id_vs_ood.png) when the members' pretraining dataset was probed too, and
+    few-shot top-1 against shots per class for each CatN (RESULTS/shots.png).
 
     \b
     Example: timecat report --results demo/results
@@ -713,16 +784,32 @@ def report(results, layout, protocol, metric, plot_path, as_json):
     """
     from pipeline import report as rep
     from pipeline import results as store
+    from pipeline.errors import TimecatError
 
-    data = rep.table(store.load(results), layout=layout, protocol=protocol, metric=metric)
-    saved = [rep.plot(data, plot_path or results / rep.PLOT_FILE)]
-    saved.append(rep.plot_id_vs_ood(data, Path(saved[0]).with_name(rep.ID_OOD_FILE)))
+    records = store.load(results)
+    shots = rep.shots_table(records) if protocol == "logreg" else None
+    try:
+        data = rep.table(records, layout=layout, protocol=protocol, metric=metric)
+    except TimecatError:
+        if shots is None:
+            raise
+        data = None  # few-shot records only: their plot alone
+    folder = Path(plot_path).parent if plot_path else results
+    saved = []
+    if data is not None:
+        saved = [rep.plot(data, plot_path or results / rep.PLOT_FILE)]
+        saved.append(rep.plot_id_vs_ood(data, Path(saved[0]).with_name(rep.ID_OOD_FILE)))
+    if shots is not None:
+        saved.append(rep.plot_shots(shots, folder / rep.SHOTS_FILE))
     plots = [str(p) for p in saved if p is not None]
     if as_json:
-        click.echo(json.dumps({**data, "plots": plots}, indent=1))
-    else:
+        click.echo(json.dumps({**(data or {}), "shots": shots, "plots": plots}, indent=1))
+        return
+    if data is not None:
         click.echo(rep.format_table(data))
-        click.echo("plots: " + ", ".join(plots))
+    if shots is not None:
+        click.echo(rep.format_shots(shots))
+    click.echo("plots: " + ", ".join(plots))
 
 
 @main.command()

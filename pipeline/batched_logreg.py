@@ -135,6 +135,11 @@ class Params:
         """The problems ``keep`` (indices, ascending) only, renumbered 0..len(keep)-1."""
         return take(self, keep)
 
+    def to(self, where: torch.device) -> Params:
+        """The same problems on another device."""
+        move = {j: o.to(where) for j, o in self.owners.items()}
+        return Params({j: w.to(where) for j, w in self.W.items()}, self.b.to(where), move)
+
     def where(self, mask: torch.Tensor, other: Params) -> Params:
         """Per problem: other where mask[p], else self."""
         W = {j: torch.where(mask[self.owners[j]][None, :, None], other.W[j], w) for j, w in self.W.items()}

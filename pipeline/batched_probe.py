@@ -11,6 +11,7 @@ evaluation for all of them. Groups of subsets are sized to a memory budget.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from pipeline import batched_logreg as bl
 from pipeline.errors import TimecatError
-from pipeline.heldout import best_trial, describe_split, search_split, topk_accuracy
+from pipeline.heldout import best_trial, describe_split, fixed_split, search_split, topk_accuracy
 from pipeline.progress import get_logger, progress
 
 log = get_logger(__name__)
@@ -38,11 +39,12 @@ class Plan:
     max_iter: int
     tol: float
     memory_bytes: int  # budget for one batch's solver state and working logits
+    fixed_c: float = 1.0  # C when no class has a row to hold out (1-shot probes)
 
 
 def device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU when there is one (under torchrun, its local rank's), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def cpu_flags() -> set[str]:
@@ -117,8 +119,20 @@ class Rows:
         return torch.from_numpy(np.ascontiguousarray(self.y)).to(next(iter(self.blocks.values())).device)
 
 
-def groups(subsets: list[tuple[int, ...]], dims: dict[int, int], width: int, candidates: int, budget: int) -> list:
-    """Consecutive runs of subsets whose C candidates' solver state fits ``budget`` bytes (at least one each)."""
+def candidates(config) -> int:
+    """C candidates fit per subset in the search (coarse grid and refinements)."""
+    return len(config.c_grid) + len(config.refine)
+
+
+def width_of(n_classes: int) -> int:
+    """Logit columns: one binomial logit for two classes, else one per class."""
+    return 1 if n_classes == 2 else n_classes
+
+
+def groups(subsets: list[tuple], dims: dict, width: int, candidates: int, budget: int) -> list:
+    """Consecutive runs of subsets whose C candidates' solver state fits ``budget`` bytes (at least one each).
+
+    Members are any keys of ``dims`` (member indices or names)."""
     out, current, used = [], [], 0
     for subset in subsets:
         need = candidates * STATE_COPIES * 4 * width * (sum(dims[j] for j in subset) + 1)
@@ -164,15 +178,45 @@ def solve(rows: Rows, problems, width: int, plan: Plan, max_iter: int, desc: str
         bar.close()
 
 
-def _trials(fit: Rows, held: Rows, problems, width: int, plan: Plan, desc: str, init=None):
-    """Fit ``problems`` on ``fit``; returns their weights and one trial (C, held-out top-1, fit) each."""
-    params, ends = solve(fit, problems, width, plan, plan.search_iter, desc, init)
-    best = bl.topk(held.blocks, params, 1, index=held.index)  # (P, n_held, 1)
-    trials = [
-        {"C": p.C, "holdout_top1": topk_accuracy(best[i], held.y, 1), "converged": e["status"] == "converged", "fit": e}
-        for i, (p, e) in enumerate(zip(problems, ends, strict=True))
-    ]
-    return params, trials
+def _trials(fit: Rows, held: Rows, problems, width: int, plan: Plan, desc: str, init=None, share=None):
+    """Fit ``problems`` on ``fit``; returns their weights and one trial (C, held-out top-1, fit) each.
+
+    ``share`` (a pipeline.distributed.Dist of several processes): this rank fits
+    problems rank, rank + world, ..., and every rank gets every problem's
+    weights and trial back, in order. Each problem's fit does not depend on the
+    others in its batch (per-problem line search and stopping), so the split
+    changes the work, not the answer.
+    """
+    ranks = 1 if share is None else share.world_size
+    mine = list(range(0 if share is None else share.rank, len(problems), ranks))
+    params, trials = None, []
+    if mine:
+        start = None if init is None else bl.take(init, _index(mine, init))
+        params, ends = solve(fit, [problems[i] for i in mine], width, plan, plan.search_iter, desc, start)
+        best = bl.topk(held.blocks, params, 1, index=held.index)  # (P, n_held, 1)
+        trials = [
+            {
+                "C": problems[i].C,
+                "holdout_top1": topk_accuracy(best[r], held.y, 1),
+                "converged": e["status"] == "converged",
+                "fit": e,
+            }
+            for r, (i, e) in enumerate(zip(mine, ends, strict=True))
+        ]
+    if ranks == 1:
+        return params, trials
+    return _gathered(share, mine, params, trials, len(problems), held.labels().device)
+
+
+def _gathered(share, mine: list[int], params, trials: list[dict], count: int, where: torch.device):
+    """Every rank's problems (weights and trials) on every rank, in problem order."""
+    parts = share.all_gather((mine, None if params is None else params.to(torch.device("cpu")), trials))
+    order = [i for indices, _, _ in parts for i in indices]  # problem index at each gathered position
+    every = bl.concat([p for _, p, _ in parts if p is not None])
+    position = {i: n for n, i in enumerate(order)}
+    merged = bl.take(every, torch.tensor([position[i] for i in range(count)], dtype=torch.long))
+    by_index = {i: t for indices, _, ts in parts for i, t in zip(indices, ts, strict=True)}
+    return merged.to(where), [by_index[i] for i in range(count)]
 
 
 def _repeat(params, counts: list[int]):
@@ -181,7 +225,7 @@ def _repeat(params, counts: list[int]):
     return bl.take(params, torch.tensor(index, dtype=torch.long, device=params.b.device))
 
 
-def search(fit: Rows, held: Rows, subsets, width: int, plan: Plan):
+def search(fit: Rows, held: Rows, subsets, width: int, plan: Plan, share=None):
     """Every subset's C search: the coarse grid, then refinements around each subset's best.
 
     The most regularised candidate goes first: from zero it converges in a few
@@ -192,13 +236,15 @@ def search(fit: Rows, held: Rows, subsets, width: int, plan: Plan):
     search weights as one Params (problem i: subset i), the refit's warm start.
     """
     grid, refine, S = sorted(plan.c_grid), sorted(plan.refine), len(subsets)
-    first, trials0 = _trials(fit, held, [bl.Problem(s, grid[0]) for s in subsets], width, plan, f"choose C ({S})")
+    first, trials0 = _trials(
+        fit, held, [bl.Problem(s, grid[0]) for s in subsets], width, plan, f"choose C ({S})", share=share
+    )
     per = [[t] for t in trials0]
     where = [[(first, i)] for i in range(S)]
     if len(grid) > 1:
         problems = [bl.Problem(s, C) for s in subsets for C in grid[1:]]
         init = _repeat(first, [len(grid) - 1] * S)
-        rest, more = _trials(fit, held, problems, width, plan, f"choose C ({len(problems)} together)", init)
+        rest, more = _trials(fit, held, problems, width, plan, f"choose C ({len(problems)} together)", init, share)
         _extend(per, where, rest, more, len(grid) - 1)
     if refine:
         best = [t.index(best_trial(t, "C", "smaller")) for t in per]
@@ -208,7 +254,7 @@ def search(fit: Rows, held: Rows, subsets, width: int, plan: Plan):
             for i, (s, b) in enumerate(zip(subsets, best, strict=True))
             for f in refine
         ]
-        fine, more = _trials(fit, held, problems, width, plan, "refine C", _repeat(starts, [len(refine)] * S))
+        fine, more = _trials(fit, held, problems, width, plan, "refine C", _repeat(starts, [len(refine)] * S), share)
         _extend(per, where, fine, more, len(refine))
     chosen = [t.index(best_trial(t, "C", "smaller")) for t in per]
     init = bl.concat([bl.take(where[i][c][0], _index([where[i][c][1]], first)) for i, c in enumerate(chosen)])
@@ -226,9 +272,13 @@ def _index(values: list[int], like) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=like.b.device)
 
 
-def fit_group(train: Rows, subsets, split, plan: Plan, width: int):
+def fit_group(train: Rows, subsets, split, plan: Plan, width: int, share=None):
     """Search and refit one group of subsets: (per subset its trials and chosen trial, refit problems,
-    refit weights, refit end states)."""
+    refit weights, refit end states). ``split`` None: no search, every subset fit at the fixed C."""
+    if split is None:
+        problems = [bl.Problem(s, plan.fixed_c) for s in subsets]
+        params, ends = solve(train, problems, width, plan, plan.max_iter, f"fit at fixed C ({len(problems)})")
+        return [([], None)] * len(subsets), problems, params, ends
     fit_idx, held_idx = split
     # The search rows are copied once: every evaluation reads them, and gathering them per
     # evaluation took a fifth of the search's time. The copy (search_rows of the train rows)
@@ -236,9 +286,11 @@ def fit_group(train: Rows, subsets, split, plan: Plan, width: int):
     rows = torch.from_numpy(fit_idx).to(next(iter(train.blocks.values())).device)
     fit = Rows({j: X.index_select(0, rows) for j, X in train.blocks.items()}, None, train.y[fit_idx])
     held = Rows.of(train.blocks, train.y, held_idx)
-    found, init = search(fit, held, subsets, width, plan)
+    found, init = search(fit, held, subsets, width, plan, share)
     del fit
-    # The refit keeps the chosen C (CLIP's protocol), warm-started from its search solution.
+    # The refit keeps the chosen C (CLIP's protocol), warm-started from its search solution. With
+    # ``share``, every rank refits (the same problems from the same start, so the same weights):
+    # a rank waiting on another's long refit could outlast the collective timeout.
     problems = [bl.Problem(s, trials[c]["C"]) for s, (trials, c) in zip(subsets, found, strict=True)]
     params, ends = solve(train, problems, width, plan, plan.max_iter, f"refit ({len(problems)})", init)
     return found, problems, params, ends
@@ -251,47 +303,63 @@ def _measured(found, problems, ends, best: np.ndarray, dims: dict[int, int]) -> 
             "chosen": {
                 "C": problems[i].C,
                 "converged": ends[i]["status"] == "converged",
-                "warm_start": True,
+                "warm_start": chosen is not None,
+                **({} if chosen is not None else {"rule": "fixed"}),
                 "fit": ends[i],
             },
             "dim": int(sum(dims[j] for j in problems[i].members)),
             "eval_top5": best[i],
         }
-        for i, (trials, _) in enumerate(found)
+        for i, (trials, chosen) in enumerate(found)
     ]
 
 
-def probe_subsets(train, y_train: np.ndarray, load_evals, subsets, config, n_classes: int) -> list:
+def probe_subsets(
+    train, y_train: np.ndarray, load_evals, subsets, config, n_classes: int, share=None, sizes=None
+) -> list:
     """The logreg protocol for every subset (tuples of member indices) on the batched solver.
 
     ``train`` maps member index -> standardised (n, d_j) tensors in the
     compute dtype on the compute device (see ``standardised``);
     ``load_evals()`` returns the eval split's (blocks, labels) likewise, and is
     called once every fit is done, so eval features never share memory with a
-    fit. ``config`` is a ProbeConfig. Returns one dict of measured fields per
-    subset, in order.
+    fit. ``config`` is a ProbeConfig. ``share`` (a pipeline.distributed.Dist):
+    the ranks split the C candidates (see ``_trials``). ``sizes``: the
+    subsets come as consecutive batches of these sizes (default: cut to the
+    memory budget here). Returns one dict of measured fields per subset, in order.
     """
     where = next(iter(train.values())).device
     resolved, why = resolve_precision(config.precision, where)
-    plan = Plan(config.c_grid, config.refine, config.search_iter, config.max_iter, config.tol, _budget(config))
-    fit_idx, held_idx = search_split(y_train, config)
-    width = 1 if n_classes == 2 else n_classes
+    plan = Plan(
+        config.c_grid, config.refine, config.search_iter, config.max_iter, config.tol, budget(config), config.fixed_c
+    )
+    # With one row per class (1-shot probes) no row can be held out: the documented fixed C instead.
+    split = search_split(y_train, config) if np.bincount(y_train).max() >= 2 else None
+    width = width_of(n_classes)
     dims = {j: X.shape[1] for j, X in train.items()}
-    batches = groups(subsets, dims, width, len(config.c_grid) + len(config.refine), plan.memory_bytes)
+    if sizes is None:
+        batches = groups(subsets, dims, width, candidates(config), plan.memory_bytes)
+    else:  # a torchrun rank's share of the job's batches, as the job cut them
+        ends = np.cumsum([0, *sizes])
+        batches = [subsets[a:b] for a, b in itertools.pairwise(ends)]
     log.info("batched logreg: %d subset(s) in %d batch(es), %s (%s)", len(subsets), len(batches), resolved, why)
     rows = Rows.of(train, y_train)
-    fitted = [fit_group(rows, batch, (fit_idx, held_idx), plan, width) for batch in batches]
+    fitted = [fit_group(rows, batch, split, plan, width, share) for batch in batches]
     evals, y_eval = load_evals()
     measured = []
     for found, problems, params, ends in fitted:
         measured += _measured(found, problems, ends, bl.topk(evals, params, 5), dims)  # (subsets, n_eval, <=5)
+    if split is None:
+        held = fixed_split(y_train, n_classes, plan.fixed_c)
+    else:
+        held = describe_split(y_train, *split, n_classes)
     common = {
         "backend": "batched",
         "backend_reason": f"one batched L-BFGS for every C candidate and subset, on {where.type}",
         "precision": resolved,
         "precision_reason": why,
-        "search_rows": len(fit_idx),
-        "holdout": describe_split(y_train, fit_idx, held_idx, n_classes),
+        "search_rows": 0 if split is None else len(split[0]),
+        "holdout": held,
         "n_train": len(y_train),
         "n_eval": len(y_eval),
         "batch": {"subsets": len(subsets), "batches": len(batches), "memory_budget_gib": config.memory_gib},
@@ -301,5 +369,6 @@ def probe_subsets(train, y_train: np.ndarray, load_evals, subsets, config, n_cla
     return measured
 
 
-def _budget(config) -> int:
+def budget(config) -> int:
+    """The memory budget of one batch, bytes."""
     return int(config.memory_gib * 2**30)

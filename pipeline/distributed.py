@@ -43,6 +43,14 @@ class Dist:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
+    def all_gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank (picklable objects; tensors on the CPU)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
 
 def init() -> Dist:
     """Join the torchrun job this process belongs to, or describe a single process.

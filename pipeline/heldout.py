@@ -95,6 +95,34 @@ def search_split(y: np.ndarray, config) -> tuple[np.ndarray, np.ndarray]:
     return fit_idx, held_idx
 
 
+def shot_rows(y: np.ndarray, shots: int, seed: int, draw: int) -> np.ndarray:
+    """Draw ``draw`` of a few-shot train set: ``shots`` rows of each class (all of a smaller class), sorted.
+
+    Seeded by (seed, draw). Within a draw the classes are shuffled once, so the
+    1-shot rows are among the 5-shot rows of the same draw: a shots curve adds
+    rows, it does not swap them.
+    """
+    if shots < 1:
+        raise TimecatError(f"shots must be at least 1 per class, got {shots}")
+    rng = np.random.default_rng([seed, draw])
+    take = np.minimum(np.bincount(y), shots)
+    return np.flatnonzero(_take_per_class(y, take, rng))
+
+
+def fixed_split(y: np.ndarray, n_classes: int, C: float) -> dict:
+    """The record of a probe that could not search C: every class has one train row, so none can be held out."""
+    return {
+        "train_rows": len(y),
+        "classes": n_classes,
+        "held_out_rows": 0,
+        "held_out_classes": 0,
+        "fit_rows": len(y),
+        "fit_classes": len(np.unique(y)),
+        "rule": f"one train row per class leaves none to hold out: no search, C fixed at {C:g} "
+        "(the --fixed-c rule; scikit-learn's default C)",
+    }
+
+
 def describe_split(y: np.ndarray, fit_idx: np.ndarray, held_idx: np.ndarray, n_classes: int) -> dict:
     """How the held-out part was drawn, for the record: rows and classes on each side."""
     return {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import resource
 import time
 import uuid
@@ -21,9 +22,17 @@ import numpy as np
 
 import cache
 from cache.layout import check_name
-from pipeline import __version__, backends, batched_probe, files, knn, recipes, results, stats, tc
+from pipeline import __version__, backends, batched_probe, distributed, files, knn, recipes, results, stats, tc
 from pipeline.errors import TimecatError, check_seed
-from pipeline.heldout import best_trial, column_stats, describe_split, search_split, standardize, topk_accuracy
+from pipeline.heldout import (
+    best_trial,
+    column_stats,
+    describe_split,
+    search_split,
+    shot_rows,
+    standardize,
+    topk_accuracy,
+)
 from pipeline.progress import get_logger, progress
 
 log = get_logger(__name__)
@@ -68,6 +77,9 @@ class ProbeConfig:
     wd_grid: tuple[float, ...] | None = None  # tc: weight decays to try; None: the paper's grid for the dataset kind
     k_grid: tuple[int, ...] = knn.K_GRID  # knn: neighbour counts to try (DINO's)
     temperature: float = knn.TEMPERATURE  # knn: votes weigh exp(cosine similarity / temperature)
+    shots: int | None = None  # few-shot: train rows per class, drawn from the train split (None: every row)
+    draws: int = 5  # few-shot: seeded draws of the shots, each probed; mean ± std over draws
+    fixed_c: float = 1.0  # C where no row can be held out (1 shot per class): scikit-learn's default
     bootstrap: int = stats.RESAMPLES  # resamples of the eval rows for top-1's 95% interval (at least 1,000)
     allow_same_split: bool = False  # fit and score on one split (memorisation, not transfer); report leaves it out
 
@@ -103,6 +115,15 @@ class ProbeConfig:
             raise TimecatError(
                 f"knn needs k values >= 1 and a positive temperature, got {self.k_grid} and {self.temperature}"
             )
+        if self.shots is not None and (self.shots < 1 or self.draws < 1):
+            raise TimecatError(f"--shots and --draws must be at least 1, got {self.shots} and {self.draws}")
+        if self.shots is not None and not uses_batched(self):
+            raise TimecatError(
+                f"--shots runs the logreg protocol on the batched solver, not protocol {self.protocol} with backend "
+                f"{self.backend}: use --protocol logreg --backend auto"
+            )
+        if not self.fixed_c > 0:
+            raise TimecatError(f"fixed_c must be positive, got {self.fixed_c}")
         if self.bootstrap < stats.RESAMPLES:
             raise TimecatError(f"bootstrap resamples must be at least {stats.RESAMPLES}, got {self.bootstrap}")
 
@@ -235,8 +256,11 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
     predictions are saved beside it (for ``timecat compare``). ``extra`` fields
     (a sweep's) join the record before it is saved.
     """
+    if config.shots is not None:
+        raise TimecatError("a few-shot probe makes one record per draw: call few_shot(), not probe()")
     if uses_batched(config):
-        return probe_many(config, [config.members], cache_path, results_root, extra)[0]
+        return spread(config, [config.members], cache_path, results_root, extra)[0]
+    _one_process(config)
     started = time.perf_counter()
     if results_root is not None:
         files.check_writable(results_root, "the results folder")  # now, not after the fit
@@ -330,17 +354,20 @@ def _record(config: ProbeConfig, measured: dict, context: dict, n_eval: int, sta
     return record
 
 
-def read_blocks(store: cache.Cache, config: ProbeConfig, split: str, members, dtype, device, stats=None):
+def read_blocks(store: cache.Cache, config: ProbeConfig, split: str, members, dtype, device, stats=None, rows=None):
     """Each member's features of ``split`` standardised, as compute-dtype tensors on the device.
 
     One member at a time, and each is freed in float32 once converted, so a bf16
     probe peaks near half the float32 train matrix plus one float32 member.
     ``stats`` ({index: (mean, std)}): the train statistics to apply; None
-    computes them from this split. Returns ({index: (n, d_j)}, labels, stats).
+    computes them from this split. ``rows``: only these rows of the split.
+    Returns ({index: (n, d_j)}, labels, stats).
     """
     blocks, stats, labels = {}, dict(stats or {}), None
     for j, member in enumerate(progress(members, desc=f"read {config.dataset}/{split}", unit="member")):
         X, labels = store.features(config.dataset, split, [member], scan_nan=True)
+        if rows is not None:
+            X, labels = X[rows], labels[rows]
         if j not in stats:
             stats[j] = column_stats(X)
         blocks[j] = batched_probe.standardised(X, *stats[j], dtype, device)
@@ -348,13 +375,111 @@ def read_blocks(store: cache.Cache, config: ProbeConfig, split: str, members, dt
     return blocks, labels, stats
 
 
+def spread(config: ProbeConfig, subsets: list[tuple[str, ...]], cache_path: str, results_root=None, extra=None):
+    """``probe_many`` in this process, or across the processes of a torchrun job; every rank returns every record.
+
+    With ``config.shots``, each of ``config.draws`` seeded draws of that many
+    train rows per class is probed in turn (records in draw order, subsets within).
+    With at least as many subsets as ranks, rank r probes subsets r, r + world, ...
+    and appends its own records (each once, under the results file's lock);
+    with fewer, every rank takes its share of each subset's C candidates, all
+    ranks refit, and rank 0 appends. Records say how the work was split.
+    """
+    place = distributed.init()
+    try:
+        if place.world_size > 1:
+            distributed.use_threads(None)  # the node's CPUs shared between its ranks
+        if config.shots is None:
+            return _spread(place, config, subsets, cache_path, results_root, extra)
+        y = _train_labels(config, cache_path)
+        records = []
+        for draw in progress(range(config.draws), desc=f"{config.shots}-shot draws", unit="draw"):
+            rows = shot_rows(y, config.shots, config.seed, draw)
+            shots = {"per_class": config.shots, "draw": draw, "draws": config.draws, "rows": len(rows)}
+            fields = {**(extra or {}), "shots": shots}
+            records += _spread(place, config, subsets, cache_path, results_root, fields, rows)
+        return records
+    finally:
+        distributed.shutdown(place)
+
+
+def _train_labels(config: ProbeConfig, cache_path: str) -> np.ndarray:
+    try:
+        return cache.open(cache_path).labels(config.dataset, config.train_split)
+    except cache.CacheError as e:
+        raise TimecatError(str(e)) from None
+
+
+def _spread(place, config: ProbeConfig, subsets, cache_path: str, results_root, extra, rows=None) -> list[dict]:
+    if place.world_size == 1:
+        return probe_many(config, subsets, cache_path, results_root, extra, rows=rows)
+    by = "subsets" if len(subsets) >= place.world_size else "C candidates"
+    extra = {**(extra or {}), "ranks": {"world_size": place.world_size, "split": by}}
+    if by == "C candidates":
+        saved = results_root if place.is_main else None
+        return probe_many(config, subsets, cache_path, saved, extra, place, rows)
+    # Ranks take whole batches, cut as one process cuts them: each batch is the same computation
+    # on any number of ranks, so the records are those of one process, bit for bit.
+    batches = _batches(config, subsets, cache_path, place.world_size)
+    mine = [i for batch in batches[place.rank :: place.world_size] for i in batch]
+    sizes = [len(batch) for batch in batches[place.rank :: place.world_size]]
+    records = []
+    if mine:
+        records = probe_many(
+            config, [subsets[i] for i in mine], cache_path, results_root, extra, rows=rows, sizes=sizes
+        )
+    done = {i: r for part in place.all_gather(list(zip(mine, records, strict=True))) for i, r in part}
+    return [done[i] for i in range(len(subsets))]
+
+
+def _batches(config: ProbeConfig, subsets, cache_path: str, ranks: int) -> list[list[int]]:
+    """Subset positions in the batches one process would fit (from metadata alone).
+
+    With fewer such batches than ranks, the subsets are dealt into ``ranks``
+    batches instead, so no rank idles; those records then agree with one
+    process's to the solver's tolerance rather than bit for bit.
+    """
+    store = cache.open(cache_path)
+    try:
+        members = dict.fromkeys(m for s in subsets for m in s)
+        dims = {m: store.dim(config.dataset, config.train_split, m) for m in members}
+        width = batched_probe.width_of(len(store.split_attrs(config.dataset, config.train_split)["classes"]))
+    except cache.CacheError as e:
+        raise TimecatError(str(e)) from None
+    cut = batched_probe.groups(subsets, dims, width, batched_probe.candidates(config), batched_probe.budget(config))
+    if len(cut) < ranks:
+        return [list(range(r, len(subsets), ranks)) for r in range(ranks)]
+    ends = np.cumsum([0, *map(len, cut)])
+    return [list(range(a, b)) for a, b in itertools.pairwise(ends)]
+
+
+def _one_process(config: ProbeConfig) -> None:
+    """Refuse a torchrun job for the one-process paths: each rank would fit and append the same records."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TimecatError(
+            f"protocol {config.protocol} with backend {config.backend} runs in one process; under torchrun use "
+            "--protocol logreg with --backend auto or batched, or run it without torchrun"
+        )
+
+
 def probe_many(
-    config: ProbeConfig, subsets: list[tuple[str, ...]], cache_path: str, results_root=None, extra=None
+    config: ProbeConfig,
+    subsets: list[tuple[str, ...]],
+    cache_path: str,
+    results_root=None,
+    extra=None,
+    share=None,
+    rows: np.ndarray | None = None,
+    sizes: list[int] | None = None,
 ) -> list[dict]:
     """The logreg protocol for every subset of members on the batched solver; one record per subset.
 
     Each member is read from the cache once, whatever the number of subsets
-    that contain it. ``extra`` fields join every record.
+    that contain it. ``extra`` fields join every record. ``share`` (a
+    pipeline.distributed.Dist): the ranks split every subset's C candidates.
+    ``rows``: the train rows to use (a few-shot draw); None, all of them.
+    Standardisation statistics come from those rows alone. ``sizes``: fit the
+    subsets in consecutive batches of these sizes (default: cut to the budget).
     """
     started = time.perf_counter()
     if results_root is not None:
@@ -367,7 +492,7 @@ def probe_many(
     read = functools.partial(read_blocks, store, config, members=members, dtype=dtype, device=where)
     try:
         context = _checked(store, config, members)
-        train, y_train, stats = read(config.train_split)
+        train, y_train, stats = read(config.train_split, rows=rows)
         check_classes(y_train, context["classes"], config)
         index = {m: j for j, m in enumerate(members)}
         evals = {}
@@ -377,7 +502,9 @@ def probe_many(
             return evals["blocks"], evals["y"]
 
         chosen = [tuple(index[m] for m in s) for s in subsets]
-        measured = batched_probe.probe_subsets(train, y_train, load_evals, chosen, config, len(context["classes"]))
+        measured = batched_probe.probe_subsets(
+            train, y_train, load_evals, chosen, config, len(context["classes"]), share, sizes
+        )
     except cache.CacheError as e:
         raise TimecatError(str(e)) from None
     y_eval = evals["y"]
@@ -541,13 +668,27 @@ def sweep(
     chosen = subsets(pool, n, max_subsets, config.seed)
     if uses_batched(config):  # every subset in one batched fit, each member read once
         sweep_fields = {"cat": n, "pool": list(pool), "subsets": len(chosen)}
-        records = probe_many(config, chosen, cache_path, results_root, extra={"sweep": sweep_fields})
+        records = spread(config, chosen, cache_path, results_root, extra={"sweep": sweep_fields})
         return records, summarize(records)
+    _one_process(config)
     records = []
     for members in progress(chosen, desc=f"Cat{n} subsets of {len(pool)}", unit="probe"):
         sweep_fields = {"cat": n, "pool": list(pool), "subsets": len(chosen)}
         record = probe(replace(config, members=members), cache_path, results_root, extra={"sweep": sweep_fields})
         records.append(record)
+    return records, summarize(records)
+
+
+def few_shot(config: ProbeConfig, cache_path: str, results_root=None) -> tuple[list[dict], dict]:
+    """``config.draws`` seeded draws of ``config.shots`` train rows per class, each probed: records and summary.
+
+    The summary is mean and sample std over the draws. The eval split is whole
+    every time; standardisation and the C search use the drawn rows only, and
+    with one row per class C is ``config.fixed_c`` (no row is left to hold out).
+    """
+    if config.shots is None:
+        raise TimecatError("few_shot needs config.shots (train rows per class)")
+    records = spread(config, [config.members], cache_path, results_root)
     return records, summarize(records)
 
 

@@ -21,10 +21,11 @@ import numpy as np
 
 from pipeline import files, stats
 from pipeline.errors import TimecatError
-from pipeline.results import augmented, find, latest_per_probe, load, load_predictions
+from pipeline.results import augmented, find, latest_per_probe, load, load_predictions, shots_key
 
 PLOT_FILE = "catn.png"
 ID_OOD_FILE = "id_vs_ood.png"
+SHOTS_FILE = "shots.png"
 LAYOUTS = ("table3", "table2")
 METRICS = {
     "top1": "top-1 chosen on held-out train rows (the honest figure)",
@@ -147,8 +148,11 @@ def table(records: list[dict], layout: str = "table3", protocol: str = "logreg",
     if metric == "top1_eval_selected" and protocol != "tc":
         raise TimecatError("top1_eval_selected exists for protocol tc only (the paper's code's selection)")
     # A probe fit and scored on one split measures memorisation: it never enters a table.
+    # Few-shot records have their own plot (shots_table): a table cell holds whole-train-split probes only.
     records = [
-        r for r in latest_per_probe(records) if r["protocol"] == protocol and r["train_split"] != r["eval_split"]
+        r
+        for r in latest_per_probe(records)
+        if r["protocol"] == protocol and r["train_split"] != r["eval_split"] and shots_key(r) is None
     ]
     if not records:
         raise TimecatError(f"no {protocol} probe records to report: run `timecat probe --protocol {protocol}` first")
@@ -224,6 +228,18 @@ def format_table(data: dict) -> str:
     return "\n".join(out)
 
 
+def format_shots(data: dict) -> str:
+    """Few-shot top-1 as text: one line per dataset and CatN row, mean ± sample std (n) per shots."""
+    out = []
+    for line in data["lines"]:
+        cells = ", ".join(
+            f"{p['shots']}-shot {p['mean']:.2f} ± {p['std']:.2f} (n={p['count']})" for p in line["points"]
+        )
+        out.append(f"{line['dataset']}  {line['method']}: {cells}")
+    out.append("(few-shot logreg probes, top-1 %; mean ± sample std over draws and member subsets, n records)")
+    return "\n".join(out)
+
+
 def _fmt_int(value: int | None) -> str:
     return "mixed" if value is None else f"{value:,}"
 
@@ -295,6 +311,59 @@ def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
         ax.set_ylabel(f"{ood} top-1 (%), transfer")
         ax.grid(alpha=0.3)
     fig.suptitle("In distribution vs transfer (linear probe; bars: 95% intervals)", fontsize=10)
+    return _save(fig, out)
+
+
+def shots_table(records: list[dict]) -> dict | None:
+    """Few-shot top-1 per dataset, CatN row and shots: mean ± sample std over draws and member subsets.
+
+    Rows are told apart as in table3 (N, steps per member, architecture,
+    pretraining data). None when no record is a few-shot probe.
+    """
+    few = [r for r in latest_per_probe(records) if shots_key(r) is not None and r["train_split"] != r["eval_split"]]
+    if not few:
+        return None
+    columns = _columns(few)
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for r in few:
+        cells[(columns[_column_key(r)], _row_key(r, "table3"), r["shots"]["per_class"])].append(r["top1"])
+    series = defaultdict(list)
+    for (dataset, key, shots), values in sorted(
+        cells.items(), key=lambda c: (c[0][0], _order(c[0][1], "table3"), c[0][2])
+    ):
+        series[(dataset, key)].append({"shots": shots, **stats.mean_std(values)})
+    lines = [{"dataset": d, **_row_head(key, "table3", []), "points": points} for (d, key), points in series.items()]
+    return {"datasets": sorted({line["dataset"] for line in lines}), "lines": lines}
+
+
+def plot_shots(data: dict, out: Path) -> Path:
+    """Few-shot top-1 against shots per class (log axis), one panel per dataset, one line per CatN row."""
+    plt = _pyplot()
+    datasets = data["datasets"]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], datasets, strict=True):
+        shots = set()
+        for line in (line for line in data["lines"] if line["dataset"] == d):
+            xs = [p["shots"] for p in line["points"]]
+            shots.update(xs)
+            label = line["method"] + (f" ({line['arch']})" if line["arch"] not in ("mixed", None) else "")
+            ax.errorbar(
+                xs,
+                [p["mean"] for p in line["points"]],
+                yerr=[p["std"] for p in line["points"]],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(shots), [str(s) for s in sorted(shots)])
+        ax.minorticks_off()
+        ax.set_xlabel("train rows per class (shots)")
+        ax.set_ylabel("linear-probe top-1 (%)")
+        ax.set_title(d)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Few-shot linear probes\n(bars: ± sample std over draws and member subsets)", fontsize=9)
     return _save(fig, out)
 
 

@@ -110,11 +110,19 @@ def augmented(record: dict) -> bool | None:
     return bool(record.get("augmented", record.get("trained_on", "features") != "features"))
 
 
+def shots_key(record: dict) -> tuple[int, int] | None:
+    """A few-shot record's (shots per class, draw); None for a probe on the whole train split."""
+    shots = record.get("shots")
+    return None if not shots else (shots["per_class"], shots["draw"])
+
+
 def latest_per_probe(records: list[dict]) -> list[dict]:
-    """Keep the newest record for each (dataset, members, protocol, splits, views): reruns replace older runs."""
+    """Keep the newest record for each (dataset, members, protocol, splits, views, few-shot draw): reruns replace
+    older runs."""
     latest = {}
     for r in records:
         key = (r["dataset"], tuple(r["members"]), r["protocol"], r["train_split"], r["eval_split"], augmented(r))
+        key += (shots_key(r),)
         latest[key] = r
     return list(latest.values())
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import cache
 from pipeline.datasets import DEBIAN_FASHION_MNIST, read_idx
 
 TINY_TRAIN, TINY_TEST = 640, 160  # images per split of the tiny Fashion-MNIST
@@ -96,6 +97,27 @@ def make_imagefolder(root: Path, classes=("cat", "dog", "fox"), per_class: int =
             pixels = rng.integers(0, 256, (size[1] + i, size[0], 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / c / f"{i}.{'png' if i % 2 else 'jpg'}")
     return root
+
+
+def digits_cache(path, members: int = 4) -> tuple[str, ...]:
+    """A cache of digits cut into ``members`` 16-d members (train 1,400 / test 397 rows)."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    X, y = X[order].astype(np.float32), y[order]
+    store = cache.open(str(path), mode="a")
+    names = tuple(f"m{j}" for j in range(members))
+    for split, rows in (("train", slice(0, 1400)), ("test", slice(1400, None))):
+        store.write_labels("digits", split, y[rows], "fp", [str(c) for c in range(10)])
+        for name, part in zip(names, np.array_split(X[rows], members, axis=1), strict=True):
+            prov = {"dataset_fingerprint": "fp", "checkpoint_sha256": name}
+            writer = store.create_features("digits", split, name, part.shape[1], prov)
+            writer.append(np.ascontiguousarray(part))
+            writer.close()
+            store.finish_features("digits", split, name)
+    store.consolidate()
+    return names
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import digits_cache
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
@@ -121,27 +122,6 @@ def test_subsets_in_one_batch_equal_subsets_fit_one_by_one(digits):
 def test_unknown_precision_names_the_choices():
     with pytest.raises(Exception, match=r"unknown precision 'fp8'; choose one of \['auto', 'bf16', 'fp32'\]"):
         ProbeConfig("d", ("a",), precision="fp8")
-
-
-def digits_cache(path, members: int = 4) -> tuple[str, ...]:
-    """A cache of digits cut into ``members`` 16-d members (train 1,400 / test 397 rows)."""
-    import cache
-
-    X, y = load_digits(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(y))
-    X, y = X[order].astype(np.float32), y[order]
-    store = cache.open(str(path), mode="a")
-    names = tuple(f"m{j}" for j in range(members))
-    for split, rows in (("train", slice(0, 1400)), ("test", slice(1400, None))):
-        store.write_labels("digits", split, y[rows], "fp", [str(c) for c in range(10)])
-        for name, part in zip(names, np.array_split(X[rows], members, axis=1), strict=True):
-            prov = {"dataset_fingerprint": "fp", "checkpoint_sha256": name}
-            writer = store.create_features("digits", split, name, part.shape[1], prov)
-            writer.append(np.ascontiguousarray(part))
-            writer.close()
-            store.finish_features("digits", split, name)
-    store.consolidate()
-    return names
 
 
 def test_a_batched_sweep_gives_the_records_of_one_probe_per_subset(tmp_path):

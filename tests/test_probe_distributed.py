@@ -1,0 +1,115 @@
+"""Probes under torchrun: 2 gloo processes give the records one process gives, each appended once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import digits_cache
+
+import cache
+from pipeline import batched_probe, results
+from pipeline.probe import ProbeConfig, probe, sweep
+
+REPO = os.path.dirname(cache.__path__[0])
+TIGHT = ("--tol", 1e-7, "--search-iter", 2000, "--max-iter", 2000)  # converged: batch sizes cannot move the answer
+SAME = ("members", "top1", "top5", "top1_ci95", "dim", "n_train", "n_eval", "precision", "holdout")
+
+
+def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command += ["-m", "cli", *map(str, args)]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def assert_same_probe(one: dict, two: dict) -> None:
+    """The same probe, to the bit: every measured field and every search trial."""
+    for key in SAME:
+        assert one[key] == two[key], (key, one[key], two[key])
+    for key in ("chosen", "search"):
+        assert one[key] == two[key], key
+
+
+def assert_agreeing_probe(one: dict, two: dict) -> None:
+    for key in SAME:
+        assert one[key] == two[key], (key, one[key], two[key])  # top-1 to the row
+    assert one["chosen"]["C"] == two["chosen"]["C"]
+    assert [t["C"] for t in one["search"]] == [t["C"] for t in two["search"]]
+    for a, b in zip(one["search"], two["search"], strict=True):
+        # Each problem's line search and stopping are its own, but a batch of another width rounds
+        # its products differently; converged fits land on the same solution.
+        assert a["holdout_top1"] == b["holdout_top1"] and a["fit"]["status"] == b["fit"]["status"] == "converged"
+        assert a["fit"]["objective"] == pytest.approx(b["fit"]["objective"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_split_a_sweeps_subsets_and_append_each_record_once(tmp_path):
+    names = digits_cache(tmp_path / "c.zarr")
+    path = str(tmp_path / "c.zarr")
+    # A budget of two subsets per batch: three batches, which the ranks take whole (rank 0 two, rank 1 one).
+    two = 2 * 8 * batched_probe.STATE_COPIES * 4 * 10 * 33  # 8 candidates, 10 classes, 32 dims + intercept
+    config = ProbeConfig("digits", names, precision="fp32", memory_gib=two / 2**30)
+    single, _ = sweep(config, names, 2, None, path, tmp_path / "one")
+    assert single[0]["batch"]["batches"] == 3
+    args = ["probe", "--cat", 2, "--from", ",".join(names), "--dataset", "digits", "--precision", "fp32", "--json"]
+    args += ["--memory-gib", config.memory_gib]
+    result = torchrun(2, *args, "--cache", path, "--results", tmp_path / "two")
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = json.loads(result.stdout)  # rank 0 alone prints, and prints every record
+    saved = results.load(tmp_path / "two")
+    assert sorted(r["id"] for r in saved) == sorted(r["id"] for r in printed["records"])
+    assert [r["members"] for r in printed["records"]] == [r["members"] for r in single]
+    assert {r["ranks"]["split"] for r in saved} == {"subsets"} and len(saved) == 6
+    for one, two in zip(single, printed["records"], strict=True):
+        assert_same_probe(one, two)
+    assert printed["summary"]["top1"]["mean"] == pytest.approx(sum(r["top1"] for r in single) / 6)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_split_one_probes_c_candidates(tmp_path):
+    names = digits_cache(tmp_path / "c.zarr")
+    path = str(tmp_path / "c.zarr")
+    config = ProbeConfig("digits", names, precision="fp32", tol=1e-7, search_iter=2000, max_iter=2000)
+    single = probe(config, path, tmp_path / "one")
+    args = ["probe", "--members", ",".join(names), "--dataset", "digits", "--precision", "fp32", *TIGHT]
+    result = torchrun(2, *args, "--cache", path, "--results", tmp_path / "two")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (saved,) = results.load(tmp_path / "two")  # appended once, by rank 0
+    assert saved["ranks"] == {"world_size": 2, "split": "C candidates"}
+    assert_agreeing_probe(single, saved)
+    assert result.stdout.count(saved["id"]) == 1
+
+
+def test_one_process_protocols_refuse_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = ProbeConfig("digits", ("m0",), backend="sklearn")
+    with pytest.raises(Exception, match="runs in one process; under torchrun use --protocol logreg"):
+        probe(config, str(tmp_path / "none.zarr"))
+
+
+def test_gathered_candidates_come_back_in_problem_order():
+    """Each rank fits problems rank, rank + 2, ...; the merged weights and trials are in problem order."""
+    import torch
+
+    from pipeline import batched_logreg as bl
+
+    full = bl.Params(
+        {0: torch.arange(5 * 3 * 2, dtype=torch.float32).reshape(3, 5, 2)},
+        torch.arange(10, dtype=torch.float32).reshape(5, 2),
+        {0: torch.arange(5)},
+    )
+    shares = [[0, 2, 4], [1, 3]]
+    parts = [(m, bl.take(full, torch.tensor(m)), [{"C": i} for i in m]) for m in shares]
+
+    class Rank1:
+        rank, world_size = 1, 2
+
+        def all_gather(self, obj):
+            assert obj[0] == shares[1]
+            return parts
+
+    merged, trials = batched_probe._gathered(Rank1(), shares[1], parts[1][1], parts[1][2], 5, torch.device("cpu"))
+    assert [t["C"] for t in trials] == [0, 1, 2, 3, 4]
+    assert torch.equal(merged.b, full.b) and torch.equal(merged.W[0], full.W[0])
