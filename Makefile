@@ -1,12 +1,13 @@
 # make setup: .venv with timecat[images,dev] and the Debian packages FFCV needs (idempotent)
 # make demo:  the whole pipeline on Fashion-MNIST + digits, on the CPU
 # make test:  lint and the test suite;  make bench: the benchmarks
+# make gpu-check: on a CUDA GPU, gpu tests and GPU speed figures in one JSON (tests/benchmarks/gpu_check.py)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.timecat-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -29,6 +30,9 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python -m pytest -q -s tests/benchmarks -p no:cacheprovider --override-ini addopts=
+
+gpu-check: setup
+	$(BIN)/python tests/benchmarks/gpu_check.py --out tests/benchmarks/last_run_gpu_check.json
 
 clean:
 	rm -rf demo runs results features.zarr .pytest_cache
