@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_batched_probe import digits_cache
+from conftest import digits_cache
 
 import cli
 from pipeline import knn
