@@ -828,7 +828,7 @@ def export(member, out, runs):
     """
     from cache.layout import check_name
     from pipeline import checkpoints, interop
-    from pipeline.pretrain import checkpoint_path
+    from pipeline.checkpoints import checkpoint_path
 
     if interop.is_foreign(member):
         payload = interop.load_foreign(interop.foreign_name_and_path(member)[1])

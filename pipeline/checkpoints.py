@@ -19,6 +19,16 @@ from pipeline.errors import TimecatError
 from pipeline.models import Classifier, build
 
 
+def run_dir(runs_root: Path, name: str) -> Path:
+    """The folder that holds a member's checkpoint and logs."""
+    return Path(runs_root) / name
+
+
+def checkpoint_path(runs_root: Path, name: str) -> Path:
+    """Where a member's checkpoint lives."""
+    return run_dir(runs_root, name) / "checkpoint.pt"
+
+
 def save(path: Path, payload: dict) -> None:
     """Write ``payload`` to a temporary file beside ``path``, then rename it into place."""
     files.replace(Path(path), lambda tmp: write_torch(payload, tmp))

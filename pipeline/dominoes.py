@@ -109,9 +109,9 @@ def _head_on_balanced(runs: Path, name: str, data_root: Path) -> float:
     import torch
 
     from pipeline.extract import load_member
-    from pipeline.loaders import Preprocess, eval_loader
-    from pipeline.prepare import beton_path
+    from pipeline.loaders import eval_loader
     from pipeline.pretrain import evaluate
+    from pipeline.splits import Preprocess, beton_path
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     member = load_member(runs, name, device)  # frozen, eval mode, channels_last, as extraction loads it

@@ -14,7 +14,6 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,15 +21,12 @@ import torch
 import cache
 from cache.layout import check_name
 from pipeline import __version__, checkpoints, distributed, interop, recipes
+from pipeline.checkpoints import checkpoint_path
 from pipeline.errors import TimecatError, check_seed
 from pipeline.models import FEATURE_LAYER, Classifier
-from pipeline.prepare import SPLITS, beton_path, read_manifest
-from pipeline.pretrain import checkpoint_path
 from pipeline.progress import get_logger, progress
+from pipeline.splits import SPLITS, Preprocess, beton_path, read_manifest
 from pipeline.views import ViewSpec, augment, resize_center
-
-if TYPE_CHECKING:
-    from pipeline.loaders import Preprocess  # FFCV is imported only when images are read
 
 log = get_logger(__name__)
 
@@ -323,7 +319,6 @@ def prepare_arrays(
     labels: np.ndarray,
 ) -> list[tuple[str, int | None]]:
     """Rank 0's part: write the split's labels and create the arrays to fill; return ``(member, view)`` to do."""
-    from pipeline.loaders import Preprocess
 
     fingerprint = manifest["fingerprint"]
     store.write_labels(config.dataset, split, labels, fingerprint, manifest["classes"], kind=setting.kind)
@@ -364,7 +359,6 @@ def _group_writers(
     d: distributed.Dist,
 ) -> dict[tuple, list[tuple[Member, int | None, cache.FeatureWriter]]]:
     """This rank's writers, grouped by what the loader must decode: (decode, views?, start row, stop row)."""
-    from pipeline.loaders import Preprocess
 
     groups: dict[tuple, list] = {}
     for m, view in todo:

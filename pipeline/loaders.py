@@ -18,7 +18,6 @@ import queue
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from pipeline.datasets import BetonFormat
 from pipeline.errors import TimecatError
 from pipeline.progress import progress
 from pipeline.seeded import RowLabels, SeededRandomResizedCrop, StepOrder
+from pipeline.splits import Preprocess
 
 try:
     import ffcv.writer
@@ -88,27 +88,6 @@ def _keep_torch_threads(set_num_threads):
 
 # Explicit, once, at import: every FFCV loader timecat builds goes through this module.
 Compiler.set_num_threads = _keep_torch_threads(Compiler.set_num_threads)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How images become a member's input; saved in checkpoints and cache provenance."""
-
-    resolution: int  # px, side of the square input
-    mean: tuple[float, float, float]  # per channel, 0-255 scale
-    std: tuple[float, float, float]
-    crop_ratio: float = 1.0  # eval: centre crop side / image side (224/256 for ImageNet)
-    crop_scale: tuple[float, float] = (0.35, 1.0)  # train: RandomResizedCrop area range
-    flip: bool = True  # train: random horizontal flip
-
-    def to_dict(self) -> dict:
-        """Plain fields, for checkpoints and cache provenance."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
-        """Rebuild from ``to_dict`` output (JSON turns tuples into lists)."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 class _Labelled:

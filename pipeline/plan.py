@@ -162,7 +162,7 @@ def status(plan: Plan, runs_root: Path) -> list[dict]:
     """
     from cache import locks
     from pipeline import checkpoints
-    from pipeline.pretrain import checkpoint_path, run_dir
+    from pipeline.checkpoints import checkpoint_path, run_dir
 
     rows = []
     for m in plan.members:

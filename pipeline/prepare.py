@@ -22,10 +22,10 @@ from pipeline import __version__, files
 from pipeline.datasets import BetonFormat, FileImages, SourceOptions, Split, get_spec
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger, progress
+from pipeline.splits import SPLITS, beton_path, is_complete, manifest_path, read_manifest
 
 log = get_logger(__name__)
 
-SPLITS = ("train", "test")
 ON_CORRUPT = ("fail", "skip")  # what prepare does with an image file it cannot decode
 
 
@@ -64,60 +64,6 @@ class PrepareConfig:
     def stored_name(self) -> str:
         """The folder name under the data root."""
         return self.name or self.dataset
-
-
-def beton_path(data_root: Path, name: str, split: str) -> Path:
-    """Where a prepared split's .beton lives."""
-    return Path(data_root) / name / f"{split}.beton"
-
-
-def manifest_path(data_root: Path, name: str, split: str) -> Path:
-    """Where a prepared split's manifest lives."""
-    return Path(data_root) / name / f"{split}.json"
-
-
-def read_manifest(data_root: Path, name: str, split: str) -> dict:
-    """The manifest of a prepared split, or an error telling how to prepare it."""
-    path = manifest_path(data_root, name, split)
-    beton = beton_path(data_root, name, split)
-    if not path.is_file() or not beton.is_file():
-        prepared = sorted(p.name for p in Path(data_root).glob("*") if (p / "train.json").is_file())
-        raise TimecatError(
-            f"dataset {name!r} split {split!r} is not prepared under {data_root} (no {beton.name} with its manifest); "
-            f"run {prepare_command(name)} (prepared there: {prepared or 'none'}; --data-root or TIMECAT_DATA "
-            "changes where to look)"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise TimecatError(f"{path}: not a readable manifest ({e}); run {prepare_command(name)} again") from None
-    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise TimecatError(f"{path}: manifest lacks {missing}; run {prepare_command(name)} again")
-    if manifest.get("bytes") != beton.stat().st_size:
-        raise TimecatError(f"{beton} does not match its manifest (size changed); run {prepare_command(name)} again")
-    return manifest
-
-
-MANIFEST_KEYS = ("name", "kind", "split", "rows", "classes", "mean", "std", "fingerprint", "format", "bytes")
-
-
-def prepare_command(name: str) -> str:
-    """The command that prepares ``name``: `timecat prepare NAME`, or with --name when NAME is not a kind."""
-    from pipeline.datasets import DATASETS
-
-    if name in DATASETS:
-        return f"`timecat prepare {name}`"
-    return f"`timecat prepare KIND --name {name}` (KIND one of {sorted(DATASETS)})"
-
-
-def is_complete(data_root: Path, name: str, split: str) -> bool:
-    """True when the split's .beton and manifest are both in place and agree."""
-    try:
-        read_manifest(data_root, name, split)
-    except (TimecatError, json.JSONDecodeError):
-        return False
-    return True
 
 
 def pixel_stats(split: Split, max_images: int, seed: int = 0) -> tuple[list[float], list[float]]:

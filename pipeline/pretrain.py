@@ -29,11 +29,12 @@ from cache import locks
 from cache.errors import CacheError
 from cache.layout import check_name
 from pipeline import __version__, checkpoints, distributed, files
+from pipeline.checkpoints import checkpoint_path, run_dir
 from pipeline.datasets import get_spec
 from pipeline.errors import TimecatError, check_seed
 from pipeline.models import ARCHS, Classifier, build
-from pipeline.prepare import beton_path, read_manifest
 from pipeline.progress import get_logger, progress
+from pipeline.splits import Preprocess, beton_path, read_manifest
 
 log = get_logger(__name__)
 
@@ -119,19 +120,8 @@ def recipe(config: PretrainConfig) -> dict:
     return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in OPERATIONAL}
 
 
-def run_dir(runs_root: Path, name: str) -> Path:
-    """The folder that holds a member's checkpoint and logs."""
-    return Path(runs_root) / name
-
-
-def checkpoint_path(runs_root: Path, name: str) -> Path:
-    """Where a member's checkpoint lives."""
-    return run_dir(runs_root, name) / "checkpoint.pt"
-
-
 def make_preprocess(config: PretrainConfig, manifest: dict):
     """Input preprocessing for this member: dataset defaults, the train split's pixel statistics."""
-    from pipeline.loaders import Preprocess
 
     spec = get_spec(manifest["kind"])
     return Preprocess(
@@ -277,7 +267,7 @@ class Run:
     d: distributed.Dist
     data_root: Path
     manifest: dict  # the train split's manifest
-    pre: object  # pipeline.loaders.Preprocess
+    pre: Preprocess
     model: Classifier  # the plain model: evaluated and saved
     net: nn.Module  # what trains: the model, wrapped in DDP and/or torch.compile
     optimizer: torch.optim.Optimizer

@@ -8,12 +8,13 @@ import torch
 
 import cache
 from pipeline import checkpoints
+from pipeline.checkpoints import checkpoint_path
 from pipeline.datasets import read_idx
 from pipeline.errors import TimecatError
 from pipeline.extract import ExtractConfig, extract
-from pipeline.prepare import read_manifest
-from pipeline.pretrain import PretrainConfig, checkpoint_path, evaluate, pretrain
+from pipeline.pretrain import PretrainConfig, evaluate, pretrain
 from pipeline.probe import ProbeConfig, probe, probe_matrices
+from pipeline.splits import read_manifest
 
 
 def test_features_have_the_right_shapes_and_one_row_order(pipeline_run):
@@ -60,8 +61,8 @@ def test_provenance_names_checkpoint_arch_layer_preprocessing_and_data(pipeline_
 
 def test_logged_metrics_are_real(pipeline_run):
     """The final test top-1 in the log is what the saved model actually scores."""
-    from pipeline.loaders import Preprocess, eval_loader
-    from pipeline.prepare import beton_path
+    from pipeline.loaders import eval_loader
+    from pipeline.splits import Preprocess, beton_path
 
     lines = [json.loads(line) for line in (pipeline_run["runs"] / "run0/log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if "event" not in r]

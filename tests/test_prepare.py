@@ -7,7 +7,8 @@ import pytest
 from conftest import make_cifar10, make_imagefolder
 
 from pipeline.errors import TimecatError
-from pipeline.prepare import PrepareConfig, beton_path, is_complete, manifest_path, prepare, read_manifest
+from pipeline.prepare import PrepareConfig, prepare
+from pipeline.splits import beton_path, is_complete, manifest_path, read_manifest
 
 
 def test_digits_beton_and_manifest(tmp_path):
@@ -133,7 +134,8 @@ def test_imagenet_and_inat_prepare_with_the_large_image_preset(tmp_path):
 
 
 def test_storage_is_chosen_recorded_and_a_different_one_is_refused(tmp_path):
-    from pipeline.loaders import Preprocess, eval_loader
+    from pipeline.loaders import eval_loader
+    from pipeline.splits import Preprocess
 
     make_imagefolder(tmp_path / "pets" / "train")
     make_imagefolder(tmp_path / "pets" / "val", per_class=2)

@@ -21,9 +21,10 @@ from pipeline import checkpoints
 from pipeline import plan as plans
 from pipeline.errors import TimecatError
 from pipeline.models import build
-from pipeline.prepare import PrepareConfig, beton_path, prepare, read_manifest
+from pipeline.prepare import PrepareConfig, prepare
 from pipeline.pretrain import PretrainConfig, make_preprocess, pretrain, resolution_at
 from pipeline.seeded import StepOrder
+from pipeline.splits import beton_path, read_manifest
 
 REPO = os.path.dirname(cache.__path__[0])
 STEPS_PER_EPOCH = 10  # 640 tiny Fashion-MNIST images / batch 64

@@ -13,8 +13,9 @@ from pipeline import recipes
 from pipeline.datasets import DATASETS
 from pipeline.errors import TimecatError
 from pipeline.extract import ExtractConfig, extract, load_member
-from pipeline.prepare import PrepareConfig, manifest_path, prepare
+from pipeline.prepare import PrepareConfig, prepare
 from pipeline.probe import ProbeConfig, probe
+from pipeline.splits import manifest_path
 from pipeline.views import ViewSpec, _bicubic, augment, crop_params, resize_center
 
 

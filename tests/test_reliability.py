@@ -29,9 +29,10 @@ import cli
 from pipeline import checkpoints, results
 from pipeline.errors import TimecatError
 from pipeline.extract import ExtractConfig, extract
-from pipeline.prepare import PrepareConfig, beton_path, manifest_path, prepare
+from pipeline.prepare import PrepareConfig, prepare
 from pipeline.pretrain import PretrainConfig, pretrain
 from pipeline.probe import ProbeConfig, probe
+from pipeline.splits import beton_path, manifest_path
 
 
 def run(*args, env=None):

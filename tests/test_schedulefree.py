@@ -7,9 +7,11 @@ import torch
 from conftest import make_fashion_root
 
 from pipeline import checkpoints
-from pipeline.loaders import Preprocess, eval_loader
-from pipeline.prepare import PrepareConfig, beton_path, prepare
-from pipeline.pretrain import PretrainConfig, checkpoint_path, pretrain, reestimate_bn
+from pipeline.checkpoints import checkpoint_path
+from pipeline.loaders import eval_loader
+from pipeline.prepare import PrepareConfig, prepare
+from pipeline.pretrain import PretrainConfig, pretrain, reestimate_bn
+from pipeline.splits import Preprocess, beton_path
 
 
 def test_saved_batchnorm_statistics_are_the_reestimated_ones(tmp_path):

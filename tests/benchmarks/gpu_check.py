@@ -189,8 +189,9 @@ def _jpeg(args) -> None:
 def ffcv_rate(model, s: Shapes, where: torch.device, workdir: Path, precision: str) -> dict:
     """Images/s of extraction fed by the FFCV eval loader: generated ImageNet-size JPEGs, prepared as timecat does."""
     from pipeline.extract import extract_batch
-    from pipeline.loaders import Preprocess, eval_loader, one_epoch, to_model_input
-    from pipeline.prepare import PrepareConfig, beton_path, prepare
+    from pipeline.loaders import eval_loader, one_epoch, to_model_input
+    from pipeline.prepare import PrepareConfig, prepare
+    from pipeline.splits import Preprocess, beton_path
 
     root, workers = workdir / "data", max(1, len(_cpus()))
     jobs = [

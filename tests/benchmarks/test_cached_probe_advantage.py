@@ -19,10 +19,11 @@ from conftest import make_fashion_root
 
 from pipeline import tc
 from pipeline.extract import ExtractConfig, extract, load_member
-from pipeline.loaders import Preprocess, eval_loader, to_model_input, train_loader
-from pipeline.prepare import PrepareConfig, beton_path, prepare
+from pipeline.loaders import eval_loader, to_model_input, train_loader
+from pipeline.prepare import PrepareConfig, prepare
 from pipeline.pretrain import PretrainConfig, pretrain
 from pipeline.probe import ProbeConfig, probe
+from pipeline.splits import Preprocess, beton_path
 
 TRAIN, TEST, VIEWS, GRID = 5000, 1000, 4, 6
 MEMBERS = ("run0", "run1")

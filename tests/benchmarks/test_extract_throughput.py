@@ -23,9 +23,10 @@ import torch
 from conftest import make_fashion_root
 
 from pipeline.extract import ExtractConfig, extract, extract_batch, load_member
-from pipeline.loaders import Preprocess, eval_loader, to_model_input
-from pipeline.prepare import PrepareConfig, beton_path, prepare
+from pipeline.loaders import eval_loader, to_model_input
+from pipeline.prepare import PrepareConfig, prepare
 from pipeline.pretrain import PretrainConfig, pretrain
+from pipeline.splits import Preprocess, beton_path
 
 ROWS, SMALL, BATCH = 60_000, 2048, 512  # the whole Fashion-MNIST train split; the default batch
 MEMBERS = ("run0", "run1", "run2", "run3")  # a Cat4: one decode feeds four forwards

@@ -26,8 +26,9 @@ from conftest import make_fashion_root
 
 from pipeline.distributed import init
 from pipeline.loaders import one_epoch, to_model_input
-from pipeline.prepare import PrepareConfig, beton_path, prepare, read_manifest
+from pipeline.prepare import PrepareConfig, prepare
 from pipeline.pretrain import PretrainConfig, build_run, make_preprocess, train_one_step
+from pipeline.splits import beton_path, read_manifest
 
 STEPS, WARMUP, REPEATS = 120, 10, 3  # timed steps, untimed first steps, interleaved repeats
 JPEGS, CLASSES, WORKERS, BATCH = 2_000, 10, 2, 64  # loader benchmark: generated ImageNet-size set

@@ -1,0 +1,91 @@
+"""The prepared splits on disk: their names, .beton and manifest paths, completeness, preprocessing.
+
+``timecat prepare`` writes them; pretrain and extract read them. This module is
+their one owner, and imports no FFCV, so any stage (or a notebook) can find
+and check a prepared split without the image libraries.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.errors import TimecatError
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become a member's input; saved in checkpoints and cache provenance."""
+
+    resolution: int  # px, side of the square input
+    mean: tuple[float, float, float]  # per channel, 0-255 scale
+    std: tuple[float, float, float]
+    crop_ratio: float = 1.0  # eval: centre crop side / image side (224/256 for ImageNet)
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # train: RandomResizedCrop area range
+    flip: bool = True  # train: random horizontal flip
+
+    def to_dict(self) -> dict:
+        """Plain fields, for checkpoints and cache provenance."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        """Rebuild from ``to_dict`` output (JSON turns tuples into lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def beton_path(data_root: Path, name: str, split: str) -> Path:
+    """Where a prepared split's .beton lives."""
+    return Path(data_root) / name / f"{split}.beton"
+
+
+def manifest_path(data_root: Path, name: str, split: str) -> Path:
+    """Where a prepared split's manifest lives."""
+    return Path(data_root) / name / f"{split}.json"
+
+
+def read_manifest(data_root: Path, name: str, split: str) -> dict:
+    """The manifest of a prepared split, or an error telling how to prepare it."""
+    path = manifest_path(data_root, name, split)
+    beton = beton_path(data_root, name, split)
+    if not path.is_file() or not beton.is_file():
+        prepared = sorted(p.name for p in Path(data_root).glob("*") if (p / "train.json").is_file())
+        raise TimecatError(
+            f"dataset {name!r} split {split!r} is not prepared under {data_root} (no {beton.name} with its manifest); "
+            f"run {prepare_command(name)} (prepared there: {prepared or 'none'}; --data-root or TIMECAT_DATA "
+            "changes where to look)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TimecatError(f"{path}: not a readable manifest ({e}); run {prepare_command(name)} again") from None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise TimecatError(f"{path}: manifest lacks {missing}; run {prepare_command(name)} again")
+    if manifest.get("bytes") != beton.stat().st_size:
+        raise TimecatError(f"{beton} does not match its manifest (size changed); run {prepare_command(name)} again")
+    return manifest
+
+
+MANIFEST_KEYS = ("name", "kind", "split", "rows", "classes", "mean", "std", "fingerprint", "format", "bytes")
+
+
+def prepare_command(name: str) -> str:
+    """The command that prepares ``name``: `timecat prepare NAME`, or with --name when NAME is not a kind."""
+    from pipeline.datasets import DATASETS
+
+    if name in DATASETS:
+        return f"`timecat prepare {name}`"
+    return f"`timecat prepare KIND --name {name}` (KIND one of {sorted(DATASETS)})"
+
+
+def is_complete(data_root: Path, name: str, split: str) -> bool:
+    """True when the split's .beton and manifest are both in place and agree."""
+    try:
+        read_manifest(data_root, name, split)
+    except (TimecatError, json.JSONDecodeError):
+        return False
+    return True
