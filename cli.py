@@ -306,12 +306,15 @@ def pretrain(
     }
     if plan_path is not None:
         plan = plans.load(plan_path)
+        _refuse_overrides(click.get_current_context(), plan, plan_path, only)
         chosen = [plan.member(only)] if only else list(plan.members)
         common["batch_size"] = plan.batch_size
         configs = [
             PretrainConfig(m.name, plan.dataset, m.seed, m.steps, arch=m.arch, width=m.width, **common) for m in chosen
         ]
     else:
+        if only is not None:
+            raise click.UsageError(f"--member {only} picks a member of --plan FILE; without a plan, use --name")
         missing = [
             f"--{k}" for k, v in (("name", name), ("dataset", dataset), ("seed", seed), ("steps", steps)) if v is None
         ]
@@ -326,6 +329,31 @@ def pretrain(
         return
     for r in outcomes:
         click.echo(f"{r['name']}: {r['step']} steps, test top-1 {r['test_top1']:.2f}% -> {r['checkpoint']}")
+
+
+def _typed(ctx: click.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (command line or environment), not its default."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _refuse_overrides(ctx: click.Context, plan, plan_path: Path, only: str | None) -> None:
+    """With --plan, refuse typed options the plan decides: a silent winner would train another member."""
+    per_member = [f"--{k}" for k in ("name", "seed", "steps", "arch", "width") if _typed(ctx, k)]
+    if per_member:
+        hint = f"--member {only}" if only else "--member NAME to train one of them"
+        raise click.UsageError(
+            f"{', '.join(per_member)} cannot go with --plan {plan_path}: the plan sets each member's name, seed, "
+            f"steps, arch and width; leave them out (use {hint}), or drop --plan"
+        )
+    for key, flag in (("dataset", "--dataset"), ("batch_size", "--batch-size")):
+        typed, planned = ctx.params[key], getattr(plan, key)
+        if _typed(ctx, key) and typed != planned:
+            raise click.UsageError(
+                f"{flag} {typed} conflicts with the plan's {key} {planned} ({plan_path}); leave {flag} out, or "
+                "make a plan with that value (`timecat plan`)"
+            )
 
 
 @main.command()

@@ -72,3 +72,28 @@ def test_plan_then_pretrain_one_member_then_status(tmp_path):
     assert rows == {"run0": ("missing", 0), "run1": ("done", 4)}
     result = runner.invoke(cli.main, ["pretrain", "--name", "run5"], env=env)
     assert result.exit_code == 2 and "missing --dataset, --seed, --steps (or give --plan FILE)" in result.output
+
+
+def test_options_the_plan_decides_are_refused_not_silently_overridden(tmp_path):
+    made = plans.make_plan("fashion-mnist", cat=2, total_steps=8, arch="small-resnet", batch_size=32)
+    path = str(plans.save(made, tmp_path / "p.json"))
+    runner = CliRunner()
+    env = {"TIMECAT_DATA": str(tmp_path / "nodata"), "TIMECAT_RUNS": str(tmp_path / "runs")}
+
+    def pretrain(*args):
+        return runner.invoke(cli.main, ["pretrain", *args], env=env)
+
+    result = pretrain("--plan", path, "--batch-size", "256")
+    assert result.exit_code == 2 and "--batch-size 256 conflicts with the plan's batch_size 32" in result.output
+    result = pretrain("--plan", path, "--dataset", "cifar10")
+    assert result.exit_code == 2 and "--dataset cifar10 conflicts with the plan's dataset fashion-mnist" in result.output
+    for extra in (["--seed", "5"], ["--steps", "9"], ["--name", "x"], ["--arch", "resnet50"], ["--width", "2"]):
+        result = pretrain("--plan", path, "--member", "run0", *extra)
+        assert result.exit_code == 2 and f"{extra[0]} cannot go with --plan" in result.output, extra
+        assert "use --member run0" in result.output
+    result = pretrain("--member", "run0", "--name", "a", "--dataset", "d", "--seed", "0", "--steps", "1")
+    assert result.exit_code == 2 and "--member run0 picks a member of --plan FILE" in result.output
+    # Typed values equal to the plan's are no conflict: it goes on (to the missing data, here).
+    result = pretrain("--plan", path, "--member", "run0", "--batch-size", "32", "--dataset", "fashion-mnist")
+    assert result.exit_code == 1 and "is not prepared" in result.output
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
