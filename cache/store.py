@@ -334,7 +334,7 @@ class Cache:
         ``view=k`` reads augmented view k instead of the plain features. X is
         allocated once and each member fills its own column block in place: an
         ``np.hstack`` of per-member arrays would double peak memory and was 4-10x
-        slower (REFERENCE.md).
+        slower (measured with zarr-python 3 on a 2-core machine; README, Performance).
 
         Every member is checked to be ``complete`` with all its chunks present (a
         missing chunk would read as NaN). ``scan_nan=True`` also scans every value for

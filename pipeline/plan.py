@@ -18,7 +18,7 @@ from pipeline import __version__, files
 from pipeline.errors import TimecatError, check_seed
 from pipeline.models import ARCHS
 
-PAPER_SEEDS = (2, 550, 23, 477, 8529)  # the seeds of the paper's released members (REFERENCE.md)
+PAPER_SEEDS = (2, 550, 23, 477, 8529)  # the seeds of the paper's released members (richreps-timecat)
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,8 @@ def reestimate_bn(model: nn.Module, loader, device: torch.device, batches: int =
 
     Schedule-free AdamW evaluates an average of the iterates, not the weights the
     running statistics were collected with, so they must be re-estimated before
-    every evaluation and checkpoint (REFERENCE.md). A cumulative average
+    every evaluation and checkpoint (the schedulefree package's BatchNorm caveat;
+    without it, AlgoPerf's ResNet-50 runs plateaued near 65% top-1). A cumulative average
     (momentum None) over ``batches`` batches, in train mode, gradients off.
     """
     from pipeline.loaders import one_epoch, to_model_input
@@ -339,11 +340,11 @@ def _cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def evaluation(run: Run, test: bool) -> tuple[dict, dict]:
+def weights_to_save(run: Run, test: bool) -> tuple[dict, dict]:
     """The weights a checkpoint saves now (a CPU state dict) and, if ``test``, their test metrics.
 
     SGD evaluates its weights as they are. Schedule-free evaluates its averaged
-    weights after re-estimating BatchNorm statistics for them (REFERENCE.md), and
+    weights after re-estimating BatchNorm statistics for them (see reestimate_bn), and
     reports the stale-statistics top-1 beside it; the training iterate and its
     BatchNorm buffers are then put back bit for bit, because ``optimizer.train()``
     recomputes the iterate by interpolation, which is not exact.
@@ -528,7 +529,7 @@ def _periodic(run: Run, step: int, ckpt: Path, write) -> None:
     if not (evaluate_now or save_now):
         return
     if d.is_main:
-        weights, metrics = evaluation(run, test=bool(evaluate_now))
+        weights, metrics = weights_to_save(run, test=bool(evaluate_now))
         if evaluate_now:
             write({"event": "eval", "step": step, **metrics})
         if save_now:
@@ -621,7 +622,7 @@ def _train_member(config, data_root: Path, runs_root: Path, d: distributed.Dist,
         train_seconds = time.perf_counter() - started
         final = None
         if d.is_main:
-            weights, metrics = evaluation(run, test=True)
+            weights, metrics = weights_to_save(run, test=True)
             final = {
                 "event": "end",
                 "step": config.steps,

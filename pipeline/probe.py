@@ -5,7 +5,7 @@ on a seeded, stratified held-out part of the train split (a coarse log grid,
 then a finer one around the best, ties to the smaller C); refit on the whole
 train split; report top-1 and top-5 on the eval split, with top-1's 95%
 bootstrap interval over eval rows. The eval split is never used for any choice.
-Protocol ``tc``: the paper's head (pipeline.tc).
+Protocol ``tc``: the paper's head (pipeline.bn_linear_head).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 
 import cache
 from cache.layout import check_name
-from pipeline import __version__, backends, batched_probe, distributed, files, knn, recipes, results, stats, tc
+from pipeline import __version__, batched_probe, distributed, files, knn, logreg_solvers, recipes, results, stats
+from pipeline import bn_linear_head as bn_head
 from pipeline.errors import TimecatError, check_seed
 from pipeline.heldout import (
     best_trial,
@@ -38,7 +39,7 @@ from pipeline.progress import get_logger, progress
 log = get_logger(__name__)
 
 PROTOCOLS = ("logreg", "tc", "knn")
-BACKENDS = (*backends.CHOICES, "batched")  # auto: batched for logreg
+BACKENDS = (*logreg_solvers.CHOICES, "batched")  # auto: batched for logreg
 PROVENANCE_KEYS = (
     "checkpoint_sha256",
     "dataset_fingerprint",
@@ -68,7 +69,7 @@ class ProbeConfig:
     search_iter: int = 100  # L-BFGS iterations per C candidate (warm-started along the grid)
     max_iter: int = 300  # L-BFGS iterations of the final refit (warm-started from the search)
     tol: float = 1e-4  # L-BFGS stopping tolerance (scikit-learn's default)
-    backend: str = "auto"  # auto (= batched) | batched | sklearn | torch | cuml (pipeline.backends); logreg only
+    backend: str = "auto"  # auto (= batched) | batched | sklearn | torch | cuml (pipeline.logreg_solvers); logreg only
     precision: str = (
         "auto"  # batched: auto | bf16 | fp32 matrix products (auto: bf16 where the hardware has bf16 units)
     )
@@ -206,8 +207,8 @@ def probe_matrices(
         train, evals = (batched_probe.to_blocks({0: X}, dtype, where) for X in (X_train, X_eval))
         measured = batched_probe.probe_subsets(train, y_train, lambda: (evals, y_eval), [(0,)], config, n_classes)[0]
         return {**measured, **uncertainty(measured["eval_top5"], y_eval, config)}
-    name, why = backends.choose(config.backend, len(y_train), n_classes)
-    model = backends.make(name, backends.FitOptions(n_classes, config.seed, config.tol))
+    name, why = logreg_solvers.choose(config.backend, len(y_train), n_classes)
+    model = logreg_solvers.make(name, logreg_solvers.FitOptions(n_classes, config.seed, config.tol))
     log.info("backend %s (%s)", name, why)
     standardize(X_train, X_eval)
     C, trials, split = choose_c(X_train, y_train, model, config, n_classes)
@@ -544,7 +545,7 @@ def probe_tc(
     config: ProbeConfig,
     n_classes: int,
     kind: str | None,
-    recipe: tc.TcRecipe = tc.TcRecipe(),  # noqa: B008 (frozen, so a shared default is safe)
+    recipe: bn_head.TcRecipe = bn_head.TcRecipe(),  # noqa: B008 (frozen, so a shared default is safe)
 ) -> dict:
     """The paper's recipe: weight decay chosen on the held-out split at the last epoch, refit, eval.
 
@@ -558,8 +559,8 @@ def probe_tc(
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = f"{config.dataset}/{config.train_split}"
-    grid = tc.wd_grid(kind, config.wd_grid, where)
-    views = tc.check_views(store.views(config.dataset, config.train_split))
+    grid = bn_head.wd_grid(kind, config.wd_grid, where)
+    views = bn_head.check_views(store.views(config.dataset, config.train_split))
     if not views:
         log.warning(
             "protocol tc on %s trains on the plain features: without cached views this is not the paper's recipe, "
@@ -569,9 +570,11 @@ def probe_tc(
     epoch_rows = tc_epoch_features(store, X_train, config, views)
     fit_idx, held_idx = search_split(y_train, replace(config, search_rows=len(y_train)))
     log.info("tc on %s: %d weight decays side by side, %d epochs, twice", where, len(grid), recipe.epochs)
-    train = functools.partial(tc.train_heads, n_classes=n_classes, weight_decays=grid, recipe=recipe, seed=config.seed)
+    train = functools.partial(
+        bn_head.train_heads, n_classes=n_classes, weight_decays=grid, recipe=recipe, seed=config.seed
+    )
     heads = train(epoch_rows(fit_idx), y_train[fit_idx], device=device, desc=f"choose wd ({config.dataset})")
-    held = [topk_accuracy(tc.head_topk(h, X_train[held_idx], 1, device), y_train[held_idx], 1) for h in heads]
+    held = [topk_accuracy(bn_head.head_topk(h, X_train[held_idx], 1, device), y_train[held_idx], 1) for h in heads]
     trials = [{"weight_decay": w, "holdout_top1": top1} for w, top1 in zip(grid, held, strict=True)]
     wd = best_trial(trials, "weight_decay", "larger")["weight_decay"]
     # Every weight decay on the whole train split, its eval top-1 after each epoch: the last
@@ -579,10 +582,10 @@ def probe_tc(
     curves = [[] for _ in grid]
 
     def score(i: int, epoch: int, head) -> None:
-        curves[i].append(topk_accuracy(tc.head_topk(head, X_eval, 1, device), y_eval, 1))
+        curves[i].append(topk_accuracy(bn_head.head_topk(head, X_eval, 1, device), y_eval, 1))
 
     heads = train(epoch_rows(None), y_train, device=device, on_epoch=score, desc=f"train tc ({config.dataset})")
-    best = tc.head_topk(heads[grid.index(wd)], X_eval, 5, device)
+    best = bn_head.head_topk(heads[grid.index(wd)], X_eval, 5, device)
     selected, epoch = max(
         ((i, e) for i in range(len(grid)) for e in range(recipe.epochs)), key=lambda p: curves[p[0]][p[1]]
     )

@@ -1,6 +1,7 @@
 """The paper's probe recipe for each dataset kind, and where timecat departs from it.
 
-The paper's probe code (REFERENCE.md) treats datasets differently:
+The paper's probe code (facebookresearch/richreps-timecat, its linear-probe
+script) treats datasets differently:
 
 - CIFAR-10/100: train RandomResizedCrop(224, scale 0.8-1, bicubic) + flip,
   eval Resize(256, bicubic) + CenterCrop(224), CIFAR mean and std, even for

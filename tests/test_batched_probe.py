@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 
 from pipeline import batched_logreg as bl
 from pipeline import batched_probe
-from pipeline.backends import objective
+from pipeline.logreg_solvers import objective
 from pipeline.probe import ProbeConfig, probe_matrices, standardize
 
 

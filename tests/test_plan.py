@@ -86,7 +86,9 @@ def test_options_the_plan_decides_are_refused_not_silently_overridden(tmp_path):
     result = pretrain("--plan", path, "--batch-size", "256")
     assert result.exit_code == 2 and "--batch-size 256 conflicts with the plan's batch_size 32" in result.output
     result = pretrain("--plan", path, "--dataset", "cifar10")
-    assert result.exit_code == 2 and "--dataset cifar10 conflicts with the plan's dataset fashion-mnist" in result.output
+    assert (
+        result.exit_code == 2 and "--dataset cifar10 conflicts with the plan's dataset fashion-mnist" in result.output
+    )
     for extra in (["--seed", "5"], ["--steps", "9"], ["--name", "x"], ["--arch", "resnet50"], ["--width", "2"]):
         result = pretrain("--plan", path, "--member", "run0", *extra)
         assert result.exit_code == 2 and f"{extra[0]} cannot go with --plan" in result.output, extra

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from test_cache import add_member, make_cache
 
-from pipeline.backends import _topk_rows
 from pipeline.errors import TimecatError
+from pipeline.logreg_solvers import _topk_rows
 from pipeline.probe import ProbeConfig, check_classes, probe, probe_matrices, search_split, standardize, topk_accuracy
 
 
@@ -137,7 +137,7 @@ def test_tc_protocol_chooses_weight_decay_on_held_out_train_rows(tmp_path, views
 
 
 def test_tc_grids_are_the_papers_per_dataset_kind():
-    from pipeline.tc import wd_grid
+    from pipeline.bn_linear_head import wd_grid
 
     assert wd_grid("inat2018") == (1e-6, 1e-5, 1e-4) and wd_grid("imagenet") == (1e-4, 5e-4)
     assert len(wd_grid("cifar100")) == 6 and wd_grid("imagefolder") == wd_grid("cifar10")

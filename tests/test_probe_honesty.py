@@ -9,7 +9,8 @@ from test_probe import blobs
 
 import cache
 import cli
-from pipeline import results, stats, tc
+from pipeline import bn_linear_head as bn_head
+from pipeline import results, stats
 from pipeline.probe import ProbeConfig, best_trial, choose_c, probe, search_split
 
 
@@ -172,10 +173,10 @@ def test_heads_trained_side_by_side_are_the_heads_trained_alone():
     import torch
 
     X, y = blobs(300, 8, 4, seed=0)
-    recipe, cpu = tc.TcRecipe(epochs=3), torch.device("cpu")
-    together = tc.train_heads(lambda e: X + e, y, 4, (1e-4, 1e-1), recipe, 0, cpu)
+    recipe, cpu = bn_head.TcRecipe(epochs=3), torch.device("cpu")
+    together = bn_head.train_heads(lambda e: X + e, y, 4, (1e-4, 1e-1), recipe, 0, cpu)
     for wd, head in zip((1e-4, 1e-1), together, strict=True):
-        alone = tc.train_head(lambda e: X + e, y, 4, wd, recipe, 0, cpu)
+        alone = bn_head.train_head(lambda e: X + e, y, 4, wd, recipe, 0, cpu)
         for a, b in zip(head.state_dict().values(), alone.state_dict().values(), strict=True):
             assert torch.equal(a, b)
     assert not torch.equal(together[0][1].weight, together[1][1].weight)
@@ -184,11 +185,11 @@ def test_heads_trained_side_by_side_are_the_heads_trained_alone():
 def test_a_last_batch_of_one_row_trains():
     import torch
 
-    sizes = [len(b) for b in tc.batches(513, 256, torch.Generator().manual_seed(0))]
+    sizes = [len(b) for b in bn_head.batches(513, 256, torch.Generator().manual_seed(0))]
     assert sizes == [256, 257]
     X, y = blobs(257, 8, 4, seed=0)  # 257 rows crashed BatchNorm1d on the last batch of one
-    head = tc.train_head(lambda e: X, y, 4, 1e-4, tc.TcRecipe(epochs=2), 0, torch.device("cpu"))
-    assert (tc.head_topk(head, X, 1, torch.device("cpu"))[:, 0] == y).mean() > 0.5
+    head = bn_head.train_head(lambda e: X, y, 4, 1e-4, bn_head.TcRecipe(epochs=2), 0, torch.device("cpu"))
+    assert (bn_head.head_topk(head, X, 1, torch.device("cpu"))[:, 0] == y).mean() > 0.5
 
 
 def test_bootstrap_intervals_are_those_of_resampling_rows():

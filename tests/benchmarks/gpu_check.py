@@ -139,7 +139,7 @@ def probe_shape(name: str, shape: tuple[int, int, int, int], where: torch.device
 
 def one_fit_backends(shape: tuple[int, int, int, int], rows: int) -> dict:
     """One fit at C = 1 (300 iterations at most) of the torch and cuML one-at-a-time backends on a row slice."""
-    from pipeline import backends
+    from pipeline import logreg_solvers
 
     _, _, dim, classes = shape
     X, y = synthetic_blocks(rows, 4 * dim, classes, 1, 2, torch.device("cpu"), torch.float32)
@@ -150,7 +150,7 @@ def one_fit_backends(shape: tuple[int, int, int, int], rows: int) -> dict:
             out[name] = {"skipped": "no GPU"}
             continue
         try:
-            fitter = backends.make(name, backends.FitOptions(classes))
+            fitter = logreg_solvers.make(name, logreg_solvers.FitOptions(classes))
             started = time.perf_counter()
             converged = fitter.fit(X, y, 1.0, 300)
             out[name] = {"wall_s": round(time.perf_counter() - started, 1), "converged": bool(converged)}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from conftest import make_fashion_root
 
-from pipeline import tc
+from pipeline import bn_linear_head as bn_head
 from pipeline.extract import ExtractConfig, extract, load_member
 from pipeline.loaders import eval_loader, to_model_input, train_loader
 from pipeline.prepare import PrepareConfig, prepare
@@ -27,7 +27,7 @@ from pipeline.splits import Preprocess, beton_path
 
 TRAIN, TEST, VIEWS, GRID = 5000, 1000, 4, 6
 MEMBERS = ("run0", "run1")
-RECIPE = tc.TcRecipe()
+RECIPE = bn_head.TcRecipe()
 
 
 def uncached_head_s(data: Path, runs: Path) -> tuple[float, float]:

@@ -21,7 +21,8 @@ import numpy as np
 
 from pipeline.errors import TimecatError
 
-INT32_LIMIT = 2**31  # cuML's softmax kernel indexes n_classes x n_rows with 32-bit ints (REFERENCE.md)
+INT32_LIMIT = 2**31  # cuML's softmax kernel indexes n_classes x n_rows with 32-bit ints
+# (its qn solver's n_classes x n_samples buffer; full iNat18 is 3.56e9 > 2^31)
 LOGITS_BYTES = 2**30  # auto on CPU: above 1 GiB of float32 logits, stream them with torch
 BLOCK_BYTES = 512 * 2**20  # rows per streamed block: features + logits of a block within about 512 MiB
 

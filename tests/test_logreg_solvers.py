@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import fashion_subset
 
-from pipeline import backends
+from pipeline import logreg_solvers
 from pipeline.errors import TimecatError
 from pipeline.probe import ProbeConfig, probe_matrices, standardize, topk_accuracy
 
@@ -23,7 +23,7 @@ def fashion_pixels():
 
 def fit_top1(name, data, C, **kwargs):
     X_train, y_train, X_eval, y_eval = data
-    model = backends.make(name, backends.FitOptions(10), **kwargs)
+    model = logreg_solvers.make(name, logreg_solvers.FitOptions(10), **kwargs)
     assert model.fit(X_train, y_train, C, max_iter=1000), f"{name} did not converge"
     return topk_accuracy(model.topk(X_eval, 1), y_eval, 1), model
 
@@ -31,8 +31,8 @@ def fit_top1(name, data, C, **kwargs):
 def test_streamed_blocks_reach_the_same_fit_as_resident_data(fashion_pixels, monkeypatch):
     resident_top1, resident = fit_top1("torch", fashion_pixels, 0.1)
     # As when the data does not fit the device: every evaluation streams ~100-row blocks.
-    monkeypatch.setattr(backends, "BLOCK_BYTES", 100 * 4 * (784 + 10))
-    monkeypatch.setattr(backends.TorchBackend, "_resident", lambda self, X: False)
+    monkeypatch.setattr(logreg_solvers, "BLOCK_BYTES", 100 * 4 * (784 + 10))
+    monkeypatch.setattr(logreg_solvers.TorchBackend, "_resident", lambda self, X: False)
     streamed_top1, streamed = fit_top1("torch", fashion_pixels, 0.1)
     assert streamed_top1 == pytest.approx(resident_top1, abs=0.1)
     X_eval = fashion_pixels[2]
@@ -54,10 +54,10 @@ def test_backend_choice_is_explicit_and_recorded():
     choices = r"\['auto', 'sklearn', 'torch', 'cuml', 'batched'\]"
     with pytest.raises(TimecatError, match=rf"unknown backend 'jax'; choose one of {choices}"):
         ProbeConfig("d", ("a",), backend="jax")
-    assert backends.choose("sklearn", 10, 2) == ("sklearn", "asked for")
+    assert logreg_solvers.choose("sklearn", 10, 2) == ("sklearn", "asked for")
     if not torch.cuda.is_available():
-        assert backends.choose("auto", 1000, 10)[0] == "sklearn"
-        assert backends.choose("auto", 437_513, 8142)[0] == "torch"  # full iNat18: logits streamed
+        assert logreg_solvers.choose("auto", 1000, 10)[0] == "sklearn"
+        assert logreg_solvers.choose("auto", 437_513, 8142)[0] == "torch"  # full iNat18: logits streamed
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(200, 5)).astype(np.float32), np.arange(200) % 2
     result = probe_matrices(X.copy(), y, X.copy(), y, ProbeConfig("d", ("a",), backend="torch"))
@@ -69,9 +69,9 @@ def test_cuml_without_the_gpu_extra_or_beyond_32_bit_indexing_is_refused():
         import cuml  # noqa: F401
     except ImportError:
         with pytest.raises(TimecatError, match=r"cuml backend needs the gpu extra.*timecat\[gpu\]"):
-            backends.make("cuml", backends.FitOptions(10))
+            logreg_solvers.make("cuml", logreg_solvers.FitOptions(10))
         return
-    model = backends.make("cuml", backends.FitOptions(8142))
+    model = logreg_solvers.make("cuml", logreg_solvers.FitOptions(8142))
     X = np.zeros((300_000, 1), np.float32)  # 300k x 8142 > 2^31
     with pytest.raises(TimecatError, match="32-bit ints.*use --backend torch"):
         model.fit(X, np.zeros(300_000, np.int64), 1.0, 10)
@@ -83,7 +83,7 @@ def test_two_class_problems_rank_both_classes(name):
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
     X = (rng.normal(size=(400, 8)) + 2.0 * y[:, None]).astype(np.float32)
-    model = backends.make(name, backends.FitOptions(2))
+    model = logreg_solvers.make(name, logreg_solvers.FitOptions(2))
     model.fit(X, y, C=1.0, max_iter=200)
     ranked = model.topk(X, 5)
     assert ranked.shape == (400, 2) and np.mean(ranked[:, 0] == y) > 0.95 and np.all(ranked[:, 0] != ranked[:, 1])
@@ -99,7 +99,7 @@ def agreement_data(fashion_pixels):
 
 def solution(name, X, y, k, C):
     """(W, b) of one backend's fit, intercepts centred for softmax (its logits ignore a constant shift)."""
-    model = backends.make(name, backends.FitOptions(k, tol=1e-6))
+    model = logreg_solvers.make(name, logreg_solvers.FitOptions(k, tol=1e-6))
     assert model.fit(X, y, C, max_iter=3000), f"{name} did not converge"
     W, b = model.coefficients()
     assert W.shape == (X.shape[1], 1 if k == 2 else k)  # two classes: one binomial logit in both
@@ -109,7 +109,7 @@ def solution(name, X, y, k, C):
 def gaps(X, y, C, reference, other) -> tuple[float, float, float]:
     """Relative gaps of ``other`` from ``reference``: objective at C, weights, intercepts."""
     (W_r, b_r), (W_o, b_o) = reference, other
-    f_r, f_o = backends.objective(X, y, W_r, b_r, C), backends.objective(X, y, W_o, b_o, C)
+    f_r, f_o = logreg_solvers.objective(X, y, W_r, b_r, C), logreg_solvers.objective(X, y, W_o, b_o, C)
     weights = np.linalg.norm(W_o - W_r) / np.linalg.norm(W_r)
     intercepts = np.linalg.norm(b_o - b_r) / max(1.0, np.linalg.norm(b_r))
     return abs(f_o - f_r) / f_r, float(weights), float(intercepts)
@@ -137,12 +137,12 @@ def test_objective_is_scikit_learns():
     y = (X[:, 0] + 0.5 * rng.normal(size=300) > 0).astype(np.int64)
     model = LogisticRegression(C=0.5, tol=1e-10, max_iter=1000).fit(X, y)
     W, b = model.coef_.T.astype(np.float64), model.intercept_.astype(np.float64)
-    best = backends.objective(X, y, W, b, 0.5)
+    best = logreg_solvers.objective(X, y, W, b, 0.5)
     z = X.astype(np.float64) @ W[:, 0] + b[0]
     by_hand = np.mean(np.log1p(np.exp(-np.where(y == 1, z, -z)))) + (W**2).sum() / (2 * 0.5 * 300)
     assert best == pytest.approx(by_hand, rel=1e-9)
     for _ in range(5):
-        assert backends.objective(X, y, W + 0.01 * rng.normal(size=W.shape), b, 0.5) > best
+        assert logreg_solvers.objective(X, y, W + 0.01 * rng.normal(size=W.shape), b, 0.5) > best
 
 
 @pytest.mark.parametrize("name", ["sklearn", "torch"])
@@ -152,7 +152,7 @@ def test_a_changed_class_set_starts_cold_and_the_same_one_warm(name):
     rng = np.random.default_rng(0)
     y = np.arange(300) % 5
     X = (rng.normal(size=(300, 6)) + np.eye(5, 6)[y] * 3).astype(np.float32)
-    model = backends.make(name, backends.FitOptions(5))
+    model = logreg_solvers.make(name, logreg_solvers.FitOptions(5))
     model.fit(X[y != 4], y[y != 4], 1.0, 100)
     assert not model.warm_started
     model.fit(X, y, 1.0, 100)
@@ -170,7 +170,7 @@ def test_cuml_ranks_by_the_classes_its_fit_saw():
         def predict_proba(self, X):
             return np.tile([0.1, 0.7, 0.2], (len(X), 1))
 
-    model = backends.CumlBackend.__new__(backends.CumlBackend)
+    model = logreg_solvers.CumlBackend.__new__(logreg_solvers.CumlBackend)
     model.cupy = type("FakeCupy", (), {"asarray": staticmethod(np.asarray), "asnumpy": staticmethod(np.asarray)})
-    model.options, model.model = backends.FitOptions(4), FakeModel()
+    model.options, model.model = logreg_solvers.FitOptions(4), FakeModel()
     np.testing.assert_array_equal(model.topk(np.zeros((2, 3), np.float32), 2), [[2, 3], [2, 3]])
