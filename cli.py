@@ -14,6 +14,16 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
+from pipeline.configs import (
+    ARCH_NAMES,
+    PRESETS,
+    PROTOCOLS,
+    ExtractConfig,
+    PrepareConfig,
+    PretrainConfig,
+    ProbeConfig,
+)
+from pipeline.report import LAYOUTS, METRICS
 
 
 def _location(flag: str, default: str, env: str, what: str, dest: str | None = None, is_path: bool = True):
@@ -103,6 +113,85 @@ INTEGERS = CommaList(_integer, "integer", "0,1,2", unique=True)
 NAMES = CommaList(_name, "name", "run0,run1", unique=True)
 
 
+class FractionPair(click.ParamType):
+    """``START,END`` -> (start, end); a tuple passes through (a config default)."""
+
+    name = "START,END"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return _fractions(value)
+        except click.BadParameter as e:
+            self.fail(e.message, param, ctx)
+
+
+def _param_type(field):
+    """The click type of a config field, from its annotation and metadata (pipeline.configs.param)."""
+    meta, kind = field.metadata, str(field.type)
+    low = meta.get("low")
+    if meta.get("choices"):
+        return click.Choice(list(meta["choices"]))
+    for prefix, list_type in (("tuple[float, ...]", POSITIVE_NUMBERS), ("tuple[int, ...]", INTEGERS)):
+        if kind.startswith(prefix):
+            return list_type
+    if kind.startswith("tuple[str, ...]"):
+        return NAMES
+    if kind.startswith("tuple[float, float]"):
+        return FractionPair()
+    if kind.startswith("int"):
+        return click.IntRange(min=low) if low is not None else int
+    if kind.startswith("float"):
+        return click.FloatRange(min=low, min_open=meta.get("low_open", False)) if low is not None else float
+    if kind.startswith("Path"):
+        return click.Path(path_type=Path)
+    return str
+
+
+def _option(field):
+    """One click option declared by a config field: its flag, type, default and help come from the field."""
+    from dataclasses import MISSING
+
+    meta = field.metadata
+    flag = meta.get("flag") or "--" + field.name.replace("_", "-")
+    text = meta.get("help", "") + (f" Unit: {meta['unit']}." if meta.get("unit") else "")
+    if str(field.type) == "bool":
+        return click.option(flag, field.name, is_flag=True, default=field.default, help=text)
+    default = None if field.default is MISSING else field.default
+    shown = (
+        ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) if isinstance(default, tuple) else None
+    )
+    kind = _param_type(field)
+    return click.option(
+        flag, field.name, type=kind, default=default, show_default=shown or default is not None, help=text
+    )
+
+
+def config_options(config_cls, skip: tuple[str, ...] = ()):
+    """Options for every field of ``config_cls`` that the command line sets (pipeline.configs), in field order.
+
+    A field whose ``cli`` metadata is a sentence is set another way (an argument, a shared option, a plan).
+    """
+    from dataclasses import fields
+
+    chosen = [f for f in fields(config_cls) if f.metadata.get("cli", True) is True and f.name not in skip]
+
+    def decorate(command):
+        for field in reversed(chosen):
+            command = _option(field)(command)
+        return command
+
+    return decorate
+
+
+def _config(config_cls, params: dict, **given):
+    """``config_cls`` from a command's parameters (the fields it has options for); ``given`` values win."""
+    from dataclasses import fields
+
+    return config_cls(**{**{f.name: params[f.name] for f in fields(config_cls) if f.name in params}, **given})
+
+
 def _choice(flag: str, choices: list[str], default: str, help_text: str):
     """An option with fixed choices and a shown default (click lists the choices in --help and in errors)."""
     return click.option(flag, type=click.Choice(choices), default=default, show_default=True, help=help_text)
@@ -139,23 +228,8 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("dataset")
 @DATA_ROOT
-@click.option("--name", help="Folder name under the data root (default: DATASET).")
-@click.option("--train", "train_dir", type=click.Path(path_type=Path), help="imagefolder: train folder.")
-@click.option("--test", "test_dir", type=click.Path(path_type=Path), help="imagefolder: test folder.")
-@click.option("--download", is_flag=True, help="Let torchvision download fashion-mnist or cifar if absent.")
-@click.option("--workers", default=2, show_default=True, help="Writer processes (and image-check threads).")
-@_choice(
-    "--on-corrupt",
-    ["fail", "skip"],
-    "fail",
-    "An undecodable image file fails the run, or is skipped and listed in the manifest.",
-)
-@click.option(
-    "--storage",
-    type=click.Choice(["jpeg", "mixed", "raw"]),
-    help="Image storage: JPEG q90; mixed, half raw (FFCV's ImageNet recipe: faster loading, ~5x disk); raw.",
-)
-def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on_corrupt, storage):
+@config_options(PrepareConfig)
+def prepare(dataset, data_root, **params):
     """Write DATASET's train and test splits as FFCV .beton files.
 
     DATASET is one of fashion-mnist, cifar10, cifar100, digits, imagenet,
@@ -172,12 +246,9 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
     Example: timecat prepare imagenet --train /data/imagenet/train --test /data/imagenet/val --on-corrupt skip
     Example: timecat prepare imagenet --name imagenet-mixed --storage mixed
     """
-    from pipeline.prepare import PrepareConfig
     from pipeline.prepare import prepare as run
 
-    config = PrepareConfig(
-        dataset, data_root, name, train_dir, test_dir, download, workers, on_corrupt=on_corrupt, storage=storage
-    )
+    config = _config(PrepareConfig, params, dataset=dataset, data_root=data_root)
     for m in run(config):
         click.echo(
             f"{m['name']}/{m['split']}: {m['rows']} images, {len(m['classes'])} classes, fingerprint {m['fingerprint']}"
@@ -187,79 +258,14 @@ def prepare(dataset, data_root, name, train_dir, test_dir, download, workers, on
 
 
 @main.command()
-@click.option("--name", help="Member name, e.g. run0.")
-@click.option("--dataset", help="Prepared dataset to train on.")
-@click.option("--seed", type=int, help="Seed of initialisation and data order.")
-@click.option("--steps", type=int, help="SGD steps: this member's budget.")
-@click.option(
-    "--arch", default="small-resnet", show_default=True, help="Architecture: small-resnet, resnet50, resnet50w2."
-)
-@click.option("--width", type=int, help="Channel multiplier of the resnet50 family.")
+@config_options(PretrainConfig)
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Train the members of a plan file.")
 @click.option("--member", "only", help="With --plan: train only this member.")
-@click.option("--batch-size", default=128, show_default=True, help="Images per step.")
-@_choice(
-    "--optimizer",
-    ["sgd", "schedulefree"],
-    "sgd",
-    "SGD (Nesterov, label smoothing) or schedule-free AdamW (BatchNorm re-estimated before eval and save).",
-)
-@click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
-@click.option("--lr", default=0.2, show_default=True, help="Peak learning rate after warmup (AdamW: ~1e-3..5e-3).")
-@click.option("--resolution", type=int, help="Input side in px (default: the dataset's).")
-@click.option(
-    "--min-resolution",
-    type=int,
-    help="Progressive resizing: train at this side first, growing to --resolution in 32 px steps (FFCV: 160 -> 192).",
-)
-@click.option(
-    "--ramp",
-    default="0.74,0.86",
-    show_default=True,
-    callback=lambda ctx, param, value: _fractions(value),
-    help="With --min-resolution: START,END fractions of the budget where the side starts and stops growing.",
-)
-@click.option("--eval-every", default=0, show_default=True, help="Steps between logged test evaluations (0: end).")
-@click.option("--workers", default=2, show_default=True, help="Loader threads.")
-@click.option(
-    "--threads",
-    type=click.IntRange(1, 4096),
-    help="Torch CPU threads (default: every CPU available); on a CPU the weights depend on it, so a resume keeps it.",
-)
-@click.option("--checkpoint-every", default=500, show_default=True, help="Steps between resumable checkpoints.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (worth it on GPU).")
-@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard scalars to RUNS/NAME/tensorboard.")
 @click.option("--nproc-per-node", type=int, help="Launch K processes on this machine with torch's elastic launcher.")
 @DATA_ROOT
 @RUNS
 @JSON
-def pretrain(
-    name,
-    dataset,
-    seed,
-    steps,
-    arch,
-    width,
-    plan_path,
-    only,
-    optimizer,
-    schedule,
-    batch_size,
-    lr,
-    resolution,
-    min_resolution,
-    ramp,
-    eval_every,
-    workers,
-    threads,
-    checkpoint_every,
-    compile_,
-    tensorboard,
-    nproc_per_node,
-    data_root,
-    runs,
-    as_json,
-):
+def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params):
     """Train one member (or a plan's members) and save checkpoints under RUNS/NAME.
 
     --batch-size is the global batch: under torchrun each of W processes takes
@@ -278,7 +284,7 @@ def pretrain(
     """
     from pipeline import distributed
     from pipeline import plan as plans
-    from pipeline.pretrain import PretrainConfig, pretrain_all
+    from pipeline.pretrain import pretrain_all
 
     if nproc_per_node is not None:
         if "LOCAL_RANK" in os.environ:
@@ -289,38 +295,18 @@ def pretrain(
         distributed.launch(nproc_per_node, [sys.executable, "-m", "cli", *argv])
         return
 
-    common = {
-        "batch_size": batch_size,
-        "lr": lr,
-        "resolution": resolution,
-        "min_resolution": min_resolution,
-        "ramp": ramp,
-        "num_workers": workers,
-        "threads": threads,
-        "optimizer": optimizer,
-        "schedule": schedule,
-        "eval_every": eval_every,
-        "checkpoint_every": checkpoint_every,
-        "compile": compile_,
-        "tensorboard": tensorboard,
-    }
     if plan_path is not None:
         plan = plans.load(plan_path)
         _refuse_overrides(click.get_current_context(), plan, plan_path, only)
         chosen = [plan.member(only)] if only else list(plan.members)
-        common["batch_size"] = plan.batch_size
-        configs = [
-            PretrainConfig(m.name, plan.dataset, m.seed, m.steps, arch=m.arch, width=m.width, **common) for m in chosen
-        ]
+        configs = [_config(PretrainConfig, params, **_from_plan(plan, m)) for m in chosen]
     else:
         if only is not None:
             raise click.UsageError(f"--member {only} picks a member of --plan FILE; without a plan, use --name")
-        missing = [
-            f"--{k}" for k, v in (("name", name), ("dataset", dataset), ("seed", seed), ("steps", steps)) if v is None
-        ]
+        missing = [f"--{k}" for k in ("name", "dataset", "seed", "steps") if params[k] is None]
         if missing:
             raise click.UsageError(f"missing {', '.join(missing)} (or give --plan FILE)")
-        configs = [PretrainConfig(name, dataset, seed, steps, arch=arch, width=width, **common)]
+        configs = [_config(PretrainConfig, params)]
     outcomes = pretrain_all(configs, data_root, runs)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
@@ -329,6 +315,19 @@ def pretrain(
         return
     for r in outcomes:
         click.echo(f"{r['name']}: {r['step']} steps, test top-1 {r['test_top1']:.2f}% -> {r['checkpoint']}")
+
+
+def _from_plan(plan, member) -> dict:
+    """The fields a plan decides for one of its members."""
+    return {
+        "name": member.name,
+        "dataset": plan.dataset,
+        "seed": member.seed,
+        "steps": member.steps,
+        "arch": member.arch,
+        "width": member.width,
+        "batch_size": plan.batch_size,
+    }
 
 
 def _typed(ctx: click.Context, name: str) -> bool:
@@ -360,8 +359,14 @@ def _refuse_overrides(ctx: click.Context, plan, plan_path: Path, only: str | Non
 @click.option("--dataset", required=True, help="Prepared dataset the members train on.")
 @click.option("--cat", "cat", type=int, help="N members sharing the budget.")
 @click.option("--total-steps", type=int, help="Total steps S (each member: S / N); per member for paper-table2.")
-@click.option("--preset", type=click.Choice(["paper-table3", "paper-table2"]), help="The paper's experiments.")
-@click.option("--arch", default="resnet50", show_default=True, help="Architecture of --cat members.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="The paper's experiments.")
+@click.option(
+    "--arch",
+    type=click.Choice(list(ARCH_NAMES)),
+    default="resnet50",
+    show_default=True,
+    help="Architecture of --cat members.",
+)
 @click.option(
     "--seeds", type=INTEGERS, help="Comma-separated seeds (default: the paper's 2,550,23,477,8529, then 0,1,...)."
 )
@@ -417,51 +422,12 @@ def status(plan_path, runs, as_json):
 
 
 @main.command()
-@click.option("--members", type=NAMES, required=True, help="Comma-separated member names, e.g. run0,run1.")
-@click.option("--dataset", required=True, help="Prepared dataset to extract.")
-@click.option("--batch-size", default=512, show_default=True, help="Images per forward pass.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--compression", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Re-extract members cached from another checkpoint.")
-@click.option(
-    "--repair",
-    is_flag=True,
-    help="Scan every value of the arrays kept and write again from a garbled or non-finite chunk (missing chunks "
-    "are always written again).",
-)
-@click.option("--chunk-rows", type=int, help="Rows per Zarr chunk, a multiple of the batch size (default ~8 MiB).")
-@click.option("--workers", default=2, show_default=True, help="Loader threads.")
-@click.option("--threads", type=click.IntRange(1, 4096), help="Torch CPU threads (default: every CPU available).")
-@click.option("--views", default=0, show_default=True, help="Also cache K augmented views of each train image.")
-@click.option("--view-seed", default=0, show_default=True, help="Seed of the views' crops and flips.")
-@click.option(
-    "--precision",
-    type=click.Choice(["bf16", "fp32"]),
-    help="Forward pass: bf16 autocast or fp32 (the paper's numerics). Default: bf16 on GPU, fp32 on CPU. Recorded.",
-)
+@config_options(ExtractConfig)
 @DATA_ROOT
 @RUNS
 @CACHE
 @JSON
-def extract(
-    members,
-    dataset,
-    batch_size,
-    dtype,
-    compression,
-    overwrite,
-    repair,
-    chunk_rows,
-    workers,
-    threads,
-    data_root,
-    runs,
-    cache_path,
-    views,
-    view_seed,
-    precision,
-    as_json,
-):
+def extract(data_root, runs, cache_path, as_json, **params):
     """Cache the penultimate features of frozen members for every split of DATASET.
 
     An interrupted extraction (even kill -9) resumes from its first unwritten chunk
@@ -478,24 +444,12 @@ def extract(
     them (CIFAR: scale 0.8-1, bicubic; ImageNet, iNat18 and others: 0.08-1): the
     same crops for every member, for protocol tc.
     """
-    from pipeline.extract import ExtractConfig
     from pipeline.extract import extract as run
 
-    config = ExtractConfig(
-        dataset=dataset,
-        members=members,
-        batch_size=batch_size,
-        num_workers=workers,
-        dtype=dtype,
-        compression=compression,
-        overwrite=overwrite,
-        repair=repair,
-        chunk_rows=chunk_rows,
-        views=views,
-        view_seed=view_seed,
-        precision=precision,
-        threads=threads,
-    )
+    for required in ("members", "dataset"):
+        if params[required] is None:
+            raise click.UsageError(f"missing --{required}")
+    config = _config(ExtractConfig, params)
     summary = run(config, data_root, runs, cache_path)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports for the job
@@ -508,112 +462,14 @@ def extract(
 
 @main.command()
 @click.option("--members", type=NAMES, help="Comma-separated members to concatenate, e.g. run0,run1,run2,run3.")
-@click.option("--cat", "cat", type=int, help="Sweep: probe every N-member subset of --from.")
+@click.option("--cat", "cat", type=click.IntRange(min=1), help="Sweep: probe every N-member subset of --from.")
 @click.option("--from", "pool", type=NAMES, help="Sweep: the pool of members, e.g. run0,run1,run2,run3,run4.")
 @click.option("--max-subsets", type=int, help="Sweep: a seeded sample of at most this many subsets.")
-@click.option("--dataset", required=True, help="Cached dataset to probe.")
-@click.option("--train-split", default="train", show_default=True)
-@click.option("--eval-split", default="test", show_default=True)
-@_choice(
-    "--protocol",
-    ["logreg", "tc", "knn"],
-    "logreg",
-    "logreg: L-BFGS logistic regression, C chosen on held-out train rows. tc: the paper's BatchNorm+Linear "
-    "head, SGD 28 epochs, on cached views when present. knn: DINO's weighted k-NN (k in 10,20,100,200 chosen "
-    "on held-out train rows, T 0.07).",
-)
-@_choice(
-    "--backend",
-    ["auto", "batched", "sklearn", "torch", "cuml"],
-    "auto",
-    "logreg solver. auto = batched: every C candidate (and, with --cat, every subset) in one L-BFGS pass; "
-    "sklearn, torch, cuml fit one C at a time. Recorded.",
-)
-@_choice(
-    "--precision",
-    ["auto", "bf16", "fp32"],
-    "auto",
-    "batched: matrix products in bf16 (float32 accumulation, weights and loss) or fp32; auto = bf16 where the "
-    "CPU has avx512_bf16/amx_bf16 or the GPU has bf16 tensor cores. Recorded.",
-)
-@click.option(
-    "--memory-gib",
-    type=click.FloatRange(min=0, min_open=True),
-    default=4.0,
-    show_default=True,
-    help="batched: memory budget of one batch of subsets (solver state and working logits), GiB.",
-)
-@click.option(
-    "--wd-grid",
-    type=POSITIVE_NUMBERS,
-    help="tc: comma-separated weight decays to try (default: the paper's grid for the dataset's kind).",
-)
-@click.option(
-    "--tol",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1e-4,
-    show_default=True,
-    help="L-BFGS stopping tolerance (largest gradient entry; scikit-learn's default).",
-)
-@click.option(
-    "--search-iter",
-    type=click.IntRange(min=1),
-    default=100,
-    show_default=True,
-    help="L-BFGS iterations per C candidate of the search.",
-)
-@click.option(
-    "--max-iter",
-    type=click.IntRange(min=1),
-    default=300,
-    show_default=True,
-    help="L-BFGS iterations of the final refit.",
-)
-@click.option(
-    "--shots",
-    type=click.IntRange(min=1),
-    help="Few-shot: probe on K seeded train rows per class (e.g. 1, 2, 5, 10, 25); one record per draw.",
-)
-@click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True, help="Few-shot: draws of the shots.")
-@click.option(
-    "--fixed-c",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="C when no train row can be held out (1 shot per class): no search is possible.",
-)
-@click.option("--seed", default=0, show_default=True, help="Seed of the held-out split, solver and subset sample.")
-@click.option(
-    "--allow-same-split", is_flag=True, help="Let the eval split be the train split (memorisation; never in report)."
-)
+@config_options(ProbeConfig)
 @CACHE
 @RESULTS
 @JSON
-def probe(
-    members,
-    cat,
-    pool,
-    max_subsets,
-    dataset,
-    train_split,
-    eval_split,
-    protocol,
-    backend,
-    precision,
-    memory_gib,
-    wd_grid,
-    tol,
-    search_iter,
-    max_iter,
-    shots,
-    draws,
-    fixed_c,
-    seed,
-    allow_same_split,
-    cache_path,
-    results,
-    as_json,
-):
+def probe(members, cat, pool, max_subsets, cache_path, results, as_json, **params):
     """Linear-probe the concatenated cached features of MEMBERS on DATASET.
 
     C is chosen on a held-out part of the train split; top-1 and top-5 are
@@ -633,7 +489,7 @@ def probe(
     Under torchrun (batched backend) the ranks split the subsets, or, for a
     single probe, the C candidates; each record is appended once.
     """
-    from pipeline.probe import ProbeConfig, few_shot, sweep
+    from pipeline.probe import few_shot, sweep
     from pipeline.probe import probe as run
     from pipeline.results import results_path
 
@@ -641,25 +497,10 @@ def probe(
         raise click.UsageError("give either --members, or --cat N with --from POOL")
     if cat is not None and not pool:
         raise click.UsageError("--cat N needs --from POOL (comma-separated members)")
-    config = ProbeConfig(
-        dataset,
-        members or pool,
-        train_split,
-        eval_split,
-        seed=seed,
-        backend=backend,
-        precision=precision,
-        memory_gib=memory_gib,
-        protocol=protocol,
-        wd_grid=wd_grid,
-        tol=tol,
-        search_iter=search_iter,
-        max_iter=max_iter,
-        shots=shots,
-        draws=draws,
-        fixed_c=fixed_c,
-        allow_same_split=allow_same_split,
-    )
+    if params["dataset"] is None:
+        raise click.UsageError("missing --dataset")
+    config = _config(ProbeConfig, params, members=members or pool)
+    shots, draws = config.shots, config.draws
     path = results_path(results)
     if cat is None and shots is not None:
         records, summary = few_shot(config, cache_path, results)
@@ -782,14 +623,14 @@ def compare(id_a, id_b, resamples, seed, results, as_json):
 @RESULTS
 @_choice(
     "--layout",
-    ["table3", "table2"],
-    "table3",
+    list(LAYOUTS),
+    LAYOUTS[0],
     "table3: CatN at fixed total steps. table2: parameter-matched (architectures and CatN).",
 )
-@click.option("--protocol", type=click.Choice(["logreg", "tc", "knn"]), default="logreg", show_default=True)
+@_choice("--protocol", list(PROTOCOLS), PROTOCOLS[0], "Which protocol's records to report.")
 @_choice(
     "--metric",
-    ["top1", "top1_eval_selected"],
+    list(METRICS),
     "top1",
     "top1: chosen on held-out train rows. top1_eval_selected (tc): the paper's code's best epoch and weight "
     "decay on the eval split, OPTIMISTIC, only to compare with its tables.",

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from pipeline import batched_logreg as bl
+from pipeline.configs import PROBE_PRECISIONS as PRECISIONS
 from pipeline.errors import TimecatError
 from pipeline.heldout import best_trial, describe_split, fixed_split, search_split, topk_accuracy
 from pipeline.progress import get_logger, progress
 
 log = get_logger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_COPIES = 2 * bl.HISTORY + 8  # weight-sized tensors L-BFGS keeps per problem (history, x, g, trials)
 

@@ -22,67 +22,14 @@ import cache
 from cache.layout import check_name
 from pipeline import __version__, checkpoints, distributed, interop, recipes
 from pipeline.checkpoints import checkpoint_path
-from pipeline.errors import TimecatError, check_seed
+from pipeline.configs import ExtractConfig
+from pipeline.errors import TimecatError
 from pipeline.models import FEATURE_LAYER, Classifier
 from pipeline.progress import get_logger, progress
-from pipeline.splits import SPLITS, Preprocess, beton_path, read_manifest
+from pipeline.splits import Preprocess, beton_path, read_manifest
 from pipeline.views import ViewSpec, augment, resize_center
 
 log = get_logger(__name__)
-
-PRECISIONS = ("bf16", "fp32")
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Which members to run over which dataset, and how features are stored."""
-
-    dataset: str  # a prepared dataset under the data root
-    members: tuple[str, ...]  # member names under the runs folder
-    splits: tuple[str, ...] = SPLITS
-    batch_size: int = 512  # images per forward pass
-    num_workers: int = 2  # FFCV loader threads
-    dtype: str = "float32"  # float32 | float16 (half the disk, refuses values out of range)
-    compression: str = "zstd"  # zstd | none
-    overwrite: bool = False  # replace a member cached from a different checkpoint
-    chunk_rows: int | None = None  # rows per chunk; None: ~8 MiB rounded down to whole batches
-    views: int = 0  # K seeded augmented views of each image of view_splits, per member (0: none)
-    view_splits: tuple[str, ...] = ("train",)  # the splits a probe trains on
-    view_seed: int = 0  # the views' crops and flips; their scale and resizing come from the dataset kind's recipe
-    precision: str | None = None  # forward pass: bf16 autocast or fp32 (the paper's); None: bf16 on GPU, fp32 on CPU
-    threads: int | None = None  # torch CPU threads; None: every CPU available (shared by the ranks of a node)
-    repair: bool = False  # scan every value of complete arrays and write again from a garbled or non-finite chunk
-
-    def __post_init__(self):
-        if not self.members:
-            raise TimecatError("no members given: pass --members run0,run1,...")
-        check_name("dataset", self.dataset)  # before anything (a lock, a folder) is made from it
-        check_seed(self.view_seed, "view seed")
-        for split in self.splits:
-            check_name("split", split)
-        names = [interop.foreign_name_and_path(m)[0] if interop.is_foreign(m) else m for m in self.members]
-        for name in names:
-            check_name("member", name)
-        if len(set(names)) != len(names):
-            raise TimecatError(f"a member is named twice in {list(self.members)}: name each once")
-        if self.batch_size < 1 or self.num_workers < 1:
-            raise TimecatError(
-                f"batch size and workers must be at least 1, got {self.batch_size} and {self.num_workers}"
-            )
-        if self.chunk_rows is not None and (self.chunk_rows < 1 or self.chunk_rows % self.batch_size):
-            raise TimecatError(
-                f"chunk rows ({self.chunk_rows}) must be a multiple of the batch size ({self.batch_size})"
-            )
-        if self.views < 0:
-            raise TimecatError(f"views must be 0 or more, not {self.views}")
-        if self.threads is not None and self.threads < 1:
-            raise TimecatError(f"threads must be at least 1, got {self.threads}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise TimecatError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
-        if self.compression not in {c.value for c in cache.Compression}:
-            raise TimecatError(
-                f"unknown compression {self.compression!r}; choose one of {[c.value for c in cache.Compression]}"
-            )
 
 
 @dataclass

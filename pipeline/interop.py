@@ -18,6 +18,7 @@ import torch
 from pipeline import checkpoints, files, recipes
 from pipeline.errors import TimecatError
 from pipeline.models import build
+from pipeline.names import FOREIGN_SUFFIXES, foreign_name_and_path, is_foreign  # noqa: F401  (interop.is_foreign ...)
 
 # Longest first: "module.model0." must win over "module.".
 PREFIXES = ("_orig_mod.module.", "module.model0.", "_orig_mod.", "module.")
@@ -25,24 +26,11 @@ RENAMES = (
     (re.compile(r"\.downsample\.conv\."), ".downsample.0."),
     (re.compile(r"\.downsample\.bn\."), ".downsample.1."),
 )
-FOREIGN_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".bin")
 
 # The paper's members are ImageNet ResNet-50s evaluated at a 224/256 centre crop with
 # ImageNet statistics (0-255 scale): the checkpoint's own preprocessing. Extraction
 # replaces it with the paper's preprocessing for the dataset's kind (pipeline.recipes).
 IMAGENET_PREPROCESS = {**recipes.IMAGENET.foreign, "flip": True}
-
-
-def is_foreign(member: str) -> bool:
-    """A member given as a checkpoint file (``path`` or ``name=path``) rather than a run name."""
-    return "=" in member or "/" in member or member.endswith(FOREIGN_SUFFIXES)
-
-
-def foreign_name_and_path(member: str) -> tuple[str, Path]:
-    """``name=path`` -> (name, path); a bare path is named after its file (``seed2.pt`` -> ``seed2``)."""
-    name, _, path = member.rpartition("=")
-    path = Path(path)
-    return (name or path.name.split(".")[0]), path
 
 
 def backbone_state(obj: dict, source: str) -> dict[str, torch.Tensor]:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.configs import K_GRID, TEMPERATURE  # noqa: F401  (DINO's; knn.K_GRID)
 from pipeline.errors import TimecatError
-
-K_GRID = (10, 20, 100, 200)  # DINO's k values
-TEMPERATURE = 0.07  # DINO's softmax temperature on cosine similarities
 
 
 def normalise(X: np.ndarray, block_rows: int = 8192) -> torch.Tensor:

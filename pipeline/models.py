@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.configs import ARCH_NAMES
 from pipeline.errors import TimecatError
 
 FEATURE_LAYER = "global average pool (penultimate)"
@@ -154,3 +155,6 @@ def build(arch: str, num_classes: int, width: int | None = None) -> Classifier:
         allowed = "any positive integer" if spec.widths is None else list(spec.widths)
         raise TimecatError(f"architecture {arch} does not take width {width}; allowed: {allowed}")
     return Classifier(spec.build_backbone(width), num_classes)
+
+
+assert tuple(sorted(ARCHS)) == ARCH_NAMES, "pipeline.configs.ARCH_NAMES lists these for configs and the CLI"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cache.errors import CacheError
 from cache.layout import check_name
-from pipeline import __version__, files
+from pipeline import __version__, configs, files
 from pipeline.errors import TimecatError, check_seed
 from pipeline.models import ARCHS
 
@@ -108,6 +108,7 @@ def paper_table2(steps: int = 450_000) -> list[PlannedMember]:
 
 
 PRESETS = {"paper-table3": paper_table3, "paper-table2": paper_table2}
+assert tuple(PRESETS) == configs.PRESETS, "pipeline.configs.PRESETS lists these for the command line"
 
 
 def make_plan(

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from cache.layout import check_name
 from pipeline import __version__, files
+from pipeline.configs import STORAGES, PrepareConfig
 from pipeline.datasets import BetonFormat, FileImages, SourceOptions, Split, get_spec
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger, progress
 from pipeline.splits import SPLITS, beton_path, is_complete, manifest_path, read_manifest
 
 log = get_logger(__name__)
-
-ON_CORRUPT = ("fail", "skip")  # what prepare does with an image file it cannot decode
 
 
 # How images are stored, against disk and decoding time. "mixed" is FFCV's ImageNet recipe:
@@ -36,34 +34,7 @@ STORAGE = {
     "mixed": {"write_mode": "proportion", "compress_probability": 0.5},
     "raw": {"write_mode": "raw"},
 }
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """What to prepare and where."""
-
-    dataset: str  # a kind from pipeline.datasets.DATASETS
-    data_root: Path
-    name: str | None = None  # folder name under data_root; defaults to the kind
-    train_dir: Path | None = None  # imagefolder only
-    test_dir: Path | None = None  # imagefolder only
-    download: bool = False  # allow torchvision to download fashion-mnist / cifar
-    num_workers: int = 2  # FFCV writer processes
-    stats_images: int = 10_000  # images sampled (seeded) for per-channel mean/std
-    on_corrupt: str = "fail"  # fail | skip: skipped files are listed in the manifest, never dropped silently
-    storage: str | None = None  # a key of STORAGE; None: the dataset's default
-
-    def __post_init__(self):
-        check_name("dataset", self.stored_name)  # it becomes a folder and a cache path
-        if self.on_corrupt not in ON_CORRUPT:
-            raise TimecatError(f"unknown --on-corrupt {self.on_corrupt!r}; choose one of {list(ON_CORRUPT)}")
-        if self.storage is not None and self.storage not in STORAGE:
-            raise TimecatError(f"unknown --storage {self.storage!r}; choose one of {sorted(STORAGE)}")
-
-    @property
-    def stored_name(self) -> str:
-        """The folder name under the data root."""
-        return self.name or self.dataset
+assert tuple(STORAGE) == STORAGES, "pipeline.configs.STORAGES lists these for the command line"
 
 
 def pixel_stats(split: Split, max_images: int, seed: int = 0) -> tuple[list[float], list[float]]:

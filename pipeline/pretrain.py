@@ -27,92 +27,18 @@ from torch import nn
 
 from cache import locks
 from cache.errors import CacheError
-from cache.layout import check_name
 from pipeline import __version__, checkpoints, distributed, files
 from pipeline.checkpoints import checkpoint_path, run_dir
+from pipeline.configs import OPERATIONAL, PretrainConfig
 from pipeline.datasets import get_spec
-from pipeline.errors import TimecatError, check_seed
-from pipeline.models import ARCHS, Classifier, build
+from pipeline.errors import TimecatError
+from pipeline.models import Classifier, build
 from pipeline.progress import get_logger, progress
 from pipeline.splits import Preprocess, beton_path, read_manifest
 
 log = get_logger(__name__)
 
-OPTIMIZERS = ("sgd", "schedulefree")
-SCHEDULES = ("cosine", "step")
 BN_BATCHES = 50  # batches of the train split used to re-estimate BatchNorm statistics
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """One member: its name, seed, budget, architecture and dataset, and the SGD recipe."""
-
-    name: str  # run0, run1, ...
-    dataset: str  # a prepared dataset under the data root
-    seed: int  # initialisation and data order
-    steps: int  # optimizer steps: the member's share of the total budget
-    arch: str = "small-resnet"  # a key of pipeline.models.ARCHS
-    width: int | None = None  # channel multiplier for the resnet50 family; None: the arch's default
-    batch_size: int = 128  # images per step
-    optimizer: str = "sgd"  # sgd | schedulefree (schedule-free AdamW, as the paper's members)
-    schedule: str = "cosine"  # sgd: cosine to 0, or step (x0.1 at 1/3 and 2/3 of the steps)
-    lr: float = 0.2  # peak learning rate after linear warmup (schedule-free AdamW wants about 1e-3 to 5e-3)
-    warmup: float = 0.05  # fraction of steps spent warming up
-    momentum: float = 0.9  # Nesterov
-    weight_decay: float = 5e-4  # on conv and linear weights only, not BatchNorm or biases
-    label_smoothing: float = 0.1
-    resolution: int | None = None  # px input side; None takes the dataset's default
-    min_resolution: int | None = None  # progressive resizing: train from this side up to `resolution`; None: off
-    ramp: tuple[float, float] = (0.74, 0.86)  # budget fractions where progressive resizing starts and stops growing
-    num_workers: int = 2  # FFCV loader threads
-    log_every: int = 50  # steps between log records
-    eval_every: int = 0  # steps between test-set evaluations logged during training; 0: only at the end
-    checkpoint_every: int = 500  # steps between resumable checkpoints; 0: only the final one
-    compile: bool = False  # torch.compile the training forward/backward (worth it on GPU)
-    tensorboard: bool = False  # also write the log's numbers as TensorBoard scalars under <run>/tensorboard
-    threads: int | None = None  # torch CPU threads (the numerics on CPU depend on it); None: every CPU available
-
-    def __post_init__(self):
-        check_name("member", self.name)  # it becomes a folder and a cache path
-        check_name("dataset", self.dataset)
-        check_seed(self.seed)
-        if self.arch not in ARCHS:
-            raise TimecatError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHS)}")
-        for field in ("eval_every", "checkpoint_every"):
-            if getattr(self, field) < 0:
-                raise TimecatError(f"{field} must be 0 (only at the end) or more, got {getattr(self, field)}")
-        if self.threads is not None and self.threads < 1:
-            raise TimecatError(f"threads must be at least 1, got {self.threads}")
-        for field in ("steps", "batch_size", "log_every", "num_workers"):
-            if getattr(self, field) < 1:
-                raise TimecatError(f"{field} must be at least 1, got {getattr(self, field)}")
-        for field in ("lr", "momentum", "weight_decay", "label_smoothing", "warmup"):
-            value = getattr(self, field)
-            if not math.isfinite(value) or value < 0 or (field == "lr" and value == 0):
-                raise TimecatError(
-                    f"{field} must be a finite {'positive' if field == 'lr' else 'non-negative'} number, got {value}"
-                )
-        if self.resolution is not None and self.resolution < 8:
-            raise TimecatError(f"resolution must be at least 8 px, got {self.resolution}")
-        if not 0 <= self.label_smoothing < 1:
-            raise TimecatError(f"label_smoothing is a fraction in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.warmup < 1:
-            raise TimecatError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
-        if self.optimizer not in OPTIMIZERS:
-            raise TimecatError(f"unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise TimecatError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
-        if not (len(self.ramp) == 2 and 0 <= self.ramp[0] <= self.ramp[1] <= 1):
-            raise TimecatError(f"ramp is two budget fractions START,END with 0 <= START <= END <= 1, got {self.ramp}")
-        if self.min_resolution is not None and self.min_resolution < 8:
-            raise TimecatError(f"min_resolution must be at least 8 px, got {self.min_resolution}")
-        if self.optimizer == "schedulefree" and self.lr > 0.05:
-            raise TimecatError(f"lr {self.lr} is an SGD rate; schedule-free AdamW wants about 1e-3 to 5e-3: pass --lr")
-
-
-# How a run is operated, not what it trains: changing these never makes a member "another member".
-# threads is checked on its own: a resume on CPU must keep it (restore), a finished member never cares.
-OPERATIONAL = ("num_workers", "log_every", "eval_every", "checkpoint_every", "compile", "tensorboard", "threads")
 
 
 def recipe(config: PretrainConfig) -> dict:

@@ -16,15 +16,15 @@ import os
 import resource
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import numpy as np
 
 import cache
-from cache.layout import check_name
 from pipeline import __version__, batched_probe, distributed, files, knn, logreg_solvers, recipes, results, stats
 from pipeline import bn_linear_head as bn_head
-from pipeline.errors import TimecatError, check_seed
+from pipeline.configs import PROTOCOLS, ProbeConfig  # noqa: F401  (probe.PROTOCOLS)
+from pipeline.errors import TimecatError
 from pipeline.heldout import (
     best_trial,
     column_stats,
@@ -38,8 +38,6 @@ from pipeline.progress import get_logger, progress
 
 log = get_logger(__name__)
 
-PROTOCOLS = ("logreg", "tc", "knn")
-BACKENDS = (*logreg_solvers.CHOICES, "batched")  # auto: batched for logreg
 PROVENANCE_KEYS = (
     "checkpoint_sha256",
     "dataset_fingerprint",
@@ -50,83 +48,6 @@ PROVENANCE_KEYS = (
     "pretrain_dataset",
     "precision",
 )
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Which members to probe on which dataset, and the model-selection recipe."""
-
-    dataset: str
-    members: tuple[str, ...]
-    train_split: str = "train"
-    eval_split: str = "test"
-    holdout: float = 0.2  # fraction of the train split held out to choose C
-    seed: int = 0  # held-out split and solver
-    search_rows: int = 10_000  # train rows that fit each C candidate (stratified sample), at least...
-    search_per_class: int = 10  # ...this many per class: 81,420 rows for iNat18's 8,142 classes
-    c_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # coarse, one per decade
-    refine: tuple[float, ...] = (10**-0.5, 10**0.5)  # multipliers tried around the best coarse C
-    search_iter: int = 100  # L-BFGS iterations per C candidate (warm-started along the grid)
-    max_iter: int = 300  # L-BFGS iterations of the final refit (warm-started from the search)
-    tol: float = 1e-4  # L-BFGS stopping tolerance (scikit-learn's default)
-    backend: str = "auto"  # auto (= batched) | batched | sklearn | torch | cuml (pipeline.logreg_solvers); logreg only
-    precision: str = (
-        "auto"  # batched: auto | bf16 | fp32 matrix products (auto: bf16 where the hardware has bf16 units)
-    )
-    memory_gib: float = 4.0  # batched: solver state and working logits of one batch of subsets, GiB
-    protocol: str = "logreg"  # logreg | tc (the paper's BatchNorm + Linear head, SGD, 28 epochs)
-    wd_grid: tuple[float, ...] | None = None  # tc: weight decays to try; None: the paper's grid for the dataset kind
-    k_grid: tuple[int, ...] = knn.K_GRID  # knn: neighbour counts to try (DINO's)
-    temperature: float = knn.TEMPERATURE  # knn: votes weigh exp(cosine similarity / temperature)
-    shots: int | None = None  # few-shot: train rows per class, drawn from the train split (None: every row)
-    draws: int = 5  # few-shot: seeded draws of the shots, each probed; mean ± std over draws
-    fixed_c: float = 1.0  # C where no row can be held out (1 shot per class): scikit-learn's default
-    bootstrap: int = stats.RESAMPLES  # resamples of the eval rows for top-1's 95% interval (at least 1,000)
-    allow_same_split: bool = False  # fit and score on one split (memorisation, not transfer); report leaves it out
-
-    def __post_init__(self):
-        if self.protocol not in PROTOCOLS:
-            raise TimecatError(f"unknown protocol {self.protocol!r}; choose one of {list(PROTOCOLS)}")
-        if self.backend not in BACKENDS:
-            raise TimecatError(f"unknown backend {self.backend!r}; choose one of {list(BACKENDS)}")
-        if self.precision not in batched_probe.PRECISIONS:
-            raise TimecatError(f"unknown precision {self.precision!r}; choose one of {list(batched_probe.PRECISIONS)}")
-        if not self.memory_gib > 0:
-            raise TimecatError(f"memory_gib must be positive, got {self.memory_gib}")
-        if not 0 < self.holdout < 1:
-            raise TimecatError(f"holdout is a fraction in (0, 1), got {self.holdout}")
-        if not self.members:
-            raise TimecatError("no members given: pass --members run0,run1,...")
-        check_name("dataset", self.dataset)
-        check_seed(self.seed)
-        for split in (self.train_split, self.eval_split):
-            check_name("split", split)
-        if self.train_split == self.eval_split and not self.allow_same_split:
-            raise TimecatError(
-                f"train and eval split are both {self.train_split!r}: a probe fit and scored on the same rows measures "
-                "memorisation, not transfer; pass --allow-same-split to run it anyway (report leaves such records out)"
-            )
-        for member in self.members:
-            check_name("member", member)
-        if self.search_rows < 1 or self.search_per_class < 1:
-            raise TimecatError(
-                f"search_rows and search_per_class must be at least 1, got {self.search_rows}, {self.search_per_class}"
-            )
-        if not self.k_grid or min(self.k_grid) < 1 or not self.temperature > 0:
-            raise TimecatError(
-                f"knn needs k values >= 1 and a positive temperature, got {self.k_grid} and {self.temperature}"
-            )
-        if self.shots is not None and (self.shots < 1 or self.draws < 1):
-            raise TimecatError(f"--shots and --draws must be at least 1, got {self.shots} and {self.draws}")
-        if self.shots is not None and not uses_batched(self):
-            raise TimecatError(
-                f"--shots runs the logreg protocol on the batched solver, not protocol {self.protocol} with backend "
-                f"{self.backend}: use --protocol logreg --backend auto"
-            )
-        if not self.fixed_c > 0:
-            raise TimecatError(f"fixed_c must be positive, got {self.fixed_c}")
-        if self.bootstrap < stats.RESAMPLES:
-            raise TimecatError(f"bootstrap resamples must be at least {stats.RESAMPLES}, got {self.bootstrap}")
 
 
 def choose_c(X: np.ndarray, y: np.ndarray, model, config: ProbeConfig, n_classes: int | None = None):
@@ -247,7 +168,7 @@ def peak_rss_mib() -> float:
 
 def uses_batched(config: ProbeConfig) -> bool:
     """Whether ``config`` runs on the batched solver (logreg with backend auto or batched)."""
-    return config.protocol == "logreg" and config.backend in ("auto", "batched")
+    return config.batched
 
 
 def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict | None = None) -> dict:

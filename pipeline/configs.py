@@ -1,0 +1,372 @@
+"""Every stage's configuration, declared once: each field's default, unit and help text live here.
+
+The frozen dataclasses below are what the stages take; ``cli.py`` builds its
+options from these fields (``param`` metadata), so a default or a choice list
+is never written twice. This module imports no torch, FFCV or zarr, so the
+command line can build its help without them, and a notebook can make a
+config without the heavy libraries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+
+from pipeline.errors import TimecatError, check_seed
+from pipeline.names import check_name, is_foreign, member_name
+from pipeline.stats import RESAMPLES
+
+
+def param(default=MISSING, text: str = "", *, flag=None, choices=None, unit=None, low=None, low_open=False, cli=True):
+    """A config field with what the command line needs: help, flag (default --field-name), choices, unit, bounds.
+
+    ``cli``: True, or a sentence saying why the command line does not set this field itself.
+    """
+    meta = {"help": text, "flag": flag, "choices": choices, "unit": unit, "low": low, "low_open": low_open, "cli": cli}
+    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
+
+
+def _choose(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise TimecatError(f"unknown {what} {value!r}; choose one of {list(allowed)}")
+
+
+# --- prepare ------------------------------------------------------------------
+
+ON_CORRUPT = ("fail", "skip")  # what prepare does with an image file it cannot decode
+STORAGES = ("jpeg", "mixed", "raw")  # pipeline.prepare.STORAGE: how images are stored in a .beton
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """What to prepare and where."""
+
+    dataset: str = param(text="A dataset kind (pipeline.datasets.DATASETS).", cli="the command's DATASET argument")
+    data_root: Path = param(text="Folder of prepared datasets.", cli="the shared --data-root option")
+    name: str | None = param(None, "Folder name under the data root (default: DATASET).")
+    train_dir: Path | None = param(None, "imagefolder: train folder.", flag="--train")
+    test_dir: Path | None = param(None, "imagefolder: test folder.", flag="--test")
+    download: bool = param(False, "Let torchvision download fashion-mnist or cifar if absent.")
+    num_workers: int = param(2, "Writer processes (and image-check threads).", flag="--workers", low=1)
+    stats_images: int = param(10_000, "Images sampled (seeded) for the per-channel mean and std.", low=1)
+    on_corrupt: str = param(
+        "fail", "An undecodable image file fails the run, or is skipped and listed in the manifest.", choices=ON_CORRUPT
+    )
+    storage: str | None = param(
+        None,
+        "Image storage (default: the dataset's): JPEG q90; mixed, half raw (FFCV's ImageNet recipe: faster "
+        "loading, ~5x disk); raw.",
+        choices=STORAGES,
+    )
+
+    def __post_init__(self):
+        check_name("dataset", self.stored_name)  # it becomes a folder and a cache path
+        if self.on_corrupt not in ON_CORRUPT:
+            raise TimecatError(f"unknown --on-corrupt {self.on_corrupt!r}; choose one of {list(ON_CORRUPT)}")
+        if self.storage is not None and self.storage not in STORAGES:
+            raise TimecatError(f"unknown --storage {self.storage!r}; choose one of {sorted(STORAGES)}")
+
+    @property
+    def stored_name(self) -> str:
+        """The folder name under the data root."""
+        return self.name or self.dataset
+
+
+# --- pretrain -----------------------------------------------------------------
+
+ARCH_NAMES = ("resnet50", "resnet50w2", "small-resnet")  # pipeline.models.ARCHS holds their builders
+OPTIMIZERS = ("sgd", "schedulefree")
+SCHEDULES = ("cosine", "step")
+PRESETS = ("paper-table3", "paper-table2")  # pipeline.plan.PRESETS: the paper's experiments
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One member: its name, seed, budget, architecture and dataset, and the SGD recipe."""
+
+    name: str = param(text="Member name, e.g. run0.")
+    dataset: str = param(text="Prepared dataset to train on.")
+    seed: int = param(text="Seed of initialisation and data order.")
+    steps: int = param(text="Optimizer steps: this member's budget.", low=1)
+    arch: str = param("small-resnet", "Architecture.", choices=ARCH_NAMES)
+    width: int | None = param(None, "Channel multiplier of the resnet50 family (default: the arch's).", low=1)
+    batch_size: int = param(128, "Images per step, across all processes (DDP splits it).", low=1)
+    optimizer: str = param(
+        "sgd",
+        "SGD (Nesterov, label smoothing) or schedule-free AdamW (BatchNorm re-estimated before eval and save).",
+        choices=OPTIMIZERS,
+    )
+    schedule: str = param("cosine", "SGD: cosine to 0, or step (x0.1 at 1/3 and 2/3 of the steps).", choices=SCHEDULES)
+    lr: float = param(0.2, "Peak learning rate after warmup (schedule-free AdamW: ~1e-3..5e-3).")
+    warmup: float = param(0.05, "Fraction of the steps spent warming up linearly.", unit="fraction")
+    momentum: float = param(0.9, "SGD Nesterov momentum.")
+    weight_decay: float = param(5e-4, "On conv and linear weights only, not BatchNorm or biases.")
+    label_smoothing: float = param(0.1, "Label smoothing of the cross-entropy.", unit="fraction")
+    resolution: int | None = param(None, "Input side (default: the dataset's).", unit="px")
+    min_resolution: int | None = param(
+        None,
+        "Progressive resizing: train at this side first, growing to --resolution in 32 px steps (FFCV: 160 -> 192).",
+        unit="px",
+    )
+    ramp: tuple[float, float] = param(
+        (0.74, 0.86),
+        "With --min-resolution: START,END fractions of the budget where the side starts and stops growing.",
+    )
+    num_workers: int = param(2, "Loader threads.", flag="--workers", low=1)
+    log_every: int = param(50, "Steps between log records.", low=1)
+    eval_every: int = param(0, "Steps between logged test evaluations (0: only at the end).", low=0)
+    checkpoint_every: int = param(500, "Steps between resumable checkpoints (0: only the final one).", low=0)
+    compile: bool = param(False, "torch.compile the model (worth it on GPU).")
+    tensorboard: bool = param(False, "Also write TensorBoard scalars to RUNS/NAME/tensorboard.")
+    threads: int | None = param(
+        None,
+        "Torch CPU threads (default: every CPU available); on a CPU the weights depend on it, so a resume keeps it.",
+        low=1,
+    )
+
+    def __post_init__(self):
+        check_name("member", self.name)  # it becomes a folder and a cache path
+        check_name("dataset", self.dataset)
+        check_seed(self.seed)
+        _choose("architecture", self.arch, ARCH_NAMES)
+        _choose("optimizer", self.optimizer, OPTIMIZERS)
+        _choose("schedule", self.schedule, SCHEDULES)
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise TimecatError(f"{name} must be 0 (only at the end) or more, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise TimecatError(f"threads must be at least 1, got {self.threads}")
+        for name in ("steps", "batch_size", "log_every", "num_workers"):
+            if getattr(self, name) < 1:
+                raise TimecatError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self._check_rates()
+        for name in ("resolution", "min_resolution"):
+            if getattr(self, name) is not None and getattr(self, name) < 8:
+                raise TimecatError(f"{name} must be at least 8 px, got {getattr(self, name)}")
+        if not (len(self.ramp) == 2 and 0 <= self.ramp[0] <= self.ramp[1] <= 1):
+            raise TimecatError(f"ramp is two budget fractions START,END with 0 <= START <= END <= 1, got {self.ramp}")
+        if self.optimizer == "schedulefree" and self.lr > 0.05:
+            raise TimecatError(f"lr {self.lr} is an SGD rate; schedule-free AdamW wants about 1e-3 to 5e-3: pass --lr")
+
+    def _check_rates(self) -> None:
+        for name in ("lr", "momentum", "weight_decay", "label_smoothing", "warmup"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise TimecatError(
+                    f"{name} must be a finite {'positive' if name == 'lr' else 'non-negative'} number, got {value}"
+                )
+        if not 0 <= self.label_smoothing < 1:
+            raise TimecatError(f"label_smoothing is a fraction in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.warmup < 1:
+            raise TimecatError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
+
+
+# How a run is operated, not what it trains: changing these never makes a member "another member".
+# threads is checked on its own: a resume on CPU must keep it (restore), a finished member never cares.
+OPERATIONAL = ("num_workers", "log_every", "eval_every", "checkpoint_every", "compile", "tensorboard", "threads")
+
+
+# --- extract ------------------------------------------------------------------
+
+SPLITS = ("train", "test")  # pipeline.splits.SPLITS: what prepare writes
+EXTRACT_PRECISIONS = ("bf16", "fp32")
+DTYPES = ("float32", "float16")
+COMPRESSIONS = ("zstd", "none")  # cache.Compression's values
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Which members to run over which dataset, and how features are stored."""
+
+    dataset: str = param(text="Prepared dataset to extract.")
+    members: tuple[str, ...] = param(
+        text="Comma-separated member names under RUNS (or checkpoint files, NAME=PATH), e.g. run0,run1."
+    )
+    splits: tuple[str, ...] = param(SPLITS, "Comma-separated splits to extract.")
+    batch_size: int = param(512, "Images per forward pass.", low=1)
+    num_workers: int = param(2, "Loader threads.", flag="--workers", low=1)
+    dtype: str = param("float32", "Stored dtype (float16: half the disk, refuses values out of range).", choices=DTYPES)
+    compression: str = param("zstd", "Chunk compression.", choices=COMPRESSIONS)
+    overwrite: bool = param(False, "Re-extract members cached from another checkpoint.")
+    chunk_rows: int | None = param(None, "Rows per Zarr chunk, a multiple of the batch size (default ~8 MiB).", low=1)
+    views: int = param(0, "Also cache K augmented views of each image of --view-splits.", low=0)
+    view_splits: tuple[str, ...] = param(
+        ("train",), "Comma-separated splits that get views (the ones a probe fits on)."
+    )
+    view_seed: int = param(0, "Seed of the views' crops and flips.")
+    precision: str | None = param(
+        None,
+        "Forward pass: bf16 autocast or fp32 (the paper's numerics). Default: bf16 on GPU, fp32 on CPU. Recorded.",
+        choices=EXTRACT_PRECISIONS,
+    )
+    threads: int | None = param(None, "Torch CPU threads (default: every CPU available).", low=1)
+    repair: bool = param(
+        False,
+        "Scan every value of the arrays kept and write again from a garbled or non-finite chunk (missing chunks "
+        "are always written again).",
+    )
+
+    def __post_init__(self):
+        if not self.members:
+            raise TimecatError("no members given: pass --members run0,run1,...")
+        check_name("dataset", self.dataset)  # before anything (a lock, a folder) is made from it
+        check_seed(self.view_seed, "view seed")
+        for split in self.splits:
+            check_name("split", split)
+        names = [member_name(m) for m in self.members]
+        for name in names:
+            check_name("member", name)
+        if len(set(names)) != len(names):
+            raise TimecatError(f"a member is named twice in {list(self.members)}: name each once")
+        if self.batch_size < 1 or self.num_workers < 1:
+            raise TimecatError(
+                f"batch size and workers must be at least 1, got {self.batch_size} and {self.num_workers}"
+            )
+        if self.chunk_rows is not None and (self.chunk_rows < 1 or self.chunk_rows % self.batch_size):
+            raise TimecatError(
+                f"chunk rows ({self.chunk_rows}) must be a multiple of the batch size ({self.batch_size})"
+            )
+        if self.views < 0:
+            raise TimecatError(f"views must be 0 or more, not {self.views}")
+        if self.threads is not None and self.threads < 1:
+            raise TimecatError(f"threads must be at least 1, got {self.threads}")
+        if self.precision is not None:
+            _choose("precision", self.precision, EXTRACT_PRECISIONS)
+        _choose("compression", self.compression, COMPRESSIONS)
+
+
+# --- probe --------------------------------------------------------------------
+
+PROTOCOLS = ("logreg", "tc", "knn")
+PROBE_BACKENDS = ("auto", "batched", "sklearn", "torch", "cuml")  # auto: batched for logreg
+PROBE_PRECISIONS = ("auto", "bf16", "fp32")
+K_GRID = (10, 20, 100, 200)  # DINO's k values
+TEMPERATURE = 0.07  # DINO's softmax temperature on cosine similarities
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Which members to probe on which dataset, and the model-selection recipe."""
+
+    dataset: str = param(text="Cached dataset to probe.")
+    members: tuple[str, ...] = param(text="Members to concatenate.", cli="--members, or each subset of --cat/--from")
+    train_split: str = param("train", "Split the probe fits on (C is chosen on held-out rows of it).")
+    eval_split: str = param("test", "Split the probe is scored on, never used for a choice.")
+    holdout: float = param(0.2, "Fraction of the train split held out to choose C.", unit="fraction")
+    seed: int = param(0, "Seed of the held-out split, solver, subset sample and few-shot draws.")
+    search_rows: int = param(10_000, "Train rows that fit each C candidate (a stratified sample), at least...", low=1)
+    search_per_class: int = param(10, "...this many per class: 81,420 rows for iNat18's 8,142 classes.", low=1)
+    c_grid: tuple[float, ...] = param(
+        (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), "Coarse C candidates, comma-separated (one per decade)."
+    )
+    refine: tuple[float, ...] = param((10**-0.5, 10**0.5), "Multipliers of the best coarse C also tried.")
+    search_iter: int = param(100, "L-BFGS iterations per C candidate of the search.", low=1)
+    max_iter: int = param(300, "L-BFGS iterations of the final refit.", low=1)
+    tol: float = param(
+        1e-4, "L-BFGS stopping tolerance (largest gradient entry; scikit-learn's default).", low=0, low_open=True
+    )
+    backend: str = param(
+        "auto",
+        "logreg solver. auto = batched: every C candidate (and, with --cat, every subset) in one L-BFGS pass; "
+        "sklearn, torch, cuml fit one C at a time. Recorded.",
+        choices=PROBE_BACKENDS,
+    )
+    precision: str = param(
+        "auto",
+        "batched: matrix products in bf16 (float32 accumulation, weights and loss) or fp32; auto = bf16 where the "
+        "CPU has avx512_bf16/amx_bf16 or the GPU has bf16 tensor cores. Recorded.",
+        choices=PROBE_PRECISIONS,
+    )
+    memory_gib: float = param(
+        4.0,
+        "batched: memory budget of one batch of subsets (solver state and working logits).",
+        unit="GiB",
+        low=0,
+        low_open=True,
+    )
+    protocol: str = param(
+        "logreg",
+        "logreg: L-BFGS logistic regression, C chosen on held-out train rows. tc: the paper's BatchNorm+Linear "
+        "head, SGD 28 epochs, on cached views when present. knn: DINO's weighted k-NN (k chosen on held-out "
+        "train rows).",
+        choices=PROTOCOLS,
+    )
+    wd_grid: tuple[float, ...] | None = param(
+        None, "tc: comma-separated weight decays to try (default: the paper's grid for the dataset's kind)."
+    )
+    k_grid: tuple[int, ...] = param(K_GRID, "knn: neighbour counts to try (DINO's).")
+    temperature: float = param(TEMPERATURE, "knn: votes weigh exp(cosine similarity / T).", low=0, low_open=True)
+    shots: int | None = param(
+        None, "Few-shot: probe on K seeded train rows per class (e.g. 1, 2, 5, 10, 25); one record per draw.", low=1
+    )
+    draws: int = param(5, "Few-shot: seeded draws of the shots, each probed; mean ± std over draws.", low=1)
+    fixed_c: float = param(
+        1.0, "C when no train row can be held out (1 shot per class): no search is possible.", low=0, low_open=True
+    )
+    bootstrap: int = param(RESAMPLES, "Resamples of the eval rows for top-1's 95% interval.", low=RESAMPLES)
+    allow_same_split: bool = param(
+        False, "Let the eval split be the train split (memorisation, not transfer; report leaves it out)."
+    )
+
+    def __post_init__(self):
+        _choose("protocol", self.protocol, PROTOCOLS)
+        _choose("backend", self.backend, PROBE_BACKENDS)
+        _choose("precision", self.precision, PROBE_PRECISIONS)
+        if not self.members:
+            raise TimecatError("no members given: pass --members run0,run1,...")
+        check_name("dataset", self.dataset)
+        check_seed(self.seed)
+        for split in (self.train_split, self.eval_split):
+            check_name("split", split)
+        for member in self.members:
+            check_name("member", member)
+        self._check_same_split()
+        self._check_numbers()
+
+    @property
+    def batched(self) -> bool:
+        """Whether this probe runs on the batched solver (logreg with backend auto or batched)."""
+        return self.protocol == "logreg" and self.backend in ("auto", "batched")
+
+    def _check_same_split(self) -> None:
+        if self.train_split == self.eval_split and not self.allow_same_split:
+            raise TimecatError(
+                f"train and eval split are both {self.train_split!r}: a probe fit and scored on the same rows measures "
+                "memorisation, not transfer; pass --allow-same-split to run it anyway (report leaves such records out)"
+            )
+
+    def _check_numbers(self) -> None:
+        if not self.memory_gib > 0:
+            raise TimecatError(f"memory_gib must be positive, got {self.memory_gib}")
+        if not 0 < self.holdout < 1:
+            raise TimecatError(f"holdout is a fraction in (0, 1), got {self.holdout}")
+        if self.search_rows < 1 or self.search_per_class < 1:
+            raise TimecatError(
+                f"search_rows and search_per_class must be at least 1, got {self.search_rows}, {self.search_per_class}"
+            )
+        if not self.k_grid or min(self.k_grid) < 1 or not self.temperature > 0:
+            raise TimecatError(
+                f"knn needs k values >= 1 and a positive temperature, got {self.k_grid} and {self.temperature}"
+            )
+        if self.shots is not None and (self.shots < 1 or self.draws < 1):
+            raise TimecatError(f"--shots and --draws must be at least 1, got {self.shots} and {self.draws}")
+        if self.shots is not None and not self.batched:
+            raise TimecatError(
+                f"--shots runs the logreg protocol on the batched solver, not protocol {self.protocol} with backend "
+                f"{self.backend}: use --protocol logreg --backend auto"
+            )
+        if not self.fixed_c > 0:
+            raise TimecatError(f"fixed_c must be positive, got {self.fixed_c}")
+        if self.bootstrap < RESAMPLES:
+            raise TimecatError(f"bootstrap resamples must be at least {RESAMPLES}, got {self.bootstrap}")
+
+
+__all__ = [
+    "ExtractConfig",
+    "PrepareConfig",
+    "PretrainConfig",
+    "ProbeConfig",
+    "is_foreign",
+    "param",
+]
