@@ -20,9 +20,18 @@ from cache import layout, locks
 from cache.errors import NO_SPACE, CacheError, disk_full
 from cache.writer import FeatureWriter
 
-# zarr warns that consolidated metadata is not in the v3 spec yet; we rely on it
-# only as a read-side speed-up and rewrite it after every stage.
-warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+
+@contextlib.contextmanager
+def _consolidated_metadata():
+    """Silence zarr's warning that consolidated metadata is not in the v3 spec yet, here only.
+
+    timecat uses it only as a read-side speed-up and rewrites it after every
+    stage; the filter is scoped to the calls that read or write it, so a
+    notebook's own warnings are left as they are.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        yield
 
 
 # fsspec URL schemes and the package that serves each (for the error when it is missing).
@@ -46,14 +55,8 @@ def open(  # noqa: A001
     if mode == "a":
         _check_writable(path)
     try:
-        if mode == "r":
-            group = zarr.open_group(
-                store=path, mode="r", storage_options=storage_options, use_consolidated=use_consolidated
-            )
-        else:
-            # Writers never trust consolidated metadata: it may be stale.
-            group = zarr.open_group(store=path, mode="a", use_consolidated=False, storage_options=storage_options)
-            group.attrs.setdefault("format_version", layout.FORMAT_VERSION)
+        with _consolidated_metadata():
+            group = _open_group(path, mode, storage_options, use_consolidated)
     except FileNotFoundError:
         raise CacheError(
             f"no feature cache at {path}: run `timecat extract` first (--cache or TIMECAT_CACHE names another)"
@@ -70,6 +73,15 @@ def open(  # noqa: A001
     if version != layout.FORMAT_VERSION:
         raise CacheError(f"{path} is not a timecat cache of format {layout.FORMAT_VERSION} (found {version!r})")
     return Cache(group, path, mode)
+
+
+def _open_group(path: str, mode: str, storage_options, use_consolidated) -> zarr.Group:
+    if mode == "r":
+        return zarr.open_group(store=path, mode="r", storage_options=storage_options, use_consolidated=use_consolidated)
+    # Writers never trust consolidated metadata: it may be stale.
+    group = zarr.open_group(store=path, mode="a", use_consolidated=False, storage_options=storage_options)
+    group.attrs.setdefault("format_version", layout.FORMAT_VERSION)
+    return group
 
 
 def _check_writable(path: str) -> None:
@@ -553,7 +565,8 @@ class Cache:
         """Rewrite consolidated metadata so readers see every array added since."""
         self._require_writable()
         try:
-            zarr.consolidate_metadata(self.group.store)
+            with _consolidated_metadata():
+                zarr.consolidate_metadata(self.group.store)
         except Exception as e:  # an array whose own metadata is garbage cannot be consolidated
             raise CacheError(
                 f"could not rewrite the consolidated metadata of {self.path} ({type(e).__name__}): "

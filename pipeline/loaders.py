@@ -1,9 +1,18 @@
 """Everything that touches FFCV: writing .beton files and streaming batches.
 
 Only prepare, pretrain and extract import this module, so that the cache, the
-probe and the report work without FFCV installed. Importing it changes two
-things in FFCV, once: FFCV no longer sets torch's thread count (timecat's
-``--threads`` does), and one harmless numba finalizer message is silenced.
+probe and the report work without FFCV installed.
+
+What it changes outside itself, and when:
+
+- at import, once: FFCV's ``Compiler.set_num_threads`` no longer sets torch's
+  thread count (timecat's ``--threads`` does; ``_keep_torch_threads``);
+- when the first loader is built: ``sys.unraisablehook`` drops one harmless
+  numba finalizer message (``quiet_numba_finalizers``), and passes every other
+  unraisable exception on;
+- during ``write_beton`` only: ffcv.writer's ``tqdm``, ``Process``, ``Queue``
+  and ``sleep`` are timecat's (progress through one place, a watch on dead
+  writer processes), and are put back when it returns or fails.
 """
 
 from __future__ import annotations
@@ -65,7 +74,14 @@ def _drop_numba_finalizer_noise(previous):
     return hook
 
 
-sys.unraisablehook = _drop_numba_finalizer_noise(sys.unraisablehook)
+_QUIETED = []  # whether quiet_numba_finalizers has installed its hook (once per process)
+
+
+def quiet_numba_finalizers() -> None:
+    """Install ``_drop_numba_finalizer_noise`` in front of the current unraisable hook, once per process."""
+    if not _QUIETED:
+        sys.unraisablehook = _drop_numba_finalizer_noise(sys.unraisablehook)
+        _QUIETED.append(True)
 
 
 def _keep_torch_threads(set_num_threads):
@@ -251,6 +267,7 @@ def train_loader(
     resumable mid-epoch with ``order.resume_at`` and identical across world sizes.
     """
     rows = _row_count(beton)
+    quiet_numba_finalizers()
     order = StepOrder(seed, global_batch, rank, world_size)
     crop = SeededRandomResizedCrop(
         (pre.resolution, pre.resolution), rows, seed, pre.mean, pre.std, scale=pre.crop_scale, flip=pre.flip
@@ -292,6 +309,7 @@ def eval_loader(
     FFCV's distributed mode would interleave rows across ranks instead.
     """
     total = _row_count(beton)  # checks the file first
+    quiet_numba_finalizers()
     image = [
         CenterCropRGBImageDecoder((pre.resolution, pre.resolution), ratio=pre.crop_ratio),
         _normalize(pre),
