@@ -652,25 +652,9 @@ def report(results, layout, protocol, metric, plot_path, as_json):
     Example: timecat report --protocol tc --metric top1_eval_selected   # the paper's optimistic selection
     """
     from pipeline import report as rep
-    from pipeline import results as store
-    from pipeline.errors import TimecatError
 
-    records = store.load(results)
-    shots = rep.shots_table(records) if protocol == "logreg" else None
-    try:
-        data = rep.table(records, layout=layout, protocol=protocol, metric=metric)
-    except TimecatError:
-        if shots is None:
-            raise
-        data = None  # few-shot records only: their plot alone
-    folder = Path(plot_path).parent if plot_path else results
-    saved = []
-    if data is not None:
-        saved = [rep.plot(data, plot_path or results / rep.PLOT_FILE)]
-        saved.append(rep.plot_id_vs_ood(data, Path(saved[0]).with_name(rep.ID_OOD_FILE)))
-    if shots is not None:
-        saved.append(rep.plot_shots(shots, folder / rep.SHOTS_FILE))
-    plots = [str(p) for p in saved if p is not None]
+    written = rep.write(results, layout, protocol, metric, plot_path)
+    data, shots, plots = written["table"], written["shots"], written["plots"]
     if as_json:
         click.echo(json.dumps({**(data or {}), "shots": shots, "plots": plots}, indent=1))
         return
@@ -805,7 +789,7 @@ def toy(mixtures, penalty, strength, loss, seed, plot_path, results, as_json):
     Example: timecat toy --penalty weight-decay --json
     Example: timecat toy --loss logistic --penalty l1 --strength 0
     """
-    from pipeline import toy as toys
+    from pipeline.experiments import toy as toys
 
     config = toys.ToyConfig(mixtures=mixtures, seed=seed, penalty=penalty, strength=strength, loss=loss)
     result = toys.run(config)
@@ -863,7 +847,7 @@ def diversity(members, dataset, split, rows, no_probe, plot_path, cache_path, re
     Example: timecat diversity --members run3,run4,run5,run6 --dataset fashion-mnist --cache demo/features.zarr
     Example: timecat diversity --members run0,run1 --dataset digits --no-probe --json
     """
-    from pipeline import diversity as div
+    from pipeline.experiments import diversity as div
 
     config = div.DiversityConfig(dataset, members, split=split, rows=rows, probe=not no_probe)
     summary, _ = div.run(config, cache_path, results)
@@ -908,7 +892,7 @@ def dominoes(workdir, data_root, seeds, steps, as_json):
     Example: timecat dominoes
     Example: timecat dominoes --seeds 0 --steps 100 --json
     """
-    from pipeline.dominoes import DominoesConfig, run
+    from pipeline.experiments.dominoes import DominoesConfig, run
 
     seed_list = seeds
     summary = run(DominoesConfig(workdir=workdir, data_root=data_root, seeds=seed_list, steps=steps))
@@ -944,7 +928,7 @@ def demo(workdir, data_root, total_steps, as_json):
     Example: timecat demo --workdir demo
     """
     from pipeline import report as rep
-    from pipeline.demo import DemoConfig, format_differences, run_demo
+    from pipeline.experiments.demo import DemoConfig, format_differences, run_demo
 
     outcome = run_demo(DemoConfig(workdir=workdir, data_root=data_root, total_steps=total_steps))
     if as_json:

@@ -13,13 +13,14 @@ pretraining dataset) against each out-of-distribution dataset.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from pipeline import files, stats
+from pipeline import __version__, files, stats
 from pipeline.errors import TimecatError
 from pipeline.results import augmented, find, latest_per_probe, load, load_predictions, shots_key
 
@@ -264,7 +265,7 @@ def _series(data: dict) -> dict[str, list[dict]]:
 
 def plot(data: dict, out: Path) -> Path:
     """Top-1 against N, one panel per dataset, with 95% intervals (one probe) or ± std (several); saved as PNG."""
-    plt = _pyplot()
+    plt = pyplot()
 
     datasets = data["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
@@ -286,12 +287,12 @@ def plot(data: dict, out: Path) -> Path:
         if len(_series(data)) > 1:
             ax.legend(fontsize=7)
     fig.suptitle("CatN at a fixed total pretraining budget (bars: 95% interval, or ± std over member sets)")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
     """In-distribution top-1 (x) against each other dataset's (y), one point per row; None if no ID dataset."""
-    plt = _pyplot()
+    plt = pyplot()
 
     columns = data.get("columns") or [{"name": d, "dataset": d} for d in data["datasets"]]
     ids = [c["name"] for c in columns if c["dataset"] in data["pretrained_on"]]
@@ -311,7 +312,7 @@ def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
         ax.set_ylabel(f"{ood} top-1 (%), transfer")
         ax.grid(alpha=0.3)
     fig.suptitle("In distribution vs transfer (linear probe; bars: 95% intervals)", fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def shots_table(records: list[dict]) -> dict | None:
@@ -338,7 +339,7 @@ def shots_table(records: list[dict]) -> dict | None:
 
 def plot_shots(data: dict, out: Path) -> Path:
     """Few-shot top-1 against shots per class (log axis), one panel per dataset, one line per CatN row."""
-    plt = _pyplot()
+    plt = pyplot()
     datasets = data["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
     for ax, d in zip(axes[0], datasets, strict=True):
@@ -364,7 +365,34 @@ def plot_shots(data: dict, out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Few-shot linear probes\n(bars: ± sample std over draws and member subsets)", fontsize=9)
-    return _save(fig, out)
+    return save_figure(fig, out)
+
+
+def write(
+    results_root: Path, layout: str = "table3", protocol: str = "logreg", metric: str = "top1", plot_path=None
+) -> dict:
+    """The report of a results folder: its table, few-shot table and plots, written beside the records.
+
+    Returns ``{"table", "shots", "plots"}``; the table is None when the folder
+    holds few-shot records only. Plots: ``plot_path`` (default RESULTS/catn.png),
+    id_vs_ood.png beside it when an ID dataset was probed, shots.png for few-shot
+    records (logreg).
+    """
+    records = load(results_root)
+    shots = shots_table(records) if protocol == "logreg" else None
+    try:
+        data = table(records, layout=layout, protocol=protocol, metric=metric)
+    except TimecatError:
+        if shots is None:
+            raise
+        data = None  # few-shot records only: their plot alone
+    first = Path(plot_path) if plot_path else Path(results_root) / PLOT_FILE
+    saved = []
+    if data is not None:
+        saved = [plot(data, first), plot_id_vs_ood(data, first.with_name(ID_OOD_FILE))]
+    if shots is not None:
+        saved.append(plot_shots(shots, first.with_name(SHOTS_FILE)))
+    return {"table": data, "shots": shots, "plots": [str(p) for p in saved if p is not None]}
 
 
 def compare(results_root: Path, id_a: str, id_b: str, resamples: int = stats.RESAMPLES, seed: int = 0) -> dict:
@@ -400,7 +428,8 @@ def _eval_rows(record: dict) -> tuple:
     return (record["dataset"], record["eval_split"], *identity)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (servers and CI have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -409,10 +438,20 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: Path) -> Path:
+def save_figure(fig, out: Path, summary: dict | None = None) -> Path:
+    """Save ``fig`` as PNG at ``out``, atomically, and close it; with ``summary``, write it as JSON beside it.
+
+    The JSON (``out`` with .json) holds what the figure shows, so its numbers can be
+    read back without the picture: timecat's version and the caller's fields
+    (config and summary, for the experiments).
+    """
+    if summary is not None:
+        record = {"timecat_version": __version__, "figure": Path(out).name, **summary}
+        text = json.dumps(record, indent=1, default=str)
+        files.replace(Path(out).with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
     fig.tight_layout()
     try:
         # A temporary name, then a rename: a symlink planted at ``out`` is replaced, not written through.
         return files.replace(Path(out), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)

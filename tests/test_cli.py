@@ -118,6 +118,9 @@ def test_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path):
         )
     assert outcome["plots"] == [str(tmp_path / "demo/results/catn.png"), str(tmp_path / "demo/results/id_vs_ood.png")]
     assert all(Path(p).is_file() for p in outcome["plots"])
+    beside = json.loads((tmp_path / "demo/results/demo.json").read_text())  # config, version and summary
+    assert beside["experiment"] == "demo" and beside["config"]["total_steps"] == 4 and beside["timecat_version"]
+    assert beside["summary"]["differences"] == outcome["differences"]
     # A rerun keeps every member and cached array, and only re-probes.
     before = (tmp_path / "demo/runs/run0/checkpoint.pt").stat().st_mtime_ns
     rerun = run("demo", "--workdir", tmp_path / "demo", "--data-root", data, "--total-steps", 4)

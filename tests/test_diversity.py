@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipeline.diversity import DiversityConfig, cka_matrix, linear_cka, run
 from pipeline.errors import TimecatError
+from pipeline.experiments.diversity import DiversityConfig, cka_matrix, linear_cka, run
 
 
 def test_linear_cka_sees_through_rotation_and_scale_but_not_through_independence():
@@ -42,6 +42,9 @@ def test_diversity_command_probes_each_member_and_the_concatenation(pipeline_run
     assert all(0 < v <= 100 for v in summary["top1"].values())
     assert len((tmp_path / "probes.jsonl").read_text().splitlines()) == 3  # the probes are ordinary records
     assert (tmp_path / "diversity.png").stat().st_size > 10_000
+    beside = json.loads((tmp_path / "diversity.json").read_text())
+    assert beside["experiment"] == "diversity" and beside["config"]["members"] == list(pipeline_run["members"][:2])
+    assert beside["summary"]["top1"] == summary["top1"] and beside["timecat_version"]
 
 
 def test_bad_member_lists_are_refused_by_name(pipeline_run):

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import cli
 from pipeline.errors import TimecatError
-from pipeline.toy import MASSES, ToyConfig, best_probe_accuracy, run
+from pipeline.experiments.toy import MASSES, ToyConfig, best_probe_accuracy, run
 
 
 def test_each_component_is_separable_and_the_best_probe_is_exact():
@@ -44,12 +44,15 @@ def test_toy_command_prints_json_and_draws_the_figure(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["mixtures"] == 20 and (tmp_path / "toy.png").stat().st_size > 10_000
+    beside = json.loads((tmp_path / "toy.json").read_text())  # what the figure shows, readable without it
+    assert beside["experiment"] == "toy" and beside["figure"] == "toy.png" and beside["timecat_version"]
+    assert beside["config"]["mixtures"] == 20 and beside["summary"] == {k: v for k, v in summary.items() if k != "plot"}
     with pytest.raises(TimecatError, match=r"unknown penalty 'l0'; choose one of \['weight-decay', 'l1', 'none'\]"):
         ToyConfig(penalty="l0")
 
 
 def test_the_kept_feature_threshold_is_stated_and_its_sensitivity_shown(tmp_path):
-    import pipeline.toy as toy
+    import pipeline.experiments.toy as toy
 
     summary = run(ToyConfig(mixtures=30, seed=2))["summary"]
     assert summary["kept_threshold"] == ToyConfig().used == 0.05

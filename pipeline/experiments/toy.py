@@ -222,9 +222,9 @@ def run(config: ToyConfig) -> dict:
 def plot(result: dict, out: Path, examples: int = 3) -> Path:
     """Figure 3 in spirit: a few mixtures (marker area = mass; blue positive) with the learned rule's regions
     and the points it gets wrong, and the mean probe accuracy per component."""
-    from pipeline.report import _pyplot, _save
+    from pipeline.report import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, examples + 1, figsize=(4 * (examples + 1), 4))
     lambdas, rules = np.array(result["lambdas"]), np.array(result["rules"])
     for ax, k in zip(axes[:examples], range(examples), strict=True):
@@ -245,4 +245,4 @@ def plot(result: dict, out: Path, examples: int = 3) -> Path:
     axes[-1].set(ylim=(0, 1.05), ylabel="mean accuracy over mixtures")
     axes[-1].set_title(f"{summary['fails_two_components']:.0%} of mixtures fail 2 of 4", fontsize=9)
     axes[-1].legend(fontsize=8, loc="lower right")
-    return _save(fig, out)
+    return save_figure(fig, out, {"experiment": "toy", "config": result["config"], "summary": result["summary"]})

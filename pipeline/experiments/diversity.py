@@ -108,9 +108,9 @@ def run(config: DiversityConfig, cache_path: str, results_root=None) -> tuple[di
 
 def plot(summary: dict, out: Path) -> Path:
     """Heatmap of pairwise CKA, annotated, with each member's probe top-1 in its label when probed."""
-    from pipeline.report import _pyplot, _save
+    from pipeline.report import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     members, cka = summary["members"], np.array(summary["cka"])
     labels = [f"{m}\n{summary['top1'][m]:.1f}%" if m in summary["top1"] else m for m in members]
     fig, ax = plt.subplots(figsize=(1.2 * len(members) + 2.5, 1.2 * len(members) + 1.5))
@@ -126,4 +126,4 @@ def plot(summary: dict, out: Path) -> Path:
         title += f"\nconcatenation: {summary['top1'][cat]:.1f}% top-1"
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
-    return _save(fig, out)
+    return save_figure(fig, out, {"experiment": "diversity", "config": summary["config"], "summary": summary})

@@ -7,11 +7,12 @@ resized to the members' input size); every CatN is probed from the cache.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import results
+from pipeline import __version__, files
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger
 
@@ -117,16 +118,19 @@ def run_demo(config: DemoConfig) -> dict:
                 differences.append({**paired, "dataset": dataset, "method": f"Cat{n}", "against": f"Cat{base}"})
     timings["probe_s"] = time.perf_counter() - mark
 
-    data = report.table(results.load(config.results))
-    plots = [report.plot(data, config.results / report.PLOT_FILE)]
-    plots.append(report.plot_id_vs_ood(data, config.results / report.ID_OOD_FILE))
+    written = report.write(config.results)
     timings["total_s"] = time.perf_counter() - started
-    return {
-        "table": data,
+    outcome = {
+        "table": written["table"],
         "differences": differences,
-        "plots": [str(p) for p in plots if p is not None],
+        "plots": written["plots"],
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
+    # Beside the report's plots: what made them (config, version) and what they show.
+    summary = {"experiment": "demo", "timecat_version": __version__, "config": asdict(config), "summary": outcome}
+    text = json.dumps(summary, indent=1, default=str)
+    files.replace(config.results / "demo.json", lambda tmp: Path(tmp).write_text(text))
+    return outcome
 
 
 def format_differences(differences: list[dict]) -> list[str]:

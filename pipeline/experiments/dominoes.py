@@ -18,7 +18,7 @@ MNIST-Fashion dominoes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,7 @@ def run(config: DominoesConfig) -> dict:
         record = probe(ProbeConfig("dominoes-balanced", (name,)), store, out)
         probed.append(round(record["top1"], 2))
     summary = {
+        "config": asdict(config),
         "seeds": list(config.seeds),
         "steps": config.steps,
         "direct": _mean_std(direct),
@@ -122,9 +123,9 @@ def _head_on_balanced(runs: Path, name: str, data_root: Path) -> float:
 
 def plot(summary: dict, out: Path) -> Path:
     """Direct training against the probe of the mixture-pretrained CNN: mean and std over seeds, paper beside."""
-    from pipeline.report import _pyplot, _save
+    from pipeline.report import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     names = ["direct on balanced", "probe of mixture CNN"]
     means = [summary["direct"]["mean"], summary["probe"]["mean"]]
@@ -137,4 +138,4 @@ def plot(summary: dict, out: Path) -> Path:
     ax.set(ylim=(max(0, low), 100), ylabel="balanced test top-1 (%)")
     ax.set_title(f"dominoes, {len(summary['seeds'])} seeds, {summary['steps']} steps each", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, out)
+    return save_figure(fig, out, {"experiment": "dominoes", "summary": summary})
