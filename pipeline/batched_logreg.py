@@ -202,10 +202,13 @@ class Objective:
         dtype = next(iter(blocks.values())).dtype
         self.resolution, self.rounding = RESOLUTION[dtype], GRADIENT_ROUNDING[dtype]
 
-    def _rows(self, P: int) -> int:
+    def _rows(self, params: Params) -> int:
         # float32 per row: logits Z, probabilities G and their copies (4 x P x k); one member's
         # products and its share of G (2 x P x k at most); gathered rows (2 bytes x d at most).
-        per_row = 4 * 6 * P * self.width + 4 * max(b.shape[1] for b in self.blocks.values())
+        # Sized from the members these problems use, not every block held: the same batch is
+        # cut into the same row blocks (and so sums the same way) whatever else is in memory.
+        widest = max(self.blocks[j].shape[1] for j in params.W)
+        per_row = 4 * 6 * params.problems * self.width + 4 * widest
         return int(max(256, min(self.n, self.row_bytes // per_row)))
 
     def rows(self, j: int, start: int, stop: int) -> torch.Tensor:
@@ -251,7 +254,7 @@ class Objective:
         loss = torch.zeros(P, dtype=torch.float64, device=params.b.device)
         grad = params.zeros_like()
         cast = self.casts(params)
-        step = self._rows(P)
+        step = self._rows(params)
         for start in range(0, n, step):
             stop = min(n, start + step)
             part, G = self._pointwise(self.logits(params, start, stop, cast), self.y[start:stop])
@@ -470,7 +473,7 @@ def topk(blocks: dict[int, torch.Tensor], params: Params, k: int, row_bytes: int
     if index is not None:
         n = len(index)
     scorer = Objective(blocks, torch.zeros(n, dtype=torch.long, device=params.b.device), width, row_bytes, index)
-    cast, step, out = scorer.casts(params), scorer._rows(params.problems), []
+    cast, step, out = scorer.casts(params), scorer._rows(params), []
     with torch.no_grad():
         for start in range(0, n, step):
             Z = scorer.logits(params, start, min(n, start + step), cast)  # (R, P, k)

@@ -278,7 +278,7 @@ def fit_group(train: Rows, subsets, split, plan: Plan, width: int, share=None):
     if split is None:
         problems = [bl.Problem(s, plan.fixed_c) for s in subsets]
         params, ends = solve(train, problems, width, plan, plan.max_iter, f"fit at fixed C ({len(problems)})")
-        return [([], None)] * len(subsets), problems, params, ends
+        return [([], None) for _ in subsets], problems, params, ends
     fit_idx, held_idx = split
     # The search rows are copied once: every evaluation reads them, and gathering them per
     # evaluation took a fifth of the search's time. The copy (search_rows of the train rows)
@@ -333,8 +333,10 @@ def probe_subsets(
     plan = Plan(
         config.c_grid, config.refine, config.search_iter, config.max_iter, config.tol, budget(config), config.fixed_c
     )
-    # With one row per class (1-shot probes) no row can be held out: the documented fixed C instead.
-    split = search_split(y_train, config) if np.bincount(y_train).max() >= 2 else None
+    # A 1-shot probe has one row per class, none to hold out: the documented fixed C instead. Any
+    # other probe searches (search_split refuses a train split that leaves nothing to hold out).
+    one_shot = config.shots is not None and np.bincount(y_train).max() < 2
+    split = None if one_shot else search_split(y_train, config)
     width = width_of(n_classes)
     dims = {j: X.shape[1] for j, X in train.items()}
     if sizes is None:

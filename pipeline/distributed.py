@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    created: bool = False  # whether init() started the process group (and so shutdown() ends it)
 
     @property
     def is_main(self) -> bool:
@@ -65,14 +67,18 @@ def init() -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world_size, local_rank, device)
+    created = world_size > 1 and not dist.is_initialized()
+    if created:
+        # A rank can wait at a collective while another finishes a long batch or refit; torch's
+        # NCCL default (10 minutes) would abort such a job. TIMECAT_DIST_TIMEOUT_MIN sets it.
+        minutes = float(os.environ.get("TIMECAT_DIST_TIMEOUT_MIN", "180"))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=minutes))
+    return Dist(rank, world_size, local_rank, device, created)
 
 
 def shutdown(d: Dist) -> None:
     """Leave the process group (torch warns at exit if it is still open)."""
-    if d.world_size > 1 and dist.is_initialized():
+    if d.world_size > 1 and d.created and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -314,10 +314,11 @@ def spread(config: ProbeConfig, subsets: list[tuple[str, ...]], cache_path: str,
         if config.shots is None:
             return _spread(place, config, subsets, cache_path, results_root, extra)
         y = _train_labels(config, cache_path)
+        run = place.broadcast(uuid.uuid4().hex[:12])  # one id for this run's draws, the same on every rank
         records = []
         for draw in progress(range(config.draws), desc=f"{config.shots}-shot draws", unit="draw"):
             rows = shot_rows(y, config.shots, config.seed, draw)
-            shots = {"per_class": config.shots, "draw": draw, "draws": config.draws, "rows": len(rows)}
+            shots = {"per_class": config.shots, "draw": draw, "draws": config.draws, "rows": len(rows), "run": run}
             fields = {**(extra or {}), "shots": shots}
             records += _spread(place, config, subsets, cache_path, results_root, fields, rows)
         return records
@@ -345,11 +346,10 @@ def _spread(place, config: ProbeConfig, subsets, cache_path: str, results_root, 
     batches = _batches(config, subsets, cache_path, place.world_size)
     mine = [i for batch in batches[place.rank :: place.world_size] for i in batch]
     sizes = [len(batch) for batch in batches[place.rank :: place.world_size]]
-    records = []
+    records, order = [], list(dict.fromkeys(m for s in subsets for m in s))
     if mine:
-        records = probe_many(
-            config, [subsets[i] for i in mine], cache_path, results_root, extra, rows=rows, sizes=sizes
-        )
+        chosen = [subsets[i] for i in mine]
+        records = probe_many(config, chosen, cache_path, results_root, extra, rows=rows, sizes=sizes, order=order)
     done = {i: r for part in place.all_gather(list(zip(mine, records, strict=True))) for i, r in part}
     return [done[i] for i in range(len(subsets))]
 
@@ -393,6 +393,7 @@ def probe_many(
     share=None,
     rows: np.ndarray | None = None,
     sizes: list[int] | None = None,
+    order: list[str] | None = None,
 ) -> list[dict]:
     """The logreg protocol for every subset of members on the batched solver; one record per subset.
 
@@ -402,11 +403,15 @@ def probe_many(
     ``rows``: the train rows to use (a few-shot draw); None, all of them.
     Standardisation statistics come from those rows alone. ``sizes``: fit the
     subsets in consecutive batches of these sizes (default: cut to the budget).
+    ``order``: the whole job's member order (a torchrun rank's share keeps it).
     """
     started = time.perf_counter()
     if results_root is not None:
         files.check_writable(results_root, "the results folder")  # now, not after the fit
-    members = list(dict.fromkeys(m for subset in subsets for m in subset))  # pool order, each once
+    used = {m for subset in subsets for m in subset}
+    # Members numbered in the job's order (``order``; default: first use here): a rank that holds
+    # some of them sums a problem's member blocks in the same order as one process does.
+    members = [m for m in (order or dict.fromkeys(m for subset in subsets for m in subset)) if m in used]
     where = batched_probe.device()
     precision, _ = batched_probe.resolve_precision(config.precision, where)
     store = cache.open(cache_path)

@@ -321,7 +321,8 @@ def shots_table(records: list[dict]) -> dict | None:
     Rows are told apart as in table3 (N, steps per member, architecture,
     pretraining data). None when no record is a few-shot probe.
     """
-    few = [r for r in latest_per_probe(records) if shots_key(r) is not None and r["train_split"] != r["eval_split"]]
+    few = [r for r in records if shots_key(r) is not None and r["train_split"] != r["eval_split"]]
+    few = latest_per_probe(_latest_runs(few))  # the newest run's draws, in file order, then one per draw
     if not few:
         return None
     columns = _columns(few)
@@ -335,6 +336,17 @@ def shots_table(records: list[dict]) -> dict | None:
         series[(dataset, key)].append({"shots": shots, **stats.mean_std(values)})
     lines = [{"dataset": d, **_row_head(key, "table3", []), "points": points} for (d, key), points in series.items()]
     return {"datasets": sorted({line["dataset"] for line in lines}), "lines": lines}
+
+
+def _latest_runs(records: list[dict]) -> list[dict]:
+    """Per probe and shots, the draws of its newest few-shot run only: a rerun with fewer draws or another
+    seed replaces the older run's draws instead of mixing with them."""
+
+    def key(r: dict) -> tuple:
+        return (r["dataset"], tuple(r["members"]), r["eval_split"], r["shots"]["per_class"])
+
+    newest = {key(r): r["shots"].get("run") for r in records}  # file order: later records are newer
+    return [r for r in records if r["shots"].get("run") == newest[key(r)]]
 
 
 def plot_shots(data: dict, out: Path) -> Path:
@@ -380,12 +392,9 @@ def write(
     """
     records = load(results_root)
     shots = shots_table(records) if protocol == "logreg" else None
-    try:
-        data = table(records, layout=layout, protocol=protocol, metric=metric)
-    except TimecatError:
-        if shots is None:
-            raise
-        data = None  # few-shot records only: their plot alone
+    whole = [r for r in records if shots_key(r) is None]
+    # Few-shot records only: their plot alone. Any other refusal of the table is the user's to see.
+    data = None if shots is not None and not whole else table(records, layout=layout, protocol=protocol, metric=metric)
     first = Path(plot_path) if plot_path else Path(results_root) / PLOT_FILE
     saved = []
     if data is not None:

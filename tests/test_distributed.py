@@ -17,7 +17,7 @@ REPO = os.path.dirname(cache.__path__[0])
 def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command += ["-m", "cli", *map(str, args)]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
+    env = {**os.environ, "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo ranks on the CPU, even on a GPU box
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 

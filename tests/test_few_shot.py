@@ -33,7 +33,9 @@ def test_each_draw_is_a_record_searched_on_its_own_rows(digits, tmp_path):
     path, names = digits
     config = ProbeConfig("digits", names[:2], shots=5, draws=3, precision="fp32")
     records, summary = few_shot(config, path, tmp_path)
-    assert [r["shots"] for r in records] == [{"per_class": 5, "draw": d, "draws": 3, "rows": 50} for d in range(3)]
+    shots = [{k: v for k, v in r["shots"].items() if k != "run"} for r in records]
+    assert shots == [{"per_class": 5, "draw": d, "draws": 3, "rows": 50} for d in range(3)]
+    assert len({r["shots"]["run"] for r in records}) == 1  # one run id for the draws of one command
     assert all(r["n_train"] == 50 and len(r["search"]) == 8 for r in records)  # 6 coarse + 2 refined
     assert all(r["holdout"]["held_out_rows"] > 0 for r in records)
     assert len({r["top1"] for r in records}) > 1  # different rows, different probes
@@ -85,3 +87,32 @@ def test_the_cli_prints_every_draw_and_report_plots_shots_per_catn(digits, tmp_p
     assert result.exit_code == 0, result.output  # few-shot records only: the shots plot, no table
     assert "digits  Cat2: 1-shot" in result.output and "shots.png" in result.output
     assert Image.open(tmp_path / report.SHOTS_FILE).size[0] > 300
+
+
+def test_a_rerun_replaces_its_older_draws_and_other_refusals_still_show(digits, tmp_path):
+    path, names = digits
+    runner = CliRunner()
+    base = ["probe", "--members", names[0], "--dataset", "digits", "--shots", "2", "--cache", path]
+    for draws in ("3", "1"):  # the rerun has fewer draws: the first run's draws 1 and 2 must not linger
+        result = runner.invoke(cli.main, [*base, "--draws", draws, "--results", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+    (line,) = report.shots_table(results.load(tmp_path))["lines"]
+    assert line["points"][0]["count"] == 1
+    whole = ["probe", "--members", names[0], "--dataset", "digits", "--cache", path, "--results", str(tmp_path)]
+    assert runner.invoke(cli.main, whole).exit_code == 0
+    result = runner.invoke(cli.main, ["report", "--results", str(tmp_path), "--metric", "top1_eval_selected"])
+    assert result.exit_code == 1 and "top1_eval_selected exists for protocol tc only" in result.output
+
+
+def test_only_a_one_shot_probe_falls_back_to_the_fixed_c(digits):
+    import torch
+
+    from pipeline import batched_probe
+
+    y = np.arange(10)  # one row per class, as a 1-shot draw
+    blocks = {0: torch.from_numpy(np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32))}
+    evals = (blocks, y)
+    with pytest.raises(Exception, match="single train row"):  # a whole-split probe cannot search: refused
+        batched_probe.probe_subsets(blocks, y, lambda: evals, [(0,)], ProbeConfig("d", ("m",)), 10)
+    (one,) = batched_probe.probe_subsets(blocks, y, lambda: evals, [(0,)], ProbeConfig("d", ("m",), shots=1), 10)
+    assert one["chosen"]["rule"] == "fixed"

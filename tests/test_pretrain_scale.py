@@ -222,7 +222,7 @@ def test_two_gloo_processes_train_what_one_process_trains_with_the_same_global_b
         pretrain(PretrainConfig(name, "fashion-mnist", 3, steps=4, batch_size=batch, log_every=1), data, runs)
     command = [sys.executable, "-m", "cli", "pretrain", "--name", "two", "--dataset", "fashion-mnist", "--seed", "3"]
     command += ["--steps", "4", "--batch-size", "256", "--nproc-per-node", "2", "--data-root", str(data)]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
+    env = {**os.environ, "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo ranks on the CPU, even on a GPU box
     result = subprocess.run([*command, "--runs", str(runs)], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((runs / "two/config.json").read_text())["world_size"] == 2
