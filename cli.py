@@ -141,7 +141,8 @@ def _param_type(field):
     if kind.startswith("tuple[float, float]"):
         return FractionPair()
     if kind.startswith("int"):
-        return click.IntRange(min=low) if low is not None else int
+        bounded = low is not None or meta.get("high") is not None
+        return click.IntRange(min=low, max=meta.get("high")) if bounded else int
     if kind.startswith("float"):
         return click.FloatRange(min=low, min_open=meta.get("low_open", False)) if low is not None else float
     if kind.startswith("Path"):
@@ -462,7 +463,7 @@ def extract(data_root, runs, cache_path, as_json, **params):
 
 @main.command()
 @click.option("--members", type=NAMES, help="Comma-separated members to concatenate, e.g. run0,run1,run2,run3.")
-@click.option("--cat", "cat", type=click.IntRange(min=1), help="Sweep: probe every N-member subset of --from.")
+@click.option("--cat", "cat", type=int, help="Sweep: probe every N-member subset of --from.")
 @click.option("--from", "pool", type=NAMES, help="Sweep: the pool of members, e.g. run0,run1,run2,run3,run4.")
 @click.option("--max-subsets", type=int, help="Sweep: a seeded sample of at most this many subsets.")
 @config_options(ProbeConfig)

@@ -18,12 +18,27 @@ from pipeline.names import check_name, is_foreign, member_name
 from pipeline.stats import RESAMPLES
 
 
-def param(default=MISSING, text: str = "", *, flag=None, choices=None, unit=None, low=None, low_open=False, cli=True):
+def param(
+    default=MISSING,
+    text: str = "",
+    *,
+    flag=None,
+    choices=None,
+    unit=None,
+    low=None,
+    low_open=False,
+    high=None,
+    cli=True,
+):
     """A config field with what the command line needs: help, flag (default --field-name), choices, unit, bounds.
+
+    Bounds (``low``, ``high``) make click refuse a value as a usage error; fields
+    without them are checked by the config itself, with its own message.
 
     ``cli``: True, or a sentence saying why the command line does not set this field itself.
     """
     meta = {"help": text, "flag": flag, "choices": choices, "unit": unit, "low": low, "low_open": low_open, "cli": cli}
+    meta["high"] = high
     return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
 
 
@@ -48,7 +63,7 @@ class PrepareConfig:
     train_dir: Path | None = param(None, "imagefolder: train folder.", flag="--train")
     test_dir: Path | None = param(None, "imagefolder: test folder.", flag="--test")
     download: bool = param(False, "Let torchvision download fashion-mnist or cifar if absent.")
-    num_workers: int = param(2, "Writer processes (and image-check threads).", flag="--workers", low=1)
+    num_workers: int = param(2, "Writer processes (and image-check threads).", flag="--workers")
     stats_images: int = param(10_000, "Images sampled (seeded) for the per-channel mean and std.", low=1)
     on_corrupt: str = param(
         "fail", "An undecodable image file fails the run, or is skipped and listed in the manifest.", choices=ON_CORRUPT
@@ -88,10 +103,10 @@ class PretrainConfig:
     name: str = param(text="Member name, e.g. run0.")
     dataset: str = param(text="Prepared dataset to train on.")
     seed: int = param(text="Seed of initialisation and data order.")
-    steps: int = param(text="Optimizer steps: this member's budget.", low=1)
+    steps: int = param(text="Optimizer steps: this member's budget.")
     arch: str = param("small-resnet", "Architecture.", choices=ARCH_NAMES)
-    width: int | None = param(None, "Channel multiplier of the resnet50 family (default: the arch's).", low=1)
-    batch_size: int = param(128, "Images per step, across all processes (DDP splits it).", low=1)
+    width: int | None = param(None, "Channel multiplier of the resnet50 family (default: the arch's).")
+    batch_size: int = param(128, "Images per step, across all processes (DDP splits it).")
     optimizer: str = param(
         "sgd",
         "SGD (Nesterov, label smoothing) or schedule-free AdamW (BatchNorm re-estimated before eval and save).",
@@ -113,16 +128,17 @@ class PretrainConfig:
         (0.74, 0.86),
         "With --min-resolution: START,END fractions of the budget where the side starts and stops growing.",
     )
-    num_workers: int = param(2, "Loader threads.", flag="--workers", low=1)
+    num_workers: int = param(2, "Loader threads.", flag="--workers")
     log_every: int = param(50, "Steps between log records.", low=1)
-    eval_every: int = param(0, "Steps between logged test evaluations (0: only at the end).", low=0)
-    checkpoint_every: int = param(500, "Steps between resumable checkpoints (0: only the final one).", low=0)
+    eval_every: int = param(0, "Steps between logged test evaluations (0: only at the end).")
+    checkpoint_every: int = param(500, "Steps between resumable checkpoints (0: only the final one).")
     compile: bool = param(False, "torch.compile the model (worth it on GPU).")
     tensorboard: bool = param(False, "Also write TensorBoard scalars to RUNS/NAME/tensorboard.")
     threads: int | None = param(
         None,
         "Torch CPU threads (default: every CPU available); on a CPU the weights depend on it, so a resume keeps it.",
         low=1,
+        high=4096,
     )
 
     def __post_init__(self):
@@ -184,13 +200,13 @@ class ExtractConfig:
         text="Comma-separated member names under RUNS (or checkpoint files, NAME=PATH), e.g. run0,run1."
     )
     splits: tuple[str, ...] = param(SPLITS, "Comma-separated splits to extract.")
-    batch_size: int = param(512, "Images per forward pass.", low=1)
-    num_workers: int = param(2, "Loader threads.", flag="--workers", low=1)
+    batch_size: int = param(512, "Images per forward pass.")
+    num_workers: int = param(2, "Loader threads.", flag="--workers")
     dtype: str = param("float32", "Stored dtype (float16: half the disk, refuses values out of range).", choices=DTYPES)
     compression: str = param("zstd", "Chunk compression.", choices=COMPRESSIONS)
     overwrite: bool = param(False, "Re-extract members cached from another checkpoint.")
-    chunk_rows: int | None = param(None, "Rows per Zarr chunk, a multiple of the batch size (default ~8 MiB).", low=1)
-    views: int = param(0, "Also cache K augmented views of each image of --view-splits.", low=0)
+    chunk_rows: int | None = param(None, "Rows per Zarr chunk, a multiple of the batch size (default ~8 MiB).")
+    views: int = param(0, "Also cache K augmented views of each image of --view-splits.")
     view_splits: tuple[str, ...] = param(
         ("train",), "Comma-separated splits that get views (the ones a probe fits on)."
     )
@@ -200,7 +216,7 @@ class ExtractConfig:
         "Forward pass: bf16 autocast or fp32 (the paper's numerics). Default: bf16 on GPU, fp32 on CPU. Recorded.",
         choices=EXTRACT_PRECISIONS,
     )
-    threads: int | None = param(None, "Torch CPU threads (default: every CPU available).", low=1)
+    threads: int | None = param(None, "Torch CPU threads (default: every CPU available).", low=1, high=4096)
     repair: bool = param(
         False,
         "Scan every value of the arrays kept and write again from a garbled or non-finite chunk (missing chunks "
@@ -239,7 +255,7 @@ class ExtractConfig:
 # --- probe --------------------------------------------------------------------
 
 PROTOCOLS = ("logreg", "tc", "knn")
-PROBE_BACKENDS = ("auto", "batched", "sklearn", "torch", "cuml")  # auto: batched for logreg
+PROBE_BACKENDS = ("auto", "sklearn", "torch", "cuml", "batched")  # auto: batched for logreg
 PROBE_PRECISIONS = ("auto", "bf16", "fp32")
 K_GRID = (10, 20, 100, 200)  # DINO's k values
 TEMPERATURE = 0.07  # DINO's softmax temperature on cosine similarities

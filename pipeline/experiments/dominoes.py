@@ -89,7 +89,7 @@ def run(config: DominoesConfig) -> dict:
         record = probe(ProbeConfig("dominoes-balanced", (name,)), store, out)
         probed.append(round(record["top1"], 2))
     summary = {
-        "config": asdict(config),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "seeds": list(config.seeds),
         "steps": config.steps,
         "direct": _mean_std(direct),
