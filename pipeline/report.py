@@ -263,13 +263,17 @@ def _series(data: dict) -> dict[str, list[dict]]:
     return series
 
 
+def _panels(count: int):
+    """A figure of ``count`` side-by-side panels, one per dataset: (figure, list of axes)."""
+    fig, axes = pyplot().subplots(1, count, figsize=(4.2 * count, 3.4), squeeze=False)
+    return fig, list(axes[0])
+
+
 def plot(data: dict, out: Path) -> Path:
     """Top-1 against N, one panel per dataset, with 95% intervals (one probe) or ± std (several); saved as PNG."""
-    plt = pyplot()
-
     datasets = data["datasets"]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
-    for ax, d in zip(axes[0], datasets, strict=True):
+    fig, axes = _panels(len(datasets))
+    for ax, d in zip(axes, datasets, strict=True):
         ns = set()
         for label, rows in _series(data).items():
             rows = [r for r in rows if r[d]["mean"] is not None]
@@ -351,10 +355,9 @@ def _latest_runs(records: list[dict]) -> list[dict]:
 
 def plot_shots(data: dict, out: Path) -> Path:
     """Few-shot top-1 against shots per class (log axis), one panel per dataset, one line per CatN row."""
-    plt = pyplot()
     datasets = data["datasets"]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
-    for ax, d in zip(axes[0], datasets, strict=True):
+    fig, axes = _panels(len(datasets))
+    for ax, d in zip(axes, datasets, strict=True):
         shots = set()
         for line in (line for line in data["lines"] if line["dataset"] == d):
             xs = [p["shots"] for p in line["points"]]
