@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
@@ -152,8 +153,6 @@ def _param_type(field):
 
 def _option(field):
     """One click option declared by a config field: its flag, type, default and help come from the field."""
-    from dataclasses import MISSING
-
     meta = field.metadata
     flag = meta.get("flag") or "--" + field.name.replace("_", "-")
     text = meta.get("help", "") + (f" Unit: {meta['unit']}." if meta.get("unit") else "")
@@ -174,8 +173,6 @@ def config_options(config_cls, skip: tuple[str, ...] = ()):
 
     A field whose ``cli`` metadata is a sentence is set another way (an argument, a shared option, a plan).
     """
-    from dataclasses import fields
-
     chosen = [f for f in fields(config_cls) if f.metadata.get("cli", True) is True and f.name not in skip]
 
     def decorate(command):
@@ -188,8 +185,6 @@ def config_options(config_cls, skip: tuple[str, ...] = ()):
 
 def _config(config_cls, params: dict, **given):
     """``config_cls`` from a command's parameters (the fields it has options for); ``given`` values win."""
-    from dataclasses import fields
-
     return config_cls(**{**{f.name: params[f.name] for f in fields(config_cls) if f.name in params}, **given})
 
 
