@@ -120,6 +120,22 @@ def digits_cache(path, members: int = 4) -> tuple[str, ...]:
     return names
 
 
+def probe_record(members, dataset, top1, steps, protocol="logreg", arch="resnet50", params=23_500_000):
+    """A minimal probe record as results and report read it."""
+    return {
+        "dataset": dataset,
+        "members": members,
+        "n_members": len(members),
+        "protocol": protocol,
+        "train_split": "train",
+        "eval_split": "test",
+        "top1": top1,
+        "member_provenance": {
+            m: {"steps": steps, "arch": arch, "params": params, "pretrain_dataset": "fmnist"} for m in members
+        },
+    }
+
+
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory):
     """One tiny end-to-end run shared by several tests: prepare, 3 members, extract, on real data.

@@ -1,0 +1,139 @@
+"""The report: Table 3 and Table 2 layouts, cells with intervals or mean ± std, plots, columns kept apart."""
+
+import pytest
+from conftest import probe_record
+
+from pipeline import report, results
+from pipeline.errors import TimecatError
+
+
+def test_table3_layout_with_mean_and_std():
+    records = [
+        probe_record(["r0"], "fmnist", 90.0, 1000),
+        probe_record(["r0"], "digits", 95.0, 1000),
+        probe_record(["r1", "r2"], "fmnist", 91.0, 500),
+        probe_record(["r3", "r4"], "fmnist", 93.0, 500),  # a second Cat2 subset
+        probe_record(["r1", "r2"], "digits", 97.0, 500),
+        probe_record(["r0"], "fmnist", 88.0, 1000),  # a rerun replaces the older record
+    ]
+    data = report.table(records)
+    assert data["datasets"] == ["digits", "fmnist"]
+    cat1, cat2 = data["rows"]
+    assert (cat1["method"], cat1["steps_per_member"], cat1["total_steps"]) == ("Cat1", 1000, 1000)
+    assert cat1["fmnist"]["mean"] == 88.0
+    assert (cat2["method"], cat2["total_steps"]) == ("Cat2", 1000)
+    assert cat2["fmnist"] == {"mean": 92.0, "std": pytest.approx(2**0.5), "count": 2, "ci95": None}  # ddof=1
+    text = report.format_table(data)
+    assert "92.00 ± 1.41 (n=2)" in text and text.splitlines()[0].split() == [
+        "method",
+        "steps/member",
+        "total",
+        "digits",
+        "fmnist",
+    ]
+
+
+def test_report_refuses_no_records_and_plots_png(tmp_path):
+    with pytest.raises(TimecatError, match="no logreg probe records"):
+        report.table([probe_record(["a"], "d", 1.0, 1, protocol="other")])
+    data = report.table([probe_record(["a"], "d", 80.0, 4), probe_record(["b", "c"], "d", 85.0, 2)])
+    out = report.plot(data, tmp_path / "p.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table2_is_parameter_matched_and_id_vs_ood_is_plotted(tmp_path):
+    records = [
+        probe_record(["r0"], "fmnist", 75.6, 1000),
+        probe_record(["w0"], "fmnist", 77.6, 1000, arch="resnet50w2", params=93_900_000),
+        probe_record(["r1", "r2", "r3", "r4"], "fmnist", 78.2, 250),
+        probe_record(["r0"], "digits", 37.9, 1000),
+        probe_record(["w0"], "digits", 37.3, 1000, arch="resnet50w2", params=93_900_000),
+        probe_record(["r1", "r2", "r3", "r4"], "digits", 46.6, 250),
+    ]
+    data = report.table(records, layout="table2")
+    assert [(r["method"], r["params"]) for r in data["rows"]] == [
+        ("resnet50", 23_500_000),
+        ("Cat4 x resnet50", 94_000_000),
+        ("resnet50w2", 93_900_000),
+    ]
+    text = report.format_table(data)
+    assert text.splitlines()[0].split() == ["method", "params", "digits", "fmnist"] and "94.0M" in text
+    out = report.plot_id_vs_ood(data, tmp_path / "id.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(TimecatError, match=r"unknown layout 'table9'; choose one of \['table3', 'table2'\]"):
+        report.table(records, layout="table9")
+
+
+def test_cells_show_one_probes_interval_or_mean_and_sample_std():
+    one = {**probe_record(["r0"], "fmnist", 89.76, 1000), "top1_ci95": [89.1, 90.4]}
+    data = report.table(
+        [one, probe_record(["r1", "r2"], "fmnist", 91.0, 500), probe_record(["r3", "r4"], "fmnist", 93.0, 500)]
+    )
+    text = report.format_table(data)
+    assert "89.76 [89.10, 90.40]" in text and "92.00 ± 1.41 (n=2)" in text
+    assert "95% bootstrap interval over eval rows" in text and "sample std" in text
+    assert report._error(data["rows"][0]["fmnist"]) == pytest.approx((0.66, 0.64))  # the plot's bars: the interval
+    assert report._error(data["rows"][1]["fmnist"]) == pytest.approx((2**0.5, 2**0.5))
+
+
+def test_different_eval_splits_pretraining_data_or_architectures_never_share_a_cell():
+    records = [
+        probe_record(["r0"], "digits", 90.0, 1000),
+        {**probe_record(["r1"], "digits", 70.0, 1000), "eval_split": "val"},  # another eval split: another column
+        probe_record(["r2"], "digits", 60.0, 1000, arch="small-resnet"),  # another architecture: another row
+        {
+            **probe_record(["r3"], "digits", 50.0, 1000),
+            "member_provenance": {"r3": {"steps": 1000, "arch": "resnet50", "pretrain_dataset": "cifar10"}},
+        },
+    ]
+    data = report.table(records)
+    assert data["datasets"] == ["digits/test", "digits/val"]
+    cells = {(r["arch"], r["pretrained_on"]): {d: r[d]["mean"] for d in data["datasets"]} for r in data["rows"]}
+    assert cells == {
+        ("resnet50", "fmnist"): {"digits/test": 90.0, "digits/val": 70.0},
+        ("resnet50", "cifar10"): {"digits/test": 50.0, "digits/val": None},
+        ("small-resnet", "fmnist"): {"digits/test": 60.0, "digits/val": None},
+    }
+    header = report.format_table(data).splitlines()[0].split()
+    assert header[:5] == ["method", "steps/member", "total", "arch", "pretrained"]
+
+
+def test_tc_cells_keep_views_apart_and_the_papers_selection_is_labelled_optimistic(tmp_path):
+    views = {**probe_record(["r0"], "c10", 80.0, 10, protocol="tc"), "augmented": True, "top1_eval_selected": 82.0}
+    plain = {**probe_record(["r0"], "c10", 75.0, 10, protocol="tc"), "augmented": False, "top1_eval_selected": 77.0}
+    data = report.table([views, plain], protocol="tc")
+    assert [(r["method"], r["c10"]["mean"]) for r in data["rows"]] == [("Cat1", 80.0), ("Cat1 (no views)", 75.0)]
+    selected = report.table([views, plain], protocol="tc", metric="top1_eval_selected")
+    assert [r["c10"]["mean"] for r in selected["rows"]] == [82.0, 77.0]
+    assert "OPTIMISTIC" in report.format_table(selected) and "OPTIMISTIC" not in report.format_table(data)
+    with pytest.raises(TimecatError, match="top1_eval_selected exists for protocol tc only"):
+        report.table([views], metric="top1_eval_selected")
+    results.append(tmp_path, views)
+    from click.testing import CliRunner
+
+    import cli
+
+    out = CliRunner().invoke(
+        cli.main, ["report", "--results", str(tmp_path), "--protocol", "tc", "--metric", "top1_eval_selected"]
+    )
+    assert out.exit_code == 0 and "82.00" in out.output and "OPTIMISTIC" in out.output
+
+
+def test_other_train_splits_or_eval_rows_get_their_own_columns():
+    base = probe_record(["r0"], "digits", 90.0, 1000)
+    records = [
+        {**base, "eval_rows": {"fingerprint": "aaaa1111"}},
+        {
+            **probe_record(["r1"], "digits", 80.0, 1000),
+            "eval_rows": {"fingerprint": "bbbb2222"},
+        },  # digits prepared again
+        {**probe_record(["r2"], "digits", 70.0, 1000), "train_split": "val", "eval_rows": {"fingerprint": "aaaa1111"}},
+    ]
+    data = report.table(records)
+    assert len(data["datasets"]) == 3 and len(data["rows"]) == 1
+    cells = {name: data["rows"][0][name]["mean"] for name in data["datasets"]}
+    assert sorted(cells.values()) == [70.0, 80.0, 90.0]  # three cells, never a mean of two
+    assert any("fit on val" in name for name in cells) and any("rows bbbb2222" in name for name in cells)
+    old = [{k: v for k, v in r.items() if k != "top1_eval_selected"} for r in records]
+    with pytest.raises(TimecatError, match="no tc record carries top1_eval_selected"):
+        report.table([{**r, "protocol": "tc"} for r in old], protocol="tc", metric="top1_eval_selected")
