@@ -1,9 +1,10 @@
-"""The logreg probe protocol on matrices and on a synthetic cache."""
+"""The logreg probe protocol on matrices, on a synthetic cache, and on the tiny pipeline run's real cache."""
 
 import numpy as np
 import pytest
 from test_cache import add_member, make_cache
 
+import cache
 from pipeline.errors import TimecatError
 from pipeline.logreg_solvers import _topk_rows
 from pipeline.probe import ProbeConfig, check_classes, probe, probe_matrices, search_split, standardize, topk_accuracy
@@ -161,3 +162,21 @@ def test_peak_memory_is_the_probes_own_not_its_parents():
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 10 < child < 1_000, child  # getrusage's ru_maxrss reported about 1,900 MiB here: the parent's peak
     del parent
+
+
+def test_probe_on_the_cache_equals_probe_on_hstacked_features(pipeline_run):
+    store = cache.open(pipeline_run["cache"])
+    members = ("run0", "run2")
+    config = ProbeConfig("digits", members, backend="sklearn")  # one-at-a-time; batched: test_batched_probe
+    record = probe(config, pipeline_run["cache"])
+    parts = {s: [store.features("digits", s, [m])[0] for m in members] for s in ("train", "test")}
+    by_hand = probe_matrices(
+        np.hstack(parts["train"]),
+        store.labels("digits", "train"),
+        np.hstack(parts["test"]),
+        store.labels("digits", "test"),
+        config,
+    )
+    assert record["top1"] == by_hand["top1"] and record["chosen"] == by_hand["chosen"]
+    assert record["dim"] == 256 and record["top1"] > 50  # real features of real digits
+    assert set(record["member_provenance"]) == set(members)

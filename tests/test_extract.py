@@ -1,6 +1,4 @@
-"""End to end on real data: prepare -> pretrain -> extract -> probe, checked stage by stage."""
-
-import json
+"""Extraction: every member's features of every image, in order, with provenance; kept, resumed or refused by name."""
 
 import numpy as np
 import pytest
@@ -12,8 +10,6 @@ from pipeline.checkpoints import checkpoint_path
 from pipeline.datasets import read_idx
 from pipeline.errors import TimecatError
 from pipeline.extract import ExtractConfig, extract
-from pipeline.pretrain import PretrainConfig, evaluate, pretrain
-from pipeline.probe import ProbeConfig, probe, probe_matrices
 from pipeline.splits import read_manifest
 
 
@@ -57,53 +53,6 @@ def test_provenance_names_checkpoint_arch_layer_preprocessing_and_data(pipeline_
     assert prov["dataset_fingerprint"] == manifest["fingerprint"] == store.split_attrs("digits", "test")["fingerprint"]
     assert prov["timecat_version"] == "0.1.0" and prov["pretrain_dataset"] == "fashion-mnist"
     assert store.status("digits", "test", "run2") == "complete"
-
-
-def test_logged_metrics_are_real(pipeline_run):
-    """The final test top-1 in the log is what the saved model actually scores."""
-    from pipeline.loaders import eval_loader
-    from pipeline.splits import Preprocess, beton_path
-
-    lines = [json.loads(line) for line in (pipeline_run["runs"] / "run0/log.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in lines if "event" not in r]
-    assert steps == [4, 8, 12]
-    assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in lines[:-1])
-    payload = checkpoints.load(checkpoint_path(pipeline_run["runs"], "run0"))
-    model = checkpoints.load_model(payload, "run0")
-    loader = eval_loader(
-        beton_path(pipeline_run["data"], "fashion-mnist", "test"), Preprocess.from_dict(payload["preprocess"]), 100, 1
-    )
-    measured = evaluate(model.to(memory_format=torch.channels_last), loader, torch.device("cpu"))
-    assert lines[-1]["event"] == "end" and lines[-1]["test_top1"] == pytest.approx(measured["top1"])
-    config = json.loads((pipeline_run["runs"] / "run0/config.json").read_text())
-    assert config["config"]["seed"] == 0 and config["timecat_version"] == "0.1.0"
-
-
-def test_probe_on_the_cache_equals_probe_on_hstacked_features(pipeline_run):
-    store = cache.open(pipeline_run["cache"])
-    members = ("run0", "run2")
-    config = ProbeConfig("digits", members, backend="sklearn")  # one-at-a-time; batched: test_batched_probe
-    record = probe(config, pipeline_run["cache"])
-    parts = {s: [store.features("digits", s, [m])[0] for m in members] for s in ("train", "test")}
-    by_hand = probe_matrices(
-        np.hstack(parts["train"]),
-        store.labels("digits", "train"),
-        np.hstack(parts["test"]),
-        store.labels("digits", "test"),
-        config,
-    )
-    assert record["top1"] == by_hand["top1"] and record["chosen"] == by_hand["chosen"]
-    assert record["dim"] == 256 and record["top1"] > 50  # real features of real digits
-    assert set(record["member_provenance"]) == set(members)
-
-
-def test_a_finished_member_is_kept_and_a_changed_one_refused(pipeline_run):
-    data, runs = pipeline_run["data"], pipeline_run["runs"]
-    before = checkpoint_path(runs, "run0").stat().st_mtime_ns
-    result = pretrain(PretrainConfig("run0", "fashion-mnist", 0, steps=12, batch_size=64, log_every=4), data, runs)
-    assert result["skipped"] and checkpoint_path(runs, "run0").stat().st_mtime_ns == before
-    with pytest.raises(TimecatError, match=r"run0 already exists.*'steps': \(12, 99\)"):
-        pretrain(PretrainConfig("run0", "fashion-mnist", 0, steps=99, batch_size=64, log_every=4), data, runs)
 
 
 def test_extract_keeps_cached_members_and_refuses_unknown_ones(pipeline_run):
