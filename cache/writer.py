@@ -1,154 +1,294 @@
-"""Appending rows to one member's feature array, whole chunks at a time."""
+"""Adding to a cache: a split's labels, members' arrays, their locks, and what to do with an existing array.
+
+``cache.open(path, mode="a")`` returns a ``WritableCache``: a ``Cache`` that can
+also write. Rows are appended by the row writers of ``cache.rows``.
+"""
 
 from __future__ import annotations
 
-import queue
-import threading
+import contextlib
+import json
+import logging
+import os
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 
-from cache.errors import NO_SPACE, CacheError
+from cache import checks, layout, locks
+from cache.errors import NO_SPACE, CacheError, disk_full
+from cache.provenance import first_stale
+from cache.reader import Cache, consolidated_metadata
+from cache.rows import FeatureWriter
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-
-class FeatureWriter:
-    """Writes rows of one (n, d) array in dataset order.
-
-    Rows are buffered until a whole chunk is ready, because a write smaller than
-    a chunk makes zarr re-read and re-compress it (28x slower, measured with
-    zarr-python 3 on a 2-core machine), and
-    chunk-aligned writes are what lets a resumed or multi-process extraction own
-    disjoint chunks.
-    """
-
-    def __init__(self, array: zarr.Array, start_row: int = 0, stop_row: int | None = None):
-        self.array = array
-        self.rows_per_chunk = array.chunks[0]
-        self.stop_row = array.shape[0] if stop_row is None else stop_row  # this writer owns [start_row, stop_row)
-        for row in (start_row, self.stop_row):
-            if row % self.rows_per_chunk and row != array.shape[0]:
-                raise CacheError(f"row {row} is not a multiple of the chunk size {self.rows_per_chunk}")
-        self.next_row = start_row  # first row not yet written to the store
-        self._pending: list[np.ndarray] = []
-        self._pending_rows = 0
-
-    def append(self, block: np.ndarray) -> None:
-        """Queue a (rows, d) block that directly follows the rows given before."""
-        d = self.array.shape[1]
-        if block.ndim != 2 or block.shape[1] != d:
-            raise CacheError(f"feature block has shape {block.shape}, expected (rows, {d})")
-        if self.next_row + self._pending_rows + len(block) > self.stop_row:
-            raise CacheError(f"more rows than this writer owns (up to row {self.stop_row})")
-        first = self.next_row + self._pending_rows
-        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
-        if len(bad):
-            rows = (first + bad[:5]).tolist()
-            raise CacheError(
-                f"{self.array.path}: {len(bad)} row(s) of non-finite features (NaN or inf), e.g. rows {rows}; "
-                "the member stays 'writing': check the checkpoint and its preprocessing"
-            )
-        if self.array.dtype == np.float16:
-            _check_float16_range(block)
-        self._pending.append(np.asarray(block, dtype=self.array.dtype))
-        self._pending_rows += len(block)
-        if self._pending_rows >= self.rows_per_chunk:
-            self._flush(whole_chunks_only=True)
-
-    def close(self) -> int:
-        """Write what is left (the final, possibly short, chunk); return rows written."""
-        self._flush(whole_chunks_only=False)
-        return self.next_row
-
-    def _flush(self, whole_chunks_only: bool) -> None:
-        if not self._pending_rows:
-            return
-        rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        take = len(rows)
-        if whole_chunks_only:
-            take -= take % self.rows_per_chunk
-        if take:
-            try:
-                self.array[self.next_row : self.next_row + take] = rows[:take]
-            except OSError as e:
-                if e.errno not in NO_SPACE:
-                    raise
-                # next_row stays put: nothing from this write counts as written, and a
-                # rerun's resume scan treats any partly written chunk as missing.
-                raise CacheError(
-                    f"no space left on the device while writing rows {self.next_row}-{self.next_row + take - 1} "
-                    f"of {self.array.path} ({e.strerror}); free some space and run the same command again: "
-                    f"it resumes from row {self.next_row}"
-                ) from e
-            self.next_row += take
-        rest = rows[take:]
-        self._pending = [rest] if len(rest) else []
-        self._pending_rows = len(rest)
+log = logging.getLogger("timecat.cache")
 
 
-class BackgroundWriter:
-    """Appends blocks to FeatureWriters on a thread, so checks, compression and disk
-    writes overlap the next forward pass instead of stalling it.
+class WritableCache(Cache):
+    """A cache opened with ``mode="a"``: reads as a ``Cache`` and adds labels and member arrays."""
 
-    The queue is bounded: a slow disk makes the producer wait instead of filling
-    RAM. An error on the thread is raised again by the next ``append`` or by ``close``.
-    """
+    def write_labels(
+        self,
+        dataset: str,
+        split: str,
+        labels: np.ndarray,
+        fingerprint: str,
+        classes: list[str],
+        kind: str | None = None,
+    ) -> None:
+        """Store a split's labels once; later calls must agree with them exactly.
 
-    def __init__(self, max_pending: int = 8):
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._error: BaseException | None = None
-        self._flush_at_end = True
-        self._thread = threading.Thread(target=self._run, name="timecat-cache-writer", daemon=True)
-        self._thread.start()
-
-    def append(self, writer: FeatureWriter, block: np.ndarray) -> None:
-        """Queue ``block`` for ``writer``; waits while ``max_pending`` blocks are queued."""
-        self._raise_error()
-        self._queue.put((writer, block))
-
-    def close(self) -> None:
-        """Write everything queued, flush each writer's last rows, and raise any error."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_error()
-
-    def abort(self) -> None:
-        """Stop after the queued blocks without flushing partial chunks, and raise nothing.
-
-        For a producer that is failing: its own error is the one to report, and
-        whole chunks already queued are still written, so a rerun resumes after them.
+        ``kind`` is the dataset's registered kind (cifar10, imagenet, ...), which picks
+        probe recipes: a dataset prepared under another name keeps its kind's recipe.
+        A cache written before kinds were recorded gets it on the next extraction.
         """
-        self._flush_at_end = False
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        writers = []
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # keep draining so the producer never blocks on a dead consumer
-            writer, block = item
+        layout.check_name("dataset", dataset)
+        layout.check_name("split", split)
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        attrs = {
+            "fingerprint": fingerprint,
+            "labels_sha256": checks.labels_digest(labels),
+            "rows": len(labels),
+            "classes": list(classes),
+            "kind": kind,
+        }
+        # Concurrent extractions of other members create a split together: one creates it
+        # while the others wait, then find it whole (its attributes and labels written).
+        with _split_lock(self.path, dataset, split):
+            if self._labels_current(dataset, split, attrs):
+                return
+            # New, unfinished (a full disk or a kill while writing) or damaged labels: write them whole.
+            # The attributes go into the array's own metadata when it is created, not in a second step.
+            array = self.group.create_array(
+                layout.labels_path(dataset, split),
+                shape=labels.shape,
+                chunks=(1 << 20,),
+                dtype=np.int64,
+                attributes=attrs,
+                overwrite=True,
+            )
             try:
-                writer.append(block)
-                if writer not in writers:
-                    writers.append(writer)
-            except BaseException as e:  # re-raised in the producer's thread
-                self._error = e
-        if self._error is None and self._flush_at_end:
-            try:
-                for writer in writers:
-                    writer.close()
-            except BaseException as e:
-                self._error = e
+                array[:] = labels
+            except OSError as e:
+                raise _disk_error(e, f"the labels of {dataset}/{split}") from e
 
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
+    def _labels_current(self, dataset: str, split: str, attrs: dict) -> bool:
+        """Whether a split's stored labels are whole and these; refuse a finished split of another dataset."""
+        try:
+            current = self.split_attrs(dataset, split) if layout.labels_path(dataset, split) in self.group else {}
+        except Exception:  # labels whose own metadata is garbage: as unfinished, written again
+            return False
+        if current.get("fingerprint") is None:  # new, or never finished
+            return False
+        fingerprint, kind = attrs["fingerprint"], attrs["kind"]
+        if (current["fingerprint"], current.get("labels_sha256")) != (fingerprint, attrs["labels_sha256"]):
+            raise CacheError(
+                f"{dataset}/{split} is cached from a different dataset (fingerprint "
+                f"{current.get('fingerprint')}, now {fingerprint}); use a new cache path or delete "
+                f"{self.path}/{dataset}/{split}"
+            )
+        if kind is not None and current.get("kind") not in (None, kind):
+            raise CacheError(f"{dataset}/{split} is cached as kind {current['kind']!r}, not {kind!r}")
+        if not self._stored_labels_intact(dataset, split):
+            return False
+        if kind is not None and current.get("kind") is None:
+            self._labels_array(dataset, split).attrs["kind"] = kind  # a cache from before kinds
+        return True
+
+    def _stored_labels_intact(self, dataset: str, split: str) -> bool:
+        try:
+            self.labels(dataset, split)
+        except CacheError:
+            return False
+        return True
+
+    def create_features(
+        self,
+        dataset: str,
+        split: str,
+        member: str,
+        dim: int,
+        provenance: dict,
+        dtype: str = "float32",
+        compression: layout.Compression = layout.Compression.ZSTD,
+        chunk_rows: int | None = None,
+        *,
+        view: int | None = None,
+    ) -> FeatureWriter:
+        """Create (or replace) a member's array, status ``writing``, and return its writer.
+
+        ``chunk_rows`` overrides the ~8 MiB default (extraction rounds it to whole batches).
+        ``view=k`` creates the array of augmented view k; its provenance should carry
+        ``view_seed`` so that members' views can be checked to be the same crops.
+        """
+        layout.check_name("member", member)
+        if layout.labels_path(dataset, split) not in self.group:
+            raise CacheError(f"write the labels of {dataset}/{split} before any member's features")
+        rows = self.split_attrs(dataset, split)["rows"]
+        np_dtype = layout.resolve_dtype(dtype)
+        compressors = [ZstdCodec(level=1)] if compression is layout.Compression.ZSTD else None
+        array = self.group.create_array(
+            layout.features_path(dataset, split, member, view),
+            shape=(rows, dim),
+            chunks=(chunk_rows or layout.chunk_rows(dim, dtype), dim),
+            dtype=np_dtype,
+            fill_value=np.nan,  # unwritten chunks read as NaN, so gaps cannot hide
+            compressors=compressors,
+            overwrite=True,
+        )
+        prov = dict(provenance)
+        prov["labels_sha256"] = self.split_attrs(dataset, split)["labels_sha256"]
+        array.attrs.update({"status": layout.STATUS_WRITING, "provenance": prov})
+        return FeatureWriter(array)
+
+    def decide(
+        self,
+        dataset: str,
+        split: str,
+        member: str,
+        provenance: dict,
+        *,
+        overwrite: bool = False,
+        repair: bool = False,
+        view: int | None = None,
+    ) -> str:
+        """What to do with one array about to be extracted: ``keep`` it, ``resume`` it, or write it ``new``.
+
+        An array from another checkpoint, recipe, precision or view seed (``cache.provenance``)
+        is refused unless ``overwrite``. ``repair`` decodes a complete array to find a garbled
+        chunk, which a listing of missing chunks cannot see.
+        """
+        if member not in self.members(dataset, split, view=view):
+            return "new"
+        try:
+            cached = self.provenance(dataset, split, member, view=view)
+        except CacheError:  # its metadata is garbage: written anew with overwrite, else that message
+            if overwrite:
+                return "new"
+            raise
+        stale = first_stale(cached, provenance)
+        if stale and not overwrite:
+            what, field, old, new = stale
+            raise CacheError(
+                f"member {member} is cached for {layout.describe(dataset, split, view)} from another {what} "
+                f"({field} {str(old)[:64]}, now {str(new)[:64]}); "
+                "pass --overwrite to re-extract it, or rename the member"
+            )
+        if stale:
+            return "new"
+        if self.status(dataset, split, member, view=view) == layout.STATUS_COMPLETE:
+            return self._keep_or_repair(dataset, split, member, view, repair)
+        return "resume" if cached.get("dataset_fingerprint") == provenance["dataset_fingerprint"] else "new"
+
+    def _keep_or_repair(self, dataset: str, split: str, member: str, view: int | None, repair: bool) -> str:
+        # A missing chunk costs a listing to notice; a garbled or non-finite one, a scan of every value,
+        # so that is done when asked (repair), not on every rerun of a large cache.
+        if not repair and not self.missing_chunks(dataset, split, member, view=view):
+            return "keep"
+        first = self.first_unwritten_row(dataset, split, member, view=view)
+        if first == self.shape(dataset, split, member, view=view)[0]:
+            return "keep"
+        log.warning(
+            "%s %s: complete but damaged from row %d (a missing, garbled or non-finite chunk): rewriting from there",
+            layout.describe(dataset, split, view),
+            member,
+            first,
+        )
+        self.mark_writing(dataset, split, member, view=view)
+        return "resume"
+
+    def first_unwritten_row(
+        self, dataset: str, split: str, member: str, start: int = 0, stop: int | None = None, *, view: int | None = None
+    ) -> int:
+        """Start of the first chunk in rows [start, stop) that is missing, unreadable or not finite; ``stop`` if none.
+
+        A process killed mid-write can leave a truncated chunk on stores that do not
+        write atomically: it fails to decode, and counts as unwritten.
+        """
+        return checks.first_bad_row(self._features_array(dataset, split, member, view), start, stop)
+
+    def resume_features(
+        self, dataset: str, split: str, member: str, start: int = 0, stop: int | None = None, *, view: int | None = None
+    ) -> FeatureWriter:
+        """A writer for rows [start, stop) of an existing array, from its first unwritten chunk there.
+
+        Under torchrun each rank asks for its own chunk-aligned range (``layout.row_ranges``).
+        """
+        array = self._features_array(dataset, split, member, view)
+        stop = array.shape[0] if stop is None else stop
+        return FeatureWriter(array, self.first_unwritten_row(dataset, split, member, start, stop, view=view), stop)
+
+    def lock(self, dataset: str, split: str, member: str) -> contextlib.AbstractContextManager:
+        """Hold an exclusive lock on one member's array while it is written.
+
+        A second writer of the same member is refused with a message naming the
+        holder, instead of interleaving rows. The lock is an flock on a file beside
+        the store (``<path>.locks/``), so a killed process releases it at once.
+        The lock covers the member's augmented views of the split too. Stores given
+        as URLs other than file:// are not locked.
+        """
+        return _member_lock(self.path, dataset, split, member)
+
+    def missing_chunks(self, dataset: str, split: str, member: str, *, view: int | None = None) -> int:
+        """How many chunks of a member's array are absent from the store (a listing, no decoding)."""
+        array = self._features_array(dataset, split, member, view)
+        return array.nchunks - array.nchunks_initialized
+
+    def mark_writing(self, dataset: str, split: str, member: str, *, view: int | None = None) -> None:
+        """Set a damaged complete array back to ``writing`` before its bad chunks are written again."""
+        self._features_array(dataset, split, member, view).attrs["status"] = layout.STATUS_WRITING
+
+    def finish_features(self, dataset: str, split: str, member: str, *, view: int | None = None) -> None:
+        """Check every row is written (no NaN) and mark the member ``complete``."""
+        array = self._features_array(dataset, split, member, view)
+        start = self.first_unwritten_row(dataset, split, member, view=view)
+        if start < array.shape[0]:
+            raise CacheError(
+                f"member {member} of {dataset}/{split} has unwritten or NaN rows from row {start}; it stays 'writing'"
+            )
+        array.attrs["status"] = layout.STATUS_COMPLETE
+
+    def consolidate(self) -> None:
+        """Rewrite consolidated metadata so readers see every array added since."""
+        try:
+            with consolidated_metadata():
+                zarr.consolidate_metadata(self.group.store)
+        except Exception as e:  # an array whose own metadata is garbage cannot be consolidated
+            raise CacheError(
+                f"could not rewrite the consolidated metadata of {self.path} ({type(e).__name__}): "
+                "`timecat cache verify` names the damaged array; extract it again with --overwrite"
+            ) from None
 
 
-def _check_float16_range(block: np.ndarray) -> None:
-    # float16 silently turns large values into inf; refuse rather than store garbage.
-    peak = float(np.abs(block).max(initial=0.0))
-    if peak > FLOAT16_MAX:
-        raise CacheError(f"feature value {peak:.4g} exceeds float16's range ({FLOAT16_MAX}); use dtype float32")
+@contextlib.contextmanager
+def _member_lock(path: str, dataset: str, split: str, member: str):
+    if "://" in str(path) and not str(path).startswith("file://"):
+        log.warning("%s is not a local path: writers are not locked", path)
+        yield
+        return
+    root = str(path).removeprefix("file://").rstrip("/")
+    try:
+        with locks.hold(os.path.join(f"{root}.locks", dataset, split, f"{member}.lock")):
+            yield
+    except locks.BusyError as e:
+        raise CacheError(
+            f"member {member} of {dataset}/{split} is being written by another process ({json.dumps(e.holder)}); "
+            f"wait for it to finish (or stop it), then run again: finished chunks are kept"
+        ) from None
+
+
+def _disk_error(error: OSError, what: str) -> CacheError:
+    if error.errno in NO_SPACE:
+        return CacheError(disk_full(what, error.strerror))
+    return CacheError(f"cannot write {what}: {error}")
+
+
+@contextlib.contextmanager
+def _split_lock(path: str, dataset: str, split: str):
+    """Wait for the lock that serialises creating a split's labels (local stores only)."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        yield
+        return
+    root = str(path).removeprefix("file://").rstrip("/")
+    with locks.hold(os.path.join(f"{root}.locks", dataset, split, ".labels.lock"), wait=True):
+        yield

@@ -10,13 +10,14 @@ Loading uses ``weights_only=True``: a checkpoint is a pickle, and may come from 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from pipeline import files
+from pipeline import files, interop
 from pipeline.errors import TimecatError
 from pipeline.models import Classifier, build
+from pipeline.names import check_name, foreign_name_and_path, is_foreign
+from pipeline.torch_io import load_state_strict, read_torch, write_torch
 
 
 def run_dir(runs_root: Path, name: str) -> Path:
@@ -32,19 +33,6 @@ def checkpoint_path(runs_root: Path, name: str) -> Path:
 def save(path: Path, payload: dict) -> None:
     """Write ``payload`` to a temporary file beside ``path``, then rename it into place."""
     files.replace(Path(path), lambda tmp: write_torch(payload, tmp))
-
-
-def write_torch(obj, path: Path) -> None:
-    """``torch.save`` through a Python file, so a full disk raises ENOSPC (as a path, torch says 'unexpected pos')."""
-    with open(path, "wb") as f:
-        try:
-            torch.save(obj, f)
-        except RuntimeError as e:
-            # On a failed write, torch's zip writer fails again while closing ('unexpected pos') and
-            # that error hides the real one: raise the OSError it hides, so a full disk says so.
-            if isinstance(e.__context__, OSError):
-                raise e.__context__ from None
-            raise
 
 
 def load(path: Path, mmap: bool = False) -> dict:
@@ -76,23 +64,6 @@ def require(payload, keys: tuple[str, ...], path: Path) -> dict:
     return payload
 
 
-def read_torch(path: Path, mmap: bool = False):
-    """``torch.load(weights_only=True)``, with one clean error for a file that is damaged or holds code.
-
-    torch's own message for an unsafe pickle advises ``weights_only=False``, which would
-    run whatever the file holds; that advice is not passed on.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # torch raises several types for a corrupt or unsafe file
-        reason = (
-            "it holds objects other than tensors and plain values" if "weights_only" in str(e) else type(e).__name__
-        )
-        raise TimecatError(
-            f"{path}: not a loadable checkpoint ({reason}); timecat loads only tensors and plain values, never code"
-        ) from None
-
-
 def sha256(path: Path, block: int = 1 << 20) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -102,19 +73,41 @@ def sha256(path: Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
-    """``load_state_dict`` that names every missing and unexpected key on failure."""
-    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
-    if missing or unexpected:
-        raise TimecatError(
-            f"{source}: weights do not fit the architecture; missing {sorted(missing)[:10]} "
-            f"({len(missing)} in all), unexpected {sorted(unexpected)[:10]} ({len(unexpected)} in all)"
-        )
-    model.load_state_dict(state, strict=True)
-
-
 def load_model(payload: dict, source: str) -> Classifier:
     """Rebuild a member's classifier from its checkpoint (architecture from the checkpoint, not flags)."""
     model = build(payload["member"]["arch"], payload["num_classes"], payload["member"].get("width"))
     load_state_strict(model, payload["model"], source)
     return model
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A member's checkpoint as found: its name, file and payload, and whether it was trained elsewhere."""
+
+    name: str
+    path: Path
+    payload: dict
+    foreign: bool
+
+
+def load_member(runs_root: Path, member: str, *, finished: bool = True) -> Loaded:
+    """Find and load a member: a run under ``runs_root``, or a checkpoint file trained elsewhere.
+
+    ``member`` is a run name, or ``path`` / ``name=path`` for the paper's, AlgoPerf's or
+    torchvision's ResNet-50 (converted by ``pipeline.interop``). ``finished`` refuses a
+    member whose training has not ended (extraction needs the final weights).
+    """
+    if is_foreign(member):
+        name, path = foreign_name_and_path(member)
+        check_name("member", name)
+        loaded = Loaded(name, path, interop.load_foreign(path), True)
+    else:
+        path = checkpoint_path(runs_root, check_name("member", member))
+        if not path.is_file():
+            known = sorted(p.parent.name for p in Path(runs_root).glob("*/checkpoint.pt"))
+            raise TimecatError(f"unknown member {member!r}: no {path}; trained members: {known or 'none'}")
+        loaded = Loaded(member, path, load(path), False)
+    require(loaded.payload, ("step", "preprocess", "member.seed", "member.dataset"), path)
+    if finished and not loaded.payload.get("complete"):
+        raise TimecatError(f"member {loaded.name} has not finished training ({path}); run its `timecat pretrain` again")
+    return loaded

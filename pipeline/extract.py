@@ -10,7 +10,6 @@ preprocessing for the kind, a timecat member its own pretraining's.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,9 +18,7 @@ import numpy as np
 import torch
 
 import cache
-from cache.layout import check_name
-from pipeline import __version__, checkpoints, distributed, interop, recipes
-from pipeline.checkpoints import checkpoint_path
+from pipeline import __version__, checkpoints, distributed, recipes
 from pipeline.configs import ExtractConfig
 from pipeline.errors import TimecatError
 from pipeline.models import FEATURE_LAYER, Classifier
@@ -74,30 +71,16 @@ class Member:
         }
 
 
-def load_member(runs_root: Path, name: str, device: torch.device) -> Member:
-    """Load a member as a frozen model in eval mode.
-
-    ``name`` is a run under ``runs_root``, or a checkpoint file trained elsewhere
-    (``path`` or ``name=path``: the paper's, AlgoPerf's or torchvision's ResNet-50).
+def frozen_member(runs_root: Path, name: str, device: torch.device) -> Member:
+    """A member as a frozen model in eval mode, on ``device``: a run under ``runs_root``, or a checkpoint
+    file trained elsewhere (``path`` or ``name=path``: the paper's, AlgoPerf's or torchvision's ResNet-50).
     """
-    foreign = interop.is_foreign(name)
-    if foreign:
-        name, path = interop.foreign_name_and_path(name)
-        check_name("member", name)
-        payload = interop.load_foreign(path)
-    else:
-        path = checkpoint_path(runs_root, name)
-        if not path.is_file():
-            known = sorted(p.parent.name for p in Path(runs_root).glob("*/checkpoint.pt"))
-            raise TimecatError(f"unknown member {name!r}: no {path}; trained members: {known or 'none'}")
-        payload = checkpoints.load(path)
-    checkpoints.require(payload, ("step", "preprocess", "member.seed", "member.dataset"), path)
-    if not payload.get("complete"):
-        raise TimecatError(f"member {name} has not finished training ({path}); run its `timecat pretrain` again")
-    model = checkpoints.load_model(payload, str(path)).to(device, memory_format=torch.channels_last).eval()
+    loaded = checkpoints.load_member(runs_root, name)
+    model = checkpoints.load_model(loaded.payload, str(loaded.path))
+    model = model.to(device, memory_format=torch.channels_last).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Member(name, model, checkpoints.sha256(path), payload, foreign=foreign)
+    return Member(loaded.name, model, checkpoints.sha256(loaded.path), loaded.payload, foreign=loaded.foreign)
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -114,82 +97,6 @@ def extract_batch(models: list[Classifier], images: torch.Tensor, precision: str
     """
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         return [m.backbone(images).float().cpu().numpy() for m in models]
-
-
-# What makes cached features stale: (provenance key, what to call it). Keys other than the
-# checkpoint are compared only when the cached array records them (older caches did not).
-STALE_KEYS = (
-    ("checkpoint_sha256", "checkpoint"),
-    ("view_seed", "view seed"),
-    ("views", "view recipe"),
-    ("precision", "precision"),
-    ("recipe", "recipe"),
-    ("preprocessing", "preprocessing"),
-)
-# What arrays written before a field was recorded did: every resize was FFCV's area resize.
-OLD_DEFAULTS = {"preprocessing": {"interpolation": "area"}}
-
-
-def _json(value):
-    return json.loads(json.dumps(value))  # attributes come back from JSON: tuples as lists
-
-
-def stale_field(cached: dict, provenance: dict, key: str) -> tuple[str, object, object] | None:
-    """``(field, cached value, new value)`` where a cached array's provenance differs from this run's, else None."""
-    old, new = cached.get(key), _json(provenance.get(key))
-    if key != "checkpoint_sha256" and old is None:
-        return None
-    if isinstance(old, dict) and isinstance(new, dict):  # the keys both record, with older arrays' defaults
-        old = {**OLD_DEFAULTS.get(key, {}), **old}
-        for k in sorted(old.keys() & new.keys()):
-            if old[k] != new[k]:
-                return f"{key}.{k}", old[k], new[k]
-        return None
-    return (key, old, new) if old != new else None
-
-
-def _plan(
-    store: cache.Cache, split: str, member: Member, view: int | None, provenance: dict, config: ExtractConfig
-) -> str:
-    """What to do for one array: ``keep`` it, ``resume`` an unfinished one, or write it ``new``."""
-    dataset = config.dataset
-    if member.name not in store.members(dataset, split, view=view):
-        return "new"
-    try:
-        cached = store.provenance(dataset, split, member.name, view=view)
-    except cache.CacheError:  # its metadata is garbage: written anew with --overwrite, else that message
-        if config.overwrite:
-            return "new"
-        raise
-    for key, what in STALE_KEYS:
-        differs = stale_field(cached, provenance, key)
-        if differs:
-            if not config.overwrite:
-                field, old, new = differs
-                raise TimecatError(
-                    f"member {member.name} is cached for {cache.layout.describe(dataset, split, view)} from another "
-                    f"{what} ({field} {str(old)[:64]}, now {str(new)[:64]}); "
-                    "pass --overwrite to re-extract it, or rename the member"
-                )
-            return "new"
-    if store.status(dataset, split, member.name, view=view) == cache.layout.STATUS_COMPLETE:
-        # A missing chunk costs a listing to notice; a garbled or non-finite one, a scan of every value,
-        # so that is done when asked (--repair), not on every rerun of a large cache.
-        rows = store.shape(dataset, split, member.name, view=view)[0]
-        if not config.repair and not store.missing_chunks(dataset, split, member.name, view=view):
-            return "keep"
-        first = store.first_unwritten_row(dataset, split, member.name, view=view)
-        if first == rows:
-            return "keep"
-        log.warning(
-            "%s %s: complete but damaged from row %d (a missing, garbled or non-finite chunk): rewriting from there",
-            cache.layout.describe(dataset, split, view),
-            member.name,
-            first,
-        )
-        store.mark_writing(dataset, split, member.name, view=view)
-        return "resume"
-    return "resume" if cached.get("dataset_fingerprint") == provenance["dataset_fingerprint"] else "new"
 
 
 def chunk_rows(config: ExtractConfig, dim: int) -> int:
@@ -257,7 +164,7 @@ def decode_for(pre: Preprocess, recipe: recipes.Recipe, views: bool) -> Decode:
 
 
 def prepare_arrays(
-    store: cache.Cache,
+    store: cache.WritableCache,
     config: ExtractConfig,
     setting: Setting,
     split: str,
@@ -279,7 +186,9 @@ def prepare_arrays(
                 provenance.update(
                     view=view, view_seed=spec.seed, views=spec.describe(decode.loader.resolution, decode.out_px)
                 )
-            action = _plan(store, split, m, view, provenance, config)
+            action = store.decide(
+                config.dataset, split, m.name, provenance, overwrite=config.overwrite, repair=config.repair, view=view
+            )
             if action == "new":
                 store.create_features(
                     config.dataset,
@@ -298,7 +207,7 @@ def prepare_arrays(
 
 
 def _group_writers(
-    store: cache.Cache,
+    store: cache.WritableCache,
     config: ExtractConfig,
     setting: Setting,
     split: str,
@@ -325,7 +234,7 @@ def _group_writers(
 
 
 def run_members(
-    store: cache.Cache,
+    store: cache.WritableCache,
     config: ExtractConfig,
     setting: Setting,
     data_root: Path,
@@ -374,7 +283,7 @@ def run_members(
 
 
 def extract_split(
-    store: cache.Cache,
+    store: cache.WritableCache,
     config: ExtractConfig,
     setting: Setting,
     data_root: Path,
@@ -415,7 +324,7 @@ def extract(config: ExtractConfig, data_root: Path, runs_root: Path, cache_path:
 def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> list[dict]:
     distributed.use_threads(config.threads)
     setting = resolve(config, data_root, d.device)
-    members = [load_member(runs_root, name, d.device) for name in config.members]
+    members = [frozen_member(runs_root, name, d.device) for name in config.members]
     for m in members:
         m.use_recipe(setting.recipe)
     with contextlib.ExitStack() as locks:

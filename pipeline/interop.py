@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoints, files, recipes
+from pipeline import files, recipes
 from pipeline.errors import TimecatError
 from pipeline.models import build
-from pipeline.names import FOREIGN_SUFFIXES, foreign_name_and_path, is_foreign  # noqa: F401  (interop.is_foreign ...)
+from pipeline.torch_io import load_state_strict, read_torch, write_torch
 
 # Longest first: "module.model0." must win over "module.".
 PREFIXES = ("_orig_mod.module.", "module.model0.", "_orig_mod.", "module.")
@@ -60,9 +60,9 @@ def load_foreign(path: Path, arch: str = "resnet50") -> dict:
     path = Path(path)
     if not path.is_file():
         raise TimecatError(f"no checkpoint file at {path}")
-    state = backbone_state(checkpoints.read_torch(path), str(path))
+    state = backbone_state(read_torch(path), str(path))
     model = build(arch, num_classes=1)
-    checkpoints.load_state_strict(model.backbone, state, f"{path} (as a {arch} backbone)")
+    load_state_strict(model.backbone, state, f"{path} (as a {arch} backbone)")
     return {
         "model": model.state_dict(),
         "member": {"name": path.stem, "arch": arch, "seed": None, "dataset": "imported", "source": str(path)},
@@ -81,4 +81,4 @@ def export_torchvision(payload: dict, out: Path) -> Path:
     model = payload["model"]
     state = {k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}
     state.update({f"fc.{k.removeprefix('head.')}": v for k, v in model.items() if k.startswith("head.")})
-    return files.replace(Path(out), lambda tmp: checkpoints.write_torch(state, tmp))
+    return files.replace(Path(out), lambda tmp: write_torch(state, tmp))

@@ -27,7 +27,7 @@ from torch import nn
 
 from cache import locks
 from cache.errors import CacheError
-from pipeline import __version__, checkpoints, distributed, files
+from pipeline import __version__, checkpoints, distributed, files, torch_io
 from pipeline.checkpoints import checkpoint_path, run_dir
 from pipeline.configs import OPERATIONAL, PretrainConfig
 from pipeline.datasets import get_spec
@@ -337,7 +337,7 @@ def restore(run: Run, payload: dict) -> int:
             f"{saved_threads} to resume it bit for bit"
         )
     weights = payload["train_model"] if payload.get("train_model") is not None else payload["model"]
-    checkpoints.load_state_strict(run.model, weights, f"checkpoint of {run.config.name}")
+    torch_io.load_state_strict(run.model, weights, f"checkpoint of {run.config.name}")
     run.optimizer.load_state_dict(payload["optimizer"])
     if run.scheduler is not None:
         run.scheduler.load_state_dict(payload["scheduler"])

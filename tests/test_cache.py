@@ -6,39 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import add_member, make_cache
 
 import cache
 from cache import layout, locks
-
-
-def make_cache(path, members=("a", "b"), rows=50, dims=(6, 4), fingerprint="fp0", dtype="float32"):
-    """A cache with one split of ``rows`` rows and random features per member; returns the arrays."""
-    rng = np.random.default_rng(0)
-    store = cache.open(str(path), mode="a")
-    labels = np.arange(rows) % 5
-    store.write_labels("toy", "train", labels, fingerprint, [f"c{i}" for i in range(5)])
-    arrays = {}
-    for name, dim in zip(members, dims, strict=True):
-        X = rng.normal(size=(rows, dim)).astype(np.float32)
-        writer = store.create_features("toy", "train", name, dim, {"dataset_fingerprint": fingerprint}, dtype=dtype)
-        for start in range(0, rows, 7):  # blocks that do not line up with chunks
-            writer.append(X[start : start + 7])
-        writer.close()
-        store.finish_features("toy", "train", name)
-        arrays[name] = X
-    store.consolidate()
-    return arrays, labels
-
-
-def add_member(path, name, dim, fingerprint, rows=50):
-    """Add a complete member of zeros to the toy split, extracted from ``fingerprint``."""
-    store = cache.open(str(path), mode="a")
-    writer = store.create_features("toy", "train", name, dim, {"dataset_fingerprint": fingerprint})
-    writer.append(np.zeros((rows, dim), np.float32))
-    writer.close()
-    store.finish_features("toy", "train", name)
-    store.consolidate()
-    return store
 
 
 def test_features_round_trip_equals_hstack(tmp_path):
@@ -342,4 +313,4 @@ def test_views_of_members_drawn_with_different_seeds_are_refused(tmp_path):
         store.features("toy", "train", ["a"])
     verified = store.verify()  # one invariant, read or verified: the views of a split share one seed
     assert [(r["view"], r["member"], r["ok"]) for r in verified] == [(0, "a", False), (0, "b", False), (0, "c", False)]
-    assert all("views were drawn with different seeds" in r["problems"][0] for r in verified)
+    assert all("come from different view seeds" in r["problems"][0] for r in verified)

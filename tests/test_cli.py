@@ -155,7 +155,7 @@ print(probe.exit_code, report.exit_code, sorted(image_code) or "none")
 
 def test_cache_ls_and_verify(tmp_path):
     import numpy as np
-    from test_cache import make_cache
+    from conftest import make_cache
 
     import cache
 
@@ -174,5 +174,5 @@ def test_cache_ls_and_verify(tmp_path):
     store.group["toy/train/features/b"][3] = np.nan  # damage a complete member
     result = run("cache", "verify", tmp_path / "c.zarr")
     assert result.exit_code == 1
-    assert "toy/train b (50, 4): PROBLEM: unwritten, unreadable or non-finite rows from row 0" in result.output
+    assert "toy/train b (50, 4): PROBLEM: member b has unwritten, unreadable or non-finite rows from row 0" in result.output
     assert "1 of 2 arrays have problems" in result.output

@@ -77,7 +77,7 @@ def test_a_member_cached_from_another_checkpoint_is_refused_or_overwritten(pipel
     # run0 is retrained elsewhere: same name, different weights, so a different sha256.
     shutil.copy(runs / "run1/checkpoint.pt", runs / "run0/checkpoint.pt")
     config = ExtractConfig("digits", ("run0",))
-    with pytest.raises(TimecatError, match="member run0 is cached for digits/train from another checkpoint"):
+    with pytest.raises(cache.CacheError, match="member run0 is cached for digits/train from another checkpoint"):
         extract(config, pipeline_run["data"], runs, store_path)
     extract(ExtractConfig("digits", ("run0",), overwrite=True), pipeline_run["data"], runs, store_path)
     store = cache.open(store_path)

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from pipeline import checkpoints
+from pipeline import checkpoints, torch_io
 from pipeline.errors import TimecatError
 from pipeline.models import build
 from pipeline.pretrain import PretrainConfig, lr_factor, make_optimizer
@@ -67,7 +67,7 @@ def test_checkpoint_save_is_atomic_and_load_is_strict(tmp_path):
     state = dict(model.state_dict())
     state["extra.weight"] = state.pop("head.weight")
     with pytest.raises(TimecatError, match=r"missing \['head.weight'\].*unexpected \['extra.weight'\]"):
-        checkpoints.load_state_strict(build("small-resnet", 10), state, "bad.pt")
+        torch_io.load_state_strict(build("small-resnet", 10), state, "bad.pt")
 
 
 def test_loading_refuses_garbage_and_foreign_pickles(tmp_path):

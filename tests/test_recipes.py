@@ -12,7 +12,7 @@ import cache
 from pipeline import recipes
 from pipeline.datasets import DATASETS
 from pipeline.errors import TimecatError
-from pipeline.extract import ExtractConfig, extract, load_member
+from pipeline.extract import ExtractConfig, extract, frozen_member
 from pipeline.prepare import PrepareConfig, prepare
 from pipeline.probe import ProbeConfig, probe
 from pipeline.splits import manifest_path
@@ -84,7 +84,7 @@ def test_an_imported_member_gets_the_papers_cifar_preprocessing(tiny_cifar, tmp_
     assert prov["preprocessing"]["mean"] == pytest.approx(recipes.CIFAR_MEAN)  # not ImageNet's statistics
     assert store.split_attrs("cifar10", "test")["kind"] == "cifar10"
     # By hand: CIFAR statistics, Resize(256, bicubic), CenterCrop(224), the backbone.
-    member = load_member(tmp_path / "runs", f"paper2={tmp_path / 'seed2.pt'}", torch.device("cpu"))
+    member = frozen_member(tmp_path / "runs", f"paper2={tmp_path / 'seed2.pt'}", torch.device("cpu"))
     mean, std = (torch.tensor(recipes.CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(recipes.CIFAR_STD).view(1, 3, 1, 1))
     x = (torch.from_numpy(cifar_pixels(tiny_cifar)) - mean) / std
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_a_timecat_member_keeps_its_statistics_and_gets_cifar_views(tiny_cifar, 
         ExtractConfig("cifar10", ("run0",), batch_size=8, views=1, view_seed=4), tiny_cifar, pipeline_run["runs"], path
     )
     store = cache.open(path)
-    member = load_member(pipeline_run["runs"], "run0", torch.device("cpu"))
+    member = frozen_member(pipeline_run["runs"], "run0", torch.device("cpu"))
     own = member.payload["preprocess"]
     prov = store.provenance("cifar10", "train", "run0", view=0)
     assert prov["preprocessing"]["mean"] == pytest.approx(own["mean"])  # its pretraining's, not CIFAR's
@@ -144,7 +144,7 @@ def test_precision_is_chosen_recorded_and_never_mixed(pipeline_run, tmp_path):
     assert fp32.provenance("digits", "test", "run1")["precision"] == "fp32"  # the CPU default
     X16, X32 = bf16.features("digits", "test", ["run1"])[0], fp32.features("digits", "test", ["run1"])[0]
     assert not np.array_equal(X16, X32) and np.abs(X16 - X32).max() < 0.05 * np.abs(X32).max()
-    with pytest.raises(TimecatError, match="from another precision.*--overwrite"):
+    with pytest.raises(cache.CacheError, match="from another precision.*--overwrite"):
         extract(ExtractConfig("digits", ("run1",), precision="fp32"), pipeline_run["data"], pipeline_run["runs"], path)
     assert probe(ProbeConfig("digits", ("run1",)), path)["member_provenance"]["run1"]["precision"] == "bf16"
     with pytest.raises(TimecatError, match=r"unknown precision 'fp16'; choose one of \['bf16', 'fp32'\]"):
@@ -152,7 +152,7 @@ def test_precision_is_chosen_recorded_and_never_mixed(pipeline_run, tmp_path):
 
 
 def test_arrays_cached_before_a_field_was_recorded_are_compared_with_what_they_did():
-    from pipeline.extract import stale_field
+    from cache.provenance import stale_field
 
     old = {"checkpoint_sha256": "a", "preprocessing": {"resolution": 28, "mean": [1, 2, 3]}}  # no interpolation
     area = {"checkpoint_sha256": "a", "preprocessing": {"resolution": 28, "mean": (1, 2, 3), "interpolation": "area"}}

@@ -26,7 +26,7 @@ from test_probe import blob_cache
 
 import cache
 import cli
-from pipeline import checkpoints, results
+from pipeline import checkpoints, options, results
 from pipeline.errors import TimecatError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.prepare import PrepareConfig, prepare
@@ -149,7 +149,7 @@ def test_an_inf_feature_is_refused_then_rewritten_by_extract(copy, protocol, val
         for r in cache.open(copy["cache"]).verify()
         if (r["dataset"], r["split"], r["member"]) == ("digits", "train", "run1")
     ]
-    assert problems == [["unwritten, unreadable or non-finite rows from row 0"]]
+    assert problems == [["member run1 has unwritten, unreadable or non-finite rows from row 0"]]
     assert {
         r["state"] for r in extract(ExtractConfig("digits", ("run1",)), copy["data"], copy["runs"], copy["cache"])
     } == {"kept"}  # a rerun does not scan every value of a large cache ...
@@ -183,7 +183,7 @@ def test_verify_reads_each_arrays_own_metadata(copy):
     writer.append(np.zeros((1, 4), np.float32))  # (not consolidated: as after a kill)
     rows = {(r["split"], r["member"]): r for r in cache.open(copy["cache"]).verify() if r["dataset"] == "digits"}
     assert "array metadata unreadable" in rows[("test", "run0")]["problems"][0]
-    assert "status is 'writing'" in rows[("test", "late")]["problems"][0]
+    assert "member late is 'writing', not 'complete'" in rows[("test", "late")]["problems"][0]
     assert rows[("test", "run1")]["ok"] and rows[("train", "run0")]["ok"]
     out = run("cache", "verify", copy["cache"])
     assert out.exit_code == 1 and "array metadata unreadable" in out.output and out.exception.code == 1
@@ -387,7 +387,7 @@ def malformed(param: click.Parameter) -> list[str]:
     kind = param.type
     if isinstance(kind, click.Choice):
         return ["bogus", ""]
-    if isinstance(kind, cli.CommaList):
+    if isinstance(kind, options.CommaList):
         return ["", ",", "a,a", "1,zz", "-1"]
     if isinstance(kind, click.types.IntParamType):
         return ["-1", "0", "x", "", "99999999999999999999"]

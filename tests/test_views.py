@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cache
-from pipeline.extract import ExtractConfig, extract, load_member, view_preprocess
+from pipeline.extract import ExtractConfig, extract, frozen_member, view_preprocess
 from pipeline.views import ViewSpec, augment, crop_params
 
 
@@ -48,7 +48,7 @@ def test_views_are_cached_per_member_as_the_same_crops(pipeline_run, tmp_path):
 
     # Recompute the first batch of view 1 for each member: it must be what the cache holds.
     for name in members:
-        member = load_member(runs, name, torch.device("cpu"))
+        member = frozen_member(runs, name, torch.device("cpu"))
         pre = Preprocess.from_dict(member.payload["preprocess"])
         images, labels = next(iter(eval_loader(beton_path(data, "digits", "train"), view_preprocess(pre), 128, 1)))
         images, _ = to_model_input(images, labels, torch.device("cpu"))

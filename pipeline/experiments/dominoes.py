@@ -18,38 +18,18 @@ MNIST-Fashion dominoes.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import stats
-from pipeline.errors import TimecatError, check_seed
+from pipeline.configs import DominoesConfig
 from pipeline.progress import get_logger
 
 log = get_logger(__name__)
 
 PAPER = {"direct": 97.0, "probe": 94.0}  # Table 1, MNIST-Fashion dominoes, top-1 %
-
-
-@dataclass(frozen=True)
-class DominoesConfig:
-    """Seeds, budget and folders of the experiment."""
-
-    workdir: Path = Path("dominoes")  # runs/, features.zarr and results/ go here
-    data_root: Path = Path("data")
-    seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 300  # SGD steps of every CNN, direct or pretrained: equal budgets
-    batch_size: int = 128
-    arch: str = "small-resnet"
-
-    def __post_init__(self):
-        if not self.seeds:
-            raise TimecatError("give at least one seed")
-        for seed in self.seeds:
-            check_seed(seed)
-        if self.steps < 1:
-            raise TimecatError(f"steps must be at least 1, got {self.steps}")
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -109,13 +89,13 @@ def _head_on_balanced(runs: Path, name: str, data_root: Path) -> float:
     """Top-1 of a mixture-pretrained CNN, with its own head, on the balanced test set."""
     import torch
 
-    from pipeline.extract import load_member
+    from pipeline.extract import frozen_member
     from pipeline.loaders import eval_loader
     from pipeline.pretrain import evaluate
     from pipeline.splits import Preprocess, beton_path
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    member = load_member(runs, name, device)  # frozen, eval mode, channels_last, as extraction loads it
+    member = frozen_member(runs, name, device)  # frozen, eval mode, channels_last, as extraction loads it
     pre = Preprocess.from_dict(member.payload["preprocess"])
     loader = eval_loader(beton_path(data_root, "dominoes-balanced", "test"), pre, 256, 2)
     return evaluate(member.model, loader, device)["top1"]
@@ -139,3 +119,21 @@ def plot(summary: dict, out: Path) -> Path:
     ax.set_title(f"dominoes, {len(summary['seeds'])} seeds, {summary['steps']} steps each", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     return save_figure(fig, out, {"experiment": "dominoes", "summary": summary})
+
+
+def format_summary(summary: dict) -> list[str]:
+    """``timecat dominoes``'s report: each model's mean ± std over seeds, the gap with its interval, the head."""
+    lines = []
+    for key, label in (("direct", "direct training on balanced"), ("probe", "probe of mixture-pretrained CNN")):
+        runs = ", ".join(f"{v:.2f}" for v in summary[key]["runs"])
+        lines.append(f"{label:<33} {summary[key]['mean']:6.2f} +- {summary[key]['std']:.2f} %  ({runs})")
+    ci = summary["gap_ci95"]
+    interval = f" [95% CI {ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (no interval from one seed)"
+    seeds = len(summary["direct"]["runs"])
+    lines.append(f"gap {summary['gap']:+.2f} points{interval} (paper: 97 vs 94, gap +3) over {seeds} seed(s)")
+    head = summary["mixture_head"]
+    lines.append(
+        f"mixture CNN's own head: {head['mixture_test']['mean']:.2f}% where the digit agrees (mixture test), "
+        f"{head['balanced_test']['mean']:.2f}% on balanced test"
+    )
+    return [*lines, f"plot: {summary['plot']}  ({summary['wall_s']:.0f} s)"]

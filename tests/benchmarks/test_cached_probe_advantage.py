@@ -18,7 +18,7 @@ import torch
 from conftest import make_fashion_root
 
 from pipeline import bn_linear_head as bn_head
-from pipeline.extract import ExtractConfig, extract, load_member
+from pipeline.extract import ExtractConfig, extract, frozen_member
 from pipeline.loaders import eval_loader, to_model_input, train_loader
 from pipeline.prepare import PrepareConfig, prepare
 from pipeline.pretrain import PretrainConfig, pretrain
@@ -33,7 +33,7 @@ RECIPE = bn_head.TcRecipe()
 def uncached_head_s(data: Path, runs: Path) -> tuple[float, float]:
     """The paper's way: every step decodes, augments and runs the backbones again. Returns (seconds, top-1)."""
     device = torch.device("cpu")
-    members = [load_member(runs, name, device) for name in MEMBERS]
+    members = [frozen_member(runs, name, device) for name in MEMBERS]
     pre = Preprocess.from_dict(members[0].payload["preprocess"])
     dim = sum(m.model.feature_dim for m in members)
     head = torch.nn.Sequential(torch.nn.BatchNorm1d(dim), torch.nn.Linear(dim, 10))

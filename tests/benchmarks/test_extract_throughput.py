@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from conftest import make_fashion_root
 
-from pipeline.extract import ExtractConfig, extract, extract_batch, load_member
+from pipeline.extract import ExtractConfig, extract, extract_batch, frozen_member
 from pipeline.loaders import eval_loader, to_model_input
 from pipeline.prepare import PrepareConfig, prepare
 from pipeline.pretrain import PretrainConfig, pretrain
@@ -35,7 +35,7 @@ REPEATS = 2
 
 def decoded_batches(data: Path, runs: Path) -> tuple[list, list[torch.Tensor]]:
     """The members and every batch of the split, decoded once and held in memory."""
-    members = [load_member(runs, name, torch.device("cpu")) for name in MEMBERS]
+    members = [frozen_member(runs, name, torch.device("cpu")) for name in MEMBERS]
     pre = Preprocess.from_dict(members[0].payload["preprocess"])
     loader = eval_loader(beton_path(data, "fashion-mnist", "train"), pre, BATCH, 2)
     return [m.model for m in members], [to_model_input(x, y, torch.device("cpu"))[0] for x, y in loader]

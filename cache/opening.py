@@ -1,0 +1,75 @@
+"""Opening a cache: a path or fsspec URL in, a reader (or, to add arrays, a writer) out."""
+
+from __future__ import annotations
+
+import os
+
+import zarr
+
+from cache import layout
+from cache.errors import CacheError
+from cache.reader import Cache, consolidated_metadata
+from cache.writer import WritableCache
+
+# fsspec URL schemes and the package that serves each (for the error when it is missing).
+FSSPEC_DRIVERS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub"}
+
+
+def open(  # noqa: A001
+    path: str, mode: str = "r", storage_options: dict | None = None, use_consolidated: bool | None = None
+) -> Cache | WritableCache:
+    """Open the cache at ``path`` (a local path or any fsspec URL zarr accepts).
+
+    ``mode`` is ``"r"`` to read (a ``Cache``), ``"a"`` to read and add arrays (a
+    ``WritableCache``; the store is created if absent).
+    ``use_consolidated=False`` reads every array's own metadata (``verify`` does).
+    """
+    if mode not in ("r", "a"):
+        raise CacheError(f"unknown mode {mode!r}; choose 'r' or 'a'")
+    path = str(path)
+    if mode == "a":
+        _check_writable(path)
+    try:
+        with consolidated_metadata():
+            group = _open_group(path, mode, storage_options, use_consolidated)
+    except FileNotFoundError:
+        raise CacheError(
+            f"no feature cache at {path}: run `timecat extract` first (--cache or TIMECAT_CACHE names another)"
+        ) from None
+    except ImportError as e:  # fsspec or its driver for the URL's scheme
+        scheme = path.split("://", 1)[0]
+        package = FSSPEC_DRIVERS.get(scheme, "fsspec and the driver for " + scheme)
+        raise CacheError(f"{path}: reading {scheme}:// caches needs {package} (pip install {package}): {e}") from None
+    except PermissionError as e:
+        raise CacheError(f"cache {path} cannot be read ({e.strerror}): check its permissions") from None
+    except (ValueError, TypeError, KeyError) as e:  # a root zarr.json that is not metadata
+        raise CacheError(f"{path} is not a readable zarr store ({type(e).__name__}: {e})") from None
+    version = group.attrs.get("format_version")
+    if version != layout.FORMAT_VERSION:
+        raise CacheError(f"{path} is not a timecat cache of format {layout.FORMAT_VERSION} (found {version!r})")
+    return (WritableCache if mode == "a" else Cache)(group, path, mode)
+
+
+def _open_group(path: str, mode: str, storage_options, use_consolidated) -> zarr.Group:
+    if mode == "r":
+        return zarr.open_group(store=path, mode="r", storage_options=storage_options, use_consolidated=use_consolidated)
+    # Writers never trust consolidated metadata: it may be stale.
+    group = zarr.open_group(store=path, mode="a", use_consolidated=False, storage_options=storage_options)
+    group.attrs.setdefault("format_version", layout.FORMAT_VERSION)
+    return group
+
+
+def _check_writable(path: str) -> None:
+    """Refuse, before any work, a cache that writes cannot reach or keep."""
+    if path.startswith("memory://"):
+        raise CacheError(f"{path}: a memory:// cache keeps nothing once the process ends; give a path or a URL")
+    if "://" in path and not path.startswith("file://"):
+        return  # remote stores report their own permission errors
+    local = path.removeprefix("file://")
+    existing = local
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip("/")) or "."
+    if not os.access(existing or ".", os.W_OK):
+        raise CacheError(
+            f"cache {path} is not writable ({existing} refuses writes): check its permissions or use another --cache"
+        )
