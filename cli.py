@@ -9,22 +9,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 
 from pipeline import __version__
 from pipeline.configs import (
-    ARCH_NAMES,
-    PRESETS,
-    PROTOCOLS,
+    DemoConfig,
+    DiversityConfig,
+    DominoesConfig,
     ExtractConfig,
+    PlanConfig,
     PrepareConfig,
     PretrainConfig,
     ProbeConfig,
+    ReportConfig,
+    ToyConfig,
 )
-from pipeline.report import LAYOUTS, METRICS
+from pipeline.options import NAMES, config_options, make_config
 
 
 def _location(flag: str, default: str, env: str, what: str, dest: str | None = None, is_path: bool = True):
@@ -42,6 +45,18 @@ RESULTS = _location("--results", "results", "TIMECAT_RESULTS", "Folder of probe 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
+def _out(data, as_json: bool, lines) -> None:
+    """Print a command's result once: as JSON, or as the text lines ``lines(data)`` makes of it."""
+    click.echo(json.dumps(data, indent=1) if as_json else "\n".join(lines(data)))
+
+
+def _require(params: dict, *names: str) -> None:
+    """A usage error naming the options that a command needs and were not given."""
+    missing = [f"--{name.replace('_', '-')}" for name in names if params[name] is None]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)}")
+
+
 def _without_option(argv: list[str], flag: str) -> list[str]:
     """``argv`` without ``flag VALUE`` / ``flag=VALUE`` (to hand the rest to launched processes)."""
     out, skip = [], False
@@ -53,144 +68,6 @@ def _without_option(argv: list[str], flag: str) -> list[str]:
         elif not arg.startswith(flag + "="):
             out.append(arg)
     return out
-
-
-def _fractions(value: str) -> tuple[float, float]:
-    """'0.74,0.86' -> (0.74, 0.86); anything else is a usage error that shows the form."""
-    try:
-        start, end = (float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not START,END (two fractions of the budget, e.g. 0.74,0.86)") from None
-    return start, end
-
-
-class CommaList(click.ParamType):
-    """``a,b,c`` -> a tuple, each item converted; bad or empty items are a usage error that names them."""
-
-    def __init__(self, convert_item, what: str, example: str, unique: bool = False):
-        self.convert_item, self.what, self.example, self.unique = convert_item, what, example, unique
-        self.name = f"{what} list"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        items = [item.strip() for item in str(value).split(",")]
-        bad, out = [], []
-        for item in items:
-            try:
-                out.append(self.convert_item(item))
-            except (TypeError, ValueError):
-                bad.append(item)
-        if bad:
-            self.fail(
-                f"{bad} are not {self.what}s; give comma-separated {self.what}s such as {self.example}", param, ctx
-            )
-        if self.unique and len(set(out)) != len(out):
-            self.fail(f"an item is named twice in {value!r}", param, ctx)
-        return tuple(out)
-
-
-def _positive(item: str) -> float:
-    number = float(item)
-    if not number > 0 or number == float("inf"):
-        raise ValueError(item)
-    return number
-
-
-def _name(item: str) -> str:
-    if not item:
-        raise ValueError(item)
-    return item
-
-
-def _integer(item: str) -> int:
-    if not item.lstrip("-").isdigit():
-        raise ValueError(item)
-    return int(item)
-
-
-POSITIVE_NUMBERS = CommaList(_positive, "positive number", "1e-4,5e-4")
-INTEGERS = CommaList(_integer, "integer", "0,1,2", unique=True)
-NAMES = CommaList(_name, "name", "run0,run1", unique=True)
-
-
-class FractionPair(click.ParamType):
-    """``START,END`` -> (start, end); a tuple passes through (a config default)."""
-
-    name = "START,END"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            return _fractions(value)
-        except click.BadParameter as e:
-            self.fail(e.message, param, ctx)
-
-
-def _param_type(field):
-    """The click type of a config field, from its annotation and metadata (pipeline.configs.param)."""
-    meta, kind = field.metadata, str(field.type)
-    low = meta.get("low")
-    if meta.get("choices"):
-        return click.Choice(list(meta["choices"]))
-    for prefix, list_type in (("tuple[float, ...]", POSITIVE_NUMBERS), ("tuple[int, ...]", INTEGERS)):
-        if kind.startswith(prefix):
-            return list_type
-    if kind.startswith("tuple[str, ...]"):
-        return NAMES
-    if kind.startswith("tuple[float, float]"):
-        return FractionPair()
-    if kind.startswith("int"):
-        bounded = low is not None or meta.get("high") is not None
-        return click.IntRange(min=low, max=meta.get("high")) if bounded else int
-    if kind.startswith("float"):
-        return click.FloatRange(min=low, min_open=meta.get("low_open", False)) if low is not None else float
-    if kind.startswith("Path"):
-        return click.Path(path_type=Path)
-    return str
-
-
-def _option(field):
-    """One click option declared by a config field: its flag, type, default and help come from the field."""
-    meta = field.metadata
-    flag = meta.get("flag") or "--" + field.name.replace("_", "-")
-    text = meta.get("help", "") + (f" Unit: {meta['unit']}." if meta.get("unit") else "")
-    if str(field.type) == "bool":
-        return click.option(flag, field.name, is_flag=True, default=field.default, help=text)
-    default = None if field.default is MISSING else field.default
-    shown = (
-        ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) if isinstance(default, tuple) else None
-    )
-    kind = _param_type(field)
-    return click.option(
-        flag, field.name, type=kind, default=default, show_default=shown or default is not None, help=text
-    )
-
-
-def config_options(config_cls, skip: tuple[str, ...] = ()):
-    """Options for every field of ``config_cls`` that the command line sets (pipeline.configs), in field order.
-
-    A field whose ``cli`` metadata is a sentence is set another way (an argument, a shared option, a plan).
-    """
-    chosen = [f for f in fields(config_cls) if f.metadata.get("cli", True) is True and f.name not in skip]
-
-    def decorate(command):
-        for field in reversed(chosen):
-            command = _option(field)(command)
-        return command
-
-    return decorate
-
-
-def _config(config_cls, params: dict, **given):
-    """``config_cls`` from a command's parameters (the fields it has options for); ``given`` values win."""
-    return config_cls(**{**{f.name: params[f.name] for f in fields(config_cls) if f.name in params}, **given})
-
-
-def _choice(flag: str, choices: list[str], default: str, help_text: str):
-    """An option with fixed choices and a shown default (click lists the choices in --help and in errors)."""
-    return click.option(flag, type=click.Choice(choices), default=default, show_default=True, help=help_text)
 
 
 class TimecatGroup(click.Group):
@@ -222,13 +99,14 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.argument("dataset")
+@click.argument("kind")
 @DATA_ROOT
 @config_options(PrepareConfig)
-def prepare(dataset, data_root, **params):
-    """Write DATASET's train and test splits as FFCV .beton files.
+def prepare(kind, data_root, **params):
+    """Write the train and test splits of a dataset of KIND as FFCV .beton files.
 
-    DATASET is one of fashion-mnist, cifar10, cifar100, digits, imagenet,
+    KIND (the dataset's registered kind, which picks its reader and recipes) is
+    one of fashion-mnist, cifar10, cifar100, digits, imagenet,
     inat2018, imagefolder, dominoes-mixture, dominoes-balanced (a digit above a
     Fashion-MNIST dress or coat, agreeing with the label 99% or 50% of the time).
     imagenet reads DATA_ROOT/imagenet/{train,val} (or --train/--test);
@@ -242,10 +120,10 @@ def prepare(dataset, data_root, **params):
     Example: timecat prepare imagenet --train /data/imagenet/train --test /data/imagenet/val --on-corrupt skip
     Example: timecat prepare imagenet --name imagenet-mixed --storage mixed
     """
-    from pipeline.prepare import prepare as run
+    from pipeline.prepare import prepare as prepare_stage
 
-    config = _config(PrepareConfig, params, dataset=dataset, data_root=data_root)
-    for m in run(config):
+    config = make_config(PrepareConfig, params, kind=kind, data_root=data_root)
+    for m in prepare_stage(config):
         click.echo(
             f"{m['name']}/{m['split']}: {m['rows']} images, {len(m['classes'])} classes, fingerprint {m['fingerprint']}"
         )
@@ -293,103 +171,51 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
 
     if plan_path is not None:
         plan = plans.load(plan_path)
-        _refuse_overrides(click.get_current_context(), plan, plan_path, only)
+        problem = plans.override_problem(plan, plan_path, _typed(click.get_current_context()), only)
+        if problem:
+            raise click.UsageError(problem)
         chosen = [plan.member(only)] if only else list(plan.members)
-        configs = [_config(PretrainConfig, params, **_from_plan(plan, m)) for m in chosen]
+        configs = [make_config(PretrainConfig, params, **plans.member_fields(plan, m)) for m in chosen]
     else:
         if only is not None:
             raise click.UsageError(f"--member {only} picks a member of --plan FILE; without a plan, use --name")
         missing = [f"--{k}" for k in ("name", "dataset", "seed", "steps") if params[k] is None]
         if missing:
             raise click.UsageError(f"missing {', '.join(missing)} (or give --plan FILE)")
-        configs = [_config(PretrainConfig, params)]
+        configs = [make_config(PretrainConfig, params)]
     outcomes = pretrain_all(configs, data_root, runs)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
-    if as_json:
-        click.echo(json.dumps(outcomes if plan_path else outcomes[0], indent=1))
-        return
-    for r in outcomes:
-        click.echo(f"{r['name']}: {r['step']} steps, test top-1 {r['test_top1']:.2f}% -> {r['checkpoint']}")
+    line = "{name}: {step} steps, test top-1 {test_top1:.2f}% -> {checkpoint}"
+    _out(outcomes if plan_path else outcomes[0], as_json, lambda _: [line.format(**r) for r in outcomes])
 
 
-def _from_plan(plan, member) -> dict:
-    """The fields a plan decides for one of its members."""
-    return {
-        "name": member.name,
-        "dataset": plan.dataset,
-        "seed": member.seed,
-        "steps": member.steps,
-        "arch": member.arch,
-        "width": member.width,
-        "batch_size": plan.batch_size,
-    }
-
-
-def _typed(ctx: click.Context, name: str) -> bool:
-    """Whether the user gave option ``name`` (command line or environment), not its default."""
+def _typed(ctx: click.Context) -> dict:
+    """The options the user gave (command line or environment), not left at their defaults."""
     from click.core import ParameterSource
 
-    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-
-
-def _refuse_overrides(ctx: click.Context, plan, plan_path: Path, only: str | None) -> None:
-    """With --plan, refuse typed options the plan decides: a silent winner would train another member."""
-    per_member = [f"--{k}" for k in ("name", "seed", "steps", "arch", "width") if _typed(ctx, k)]
-    if per_member:
-        hint = f"--member {only}" if only else "--member NAME to train one of them"
-        raise click.UsageError(
-            f"{', '.join(per_member)} cannot go with --plan {plan_path}: the plan sets each member's name, seed, "
-            f"steps, arch and width; leave them out (use {hint}), or drop --plan"
-        )
-    for key, flag in (("dataset", "--dataset"), ("batch_size", "--batch-size")):
-        typed, planned = ctx.params[key], getattr(plan, key)
-        if _typed(ctx, key) and typed != planned:
-            raise click.UsageError(
-                f"{flag} {typed} conflicts with the plan's {key} {planned} ({plan_path}); leave {flag} out, or "
-                "make a plan with that value (`timecat plan`)"
-            )
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {name: value for name, value in ctx.params.items() if ctx.get_parameter_source(name) in given}
 
 
 @main.command()
-@click.option("--dataset", required=True, help="Prepared dataset the members train on.")
-@click.option("--cat", "cat", type=int, help="N members sharing the budget.")
-@click.option("--total-steps", type=int, help="Total steps S (each member: S / N); per member for paper-table2.")
-@click.option("--preset", type=click.Choice(list(PRESETS)), help="The paper's experiments.")
-@click.option(
-    "--arch",
-    type=click.Choice(list(ARCH_NAMES)),
-    default="resnet50",
-    show_default=True,
-    help="Architecture of --cat members.",
-)
-@click.option(
-    "--seeds", type=INTEGERS, help="Comma-separated seeds (default: the paper's 2,550,23,477,8529, then 0,1,...)."
-)
-@click.option("--batch-size", default=128, show_default=True, help="Images per step, for every member.")
-@click.option("--out", type=click.Path(path_type=Path), default="plan.json", show_default=True)
+@config_options(PlanConfig)
+@click.option("--out", type=click.Path(path_type=Path), default="plan.json", show_default=True, help="Plan file.")
 @JSON
-def plan(dataset, cat, total_steps, preset, arch, seeds, batch_size, out, as_json):
+def plan(out, as_json, **params):
     """Plan a fixed-compute CatN experiment: members, seeds and steps each; write it to OUT.
 
     \b
     Example: timecat plan --dataset imagenet --cat 4 --total-steps 400000
     Example: timecat plan --dataset imagenet --preset paper-table3 --out table3.json
     """
-    from dataclasses import asdict
 
     from pipeline import plan as plans
 
-    seed_list = seeds or None
-    made = plans.make_plan(dataset, cat, total_steps, preset, arch, seed_list, batch_size)
+    _require(params, "dataset")
+    made = plans.make_plan(**asdict(make_config(PlanConfig, params)))
     path = plans.save(made, out)
-    if as_json:
-        click.echo(json.dumps({**asdict(made), "path": str(path)}, indent=1))
-        return
-    for m in made.members:
-        click.echo(f"{m.name:<16} {m.group:<12} seed {m.seed:<5} {m.steps:>9,} steps  {m.arch}")
-    total = sum(m.steps for m in made.members)
-    click.echo(f"{len(made.members)} members, {total:,} steps in all on {dataset} -> {path}")
+    _out({**asdict(made), "path": str(path)}, as_json, lambda _: plans.format_plan(made, path))
 
 
 @main.command()
@@ -404,17 +230,7 @@ def status(plan_path, runs, as_json):
     """
     from pipeline import plan as plans
 
-    rows = plans.status(plans.load(plan_path), runs)
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-        return
-    for r in rows:
-        line = f"{r['member']:<16} {r['group']:<12} {r['state']:<8} {r['step']:>9,} / {r['steps']:,} steps"
-        if r["state"] in ("running", "stopped"):
-            line += f"  (checkpoint at step {r['checkpoint_step']:,})"
-        if r["holder"]:
-            line += f"  pid {r['holder'].get('pid')} on {r['holder'].get('host')}"
-        click.echo(line)
+    _out(plans.status(plans.load(plan_path), runs), as_json, plans.format_status)
 
 
 @main.command()
@@ -440,20 +256,13 @@ def extract(data_root, runs, cache_path, as_json, **params):
     them (CIFAR: scale 0.8-1, bicubic; ImageNet, iNat18 and others: 0.08-1): the
     same crops for every member, for protocol tc.
     """
-    from pipeline.extract import extract as run
+    from pipeline.extract import extract as extract_stage
 
-    for required in ("members", "dataset"):
-        if params[required] is None:
-            raise click.UsageError(f"missing --{required}")
-    config = _config(ExtractConfig, params)
-    summary = run(config, data_root, runs, cache_path)
-    if os.environ.get("RANK", "0") != "0":
-        return  # under torchrun, rank 0 reports for the job
-    if as_json:
-        click.echo(json.dumps(summary, indent=1))
-        return
-    for row in summary:
-        click.echo(f"{_where(row)} {row['member']}: {row['state']}")
+    _require(params, "members", "dataset")
+    config = make_config(ExtractConfig, params)
+    summary = extract_stage(config, data_root, runs, cache_path)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports for the job
+        _out(summary, as_json, lambda rows: [f"{_where(r)} {r['member']}: {r['state']}" for r in rows])
 
 
 @main.command()
@@ -486,16 +295,15 @@ def probe(members, cat, pool, max_subsets, cache_path, results, as_json, **param
     single probe, the C candidates; each record is appended once.
     """
     from pipeline.probe import few_shot, sweep
-    from pipeline.probe import probe as run
-    from pipeline.results import results_path
+    from pipeline.probe import probe as probe_one
+    from pipeline.results import format_record, results_path
 
     if (members is None) == (cat is None):
         raise click.UsageError("give either --members, or --cat N with --from POOL")
     if cat is not None and not pool:
         raise click.UsageError("--cat N needs --from POOL (comma-separated members)")
-    if params["dataset"] is None:
-        raise click.UsageError("missing --dataset")
-    config = _config(ProbeConfig, params, members=members or pool)
+    _require(params, "dataset")
+    config = make_config(ProbeConfig, params, members=members or pool)
     shots, draws = config.shots, config.draws
     path = results_path(results)
     if cat is None and shots is not None:
@@ -504,10 +312,10 @@ def probe(members, cat, pool, max_subsets, cache_path, results, as_json, **param
         _print_many(records, summary, what, "draws", path, as_json)
         return
     if cat is None:
-        record = run(config, cache_path, results)
+        record = probe_one(config, cache_path, results)
         if os.environ.get("RANK", "0") != "0":
             return  # under torchrun, rank 0 reports for the job
-        click.echo(json.dumps(record, indent=1) if as_json else _probe_line(record, path))
+        _out(record, as_json, lambda r: [format_record(r, path)])
         return
     records, summary = sweep(config, pool, cat, max_subsets, cache_path, results)
     if shots is None:
@@ -520,34 +328,12 @@ def probe(members, cat, pool, max_subsets, cache_path, results, as_json, **param
 
 def _print_many(records: list[dict], summary: dict, what: str, over: str, path, as_json: bool) -> None:
     """A sweep's or few-shot probe's records and their mean ± sample std (rank 0 only under torchrun)."""
-    if os.environ.get("RANK", "0") != "0":
-        return
-    if as_json:
-        click.echo(json.dumps({"records": records, "summary": summary}, indent=1))
-        return
-    for record in records:
-        click.echo(_probe_line(record, path))
-    top1, top5 = summary["top1"], summary["top5"]
-    click.echo(
-        f"{what} on {records[0]['dataset']}: top-1 {top1['mean']:.2f} ± "
-        f"{top1['std']:.2f}%, top-5 {top5['mean']:.2f} ± {top5['std']:.2f}% (mean ± sample std over {over})"
-    )
+    from pipeline.results import format_many
 
-
-def _probe_line(record: dict, path) -> str:
-    chosen = ", ".join(f"{k}={v:.3g}" for k, v in record["chosen"].items() if k in ("C", "weight_decay"))
-    lo, hi = record["top1_ci95"]
-    held = record["holdout"]
-    line = (
-        f"{record['id']}  {','.join(record['members'])} on {record['dataset']}: top-1 {record['top1']:.2f}% "
-        f"[95% CI {lo:.2f}, {hi:.2f}], top-5 {record['top5']:.2f}% ({record['protocol']}, {chosen}, "
-        f"{record['dim']} dims, held out {held['held_out_rows']:,} rows of {held['held_out_classes']:,} / "
-        f"{held['classes']:,} classes, {record['backend']}{' ' + record['precision'] if 'precision' in record else ''})"
-        f" -> {path}"
-    )
-    if "top1_eval_selected" in record:
-        line += f"\n  paper's selection on the eval split (optimistic): {record['top1_eval_selected']:.2f}%"
-    return line
+    if os.environ.get("RANK", "0") == "0":
+        _out(
+            {"records": records, "summary": summary}, as_json, lambda _: format_many(records, summary, what, over, path)
+        )
 
 
 @main.command()
@@ -566,19 +352,12 @@ def results(patterns, results, as_json):
     Example: timecat results dataset=digits n_members=4
     Example: timecat results 'members=*run3*' 'top1>=90' backend=torch --json
     """
-    from pipeline import results as store
+    from pipeline import results as records
 
-    rows = store.select(store.load(results), list(patterns))
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-        return
-    for r in rows:
-        ci = "[{:.2f}, {:.2f}]  ".format(*r["top1_ci95"]) if r.get("top1_ci95") else ""
-        click.echo(
-            f"{r['id']}  {r['time'][:19]}  {r['dataset']}  {r['protocol']}/{r.get('backend', '?')}  "
-            f"{','.join(r['members'])}  top-1 {r['top1']:.2f} {ci} top-5 {r['top5']:.2f}  {r['wall_s']:.1f} s"
-        )
-    click.echo(f"{len(rows)} record(s)", err=True)
+    rows = records.select(records.load(results), list(patterns))
+    _out(rows, as_json, lambda rows: [records.format_row(r) for r in rows])
+    if not as_json:
+        click.echo(f"{len(rows)} record(s)", err=True)
 
 
 @main.command()
@@ -600,40 +379,15 @@ def compare(id_a, id_b, resamples, seed, results, as_json):
     """
     from pipeline import report as rep
 
-    out = rep.compare(results, id_a, id_b, resamples, seed)
-    if as_json:
-        click.echo(json.dumps(out, indent=1))
-        return
-    lo, hi = out["ci95"]
-    a, b = out["a"], out["b"]
-    click.echo(
-        f"{','.join(a['members'])} ({a['top1']:.2f}%) - {','.join(b['members'])} ({b['top1']:.2f}%) on "
-        f"{out['dataset']}/{out['eval_split']}: {out['difference']:+.2f} points [95% CI {lo:+.2f}, {hi:+.2f}] over "
-        f"{out['rows']:,} rows ({out['only_a_correct']} right only for A, {out['only_b_correct']} only for B)"
-    )
-    verdict = "the interval excludes 0" if out["excludes_zero"] else "the interval includes 0: no difference shown"
-    click.echo(verdict)
+    _out(rep.compare(results, id_a, id_b, resamples, seed), as_json, rep.format_compare)
 
 
 @main.command()
 @RESULTS
-@_choice(
-    "--layout",
-    list(LAYOUTS),
-    LAYOUTS[0],
-    "table3: CatN at fixed total steps. table2: parameter-matched (architectures and CatN).",
-)
-@_choice("--protocol", list(PROTOCOLS), PROTOCOLS[0], "Which protocol's records to report.")
-@_choice(
-    "--metric",
-    list(METRICS),
-    "top1",
-    "top1: chosen on held-out train rows. top1_eval_selected (tc): the paper's code's best epoch and weight "
-    "decay on the eval split, OPTIMISTIC, only to compare with its tables.",
-)
+@config_options(ReportConfig)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG path (default: RESULTS/catn.png).")
 @JSON
-def report(results, layout, protocol, metric, plot_path, as_json):
+def report(results, plot_path, as_json, **params):
     """Print probe results in the paper's Table 3 (or Table 2) layout and save plots.
 
     A cell is one probe's top-1 with its 95% bootstrap interval, or mean ± sample
@@ -649,16 +403,9 @@ def report(results, layout, protocol, metric, plot_path, as_json):
     """
     from pipeline import report as rep
 
-    written = rep.write(results, layout, protocol, metric, plot_path)
-    data, shots, plots = written["table"], written["shots"], written["plots"]
-    if as_json:
-        click.echo(json.dumps({**(data or {}), "shots": shots, "plots": plots}, indent=1))
-        return
-    if data is not None:
-        click.echo(rep.format_table(data))
-    if shots is not None:
-        click.echo(rep.format_shots(shots))
-    click.echo("plots: " + ", ".join(plots))
+    written = rep.write(results, **params, plot_path=plot_path)
+    shown = {**(written["table"] or {}), "shots": written["shots"], "plots": written["plots"]}
+    _out(shown, as_json, lambda _: rep.format_written(written))
 
 
 @main.command()
@@ -675,14 +422,9 @@ def export(member, out, runs):
     Example: timecat export run0 --out run0_resnet50.pth
     Example: timecat export algoperf/seed2/checkpoint.pt --out seed2.pth
     """
-    from cache.layout import check_name
     from pipeline import checkpoints, interop
-    from pipeline.checkpoints import checkpoint_path
 
-    if interop.is_foreign(member):
-        payload = interop.load_foreign(interop.foreign_name_and_path(member)[1])
-    else:
-        payload = checkpoints.load(checkpoint_path(runs, check_name("member", member)))
+    payload = checkpoints.load_member(runs, member, finished=False).payload
     path = interop.export_torchvision(payload, out)
     click.echo(f"{member} -> {path} (torchvision resnet50, num_classes={payload['num_classes']})")
 
@@ -711,16 +453,12 @@ def cache_ls(cache_path, as_json):
     """
     import cache
 
-    rows = cache.open(cache_path).summary()
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-        return
-    for r in rows:
-        sha = (r["provenance"].get("checkpoint_sha256") or "?")[:12]
-        click.echo(
-            f"{_where(r)} {r['member']}: {r['rows']} x {r['dim']} {r['dtype']}, "
-            f"{r['status']}, checkpoint {sha}, steps {r['provenance'].get('steps', '?')}"
-        )
+    def line(r: dict) -> str:
+        sha, steps = (r["provenance"].get("checkpoint_sha256") or "?")[:12], r["provenance"].get("steps", "?")
+        shape = f"{r['rows']} x {r['dim']} {r['dtype']}"
+        return f"{_where(r)} {r['member']}: {shape}, {r['status']}, checkpoint {sha}, steps {steps}"
+
+    _out(cache.open(cache_path).summary(), as_json, lambda rows: [line(r) for r in rows])
 
 
 @cache_group.command("verify")
@@ -736,35 +474,25 @@ def cache_verify(path, as_json):
     """
     import cache
 
+    def line(r: dict) -> str:
+        verdict = "ok" if r["ok"] else "PROBLEM: " + "; ".join(r["problems"])
+        shape = tuple(r["shape"]) if r["shape"] is not None else "(metadata unreadable)"
+        what = f"{r['member']} {shape}" if r["member"] is not None else "labels "
+        return f"{_where(r)} {what}: {verdict}"
+
     rows = cache.open(path).verify()
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-    else:
-        for r in rows:
-            verdict = "ok" if r["ok"] else "PROBLEM: " + "; ".join(r["problems"])
-            shape = tuple(r["shape"]) if r["shape"] is not None else "(metadata unreadable)"
-            what = r["member"] if r["member"] is not None else "labels"
-            click.echo(f"{_where(r)} {what} {'' if r['member'] is None else shape}: {verdict}")
+    _out(rows, as_json, lambda rows: [line(r) for r in rows])
     bad = sum(not r["ok"] for r in rows)
     if bad:
         raise click.ClickException(f"{bad} of {len(rows)} arrays have problems")
 
 
 @main.command()
-@click.option("--mixtures", default=200, show_default=True, help="Random mixture weights drawn, Dirichlet(1,1,1,1).")
-@_choice(
-    "--penalty",
-    ["l1", "weight-decay", "none"],
-    "l1",
-    "Sparsity bias: explicit L1 on a linear rule, weight decay on a two-layer diagonal linear net, or none.",
-)
-@click.option("--strength", default=0.01, show_default=True, help="Penalty coefficient.")
-@_choice("--loss", ["sigmoid", "logistic"], "sigmoid", "sigmoid: a smooth 0-1 loss (the paper's best rule); logistic.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the mixtures and initial weights.")
+@config_options(ToyConfig)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG path (default: RESULTS/toy.png).")
 @RESULTS
 @JSON
-def toy(mixtures, penalty, strength, loss, seed, plot_path, results, as_json):
+def toy(plot_path, results, as_json, **params):
     """The paper's Section 3 counterexample: a sparse rule of a mixture fails half of it.
 
     Four components over two features (phi1, phi2), each linearly separable on
@@ -787,49 +515,19 @@ def toy(mixtures, penalty, strength, loss, seed, plot_path, results, as_json):
     """
     from pipeline.experiments import toy as toys
 
-    config = toys.ToyConfig(mixtures=mixtures, seed=seed, penalty=penalty, strength=strength, loss=loss)
+    config = make_config(ToyConfig, params)
     result = toys.run(config)
     png = toys.plot(result, plot_path or Path(results) / "toy.png")
-    summary = {**result["summary"], "plot": str(png)}
-    if as_json:
-        click.echo(json.dumps(summary, indent=1))
-        return
-    click.echo(f"{mixtures} mixtures, {loss} loss, penalty {penalty} ({strength}):")
-    click.echo(
-        f"  accuracy on its own mixture:       {summary['mixture_rule_accuracy']:.1%} "
-        f"(best linear rule: {summary['best_rule_accuracy']:.1%})"
-    )
-    click.echo(
-        f"  rules reading one feature, so that its probe fails 2 of 4 components: {summary['one_feature']:.1%} "
-        f"(reading none: {summary['no_feature']:.1%})"
-    )
-    click.echo(f"  a feature is kept above {summary['kept_threshold']:.1%} of the rule's largest weight; at other")
-    click.echo(
-        "  thresholds, rules reading one feature: "
-        + ", ".join(f"{float(t):.1%}: {v['one_feature']:.1%}" for t, v in summary["threshold_sensitivity"].items())
-    )
-    click.echo("  mean accuracy per component P1..P4:")
-    rows = {
-        "mixture rule": "mean_mixture_rule_accuracy",
-        "probe of kept features": "mean_probe_accuracy",
-        "direct training": "direct_accuracy",
-    }
-    for label, key in rows.items():
-        click.echo(f"    {label:<24}" + "  ".join(f"{100 * a:5.1f}" for a in summary[key]))
-    click.echo(f"plot: {png}")
+    _out({**result["summary"], "plot": str(png)}, as_json, lambda summary: toys.format_summary(summary, config))
 
 
 @main.command()
-@click.option("--members", type=NAMES, required=True, help="Comma-separated cached members, e.g. run3,run4,run5,run6.")
-@click.option("--dataset", required=True, help="Cached dataset.")
-@click.option("--split", default="test", show_default=True, help="Split whose rows CKA is measured on.")
-@click.option("--rows", default=10_000, show_default=True, help="At most this many rows (seeded sample) for CKA.")
-@click.option("--no-probe", is_flag=True, help="CKA only: skip probing each member and the concatenation.")
+@config_options(DiversityConfig)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG path (default: RESULTS/diversity.png).")
 @CACHE
 @RESULTS
 @JSON
-def diversity(members, dataset, split, rows, no_probe, plot_path, cache_path, results, as_json):
+def diversity(plot_path, cache_path, results, as_json, **params):
     """How different members' features are: linear CKA between every pair, from the cache only.
 
     Beside it, the logreg probe top-1 of each member alone and of their
@@ -845,34 +543,17 @@ def diversity(members, dataset, split, rows, no_probe, plot_path, cache_path, re
     """
     from pipeline.experiments import diversity as div
 
-    config = div.DiversityConfig(dataset, members, split=split, rows=rows, probe=not no_probe)
-    summary, _ = div.run(config, cache_path, results)
-    png = div.plot(summary, plot_path or Path(results) / "diversity.png")
-    summary["plot"] = str(png)
-    if as_json:
-        click.echo(json.dumps(summary, indent=1))
-        return
-    names = summary["members"]
-    width = max(len(n) for n in names) + 2
-    click.echo(f"linear CKA on {dataset}/{split} ({summary['rows']} rows):")
-    click.echo(" " * width + "".join(f"{n:>{width}}" for n in names))
-    for name, row in zip(names, summary["cka"], strict=True):
-        click.echo(f"{name:<{width}}" + "".join(f"{v:>{width}.3f}" for v in row))
-    click.echo(f"mean pairwise CKA: {summary['mean_pairwise_cka']:.3f}")
-    for subset, top1 in summary["top1"].items():
-        click.echo(f"probe top-1 {subset}: {top1:.2f}%")
-    click.echo(f"plot: {png}")
+    _require(params, "members", "dataset")
+    summary, _ = div.run(make_config(DiversityConfig, params), cache_path, results)
+    summary["plot"] = str(div.plot(summary, plot_path or Path(results) / "diversity.png"))
+    _out(summary, as_json, div.format_summary)
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default="dominoes", show_default=True)
+@config_options(DominoesConfig)
 @DATA_ROOT
-@click.option(
-    "--seeds", type=INTEGERS, default="0,1,2", show_default=True, help="Comma-separated seeds, one run of each model."
-)
-@click.option("--steps", default=300, show_default=True, help="SGD steps of every CNN (equal budgets).")
 @JSON
-def dominoes(workdir, data_root, seeds, steps, as_json):
+def dominoes(data_root, as_json, **params):
     """The paper's spurious-feature test (Table 1): direct training against a probe of a mixture-pretrained CNN.
 
     Images stack a digit 0/1 (spurious) above a Fashion-MNIST dress/coat (the
@@ -888,33 +569,16 @@ def dominoes(workdir, data_root, seeds, steps, as_json):
     Example: timecat dominoes
     Example: timecat dominoes --seeds 0 --steps 100 --json
     """
-    from pipeline.experiments.dominoes import DominoesConfig, run
+    from pipeline.experiments import dominoes as dom
 
-    seed_list = seeds
-    summary = run(DominoesConfig(workdir=workdir, data_root=data_root, seeds=seed_list, steps=steps))
-    if as_json:
-        click.echo(json.dumps(summary, indent=1))
-        return
-    for key, label in (("direct", "direct training on balanced"), ("probe", "probe of mixture-pretrained CNN")):
-        runs = ", ".join(f"{v:.2f}" for v in summary[key]["runs"])
-        click.echo(f"{label:<33} {summary[key]['mean']:6.2f} +- {summary[key]['std']:.2f} %  ({runs})")
-    ci = summary["gap_ci95"]
-    interval = f" [95% CI {ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (no interval from one seed)"
-    click.echo(f"gap {summary['gap']:+.2f} points{interval} (paper: 97 vs 94, gap +3) over {len(seed_list)} seed(s)")
-    head = summary["mixture_head"]
-    click.echo(
-        f"mixture CNN's own head: {head['mixture_test']['mean']:.2f}% where the digit agrees (mixture test), "
-        f"{head['balanced_test']['mean']:.2f}% on balanced test"
-    )
-    click.echo(f"plot: {summary['plot']}  ({summary['wall_s']:.0f} s)")
+    _out(dom.run(make_config(DominoesConfig, params, data_root=data_root)), as_json, dom.format_summary)
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default="demo", show_default=True)
+@config_options(DemoConfig)
 @DATA_ROOT
-@click.option("--total-steps", default=1000, show_default=True, help="Budget B shared by every CatN.")
 @JSON
-def demo(workdir, data_root, total_steps, as_json):
+def demo(data_root, as_json, **params):
     """Run the whole pipeline on Fashion-MNIST (and digits for transfer) on a CPU.
 
     Cat1 (1 x B steps), Cat2 (2 x B/2) and Cat4 (4 x B/4) are pretrained, cached,
@@ -923,19 +587,9 @@ def demo(workdir, data_root, total_steps, as_json):
     \b
     Example: timecat demo --workdir demo
     """
-    from pipeline import report as rep
-    from pipeline.experiments.demo import DemoConfig, format_differences, run_demo
+    from pipeline.experiments.demo import format_outcome, run_demo
 
-    outcome = run_demo(DemoConfig(workdir=workdir, data_root=data_root, total_steps=total_steps))
-    if as_json:
-        click.echo(json.dumps(outcome, indent=1))
-    else:
-        click.echo(rep.format_table(outcome["table"]))
-        click.echo("paired differences from Cat1 on the same eval rows (95% bootstrap intervals):")
-        for line in format_differences(outcome["differences"]):
-            click.echo("  " + line)
-        click.echo("plots: " + ", ".join(outcome["plots"]))
-        click.echo("timings (s): " + ", ".join(f"{k} {v}" for k, v in outcome["timings"].items()))
+    _out(run_demo(make_config(DemoConfig, params, data_root=data_root)), as_json, format_outcome)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,19 @@ The five stages, each of which imports shared pieces and never another stage:
 
 Shared pieces:
 
+- configs: every stage's and experiment's frozen config, each field's default, unit and help declared once.
+- options: the command line's option types and options, built from the configs.
+- names: the naming rules of members, datasets and splits; members given as checkpoint files.
 - splits: the prepared splits on disk (paths, manifests, completeness, Preprocess); no FFCV.
 - datasets: the dataset-kind registry and readers of their on-disk formats.
 - loaders: FFCV writing and loading (.beton), seeded train batches, eval batches.
 - seeded: the seeded sampler and crops that make a train order reproducible.
 - views: seeded augmented views of train images for the cached-views protocol.
 - models: the architecture registry (small-resnet, the resnet50 family).
-- checkpoints: the run folder, checkpoint files, their atomic writes and strict loads.
+- checkpoints: the run folder, checkpoint files and their atomic writes, and finding any member (a run or a
+  foreign file) to load.
 - interop: foreign checkpoints (the paper's, AlgoPerf's, torchvision's) in and out.
+- torch_io: weights-only reads, writes that report a full disk, strict state loads.
 - recipes: the paper's probe recipe per dataset kind, and where timecat departs from it.
 - distributed: rank, device and collectives under torchrun (one process otherwise).
 - plan: fixed-compute experiment plans (CatN members, the paper's seeds) and their status.

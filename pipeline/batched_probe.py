@@ -30,7 +30,7 @@ STATE_COPIES = 2 * bl.HISTORY + 8  # weight-sized tensors L-BFGS keeps per probl
 
 
 @dataclass(frozen=True)
-class Plan:
+class SolverSettings:
     """The C search and refit settings (ProbeConfig's), and the memory budget of one batch."""
 
     c_grid: tuple[float, ...]
@@ -158,7 +158,7 @@ class _Bar:
         self.bar.close()
 
 
-def solve(rows: Rows, problems, width: int, plan: Plan, max_iter: int, desc: str, init=None):
+def solve(rows: Rows, problems, width: int, solver: SolverSettings, max_iter: int, desc: str, init=None):
     """One batched fit over ``rows`` with a progress bar; returns (params, end states)."""
     bar = _Bar(max_iter, desc)
     try:
@@ -168,9 +168,9 @@ def solve(rows: Rows, problems, width: int, plan: Plan, max_iter: int, desc: str
             problems,
             width,
             max_iter=max_iter,
-            tol=plan.tol,
+            tol=solver.tol,
             init=init,
-            row_bytes=max(plan.memory_bytes // 4, 2**20),
+            row_bytes=max(solver.memory_bytes // 4, 2**20),
             index=rows.index,
             on_iteration=bar,
         )
@@ -178,7 +178,7 @@ def solve(rows: Rows, problems, width: int, plan: Plan, max_iter: int, desc: str
         bar.close()
 
 
-def _trials(fit: Rows, held: Rows, problems, width: int, plan: Plan, desc: str, init=None, share=None):
+def _trials(fit: Rows, held: Rows, problems, width: int, solver: SolverSettings, desc: str, init=None, share=None):
     """Fit ``problems`` on ``fit``; returns their weights and one trial (C, held-out top-1, fit) each.
 
     ``share`` (a pipeline.distributed.Dist of several processes): this rank fits
@@ -192,7 +192,7 @@ def _trials(fit: Rows, held: Rows, problems, width: int, plan: Plan, desc: str, 
     params, trials = None, []
     if mine:
         start = None if init is None else bl.take(init, _index(mine, init))
-        params, ends = solve(fit, [problems[i] for i in mine], width, plan, plan.search_iter, desc, start)
+        params, ends = solve(fit, [problems[i] for i in mine], width, solver, solver.search_iter, desc, start)
         best = bl.topk(held.blocks, params, 1, index=held.index)  # (P, n_held, 1)
         trials = [
             {
@@ -225,7 +225,7 @@ def _repeat(params, counts: list[int]):
     return bl.take(params, torch.tensor(index, dtype=torch.long, device=params.b.device))
 
 
-def search(fit: Rows, held: Rows, subsets, width: int, plan: Plan, share=None):
+def search(fit: Rows, held: Rows, subsets, width: int, solver: SolverSettings, share=None):
     """Every subset's C search: the coarse grid, then refinements around each subset's best.
 
     The most regularised candidate goes first: from zero it converges in a few
@@ -235,16 +235,16 @@ def search(fit: Rows, held: Rows, subsets, width: int, plan: Plan, share=None):
     Returns per subset its trials and chosen trial, and the chosen trials'
     search weights as one Params (problem i: subset i), the refit's warm start.
     """
-    grid, refine, S = sorted(plan.c_grid), sorted(plan.refine), len(subsets)
+    grid, refine, S = sorted(solver.c_grid), sorted(solver.refine), len(subsets)
     first, trials0 = _trials(
-        fit, held, [bl.Problem(s, grid[0]) for s in subsets], width, plan, f"choose C ({S})", share=share
+        fit, held, [bl.Problem(s, grid[0]) for s in subsets], width, solver, f"choose C ({S})", share=share
     )
     per = [[t] for t in trials0]
     where = [[(first, i)] for i in range(S)]
     if len(grid) > 1:
         problems = [bl.Problem(s, C) for s in subsets for C in grid[1:]]
         init = _repeat(first, [len(grid) - 1] * S)
-        rest, more = _trials(fit, held, problems, width, plan, f"choose C ({len(problems)} together)", init, share)
+        rest, more = _trials(fit, held, problems, width, solver, f"choose C ({len(problems)} together)", init, share)
         _extend(per, where, rest, more, len(grid) - 1)
     if refine:
         best = [t.index(best_trial(t, "C", "smaller")) for t in per]
@@ -254,7 +254,7 @@ def search(fit: Rows, held: Rows, subsets, width: int, plan: Plan, share=None):
             for i, (s, b) in enumerate(zip(subsets, best, strict=True))
             for f in refine
         ]
-        fine, more = _trials(fit, held, problems, width, plan, "refine C", _repeat(starts, [len(refine)] * S), share)
+        fine, more = _trials(fit, held, problems, width, solver, "refine C", _repeat(starts, [len(refine)] * S), share)
         _extend(per, where, fine, more, len(refine))
     chosen = [t.index(best_trial(t, "C", "smaller")) for t in per]
     init = bl.concat([bl.take(where[i][c][0], _index([where[i][c][1]], first)) for i, c in enumerate(chosen)])
@@ -272,12 +272,12 @@ def _index(values: list[int], like) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=like.b.device)
 
 
-def fit_group(train: Rows, subsets, split, plan: Plan, width: int, share=None):
+def fit_group(train: Rows, subsets, split, solver: SolverSettings, width: int, share=None):
     """Search and refit one group of subsets: (per subset its trials and chosen trial, refit problems,
     refit weights, refit end states). ``split`` None: no search, every subset fit at the fixed C."""
     if split is None:
-        problems = [bl.Problem(s, plan.fixed_c) for s in subsets]
-        params, ends = solve(train, problems, width, plan, plan.max_iter, f"fit at fixed C ({len(problems)})")
+        problems = [bl.Problem(s, solver.fixed_c) for s in subsets]
+        params, ends = solve(train, problems, width, solver, solver.max_iter, f"fit at fixed C ({len(problems)})")
         return [([], None) for _ in subsets], problems, params, ends
     fit_idx, held_idx = split
     # The search rows are copied once: every evaluation reads them, and gathering them per
@@ -286,13 +286,13 @@ def fit_group(train: Rows, subsets, split, plan: Plan, width: int, share=None):
     rows = torch.from_numpy(fit_idx).to(next(iter(train.blocks.values())).device)
     fit = Rows({j: X.index_select(0, rows) for j, X in train.blocks.items()}, None, train.y[fit_idx])
     held = Rows.of(train.blocks, train.y, held_idx)
-    found, init = search(fit, held, subsets, width, plan, share)
+    found, init = search(fit, held, subsets, width, solver, share)
     del fit
     # The refit keeps the chosen C (CLIP's protocol), warm-started from its search solution. With
     # ``share``, every rank refits (the same problems from the same start, so the same weights):
     # a rank waiting on another's long refit could outlast the collective timeout.
     problems = [bl.Problem(s, trials[c]["C"]) for s, (trials, c) in zip(subsets, found, strict=True)]
-    params, ends = solve(train, problems, width, plan, plan.max_iter, f"refit ({len(problems)})", init)
+    params, ends = solve(train, problems, width, solver, solver.max_iter, f"refit ({len(problems)})", init)
     return found, problems, params, ends
 
 
@@ -314,6 +314,14 @@ def _measured(found, problems, ends, best: np.ndarray, dims: dict[int, int]) -> 
     ]
 
 
+def _batches(subsets, dims: dict, width: int, config, solver: SolverSettings, sizes) -> list:
+    """Subsets in consecutive batches: cut to the memory budget, or (a torchrun rank's share) as ``sizes`` say."""
+    if sizes is None:
+        return groups(subsets, dims, width, candidates(config), solver.memory_bytes)
+    ends = np.cumsum([0, *sizes])
+    return [subsets[a:b] for a, b in itertools.pairwise(ends)]
+
+
 def probe_subsets(
     train, y_train: np.ndarray, load_evals, subsets, config, n_classes: int, share=None, sizes=None
 ) -> list:
@@ -330,7 +338,7 @@ def probe_subsets(
     """
     where = next(iter(train.values())).device
     resolved, why = resolve_precision(config.precision, where)
-    plan = Plan(
+    solver = SolverSettings(
         config.c_grid, config.refine, config.search_iter, config.max_iter, config.tol, budget(config), config.fixed_c
     )
     # A 1-shot probe has one row per class, none to hold out: the documented fixed C instead. Any
@@ -339,22 +347,17 @@ def probe_subsets(
     split = None if one_shot else search_split(y_train, config)
     width = width_of(n_classes)
     dims = {j: X.shape[1] for j, X in train.items()}
-    if sizes is None:
-        batches = groups(subsets, dims, width, candidates(config), plan.memory_bytes)
-    else:  # a torchrun rank's share of the job's batches, as the job cut them
-        ends = np.cumsum([0, *sizes])
-        batches = [subsets[a:b] for a, b in itertools.pairwise(ends)]
+    batches = _batches(subsets, dims, width, config, solver, sizes)
     log.info("batched logreg: %d subset(s) in %d batch(es), %s (%s)", len(subsets), len(batches), resolved, why)
     rows = Rows.of(train, y_train)
-    fitted = [fit_group(rows, batch, split, plan, width, share) for batch in batches]
+    fitted = [fit_group(rows, batch, split, solver, width, share) for batch in batches]
     evals, y_eval = load_evals()
     measured = []
     for found, problems, params, ends in fitted:
         measured += _measured(found, problems, ends, bl.topk(evals, params, 5), dims)  # (subsets, n_eval, <=5)
-    if split is None:
-        held = fixed_split(y_train, n_classes, plan.fixed_c)
-    else:
-        held = describe_split(y_train, *split, n_classes)
+    held = (
+        fixed_split(y_train, n_classes, solver.fixed_c) if split is None else describe_split(y_train, *split, n_classes)
+    )
     common = {
         "backend": "batched",
         "backend_reason": f"one batched L-BFGS for every C candidate and subset, on {where.type}",

@@ -57,7 +57,7 @@ STORAGES = ("jpeg", "mixed", "raw")  # pipeline.prepare.STORAGE: how images are 
 class PrepareConfig:
     """What to prepare and where."""
 
-    dataset: str = param(text="A dataset kind (pipeline.datasets.DATASETS).", cli="the command's DATASET argument")
+    kind: str = param(text="A registered dataset kind (pipeline.datasets.DATASETS).", cli="the command's KIND argument")
     data_root: Path = param(text="Folder of prepared datasets.", cli="the shared --data-root option")
     name: str | None = param(None, "Folder name under the data root (default: DATASET).")
     train_dir: Path | None = param(None, "imagefolder: train folder.", flag="--train")
@@ -85,7 +85,7 @@ class PrepareConfig:
     @property
     def stored_name(self) -> str:
         """The folder name under the data root."""
-        return self.name or self.dataset
+        return self.name or self.kind
 
 
 # --- pretrain -----------------------------------------------------------------
@@ -386,3 +386,163 @@ __all__ = [
     "is_foreign",
     "param",
 ]
+
+
+# --- experiments (pipeline.experiments) -----------------------------------------
+
+PENALTIES = ("weight-decay", "l1", "none")  # the toy rule's sparsity bias
+LOSSES = ("sigmoid", "logistic")
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """The paper's Section 3 counterexample: how many mixtures, and the loss and sparsity bias of each rule."""
+
+    mixtures: int = param(200, "Random mixture weights drawn, Dirichlet(1,1,1,1).")
+    seed: int = param(0, "Seed of the mixtures and initial weights.")
+    loss: str = param("sigmoid", "sigmoid: a smooth 0-1 loss (the paper's best rule); logistic.", choices=LOSSES)
+    temperature: float = param(0.1, "sigmoid loss: sigma(-margin / temperature).")
+    penalty: str = param(
+        "l1",
+        "Sparsity bias: explicit L1 on a linear rule, weight decay on a two-layer diagonal linear net, or none.",
+        choices=PENALTIES,
+    )
+    strength: float = param(0.01, "Penalty coefficient (the L1 weight, or weight decay).")
+    steps: int = param(3000, "Full-batch gradient steps of each rule.")
+    lr: float = param(0.1, "Step size.")
+    used: float = param(0.05, "A feature is kept when its weight is above this fraction of the largest.")
+    collapsed: float = param(1e-3, "A rule whose largest weight is below this reads no feature at all.")
+
+    def __post_init__(self):
+        _choose("penalty", self.penalty, PENALTIES)
+        _choose("loss", self.loss, LOSSES)
+        check_seed(self.seed)
+        if not 1 <= self.mixtures <= 1_000_000 or not 1 <= self.steps <= 10_000_000:
+            raise TimecatError(
+                f"mixtures and steps are 1 to a million (steps 10 million), got {self.mixtures}, {self.steps}"
+            )
+        if not all(math.isfinite(v) for v in (self.strength, self.lr, self.temperature, self.used, self.collapsed)):
+            raise TimecatError("strength, lr, temperature and thresholds must be finite numbers")
+        if self.strength < 0 or self.lr <= 0 or self.temperature <= 0:
+            raise TimecatError("mixtures, steps >= 1; strength >= 0; lr, temperature > 0")
+
+
+@dataclass(frozen=True)
+class DiversityConfig:
+    """Which cached members to compare (linear CKA, and probes), on which split."""
+
+    dataset: str = param(text="Cached dataset.")
+    members: tuple[str, ...] = param(text="Comma-separated cached members, e.g. run3,run4,run5,run6.")
+    split: str = param("test", "Split whose rows CKA is measured on.")
+    rows: int = param(10_000, "At most this many rows (a seeded sample) enter CKA.")
+    seed: int = param(0, "Seed of the row sample.")
+    probe: bool = param(True, "Also probe (logreg) each member alone and their concatenation.")
+
+    def __post_init__(self):
+        check_name("dataset", self.dataset)
+        check_seed(self.seed)
+        check_name("split", self.split)
+        for member in self.members:
+            check_name("member", member)
+        if len(self.members) < 2:
+            raise TimecatError(f"diversity compares at least 2 members, got {list(self.members)}")
+        if len(set(self.members)) != len(self.members):
+            raise TimecatError(f"a member is named twice: {list(self.members)}")
+        if self.rows < 2:
+            raise TimecatError(f"rows must be at least 2, got {self.rows}")
+
+
+@dataclass(frozen=True)
+class DominoesConfig:
+    """The paper's spurious-feature test (Table 1): seeds, budget and folders."""
+
+    workdir: Path = param(Path("dominoes"), "Folder for the experiment's runs/, features.zarr and results/.")
+    data_root: Path = param(Path("data"), "Folder of prepared datasets.", cli="the shared --data-root option")
+    seeds: tuple[int, ...] = param((0, 1, 2), "Comma-separated seeds, one run of each model.")
+    steps: int = param(300, "SGD steps of every CNN, direct or pretrained (equal budgets).")
+    batch_size: int = param(128, "Images per step.")
+    arch: str = param("small-resnet", "Architecture of every CNN.", choices=ARCH_NAMES)
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise TimecatError("give at least one seed")
+        for seed in self.seeds:
+            check_seed(seed)
+        if self.steps < 1:
+            raise TimecatError(f"steps must be at least 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo: its budget, members and datasets."""
+
+    workdir: Path = param(Path("demo"), "Folder for the demo's runs/, features.zarr and results/.")
+    data_root: Path = param(Path("data"), "Folder of prepared datasets.", cli="the shared --data-root option")
+    total_steps: int = param(1000, "Budget B shared by every CatN (N members x B/N steps).", low=1)
+    cats: tuple[int, ...] = param((1, 2, 4), "The CatN compared.")
+    arch: str = param("small-resnet", "Architecture of every member.", choices=ARCH_NAMES)
+    batch_size: int = param(128, "Images per step.", low=1)
+    pretrain_dataset: str = param("fashion-mnist", "Dataset the members pretrain on.")
+    transfer_datasets: tuple[str, ...] = param(
+        ("fashion-mnist", "digits"), "Datasets probed: in- and out-of-distribution."
+    )
+
+    def __post_init__(self):
+        bad = [n for n in self.cats if n < 1 or self.total_steps % n]
+        if bad:
+            raise TimecatError(f"total steps {self.total_steps} must split evenly into N members for N in {bad}")
+
+    @property
+    def runs(self) -> Path:
+        """Where the demo's members go."""
+        return self.workdir / "runs"
+
+    @property
+    def cache(self) -> str:
+        """The demo's feature cache."""
+        return str(self.workdir / "features.zarr")
+
+    @property
+    def results(self) -> Path:
+        """The demo's probe records and plot."""
+        return self.workdir / "results"
+
+
+# --- plan and report --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """A fixed-compute CatN experiment to plan (``pipeline.plan.make_plan``)."""
+
+    dataset: str = param(text="Prepared dataset the members train on.")
+    cat: int | None = param(None, "N members sharing the budget.", low=1)
+    total_steps: int | None = param(None, "Total steps S (each member: S / N); per member for paper-table2.", low=1)
+    preset: str | None = param(None, "The paper's experiments.", choices=PRESETS)
+    arch: str = param("resnet50", "Architecture of --cat members.", choices=ARCH_NAMES)
+    seeds: tuple[int, ...] | None = param(
+        None, "Comma-separated seeds (default: the paper's 2,550,23,477,8529, then 0,1,...)."
+    )
+    batch_size: int = param(128, "Images per step, for every member.", low=1)
+
+
+REPORT_LAYOUTS = ("table3", "table2")  # pipeline.report.LAYOUTS
+REPORT_METRICS = ("top1", "top1_eval_selected")  # pipeline.report.METRICS
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Which records a report shows, and how."""
+
+    layout: str = param(
+        "table3",
+        "table3: CatN at fixed total steps. table2: parameter-matched (architectures and CatN).",
+        choices=REPORT_LAYOUTS,
+    )
+    protocol: str = param("logreg", "Which protocol's records to report.", choices=PROTOCOLS)
+    metric: str = param(
+        "top1",
+        "top1: chosen on held-out train rows. top1_eval_selected (tc): the paper's code's best epoch and weight "
+        "decay on the eval split, OPTIMISTIC, only to compare with its tables.",
+        choices=REPORT_METRICS,
+    )

@@ -116,9 +116,9 @@ def make_plan(
     cat: int | None = None,
     total_steps: int | None = None,
     preset: str | None = None,
-    arch: str = "resnet50",
+    arch: str = configs.PlanConfig.arch,
     seeds: tuple[int, ...] | None = None,
-    batch_size: int = 128,
+    batch_size: int = configs.PlanConfig.batch_size,
 ) -> Plan:
     """A plan from ``--cat N --total-steps S`` or from a preset."""
     if preset is not None:
@@ -190,3 +190,59 @@ def _last_logged_step(path: Path) -> int:
         return 0
     lines, _ = files.read_jsonl(path)  # a line torn by a kill mid-write is not a step
     return max((r.get("step", 0) for _, r in lines if isinstance(r.get("step", 0), int)), default=0)
+
+
+PER_MEMBER = ("name", "seed", "steps", "arch", "width")  # what a plan sets for each member
+SHARED = ("dataset", "batch_size")  # what a plan sets for all of them
+
+
+def member_fields(plan: Plan, member: PlannedMember) -> dict:
+    """The ``PretrainConfig`` fields a plan decides for one of its members."""
+    return {
+        **{key: getattr(member, key) for key in PER_MEMBER},
+        **{key: getattr(plan, key) for key in SHARED},
+    }
+
+
+def override_problem(plan: Plan, plan_path: Path, typed: dict, only: str | None) -> str | None:
+    """Why options typed beside ``--plan`` (``typed``: field -> value) cannot be honoured, else None.
+
+    A silent winner would train another member than the one asked for, so the
+    plan's per-member fields cannot be typed at all, and its shared ones only
+    with the plan's own value.
+    """
+    per_member = [f"--{key}" for key in PER_MEMBER if key in typed]
+    if per_member:
+        hint = f"--member {only}" if only else "--member NAME to train one of them"
+        return (
+            f"{', '.join(per_member)} cannot go with --plan {plan_path}: the plan sets each member's name, seed, "
+            f"steps, arch and width; leave them out (use {hint}), or drop --plan"
+        )
+    for key in SHARED:
+        flag, planned = "--" + key.replace("_", "-"), getattr(plan, key)
+        if key in typed and typed[key] != planned:
+            return (
+                f"{flag} {typed[key]} conflicts with the plan's {key} {planned} ({plan_path}); leave {flag} out, "
+                "or make a plan with that value (`timecat plan`)"
+            )
+    return None
+
+
+def format_plan(plan: Plan, path: Path) -> list[str]:
+    """``timecat plan``'s table: one line per member, then the totals."""
+    lines = [f"{m.name:<16} {m.group:<12} seed {m.seed:<5} {m.steps:>9,} steps  {m.arch}" for m in plan.members]
+    total = sum(m.steps for m in plan.members)
+    return [*lines, f"{len(plan.members)} members, {total:,} steps in all on {plan.dataset} -> {path}"]
+
+
+def format_status(rows: list[dict]) -> list[str]:
+    """``timecat status``'s table: one line per member with its state, steps, checkpoint and holder."""
+    lines = []
+    for r in rows:
+        line = f"{r['member']:<16} {r['group']:<12} {r['state']:<8} {r['step']:>9,} / {r['steps']:,} steps"
+        if r["state"] in ("running", "stopped"):
+            line += f"  (checkpoint at step {r['checkpoint_step']:,})"
+        if r["holder"]:
+            line += f"  pid {r['holder'].get('pid')} on {r['holder'].get('host')}"
+        lines.append(line)
+    return lines

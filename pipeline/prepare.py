@@ -128,11 +128,8 @@ def storage_format(default: BetonFormat, storage: str | None) -> BetonFormat:
     return replace(default, **STORAGE[storage])
 
 
-def prepare(config: PrepareConfig) -> list[dict]:
-    """Write the train and test .beton files of a dataset; complete splits are kept as they are."""
-    spec = get_spec(config.dataset)
-    name = config.stored_name
-    fmt = storage_format(spec.beton, config.storage)
+def _check_prepared_storage(config: PrepareConfig, name: str, fmt) -> None:
+    """Refuse a --storage that differs from how a split is already prepared (it is kept, not rewritten)."""
     for split_name in SPLITS:
         if is_complete(config.data_root, name, split_name):
             stored = read_manifest(config.data_root, name, split_name)["format"]
@@ -141,6 +138,14 @@ def prepare(config: PrepareConfig) -> list[dict]:
                     f"{name}/{split_name} is already prepared as {stored['write_mode']}, not --storage "
                     f"{config.storage}; prepare another copy with --name {name}-{config.storage}"
                 )
+
+
+def prepare(config: PrepareConfig) -> list[dict]:
+    """Write the train and test .beton files of a dataset; complete splits are kept as they are."""
+    spec = get_spec(config.kind)
+    name = config.stored_name
+    fmt = storage_format(spec.beton, config.storage)
+    _check_prepared_storage(config, name, fmt)
     if all(is_complete(config.data_root, name, s) for s in SPLITS):
         log.info("%s is already prepared under %s", name, Path(config.data_root) / name)
         return [read_manifest(config.data_root, name, s) for s in SPLITS]
@@ -165,7 +170,7 @@ def prepare(config: PrepareConfig) -> list[dict]:
         mean, std = pixel_stats(split, config.stats_images)
         manifest = {
             "name": name,
-            "kind": config.dataset,
+            "kind": config.kind,
             "split": split_name,
             "rows": len(split.labels),
             "classes": list(split.classes),

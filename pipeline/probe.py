@@ -384,6 +384,32 @@ def _one_process(config: ProbeConfig) -> None:
         )
 
 
+def _fit_subsets(store, config: ProbeConfig, members: list[str], subsets, rows, share, sizes):
+    """Read each member once, fit every subset on the batched solver: (measured fields, context, eval labels)."""
+    where = batched_probe.device()
+    precision, _ = batched_probe.resolve_precision(config.precision, where)
+    dtype = batched_probe.DTYPES[precision]
+    read = functools.partial(read_blocks, store, config, members=members, dtype=dtype, device=where)
+    try:
+        context = _checked(store, config, members)
+        train, y_train, stats = read(config.train_split, rows=rows)
+        check_classes(y_train, context["classes"], config)
+        index = {m: j for j, m in enumerate(members)}
+        evals = {}
+
+        def load_evals():  # after the fits: eval features never share memory with one
+            evals["blocks"], evals["y"], _ = read(config.eval_split, stats=stats)
+            return evals["blocks"], evals["y"]
+
+        chosen = [tuple(index[m] for m in s) for s in subsets]
+        measured = batched_probe.probe_subsets(
+            train, y_train, load_evals, chosen, config, len(context["classes"]), share, sizes
+        )
+    except cache.CacheError as e:
+        raise TimecatError(str(e)) from None
+    return measured, context, evals["y"]
+
+
 def probe_many(
     config: ProbeConfig,
     subsets: list[tuple[str, ...]],
@@ -412,29 +438,7 @@ def probe_many(
     # Members numbered in the job's order (``order``; default: first use here): a rank that holds
     # some of them sums a problem's member blocks in the same order as one process does.
     members = [m for m in (order or dict.fromkeys(m for subset in subsets for m in subset)) if m in used]
-    where = batched_probe.device()
-    precision, _ = batched_probe.resolve_precision(config.precision, where)
-    store = cache.open(cache_path)
-    dtype = batched_probe.DTYPES[precision]
-    read = functools.partial(read_blocks, store, config, members=members, dtype=dtype, device=where)
-    try:
-        context = _checked(store, config, members)
-        train, y_train, stats = read(config.train_split, rows=rows)
-        check_classes(y_train, context["classes"], config)
-        index = {m: j for j, m in enumerate(members)}
-        evals = {}
-
-        def load_evals():  # after the fits: eval features never share memory with one
-            evals["blocks"], evals["y"], _ = read(config.eval_split, stats=stats)
-            return evals["blocks"], evals["y"]
-
-        chosen = [tuple(index[m] for m in s) for s in subsets]
-        measured = batched_probe.probe_subsets(
-            train, y_train, load_evals, chosen, config, len(context["classes"]), share, sizes
-        )
-    except cache.CacheError as e:
-        raise TimecatError(str(e)) from None
-    y_eval = evals["y"]
+    measured, context, y_eval = _fit_subsets(cache.open(cache_path), config, members, subsets, rows, share, sizes)
     records = []
     for subset, fields in zip(subsets, measured, strict=True):
         fields.update(uncertainty(fields["eval_top5"][:, :1], y_eval, config))
@@ -475,24 +479,16 @@ def probe_tc(
 ) -> dict:
     """The paper's recipe: weight decay chosen on the held-out split at the last epoch, refit, eval.
 
-    Ties go to the larger weight decay (the more regularised head, as ties go to
-    the smaller C in logreg). Every weight decay is also trained on the whole train
-    split with its eval top-1 measured after each epoch: the best of those is the
-    figure the paper's code reports (``top1_eval_selected``), chosen on the eval
-    split and so optimistic; it is stored for comparison, never as ``top1``.
+    Ties go to the larger weight decay (the more regularised head, as ties go to the
+    smaller C in logreg). The paper's code's own figure (``top1_eval_selected``), the
+    best eval top-1 of any epoch and weight decay, is optimistic: stored, never ``top1``.
     """
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = f"{config.dataset}/{config.train_split}"
     grid = bn_head.wd_grid(kind, config.wd_grid, where)
-    views = bn_head.check_views(store.views(config.dataset, config.train_split))
-    if not views:
-        log.warning(
-            "protocol tc on %s trains on the plain features: without cached views this is not the paper's recipe, "
-            "which re-augments every epoch (run `timecat extract --views K` first); the record says augmented: false",
-            where,
-        )
+    views = _tc_views(store, config, where)
     epoch_rows = tc_epoch_features(store, X_train, config, views)
     fit_idx, held_idx = search_split(y_train, replace(config, search_rows=len(y_train)))
     log.info("tc on %s: %d weight decays side by side, %d epochs, twice", where, len(grid), recipe.epochs)
@@ -503,21 +499,10 @@ def probe_tc(
     held = [topk_accuracy(bn_head.head_topk(h, X_train[held_idx], 1, device), y_train[held_idx], 1) for h in heads]
     trials = [{"weight_decay": w, "holdout_top1": top1} for w, top1 in zip(grid, held, strict=True)]
     wd = best_trial(trials, "weight_decay", "larger")["weight_decay"]
-    # Every weight decay on the whole train split, its eval top-1 after each epoch: the last
-    # epoch of the chosen one is the result; the best over all is the paper's code's figure.
-    curves = [[] for _ in grid]
-
-    def score(i: int, epoch: int, head) -> None:
-        curves[i].append(topk_accuracy(bn_head.head_topk(head, X_eval, 1, device), y_eval, 1))
-
-    heads = train(epoch_rows(None), y_train, device=device, on_epoch=score, desc=f"train tc ({config.dataset})")
+    heads, curves = _train_scored(train, epoch_rows(None), y_train, X_eval, y_eval, len(grid), device, config.dataset)
     best = bn_head.head_topk(heads[grid.index(wd)], X_eval, 5, device)
-    selected, epoch = max(
-        ((i, e) for i in range(len(grid)) for e in range(recipe.epochs)), key=lambda p: curves[p[0]][p[1]]
-    )
     return {
-        "backend": "torch",
-        "backend_reason": "the tc protocol trains a torch head",
+        **{"backend": "torch", "backend_reason": "the tc protocol trains a torch head"},
         "search": trials,
         "holdout": describe_split(y_train, fit_idx, held_idx, n_classes),
         "chosen": {"weight_decay": wd},
@@ -525,17 +510,49 @@ def probe_tc(
         "trained_on": f"views {views[0]}..{views[-1]}" if views else "features",
         "recipe": asdict(recipe),
         "dataset_recipe": recipes.for_kind(kind, where).describe() if kind is not None else None,
-        "dim": int(X_train.shape[1]),
-        "n_train": len(y_train),
-        "n_eval": len(y_eval),
-        "top1": topk_accuracy(best, y_eval, 1),
-        "top5": topk_accuracy(best, y_eval, 5),
+        **{"dim": int(X_train.shape[1]), "n_train": len(y_train), "n_eval": len(y_eval)},
+        **{"top1": topk_accuracy(best, y_eval, 1), "top5": topk_accuracy(best, y_eval, 5)},
         **uncertainty(best, y_eval, config),
-        # The paper's code's figure: the best eval top-1 over epochs and weight decays. Optimistic.
+        **_eval_selected(grid, curves),
+        "eval_top5": best,
+    }
+
+
+def _train_scored(train, rows, y_train, X_eval, y_eval, n_heads: int, device, dataset: str):
+    """Every weight decay's head on the whole train split, and its eval top-1 after each epoch.
+
+    The last epoch of the chosen head is the result; the best over all heads and
+    epochs is the paper's code's figure (``_eval_selected``).
+    """
+    curves = [[] for _ in range(n_heads)]
+
+    def score(i: int, epoch: int, head) -> None:
+        curves[i].append(topk_accuracy(bn_head.head_topk(head, X_eval, 1, device), y_eval, 1))
+
+    return train(rows, y_train, device=device, on_epoch=score, desc=f"train tc ({dataset})"), curves
+
+
+def _tc_views(store: cache.Cache, config: ProbeConfig, where: str) -> list[int]:
+    """The cached augmented views tc trains on, or [] (plain features) with a warning that says what that means."""
+    views = bn_head.check_views(store.views(config.dataset, config.train_split))
+    if not views:
+        log.warning(
+            "protocol tc on %s trains on the plain features: without cached views this is not the paper's recipe, "
+            "which re-augments every epoch (run `timecat extract --views K` first); the record says augmented: false",
+            where,
+        )
+    return views
+
+
+def _eval_selected(grid: list[float], curves: list[list[float]]) -> dict:
+    """The paper's code's figure: the best eval top-1 over epochs and weight decays. Optimistic, stored apart."""
+    selected, epoch = max(
+        ((i, e) for i, curve in enumerate(curves) for e in range(len(curve))), key=lambda p: curves[p[0]][p[1]]
+    )
+    return {
         "top1_eval_selected": curves[selected][epoch],
         "eval_selected": {"weight_decay": grid[selected], "epoch": epoch + 1, "optimistic": True},
         "eval_top1_by_epoch": {str(w): [round(v, 4) for v in c] for w, c in zip(grid, curves, strict=True)},
-        "eval_top5": best,
     }
 
 

@@ -20,19 +20,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline import __version__, files, stats
+from pipeline import __version__, configs, files, stats
 from pipeline.errors import TimecatError
 from pipeline.results import augmented, find, latest_per_probe, load, load_predictions, shots_key
 
 PLOT_FILE = "catn.png"
 ID_OOD_FILE = "id_vs_ood.png"
 SHOTS_FILE = "shots.png"
-LAYOUTS = ("table3", "table2")
+LAYOUTS = configs.REPORT_LAYOUTS
 METRICS = {
     "top1": "top-1 chosen on held-out train rows (the honest figure)",
     "top1_eval_selected": "top-1 of the best epoch and weight decay on the eval split "
     "(the paper's code's selection: OPTIMISTIC, for comparison with its tables only)",
 }
+assert tuple(METRICS) == configs.REPORT_METRICS, "pipeline.configs.REPORT_METRICS lists these for the command line"
 
 
 def _one(values: set, mixed: str = "mixed"):
@@ -467,3 +468,23 @@ def save_figure(fig, out: Path, summary: dict | None = None) -> Path:
         return files.replace(Path(out), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         pyplot().close(fig)
+
+
+def format_compare(out: dict) -> list[str]:
+    """``timecat compare``'s two lines: the paired difference with its interval, and what the interval supports."""
+    lo, hi = out["ci95"]
+    a, b = out["a"], out["b"]
+    verdict = "the interval excludes 0" if out["excludes_zero"] else "the interval includes 0: no difference shown"
+    return [
+        f"{','.join(a['members'])} ({a['top1']:.2f}%) - {','.join(b['members'])} ({b['top1']:.2f}%) on "
+        f"{out['dataset']}/{out['eval_split']}: {out['difference']:+.2f} points [95% CI {lo:+.2f}, {hi:+.2f}] over "
+        f"{out['rows']:,} rows ({out['only_a_correct']} right only for A, {out['only_b_correct']} only for B)",
+        verdict,
+    ]
+
+
+def format_written(written: dict) -> list[str]:
+    """``timecat report``'s text: the table, the few-shot table, and the plots written."""
+    lines = [] if written["table"] is None else [format_table(written["table"])]
+    lines += [] if written["shots"] is None else [format_shots(written["shots"])]
+    return [*lines, "plots: " + ", ".join(written["plots"])]

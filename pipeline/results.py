@@ -176,3 +176,41 @@ def select(records: list[dict], patterns: list[str]) -> list[dict]:
                 f"pattern {pattern!r}: no record has a field {parsed['field'].split('.')[0]!r}; fields: {sorted(known)}"
             )
     return [r for r in records if all(matches(r, p) for p in patterns)]
+
+
+# --- text for the command line ---------------------------------------------------
+
+
+def format_record(record: dict, path) -> str:
+    """One probe record as the line ``timecat probe`` prints (with the paper's optimistic figure, if any)."""
+    chosen = ", ".join(f"{k}={v:.3g}" for k, v in record["chosen"].items() if k in ("C", "weight_decay"))
+    lo, hi = record["top1_ci95"]
+    held = record["holdout"]
+    precision = " " + record["precision"] if "precision" in record else ""
+    line = (
+        f"{record['id']}  {','.join(record['members'])} on {record['dataset']}: top-1 {record['top1']:.2f}% "
+        f"[95% CI {lo:.2f}, {hi:.2f}], top-5 {record['top5']:.2f}% ({record['protocol']}, {chosen}, "
+        f"{record['dim']} dims, held out {held['held_out_rows']:,} rows of {held['held_out_classes']:,} / "
+        f"{held['classes']:,} classes, {record['backend']}{precision}) -> {path}"
+    )
+    if "top1_eval_selected" in record:
+        line += f"\n  paper's selection on the eval split (optimistic): {record['top1_eval_selected']:.2f}%"
+    return line
+
+
+def format_many(records: list[dict], summary: dict, what: str, over: str, path) -> list[str]:
+    """A sweep's or few-shot probe's records, then their mean ± sample std over ``over``."""
+    top1, top5 = summary["top1"], summary["top5"]
+    return [format_record(record, path) for record in records] + [
+        f"{what} on {records[0]['dataset']}: top-1 {top1['mean']:.2f} ± {top1['std']:.2f}%, "
+        f"top-5 {top5['mean']:.2f} ± {top5['std']:.2f}% (mean ± sample std over {over})"
+    ]
+
+
+def format_row(r: dict) -> str:
+    """One record as ``timecat results`` lists it."""
+    ci = "[{:.2f}, {:.2f}]  ".format(*r["top1_ci95"]) if r.get("top1_ci95") else ""
+    return (
+        f"{r['id']}  {r['time'][:19]}  {r['dataset']}  {r['protocol']}/{r.get('backend', '?')}  "
+        f"{','.join(r['members'])}  top-1 {r['top1']:.2f} {ci} top-5 {r['top5']:.2f}  {r['wall_s']:.1f} s"
+    )

@@ -99,6 +99,36 @@ def make_imagefolder(root: Path, classes=("cat", "dog", "fox"), per_class: int =
     return root
 
 
+def make_cache(path, members=("a", "b"), rows=50, dims=(6, 4), fingerprint="fp0", dtype="float32"):
+    """A cache with one split of ``rows`` rows and random features per member; returns the arrays."""
+    rng = np.random.default_rng(0)
+    store = cache.open(str(path), mode="a")
+    labels = np.arange(rows) % 5
+    store.write_labels("toy", "train", labels, fingerprint, [f"c{i}" for i in range(5)])
+    arrays = {}
+    for name, dim in zip(members, dims, strict=True):
+        X = rng.normal(size=(rows, dim)).astype(np.float32)
+        writer = store.create_features("toy", "train", name, dim, {"dataset_fingerprint": fingerprint}, dtype=dtype)
+        for start in range(0, rows, 7):  # blocks that do not line up with chunks
+            writer.append(X[start : start + 7])
+        writer.close()
+        store.finish_features("toy", "train", name)
+        arrays[name] = X
+    store.consolidate()
+    return arrays, labels
+
+
+def add_member(path, name, dim, fingerprint, rows=50):
+    """Add a complete member of zeros to the toy split, extracted from ``fingerprint``."""
+    store = cache.open(str(path), mode="a")
+    writer = store.create_features("toy", "train", name, dim, {"dataset_fingerprint": fingerprint})
+    writer.append(np.zeros((rows, dim), np.float32))
+    writer.close()
+    store.finish_features("toy", "train", name)
+    store.consolidate()
+    return store
+
+
 def digits_cache(path, members: int = 4) -> tuple[str, ...]:
     """A cache of digits cut into ``members`` 16-d members (train 1,400 / test 397 rows)."""
     from sklearn.datasets import load_digits

@@ -6,9 +6,31 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipeline.configs import ExtractConfig, PrepareConfig, PretrainConfig, ProbeConfig
+from pipeline.configs import (
+    DemoConfig,
+    DiversityConfig,
+    DominoesConfig,
+    ExtractConfig,
+    PlanConfig,
+    PrepareConfig,
+    PretrainConfig,
+    ProbeConfig,
+    ReportConfig,
+    ToyConfig,
+)
 
-COMMANDS = {"prepare": PrepareConfig, "pretrain": PretrainConfig, "extract": ExtractConfig, "probe": ProbeConfig}
+COMMANDS = {
+    "prepare": PrepareConfig,
+    "pretrain": PretrainConfig,
+    "extract": ExtractConfig,
+    "probe": ProbeConfig,
+    "plan": PlanConfig,
+    "report": ReportConfig,
+    "toy": ToyConfig,
+    "diversity": DiversityConfig,
+    "dominoes": DominoesConfig,
+    "demo": DemoConfig,
+}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -25,7 +47,8 @@ def test_every_config_field_is_an_option_with_the_configs_default(command):
         default = None if field.default is MISSING else field.default
         assert options[field.name].default == default, (command, field.name, options[field.name].default, default)
         assert field.metadata.get("help"), f"{command}: {field.name} has no help text"
-    expected = {"prepare": ["dataset", "data_root"], "probe": ["members"]}.get(command, [])
+    shared = ["data_root"]  # the shared --data-root option
+    expected = {"prepare": ["kind", *shared], "probe": ["members"], "dominoes": shared, "demo": shared}.get(command, [])
     assert internal == expected
 
 

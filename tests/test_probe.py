@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_cache import add_member, make_cache
+from conftest import add_member, make_cache
 
 import cache
 from pipeline.errors import TimecatError

@@ -9,48 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from pipeline import __version__, files
-from pipeline.errors import TimecatError
+from pipeline import __version__, files, report
+from pipeline.configs import DemoConfig
 from pipeline.progress import get_logger
 
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """The demo's budget and datasets."""
-
-    workdir: Path = Path("demo")  # runs/, features.zarr and results/ go here
-    data_root: Path = Path("data")
-    total_steps: int = 1000  # B: every CatN spends B SGD steps in all (N members x B/N)
-    cats: tuple[int, ...] = (1, 2, 4)
-    arch: str = "small-resnet"
-    batch_size: int = 128  # images per step
-    pretrain_dataset: str = "fashion-mnist"
-    transfer_datasets: tuple[str, ...] = ("fashion-mnist", "digits")  # in- and out-of-distribution
-
-    def __post_init__(self):
-        bad = [n for n in self.cats if n < 1 or self.total_steps % n]
-        if bad:
-            raise TimecatError(f"total steps {self.total_steps} must split evenly into N members for N in {bad}")
-
-    @property
-    def runs(self) -> Path:
-        """Where the demo's members go."""
-        return self.workdir / "runs"
-
-    @property
-    def cache(self) -> str:
-        """The demo's feature cache."""
-        return str(self.workdir / "features.zarr")
-
-    @property
-    def results(self) -> Path:
-        """The demo's probe records and plot."""
-        return self.workdir / "results"
 
 
 def plan(config: DemoConfig):
@@ -75,18 +41,35 @@ def plan(config: DemoConfig):
     return groups
 
 
+def probe_and_compare(config: DemoConfig, groups: dict) -> list[dict]:
+    """Probe each CatN on every transfer dataset; each against Cat1 on the same eval rows (paired intervals)."""
+    from pipeline.probe import ProbeConfig, probe
+
+    differences = []
+    for dataset in config.transfer_datasets:
+        ids = {}
+        for n, group in groups.items():
+            config_n = ProbeConfig(dataset=dataset, members=tuple(m.name for m in group))
+            ids[n] = probe(config_n, config.cache, config.results)["id"]
+        # Each CatN against Cat1 on the same eval rows: is the gain more than resampling noise?
+        base = min(ids)
+        for n in sorted(ids):
+            if n != base:
+                paired = report.compare(config.results, ids[n], ids[base])
+                differences.append({**paired, "dataset": dataset, "method": f"Cat{n}", "against": f"Cat{base}"})
+    return differences
+
+
 def run_demo(config: DemoConfig) -> dict:
     """Prepare, pretrain, extract, probe and report; completed steps are kept on a rerun."""
-    from pipeline import report
     from pipeline.extract import ExtractConfig, extract
     from pipeline.prepare import PrepareConfig, prepare
     from pipeline.pretrain import pretrain
-    from pipeline.probe import ProbeConfig, probe
 
     timings = {}
     started = time.perf_counter()
     for dataset in dict.fromkeys((config.pretrain_dataset, *config.transfer_datasets)):
-        prepare(PrepareConfig(dataset=dataset, data_root=config.data_root))
+        prepare(PrepareConfig(kind=dataset, data_root=config.data_root))
     timings["prepare_s"] = time.perf_counter() - started
 
     groups = plan(config)
@@ -104,18 +87,7 @@ def run_demo(config: DemoConfig) -> dict:
     timings["extract_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    differences = []
-    for dataset in config.transfer_datasets:
-        ids = {}
-        for n, group in groups.items():
-            config_n = ProbeConfig(dataset=dataset, members=tuple(m.name for m in group))
-            ids[n] = probe(config_n, config.cache, config.results)["id"]
-        # Each CatN against Cat1 on the same eval rows: is the gain more than resampling noise?
-        base = min(ids)
-        for n in sorted(ids):
-            if n != base:
-                paired = report.compare(config.results, ids[n], ids[base])
-                differences.append({**paired, "dataset": dataset, "method": f"Cat{n}", "against": f"Cat{base}"})
+    differences = probe_and_compare(config, groups)
     timings["probe_s"] = time.perf_counter() - mark
 
     written = report.write(config.results)
@@ -144,3 +116,12 @@ def format_differences(differences: list[dict]) -> list[str]:
             f"[95% CI {lo:+.2f}, {hi:+.2f}], {d['rows']} eval rows: {verdict}"
         )
     return lines
+
+
+def format_outcome(outcome: dict) -> list[str]:
+    """``timecat demo``'s report: the table, the paired differences from Cat1, plots and timings."""
+    lines = [report.format_table(outcome["table"])]
+    lines.append("paired differences from Cat1 on the same eval rows (95% bootstrap intervals):")
+    lines += ["  " + line for line in format_differences(outcome["differences"])]
+    lines.append("plots: " + ", ".join(outcome["plots"]))
+    return [*lines, "timings (s): " + ", ".join(f"{k} {v}" for k, v in outcome["timings"].items())]

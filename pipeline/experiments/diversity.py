@@ -9,42 +9,17 @@ differ only by a rotation and an isotropic scale, and near 0 for unrelated ones.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 import cache
-from cache.layout import check_name
-from pipeline.errors import TimecatError, check_seed
+from pipeline.configs import DiversityConfig
+from pipeline.errors import TimecatError
 from pipeline.progress import get_logger
 
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class DiversityConfig:
-    """Which cached members to compare, on which split."""
-
-    dataset: str
-    members: tuple[str, ...]
-    split: str = "test"  # CKA is measured on this split's rows
-    rows: int = 10_000  # at most this many rows (a seeded sample) enter CKA
-    seed: int = 0  # the row sample
-    probe: bool = True  # also probe (logreg) each member alone and their concatenation
-
-    def __post_init__(self):
-        check_name("dataset", self.dataset)
-        check_seed(self.seed)
-        check_name("split", self.split)
-        for member in self.members:
-            check_name("member", member)
-        if len(self.members) < 2:
-            raise TimecatError(f"diversity compares at least 2 members, got {list(self.members)}")
-        if len(set(self.members)) != len(self.members):
-            raise TimecatError(f"a member is named twice: {list(self.members)}")
-        if self.rows < 2:
-            raise TimecatError(f"rows must be at least 2, got {self.rows}")
 
 
 def centered_gram_norms(X: np.ndarray) -> tuple[np.ndarray, float]:
@@ -127,3 +102,17 @@ def plot(summary: dict, out: Path) -> Path:
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
     return save_figure(fig, out, {"experiment": "diversity", "config": summary["config"], "summary": summary})
+
+
+def format_summary(summary: dict) -> list[str]:
+    """``timecat diversity``'s report: the CKA matrix, its mean off the diagonal, and each probe's top-1."""
+    names = summary["members"]
+    width = max(len(n) for n in names) + 2
+    where = f"{summary['config']['dataset']}/{summary['config']['split']}"
+    lines = [f"linear CKA on {where} ({summary['rows']} rows):"]
+    lines.append(" " * width + "".join(f"{n:>{width}}" for n in names))
+    for name, row in zip(names, summary["cka"], strict=True):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{width}.3f}" for v in row))
+    lines.append(f"mean pairwise CKA: {summary['mean_pairwise_cka']:.3f}")
+    lines += [f"probe top-1 {subset}: {top1:.2f}%" for subset, top1 in summary["top1"].items()]
+    return [*lines, f"plot: {summary['plot']}"]

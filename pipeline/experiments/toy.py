@@ -27,53 +27,19 @@ and no other, so the summary reports them together.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.errors import TimecatError, check_seed
+from pipeline.configs import ToyConfig
 
 POINTS = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # (4, 2): +x, -x, +y, -y
 LABELS = np.array([1.0, 1.0, -1.0, -1.0])  # the x-axis points are positive, the y-axis points negative
 # MASSES[i, p]: mass of point p in component P(i+1); rows sum to 1.
 MASSES = np.array([[2, 0, 1, 1], [0, 2, 1, 1], [1, 1, 2, 0], [1, 1, 0, 2]]) / 4
-PENALTIES = ("weight-decay", "l1", "none")
-LOSSES = ("sigmoid", "logistic")
 THRESHOLDS = (0.001, 0.01, 0.05)  # kept-feature thresholds the summary reports, as fractions of the largest weight
-
-
-@dataclass(frozen=True)
-class ToyConfig:
-    """How many mixtures, and the loss and sparsity bias of the rule trained on each."""
-
-    mixtures: int = 200  # mixture weights lambda drawn from Dirichlet(1, 1, 1, 1)
-    seed: int = 0  # lambdas and initial weights
-    loss: str = "sigmoid"  # sigmoid: a smooth 0-1 loss (the paper argues about the best rule); or logistic
-    temperature: float = 0.1  # sigmoid loss: sigma(-margin / temperature)
-    penalty: str = "l1"  # see PENALTIES and ``train``
-    strength: float = 0.01  # penalty coefficient (weight decay, or the L1 weight)
-    steps: int = 3000  # full-batch gradient steps
-    lr: float = 0.1  # step size
-    used: float = 0.05  # a feature is used when its weight is above this fraction of the largest
-    collapsed: float = 1e-3  # a rule whose largest weight is below this reads no feature at all
-
-    def __post_init__(self):
-        if self.penalty not in PENALTIES:
-            raise TimecatError(f"unknown penalty {self.penalty!r}; choose one of {list(PENALTIES)}")
-        if self.loss not in LOSSES:
-            raise TimecatError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
-        check_seed(self.seed)
-        if not 1 <= self.mixtures <= 1_000_000 or not 1 <= self.steps <= 10_000_000:
-            raise TimecatError(
-                f"mixtures and steps are 1 to a million (steps 10 million), got {self.mixtures}, {self.steps}"
-            )
-        if not all(math.isfinite(v) for v in (self.strength, self.lr, self.temperature, self.used, self.collapsed)):
-            raise TimecatError("strength, lr, temperature and thresholds must be finite numbers")
-        if self.mixtures < 1 or self.steps < 1 or self.strength < 0 or self.lr <= 0 or self.temperature <= 0:
-            raise TimecatError("mixtures, steps >= 1; strength >= 0; lr, temperature > 0")
 
 
 def _loss(logits: torch.Tensor, masses: torch.Tensor, config: ToyConfig) -> torch.Tensor:
@@ -246,3 +212,25 @@ def plot(result: dict, out: Path, examples: int = 3) -> Path:
     axes[-1].set_title(f"{summary['fails_two_components']:.0%} of mixtures fail 2 of 4", fontsize=9)
     axes[-1].legend(fontsize=8, loc="lower right")
     return save_figure(fig, out, {"experiment": "toy", "config": result["config"], "summary": result["summary"]})
+
+
+def format_summary(summary: dict, config: ToyConfig) -> list[str]:
+    """``timecat toy``'s report: the mixture rules' accuracy, how many read one feature, per-component means."""
+    lines = [
+        f"{config.mixtures} mixtures, {config.loss} loss, penalty {config.penalty} ({config.strength}):",
+        f"  accuracy on its own mixture:       {summary['mixture_rule_accuracy']:.1%} "
+        f"(best linear rule: {summary['best_rule_accuracy']:.1%})",
+        f"  rules reading one feature, so that its probe fails 2 of 4 components: {summary['one_feature']:.1%} "
+        f"(reading none: {summary['no_feature']:.1%})",
+        f"  a feature is kept above {summary['kept_threshold']:.1%} of the rule's largest weight; at other",
+        "  thresholds, rules reading one feature: "
+        + ", ".join(f"{float(t):.1%}: {v['one_feature']:.1%}" for t, v in summary["threshold_sensitivity"].items()),
+        "  mean accuracy per component P1..P4:",
+    ]
+    rows = {
+        "mixture rule": "mean_mixture_rule_accuracy",
+        "probe of kept features": "mean_probe_accuracy",
+        "direct training": "direct_accuracy",
+    }
+    lines += [f"    {label:<24}" + "  ".join(f"{100 * a:5.1f}" for a in summary[key]) for label, key in rows.items()]
+    return [*lines, f"plot: {summary['plot']}"]

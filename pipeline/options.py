@@ -1,0 +1,147 @@
+"""The command line's option types and options, built from the stages' configs (``pipeline.configs``).
+
+Each config field declares its default, help, unit, choices and bounds once
+(``configs.param``); ``config_options`` turns the fields of a config into
+click options, so ``cli.py`` never repeats a default or a choice list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import click
+
+
+def _fractions(value: str) -> tuple[float, float]:
+    """'0.74,0.86' -> (0.74, 0.86); anything else is a usage error that shows the form."""
+    try:
+        start, end = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not START,END (two fractions of the budget, e.g. 0.74,0.86)") from None
+    return start, end
+
+
+class CommaList(click.ParamType):
+    """``a,b,c`` -> a tuple, each item converted; bad or empty items are a usage error that names them."""
+
+    def __init__(self, convert_item, what: str, example: str, unique: bool = False):
+        self.convert_item, self.what, self.example, self.unique = convert_item, what, example, unique
+        self.name = f"{what} list"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = [item.strip() for item in str(value).split(",")]
+        bad, out = [], []
+        for item in items:
+            try:
+                out.append(self.convert_item(item))
+            except (TypeError, ValueError):
+                bad.append(item)
+        if bad:
+            self.fail(
+                f"{bad} are not {self.what}s; give comma-separated {self.what}s such as {self.example}", param, ctx
+            )
+        if self.unique and len(set(out)) != len(out):
+            self.fail(f"an item is named twice in {value!r}", param, ctx)
+        return tuple(out)
+
+
+def _positive(item: str) -> float:
+    number = float(item)
+    if not number > 0 or number == float("inf"):
+        raise ValueError(item)
+    return number
+
+
+def _name(item: str) -> str:
+    if not item:
+        raise ValueError(item)
+    return item
+
+
+def _integer(item: str) -> int:
+    if not item.lstrip("-").isdigit():
+        raise ValueError(item)
+    return int(item)
+
+
+POSITIVE_NUMBERS = CommaList(_positive, "positive number", "1e-4,5e-4")
+INTEGERS = CommaList(_integer, "integer", "0,1,2", unique=True)
+NAMES = CommaList(_name, "name", "run0,run1", unique=True)
+
+
+class FractionPair(click.ParamType):
+    """``START,END`` -> (start, end); a tuple passes through (a config default)."""
+
+    name = "START,END"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return _fractions(value)
+        except click.BadParameter as e:
+            self.fail(e.message, param, ctx)
+
+
+def param_type(field):
+    """The click type of a config field, from its annotation and metadata (pipeline.configs.param)."""
+    meta, kind = field.metadata, str(field.type)
+    low = meta.get("low")
+    if meta.get("choices"):
+        return click.Choice(list(meta["choices"]))
+    for prefix, list_type in (("tuple[float, ...]", POSITIVE_NUMBERS), ("tuple[int, ...]", INTEGERS)):
+        if kind.startswith(prefix):
+            return list_type
+    if kind.startswith("tuple[str, ...]"):
+        return NAMES
+    if kind.startswith("tuple[float, float]"):
+        return FractionPair()
+    if kind.startswith("int"):
+        bounded = low is not None or meta.get("high") is not None
+        return click.IntRange(min=low, max=meta.get("high")) if bounded else int
+    if kind.startswith("float"):
+        return click.FloatRange(min=low, min_open=meta.get("low_open", False)) if low is not None else float
+    if kind.startswith("Path"):
+        return click.Path(path_type=Path)
+    return str
+
+
+def option(field):
+    """One click option declared by a config field: its flag, type, default and help come from the field."""
+    meta = field.metadata
+    flag = meta.get("flag") or "--" + field.name.replace("_", "-")
+    text = meta.get("help", "") + (f" Unit: {meta['unit']}." if meta.get("unit") else "")
+    if str(field.type) == "bool":  # a flag on by default is turned off with --no-NAME
+        flag = f"{flag}/--no-{flag[2:]}" if field.default is True else flag
+        return click.option(flag, field.name, is_flag=True, default=field.default, help=text, show_default=False)
+    default = None if field.default is MISSING else field.default
+    shown = (
+        ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) if isinstance(default, tuple) else None
+    )
+    kind = param_type(field)
+    return click.option(
+        flag, field.name, type=kind, default=default, show_default=shown or default is not None, help=text
+    )
+
+
+def config_options(config_cls, skip: tuple[str, ...] = ()):
+    """Options for every field of ``config_cls`` that the command line sets (pipeline.configs), in field order.
+
+    A field whose ``cli`` metadata is a sentence is set another way (an argument, a shared option, a plan).
+    """
+    chosen = [f for f in fields(config_cls) if f.metadata.get("cli", True) is True and f.name not in skip]
+
+    def decorate(command):
+        for field in reversed(chosen):
+            command = option(field)(command)
+        return command
+
+    return decorate
+
+
+def make_config(config_cls, params: dict, **given):
+    """``config_cls`` from a command's parameters (the fields it has options for); ``given`` values win."""
+    return config_cls(**{**{f.name: params[f.name] for f in fields(config_cls) if f.name in params}, **given})
