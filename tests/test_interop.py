@@ -117,4 +117,4 @@ def test_export_command_writes_a_torchvision_file(reference, tmp_path):
     assert result.exit_code == 0 and "torchvision resnet50" in result.output
     resnet50(weights=None, num_classes=1).load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True))
     result = CliRunner().invoke(cli.main, ["export", "run9", "--out", str(tmp_path / "x.pth"), "--runs", str(tmp_path)])
-    assert result.exit_code == 1 and "no checkpoint at" in result.output
+    assert result.exit_code == 1 and "unknown member 'run9': no " in result.output

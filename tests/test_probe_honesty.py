@@ -50,7 +50,7 @@ def test_long_tailed_labels_probe_through_the_cli(tmp_path):
     assert record["chosen"]["warm_start"]  # the search fit the refit's classes, so the refit warm-started
     lo, hi = record["top1_ci95"]
     assert lo < record["top1"] < hi and record["top1"] > 20  # chance is 0.19%
-    text = cli._probe_line(record, tmp_path / "r/probes.jsonl")  # what the command prints without --json
+    text = results.format_record(record, tmp_path / "r/probes.jsonl")  # what the command prints without --json
     assert f"held out {held['held_out_rows']:,} rows of {held['held_out_classes']} / 520 classes" in text
 
 
