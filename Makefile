@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@bash .ci/system-packages
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[images,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[images,dev,notebook]'
 	@touch $(STAMP)
 
 demo: setup

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import __version__
+from pipeline import __version__, options
 from pipeline.configs import (
     DemoConfig,
     DiversityConfig,
@@ -27,22 +27,7 @@ from pipeline.configs import (
     ReportConfig,
     ToyConfig,
 )
-from pipeline.options import NAMES, config_options, make_config
-
-
-def _location(flag: str, default: str, env: str, what: str, dest: str | None = None, is_path: bool = True):
-    """A --flag for one of timecat's locations, with a default and an environment variable."""
-    decls = [flag, dest] if dest else [flag]
-    kind = click.Path(path_type=Path) if is_path else str
-    return click.option(*decls, type=kind, default=default, envvar=env, show_default=True, help=f"{what} (env {env}).")
-
-
-DATA_ROOT = _location("--data-root", "data", "TIMECAT_DATA", "Folder of prepared datasets")
-RUNS = _location("--runs", "runs", "TIMECAT_RUNS", "Folder of members, one sub-folder each")
-# A string, not a Path: the cache may be any fsspec URL zarr accepts.
-CACHE = _location("--cache", "features.zarr", "TIMECAT_CACHE", "Feature cache path or URL", "cache_path", False)
-RESULTS = _location("--results", "results", "TIMECAT_RESULTS", "Folder of probe records and plots")
-JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+from pipeline.options import CACHE, DATA_ROOT, JSON, NAMES, RESULTS, RUNS
 
 
 def _out(data, as_json: bool, lines) -> None:
@@ -71,7 +56,10 @@ def _without_option(argv: list[str], flag: str) -> list[str]:
 
 
 class TimecatGroup(click.Group):
-    """A click group that turns stage errors into clean ClickExceptions."""
+    """A click group that turns stage errors into clean ClickExceptions; its commands share one workspace."""
+
+    command_class = options.WorkspaceCommand
+    group_class = type  # subgroups (``timecat cache``) are TimecatGroups too
 
     def invoke(self, ctx):
         import cache
@@ -101,7 +89,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("kind")
 @DATA_ROOT
-@config_options(PrepareConfig)
+@options.config_options(PrepareConfig)
 def prepare(kind, data_root, **params):
     """Write the train and test splits of a dataset of KIND as FFCV .beton files.
 
@@ -122,7 +110,7 @@ def prepare(kind, data_root, **params):
     """
     from pipeline.prepare import prepare as prepare_stage
 
-    config = make_config(PrepareConfig, params, kind=kind, data_root=data_root)
+    config = options.make_config(PrepareConfig, params, kind=kind, data_root=data_root)
     for m in prepare_stage(config):
         click.echo(
             f"{m['name']}/{m['split']}: {m['rows']} images, {len(m['classes'])} classes, fingerprint {m['fingerprint']}"
@@ -132,7 +120,7 @@ def prepare(kind, data_root, **params):
 
 
 @main.command()
-@config_options(PretrainConfig)
+@options.config_options(PretrainConfig)
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Train the members of a plan file.")
 @click.option("--member", "only", help="With --plan: train only this member.")
 @click.option("--nproc-per-node", type=int, help="Launch K processes on this machine with torch's elastic launcher.")
@@ -151,10 +139,10 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
     Example: timecat pretrain --name run0 --dataset fashion-mnist --seed 0 --steps 1000
     Example: timecat pretrain --plan plan.json --member run2
     Example: timecat pretrain --name sf0 --dataset digits --seed 0 --steps 500 --optimizer schedulefree --lr 0.003
-    Example: timecat pretrain --plan table3.json --member cat4_0 --nproc-per-node 8
+    Example: timecat pretrain --plan table3.json --member cat4-run0 --nproc-per-node 8
     Example: timecat pretrain --plan table3.json --resolution 192 --min-resolution 160   # FFCV's ramp
     Example: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-             $(which timecat) pretrain --plan table3.json --member cat4_0
+             $(which timecat) pretrain --plan table3.json --member cat4-run0
     """
     from pipeline import distributed
     from pipeline import plan as plans
@@ -171,18 +159,18 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
 
     if plan_path is not None:
         plan = plans.load(plan_path)
-        problem = plans.override_problem(plan, plan_path, _typed(click.get_current_context()), only)
+        problem = plans.override_problem(plan, plan_path, options.typed(click.get_current_context()), only)
         if problem:
             raise click.UsageError(problem)
         chosen = [plan.member(only)] if only else list(plan.members)
-        configs = [make_config(PretrainConfig, params, **plans.member_fields(plan, m)) for m in chosen]
+        configs = [options.make_config(PretrainConfig, params, **plans.member_fields(plan, m)) for m in chosen]
     else:
         if only is not None:
             raise click.UsageError(f"--member {only} picks a member of --plan FILE; without a plan, use --name")
         missing = [f"--{k}" for k in ("name", "dataset", "seed", "steps") if params[k] is None]
         if missing:
             raise click.UsageError(f"missing {', '.join(missing)} (or give --plan FILE)")
-        configs = [make_config(PretrainConfig, params)]
+        configs = [options.make_config(PretrainConfig, params)]
     outcomes = pretrain_all(configs, data_root, runs)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
@@ -190,16 +178,8 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
     _out(outcomes if plan_path else outcomes[0], as_json, lambda _: [line.format(**r) for r in outcomes])
 
 
-def _typed(ctx: click.Context) -> dict:
-    """The options the user gave (command line or environment), not left at their defaults."""
-    from click.core import ParameterSource
-
-    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    return {name: value for name, value in ctx.params.items() if ctx.get_parameter_source(name) in given}
-
-
 @main.command()
-@config_options(PlanConfig)
+@options.config_options(PlanConfig)
 @click.option("--out", type=click.Path(path_type=Path), default="plan.json", show_default=True, help="Plan file.")
 @JSON
 def plan(out, as_json, **params):
@@ -213,7 +193,7 @@ def plan(out, as_json, **params):
     from pipeline import plan as plans
 
     _require(params, "dataset")
-    made = plans.make_plan(**asdict(make_config(PlanConfig, params)))
+    made = plans.make_plan(**asdict(options.make_config(PlanConfig, params)))
     path = plans.save(made, out)
     _out({**asdict(made), "path": str(path)}, as_json, lambda _: plans.format_plan(made, path))
 
@@ -234,7 +214,7 @@ def status(plan_path, runs, as_json):
 
 
 @main.command()
-@config_options(ExtractConfig)
+@options.config_options(ExtractConfig)
 @DATA_ROOT
 @RUNS
 @CACHE
@@ -259,7 +239,7 @@ def extract(data_root, runs, cache_path, as_json, **params):
     from pipeline.extract import extract as extract_stage
 
     _require(params, "members", "dataset")
-    config = make_config(ExtractConfig, params)
+    config = options.make_config(ExtractConfig, params)
     summary = extract_stage(config, data_root, runs, cache_path)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports for the job
         _out(summary, as_json, lambda rows: [f"{_where(r)} {r['member']}: {r['state']}" for r in rows])
@@ -270,7 +250,7 @@ def extract(data_root, runs, cache_path, as_json, **params):
 @click.option("--cat", "cat", type=int, help="Sweep: probe every N-member subset of --from.")
 @click.option("--from", "pool", type=NAMES, help="Sweep: the pool of members, e.g. run0,run1,run2,run3,run4.")
 @click.option("--max-subsets", type=int, help="Sweep: a seeded sample of at most this many subsets.")
-@config_options(ProbeConfig)
+@options.config_options(ProbeConfig)
 @CACHE
 @RESULTS
 @JSON
@@ -288,7 +268,8 @@ def probe(members, cat, pool, max_subsets, cache_path, results, as_json, **param
     Example: timecat probe --members run0,run1 --dataset cifar100 --protocol tc
     Example: timecat probe --members run0,run1 --dataset digits --protocol knn
     Example: timecat probe --members run0,run1 --dataset digits --backend sklearn --precision fp32
-    Example: torchrun --nproc-per-node 8 --no-python timecat probe --cat 4 --from run0,...,run11 --dataset inat18
+    Example: torchrun --nproc-per-node 8 --no-python timecat probe --cat 4 --from run0,run1,run2,run3,run4,run5 \\
+             --dataset inat2018
     Example: timecat probe --members run0,run1 --dataset digits --shots 5 --draws 5
 
     Under torchrun (batched backend) the ranks split the subsets, or, for a
@@ -303,7 +284,7 @@ def probe(members, cat, pool, max_subsets, cache_path, results, as_json, **param
     if cat is not None and not pool:
         raise click.UsageError("--cat N needs --from POOL (comma-separated members)")
     _require(params, "dataset")
-    config = make_config(ProbeConfig, params, members=members or pool)
+    config = options.make_config(ProbeConfig, params, members=members or pool)
     shots, draws = config.shots, config.draws
     path = results_path(results)
     if cat is None and shots is not None:
@@ -375,7 +356,7 @@ def compare(id_a, id_b, resamples, seed, results, as_json):
     it. Records scored on different eval rows are refused.
 
     \b
-    Example: timecat compare 3f2a9c01b7d4 9e81c4a0f2b3 --results demo/results
+    Example: timecat compare 3f2a9c01b7d4 9e81c4a0f2b3 --workdir demo
     """
     from pipeline import report as rep
 
@@ -384,8 +365,8 @@ def compare(id_a, id_b, resamples, seed, results, as_json):
 
 @main.command()
 @RESULTS
-@config_options(ReportConfig)
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG path (default: RESULTS/catn.png).")
+@options.config_options(ReportConfig)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG (default RESULTS/catn[_LAYOUT].png).")
 @JSON
 def report(results, plot_path, as_json, **params):
     """Print probe results in the paper's Table 3 (or Table 2) layout and save plots.
@@ -397,7 +378,7 @@ def report(results, plot_path, as_json, **params):
     few-shot top-1 against shots per class for each CatN (RESULTS/shots.png).
 
     \b
-    Example: timecat report --results demo/results
+    Example: timecat report --workdir demo
     Example: timecat report --layout table2 --protocol tc
     Example: timecat report --protocol tc --metric top1_eval_selected   # the paper's optimistic selection
     """
@@ -433,7 +414,7 @@ def export(member, out, runs):
 def cache_group() -> None:
     """Inspect and check a feature cache.
 
-    Example: timecat cache ls --cache demo/features.zarr
+    Example: timecat cache ls --workdir demo
     """
 
 
@@ -442,16 +423,34 @@ def _where(row: dict) -> str:
     return f"{row['dataset']}/{row['split']}" + ("" if view is None else f" view {view}")
 
 
+def _cache_path(path: str | None, cache_path: str) -> str:
+    """The cache a ``timecat cache`` command reads: PATH or --cache (either form; both only if they agree)."""
+    from click.core import ParameterSource
+
+    if path is None:
+        return cache_path
+    typed = click.get_current_context().get_parameter_source("cache_path") is ParameterSource.COMMANDLINE
+    if typed and os.path.normpath(cache_path) != os.path.normpath(path):  # TIMECAT_CACHE gives way to PATH
+        raise click.UsageError(f"PATH {path} and --cache {cache_path} name different caches; give one of them")
+    return path
+
+
 @cache_group.command("ls")
+@click.argument("path", required=False)
 @CACHE
 @JSON
-def cache_ls(cache_path, as_json):
+def cache_ls(path, cache_path, as_json):
     """List every cached array: dataset, split, member, shape, status and checkpoint.
 
+    The cache is PATH, or --cache PATH, or WORKDIR/features.zarr.
+
     \b
-    Example: timecat cache ls --cache demo/features.zarr
+    Example: timecat cache ls --workdir demo
+    Example: timecat cache ls demo/features.zarr
     """
     import cache
+
+    cache_path = _cache_path(path, cache_path)
 
     def line(r: dict) -> str:
         sha, steps = (r["provenance"].get("checkpoint_sha256") or "?")[:12], r["provenance"].get("steps", "?")
@@ -462,16 +461,20 @@ def cache_ls(cache_path, as_json):
 
 
 @cache_group.command("verify")
-@click.argument("path")
+@click.argument("path", required=False)
+@CACHE
 @JSON
-def cache_verify(path, as_json):
+def cache_verify(path, cache_path, as_json):
     """Check a cache: status, a full NaN scan, shapes and label agreement across members.
 
-    Exits with status 1 when any array has a problem.
+    The cache is PATH, or --cache PATH, or WORKDIR/features.zarr. Exits with
+    status 1 when any array has a problem.
 
     \b
     Example: timecat cache verify demo/features.zarr
+    Example: timecat cache verify --workdir demo
     """
+    path = _cache_path(path, cache_path)
     import cache
 
     def line(r: dict) -> str:
@@ -488,7 +491,7 @@ def cache_verify(path, as_json):
 
 
 @main.command()
-@config_options(ToyConfig)
+@options.config_options(ToyConfig)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG path (default: RESULTS/toy.png).")
 @RESULTS
 @JSON
@@ -515,14 +518,14 @@ def toy(plot_path, results, as_json, **params):
     """
     from pipeline.experiments import toy as toys
 
-    config = make_config(ToyConfig, params)
+    config = options.make_config(ToyConfig, params)
     result = toys.run(config)
     png = toys.plot(result, plot_path or Path(results) / "toy.png")
     _out({**result["summary"], "plot": str(png)}, as_json, lambda summary: toys.format_summary(summary, config))
 
 
 @main.command()
-@config_options(DiversityConfig)
+@options.config_options(DiversityConfig)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG path (default: RESULTS/diversity.png).")
 @CACHE
 @RESULTS
@@ -538,19 +541,19 @@ def diversity(plot_path, cache_path, results, as_json, **params):
     over the eval rows: `timecat compare`). The paper gives no CKA figures.
 
     \b
-    Example: timecat diversity --members run3,run4,run5,run6 --dataset fashion-mnist --cache demo/features.zarr
+    Example: timecat diversity --members run3,run4,run5,run6 --dataset fashion-mnist --workdir demo
     Example: timecat diversity --members run0,run1 --dataset digits --no-probe --json
     """
     from pipeline.experiments import diversity as div
 
     _require(params, "members", "dataset")
-    summary, _ = div.run(make_config(DiversityConfig, params), cache_path, results)
+    summary, _ = div.run(options.make_config(DiversityConfig, params), cache_path, results)
     summary["plot"] = str(div.plot(summary, plot_path or Path(results) / "diversity.png"))
     _out(summary, as_json, div.format_summary)
 
 
 @main.command()
-@config_options(DominoesConfig)
+@options.config_options(DominoesConfig)
 @DATA_ROOT
 @JSON
 def dominoes(data_root, as_json, **params):
@@ -563,7 +566,7 @@ def dominoes(data_root, as_json, **params):
     balanced set through the feature cache. The paper: 97% against 94% on
     MNIST-Fashion dominoes; here (3 seeds, 300 steps): 93.2% against 91.8%,
     a gap of +1.4 points whose 95% interval over seeds (-0.8, +3.6) includes 0.
-    Runs, cache and plot go under WORKDIR; about 4 minutes on 2 CPU cores.
+    Data, runs, cache and plot go under WORKDIR; about 4 minutes on 2 CPU cores.
 
     \b
     Example: timecat dominoes
@@ -571,11 +574,11 @@ def dominoes(data_root, as_json, **params):
     """
     from pipeline.experiments import dominoes as dom
 
-    _out(dom.run(make_config(DominoesConfig, params, data_root=data_root)), as_json, dom.format_summary)
+    _out(dom.run(options.make_config(DominoesConfig, params, data_root=data_root)), as_json, dom.format_summary)
 
 
 @main.command()
-@config_options(DemoConfig)
+@options.config_options(DemoConfig)
 @DATA_ROOT
 @JSON
 def demo(data_root, as_json, **params):
@@ -589,7 +592,7 @@ def demo(data_root, as_json, **params):
     """
     from pipeline.experiments.demo import format_outcome, run_demo
 
-    _out(run_demo(make_config(DemoConfig, params, data_root=data_root)), as_json, format_outcome)
+    _out(run_demo(options.make_config(DemoConfig, params, data_root=data_root)), as_json, format_outcome)
 
 
 if __name__ == "__main__":

@@ -16,3 +16,28 @@ def disk_full(what: str, strerror: str) -> str:
         f"no space left on the device while writing {what} ({strerror}); free some space and run the same "
         "command again: nothing written before is lost"
     )
+
+
+# Where each location comes from on the command line: (flag, environment variable, folder of the workspace).
+LOCATIONS = {
+    "data": ("--data-root", "TIMECAT_DATA", "data"),
+    "runs": ("--runs", "TIMECAT_RUNS", "runs"),
+    "cache": ("--cache", "TIMECAT_CACHE", "features.zarr"),
+    "results": ("--results", "TIMECAT_RESULTS", "results"),
+}
+
+
+def elsewhere(location: str) -> str:
+    """How to point a command at another ``location`` ("data", "runs", "cache" or "results"), for not-found errors."""
+    flag, env, folder = LOCATIONS[location]
+    return f"{flag} PATH, or --workdir DIR for DIR/{folder}; env {env}, TIMECAT_WORKDIR"
+
+
+def shown(path) -> str:
+    """A path as given, with its absolute form when it is relative (a not-found error says where it looked)."""
+    import os
+
+    path = str(path)
+    if "://" in path or os.path.isabs(path):
+        return path
+    return f"{path} ({os.path.abspath(path)})"

@@ -7,7 +7,7 @@ import os
 import zarr
 
 from cache import layout
-from cache.errors import CacheError
+from cache.errors import CacheError, elsewhere, shown
 from cache.reader import Cache, consolidated_metadata
 from cache.writer import WritableCache
 
@@ -34,7 +34,7 @@ def open(  # noqa: A001
             group = _open_group(path, mode, storage_options, use_consolidated)
     except FileNotFoundError:
         raise CacheError(
-            f"no feature cache at {path}: run `timecat extract` first (--cache or TIMECAT_CACHE names another)"
+            f"no feature cache at {shown(path)}: run `timecat extract` first, or name another ({elsewhere('cache')})"
         ) from None
     except ImportError as e:  # fsspec or its driver for the URL's scheme
         scheme = path.split("://", 1)[0]

@@ -67,7 +67,12 @@ class Cache:
         return sorted(name for name, _ in ds.groups())
 
     def members(self, dataset: str, split: str, complete_only: bool = False, *, view: int | None = None) -> list[str]:
-        """Members with an array for this split, or for one augmented view of it (only complete ones if asked)."""
+        """Members with an array for this split, or for one augmented view of it (only complete ones if asked).
+
+        An unknown dataset or split is an error that lists what is cached.
+        """
+        if split not in self.splits(dataset):
+            raise CacheError(f"split {split!r} of {dataset} is not cached; cached: {self.splits(dataset)}")
         path = layout.features_group(dataset, split, view)
         if path not in self.group:
             return []
@@ -186,7 +191,12 @@ class Cache:
     def check_members(
         self, dataset: str, split: str, members: Sequence[str], *, view: int | None = None
     ) -> list[zarr.Array]:
-        """Refuse, by name, members that are unknown, unfinished, from other rows, or (views) other crops."""
+        """Refuse, by name, members that are unknown, unfinished, from other rows, or (views) other crops.
+
+        The dataset and split are checked first, so a typo there is named as such.
+        """
+        split_attrs = self.split_attrs(dataset, split)
+        members = _names(members)
         if not members:
             raise CacheError("no members given: pass at least one member name")
         if len(set(members)) != len(members):
@@ -197,7 +207,6 @@ class Cache:
         if unknown:
             hint = "`timecat extract --views K`" if view is not None else "`timecat extract`"
             raise CacheError(f"unknown member(s) {unknown} for {where}; available: {available or f'none (run {hint})'}")
-        split_attrs = self.split_attrs(dataset, split)
         arrays = [self._features_array(dataset, split, m, view) for m in members]
         for m, array in zip(members, arrays, strict=True):
             problems = checks.member_problems(array, m, where, split_attrs, scan=False)
@@ -211,40 +220,98 @@ class Cache:
         return arrays
 
     def features(
-        self, dataset: str, split: str, members: Sequence[str], *, view: int | None = None, scan_nan: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Concatenate members' features: ``(X float32 (n, sum of d), y int64 (n,))``.
+        self,
+        dataset: str,
+        split: str,
+        members: Sequence[str] | str,
+        *,
+        rows: slice | Sequence[int] | np.ndarray | None = None,
+        view: int | None = None,
+        scan_nan: bool = False,
+    ) -> Features:
+        """Concatenate members' features: ``X, y = c.features(...)``, X float32 (n, sum of d), y int64 (n,).
 
-        ``view=k`` reads augmented view k instead of the plain features. X is
-        allocated once and each member fills its own column block in place: an
+        The result also carries ``columns``: each member's slice of X's columns, in
+        the order given. ``rows`` reads a subset (a slice, an index array in any
+        order, or a boolean mask) through the same checks, decoding only the chunks
+        that hold those rows. ``view=k`` reads augmented view k instead of the plain
+        features. A single string is taken as one member's name.
+
+        X is allocated once and each member fills its own column block in place: an
         ``np.hstack`` of per-member arrays would double peak memory and was 4-10x
         slower (measured with zarr-python 3 on a 2-core machine; README, Performance).
-
         Every member is checked to be ``complete`` with all its chunks present (a
         missing chunk would read as NaN). ``scan_nan=True`` also scans every value for
         NaN and inf, which adds about a third to the read time; ``verify()`` does the
         same for the whole cache. The labels are hashed as they are read.
         """
+        members = _names(members)
         arrays = self.check_members(dataset, split, members, view=view)
-        n = arrays[0].shape[0]
-        X = np.empty((n, sum(a.shape[1] for a in arrays)), dtype=np.float32)
-        col = 0
+        selection = _selection(rows, arrays[0].shape[0])
+        count = len(range(selection.start, selection.stop)) if isinstance(selection, slice) else len(selection)
+        X = np.empty((count, sum(a.shape[1] for a in arrays)), dtype=np.float32)
+        columns = self.columns(dataset, split, members, view=view)
         for member, array in zip(members, arrays, strict=True):
-            block = X[:, col : col + array.shape[1]]
-            # A few chunks per call: zarr buffers every chunk of a call before copying it out,
-            # which for a whole member added 1.4x its size to the peak (270 MB for 50k x 2048).
-            reads = array.chunks[0] * READ_CHUNKS
-            for start in range(0, n, reads):
-                _read_into(array, slice(start, min(n, start + reads)), block[start : start + reads])
+            block = X[:, columns[member]]
+            _read_rows(array, selection, block)
             # Scan a chunk of rows at a time: a whole-block isfinite would allocate n x d bools.
             step = array.chunks[0]
-            if scan_nan and not all(np.isfinite(block[i : i + step]).all() for i in range(0, n, step)):
+            if scan_nan and not all(np.isfinite(block[i : i + step]).all() for i in range(0, count, step)):
                 raise CacheError(
                     f"member {member} holds non-finite (NaN or inf) values in {layout.describe(dataset, split, view)}: "
                     "rerun `timecat extract --repair` for it (it writes again from the first damaged chunk)"
                 )
-            col += array.shape[1]
-        return X, self.labels(dataset, split)
+        return Features(X, self.labels(dataset, split)[selection], columns)
+
+    def columns(
+        self, dataset: str, split: str, members: Sequence[str] | str, *, view: int | None = None
+    ) -> dict[str, slice]:
+        """Each member's columns in the concatenation of ``members`` (in that order), without reading features."""
+        columns, col = {}, 0
+        for member in _names(members):
+            dim = self.dim(dataset, split, member, view=view)
+            columns[member] = slice(col, col + dim)
+            col += dim
+        return columns
+
+    def to_xarray(
+        self,
+        dataset: str,
+        split: str,
+        members: Sequence[str] | str,
+        *,
+        rows: slice | Sequence[int] | np.ndarray | None = None,
+        view: int | None = None,
+    ):
+        """The concatenated features as an ``xarray.DataArray`` (dims ``row``, ``feature``), for notebooks.
+
+        Coordinates: ``row`` (row numbers in the split), ``feature`` (0..d-1), ``member``
+        (which member each column comes from), ``label`` and ``class_name`` (per row).
+        Needs xarray (``pip install 'timecat[notebook]'``); the cache itself never does.
+        """
+        try:
+            import xarray as xr  # optional: only this method uses it
+        except ImportError:
+            raise CacheError(
+                "to_xarray needs xarray: pip install 'timecat[notebook]' (or pip install xarray)"
+            ) from None
+        members = _names(members)
+        X, y = self.features(dataset, split, members, rows=rows, view=view)
+        n = self.shape(dataset, split, members[0], view=view)[0]
+        row_numbers = np.arange(n)[_selection(rows, n)]
+        owner = np.empty(X.shape[1], dtype=object)
+        for member, cols in self.columns(dataset, split, members, view=view).items():
+            owner[cols] = member
+        classes = np.asarray(self.split_attrs(dataset, split).get("classes") or [str(c) for c in range(y.max() + 1)])
+        coords = {
+            "row": row_numbers,
+            "feature": np.arange(X.shape[1]),
+            "member": ("feature", owner.astype(str)),
+            "label": ("row", y),
+            "class_name": ("row", classes[y]),
+        }
+        attrs = {"dataset": dataset, "split": split, "members": list(members), "view": -1 if view is None else view}
+        return xr.DataArray(X, dims=("row", "feature"), coords=coords, name="features", attrs=attrs)
 
     def iter_rows(
         self,
@@ -340,3 +407,76 @@ def _relabel(store: Cache) -> str:
         "the store is damaged; rerun `timecat extract` for this dataset (it writes the labels again) "
         f"or delete the split from {store.path}"
     )
+
+
+class Features(tuple):
+    """``(X, y)``, so that ``X, y = c.features(...)`` unpacks as always, with ``columns``: member -> slice of X."""
+
+    def __new__(cls, X: np.ndarray, y: np.ndarray, columns: dict[str, slice]):
+        out = super().__new__(cls, (X, y))
+        out.columns = columns
+        return out
+
+    def __getnewargs__(self):  # pickle and deepcopy rebuild it from all three parts
+        return (self[0], self[1], self.columns)
+
+    @property
+    def X(self) -> np.ndarray:  # noqa: N802 (the usual name of a design matrix)
+        return self[0]
+
+    @property
+    def y(self) -> np.ndarray:
+        return self[1]
+
+
+def _names(members: Sequence[str] | str) -> list[str]:
+    """Member names as a list: one string is one member (never its letters)."""
+    if isinstance(members, str):
+        return [members]
+    members = list(members)
+    bad = [m for m in members if not isinstance(m, str)]
+    if bad:
+        raise CacheError(f"member names must be strings, got {bad}")
+    return members
+
+
+def _selection(rows, n: int) -> slice | np.ndarray:
+    """``rows`` as a contiguous slice or an int64 index array in [0, n); anything else is an error naming it."""
+    if rows is None:
+        return slice(0, n)
+    if isinstance(rows, slice):
+        start, stop, step = rows.indices(n)
+        return slice(start, max(start, stop)) if step == 1 else np.arange(start, stop, step)
+    index = np.asarray(rows)
+    if index.size == 0 and index.ndim == 1:  # [] is float64 to numpy: no rows, whatever its dtype
+        return np.empty(0, dtype=np.int64)
+    if index.dtype == bool:
+        if index.shape != (n,):
+            raise CacheError(f"a boolean rows mask must have one entry per row ({n}), got shape {index.shape}")
+        return np.flatnonzero(index)
+    if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+        raise CacheError(f"rows must be a slice, a 1-d array of row numbers or a boolean mask; got {index.dtype}")
+    if index.size and (index.min() < -n or index.max() >= n):
+        raise CacheError(f"rows out of range: the split has {n} rows (0 to {n - 1}), got {index.min()}..{index.max()}")
+    return np.where(index < 0, index + n, index).astype(np.int64)
+
+
+def _read_rows(array: zarr.Array, selection: slice | np.ndarray, out: np.ndarray) -> None:
+    """Fill ``out`` with ``array[selection]``, a few chunks per call; zarr decodes only the chunks involved."""
+    # A few chunks per call: zarr buffers every chunk of a call before copying it out,
+    # which for a whole member added 1.4x its size to the peak (270 MB for 50k x 2048).
+    reads = array.chunks[0] * READ_CHUNKS
+    if isinstance(selection, slice):
+        for start in range(selection.start, selection.stop, reads):
+            stop = min(selection.stop, start + reads)
+            _read_into(array, slice(start, stop), out[start - selection.start : stop - selection.start])
+        return
+    for start in range(0, len(selection), reads):
+        part = selection[start : start + reads]
+        try:
+            out[start : start + len(part)] = array.get_orthogonal_selection((part, slice(None)))
+        except Exception as e:  # zarr/numcodecs raise several types for a garbled chunk
+            raise CacheError(
+                f"{array.path} has an unreadable chunk among rows {part.min()}-{part.max()} ({type(e).__name__}): "
+                "rerun `timecat extract --repair` for it (it writes again from the first damaged chunk)"
+            ) from None

@@ -65,6 +65,7 @@ class WritableCache(Cache):
                 chunks=(1 << 20,),
                 dtype=np.int64,
                 attributes=attrs,
+                dimension_names=("row",),  # so that xarray.open_zarr opens a split's group as it is
                 overwrite=True,
             )
             try:
@@ -134,6 +135,8 @@ class WritableCache(Cache):
             dtype=np_dtype,
             fill_value=np.nan,  # unwritten chunks read as NaN, so gaps cannot hide
             compressors=compressors,
+            # Named for xarray.open_zarr: rows are shared by a split's arrays, widths are each member's own.
+            dimension_names=("row", f"feature_{member}"),
             overwrite=True,
         )
         prov = dict(provenance)

@@ -9,10 +9,14 @@ Loading uses ``weights_only=True``: a checkpoint is a pickle, and may come from 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cache import locks
+from cache.errors import CacheError, elsewhere, shown
 from pipeline import files, interop
 from pipeline.errors import TimecatError
 from pipeline.models import Classifier, build
@@ -28,6 +32,58 @@ def run_dir(runs_root: Path, name: str) -> Path:
 def checkpoint_path(runs_root: Path, name: str) -> Path:
     """Where a member's checkpoint lives."""
     return run_dir(runs_root, name) / "checkpoint.pt"
+
+
+def lock_path(runs_root: Path, name: str) -> Path:
+    """The lock a training process holds on its member's folder."""
+    return run_dir(runs_root, name) / ".lock"
+
+
+@contextlib.contextmanager
+def hold_run(runs_root: Path, name: str):
+    """Hold the member's folder for one training job; a second job is refused with the holder's pid and host."""
+    held = contextlib.ExitStack()
+    try:  # only taking the lock is translated: an error of the training itself passes as it is
+        held.enter_context(locks.hold(str(lock_path(runs_root, name))))
+    except locks.BusyError as e:
+        raise TimecatError(
+            f"member {name} is being trained by another process ({json.dumps(e.holder)}); "
+            "wait for it or stop it: a stopped member resumes from its last checkpoint"
+        ) from None
+    except CacheError as e:  # a planted symlink, a full disk, a filesystem without locks
+        raise TimecatError(str(e)) from None
+    with held:
+        yield
+
+
+def holder(runs_root: Path, name: str) -> dict | None:
+    """Who trains the member now (pid, host), or None."""
+    return locks.holder(str(lock_path(runs_root, name)))
+
+
+RESUMABLE = ("complete", "step", "member", "final")  # what deciding to keep or resume a member reads
+
+
+def existing(runs_root: Path, name: str, asked: dict) -> dict | None:
+    """The member's checkpoint (finished or resumable), None if there is none, an error if it is another member.
+
+    ``asked`` is the recipe about to be trained (its config without operational fields);
+    fields added since the checkpoint was saved count as unchanged.
+    """
+    ckpt = checkpoint_path(runs_root, name)
+    if not ckpt.is_file():
+        return None
+    payload = require(load(ckpt), RESUMABLE, ckpt)
+    if not payload["complete"]:  # only a resume reads these
+        require(payload, ("optimizer", "rng", "dataset_fingerprint", "scheduler"), ckpt)
+    saved = {**asked, **{k: v for k, v in payload["member"].items() if k in asked}}
+    if saved != asked:
+        diff = {k: (v, asked.get(k)) for k, v in saved.items() if asked.get(k) != v}
+        raise TimecatError(
+            f"member {name} already exists at {ckpt} with another config (saved vs asked: {diff}); "
+            "choose another --name or delete that folder"
+        )
+    return payload
 
 
 def save(path: Path, payload: dict) -> None:
@@ -105,7 +161,10 @@ def load_member(runs_root: Path, member: str, *, finished: bool = True) -> Loade
         path = checkpoint_path(runs_root, check_name("member", member))
         if not path.is_file():
             known = sorted(p.parent.name for p in Path(runs_root).glob("*/checkpoint.pt"))
-            raise TimecatError(f"unknown member {member!r}: no {path}; trained members: {known or 'none'}")
+            raise TimecatError(
+                f"unknown member {member!r}: no {shown(path)}; trained members: {known or 'none'} "
+                f"(other runs: {elsewhere('runs')})"
+            )
         loaded = Loaded(member, path, load(path), False)
     require(loaded.payload, ("step", "preprocess", "member.seed", "member.dataset"), path)
     if finished and not loaded.payload.get("complete"):

@@ -457,7 +457,9 @@ class DominoesConfig:
     """The paper's spurious-feature test (Table 1): seeds, budget and folders."""
 
     workdir: Path = param(Path("dominoes"), "Folder for the experiment's runs/, features.zarr and results/.")
-    data_root: Path = param(Path("data"), "Folder of prepared datasets.", cli="the shared --data-root option")
+    data_root: Path | None = param(
+        None, "Folder of prepared datasets (None: WORKDIR/data).", cli="the shared --data-root option"
+    )
     seeds: tuple[int, ...] = param((0, 1, 2), "Comma-separated seeds, one run of each model.")
     steps: int = param(300, "SGD steps of every CNN, direct or pretrained (equal budgets).")
     batch_size: int = param(128, "Images per step.")
@@ -471,13 +473,20 @@ class DominoesConfig:
         if self.steps < 1:
             raise TimecatError(f"steps must be at least 1, got {self.steps}")
 
+    @property
+    def data(self) -> Path:
+        """The prepared datasets: ``data_root``, or the workspace's own WORKDIR/data."""
+        return Path(self.data_root) if self.data_root is not None else Path(self.workdir) / "data"
+
 
 @dataclass(frozen=True)
 class DemoConfig:
     """The demo: its budget, members and datasets."""
 
     workdir: Path = param(Path("demo"), "Folder for the demo's runs/, features.zarr and results/.")
-    data_root: Path = param(Path("data"), "Folder of prepared datasets.", cli="the shared --data-root option")
+    data_root: Path | None = param(
+        None, "Folder of prepared datasets (None: WORKDIR/data).", cli="the shared --data-root option"
+    )
     total_steps: int = param(1000, "Budget B shared by every CatN (N members x B/N steps).", low=1)
     cats: tuple[int, ...] = param((1, 2, 4), "The CatN compared.")
     arch: str = param("small-resnet", "Architecture of every member.", choices=ARCH_NAMES)
@@ -491,6 +500,11 @@ class DemoConfig:
         bad = [n for n in self.cats if n < 1 or self.total_steps % n]
         if bad:
             raise TimecatError(f"total steps {self.total_steps} must split evenly into N members for N in {bad}")
+
+    @property
+    def data(self) -> Path:
+        """The prepared datasets: ``data_root``, or the workspace's own WORKDIR/data."""
+        return Path(self.data_root) if self.data_root is not None else Path(self.workdir) / "data"
 
     @property
     def runs(self) -> Path:
@@ -519,7 +533,12 @@ class PlanConfig:
     cat: int | None = param(None, "N members sharing the budget.", low=1)
     total_steps: int | None = param(None, "Total steps S (each member: S / N); per member for paper-table2.", low=1)
     preset: str | None = param(None, "The paper's experiments.", choices=PRESETS)
-    arch: str = param("resnet50", "Architecture of --cat members.", choices=ARCH_NAMES)
+    arch: str | None = param(
+        None,
+        "Architecture of --cat members (default: small-resnet for registered kinds of 64 px or less, such as "
+        "fashion-mnist and cifar10; resnet50 above, and for presets).",
+        choices=ARCH_NAMES,
+    )
     seeds: tuple[int, ...] | None = param(
         None, "Comma-separated seeds (default: the paper's 2,550,23,477,8529, then 0,1,...)."
     )

@@ -7,6 +7,7 @@ is looked up by exact name.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import gzip
 import hashlib
@@ -564,4 +565,12 @@ def get_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise TimecatError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
+        guess = closest_kind(name)
+        hint = f" (did you mean {guess!r}? `timecat prepare {guess}`)" if guess else ""
+        raise TimecatError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}{hint}") from None
+
+
+def closest_kind(name: str) -> str | None:
+    """The registered kind closest to a mistyped one (``fashionmnist`` -> ``fashion-mnist``), or None."""
+    found = difflib.get_close_matches(name.lower(), list(DATASETS), n=1, cutoff=0.6)
+    return found[0] if found else None

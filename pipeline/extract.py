@@ -323,6 +323,7 @@ def extract(config: ExtractConfig, data_root: Path, runs_root: Path, cache_path:
 
 def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> list[dict]:
     distributed.use_threads(config.threads)
+    log.info("extract %s on %s into %s", ",".join(config.members), config.dataset, cache_path)
     setting = resolve(config, data_root, d.device)
     members = [frozen_member(runs_root, name, d.device) for name in config.members]
     for m in members:

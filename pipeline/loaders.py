@@ -186,6 +186,15 @@ class _Watch:
         self.check()
         time.sleep(seconds)
 
+    def reap(self, timeout: float = 30.0) -> None:
+        """Wait for the workers FFCV starts and never joins: an exited child stays a zombie until waited for.
+
+        They exit once they have handed over their allocations, which the write has read by now.
+        """
+        for w in self.workers:
+            w.join(timeout)
+        self.stop()  # one still running after that is stuck: end it
+
     def stop(self) -> None:
         """Terminate and reap every worker still running (none is left behind as an orphan)."""
         for w in self.workers:
@@ -231,6 +240,7 @@ def write_beton(path: Path, images, labels: np.ndarray, fmt: BetonFormat, num_wo
         for name, hook in hooks.items():
             setattr(ffcv.writer, name, hook)
         writer.from_indexed_dataset(_Labelled(images, labels))
+        watch.reap()
     except BaseException:
         watch.stop()
         memory = getattr(writer, "metadata_sm", None)  # FFCV's shared metadata block, unlinked only on success

@@ -2,7 +2,9 @@
 
 Each config field declares its default, help, unit, choices and bounds once
 (``configs.param``); ``config_options`` turns the fields of a config into
-click options, so ``cli.py`` never repeats a default or a choice list.
+click options, so ``cli.py`` never repeats a default or a choice list. The
+locations (data, runs, cache, results) share one workspace, ``--workdir``
+(``WorkspaceCommand``).
 """
 
 from __future__ import annotations
@@ -145,3 +147,58 @@ def config_options(config_cls, skip: tuple[str, ...] = ()):
 def make_config(config_cls, params: dict, **given):
     """``config_cls`` from a command's parameters (the fields it has options for); ``given`` values win."""
     return config_cls(**{**{f.name: params[f.name] for f in fields(config_cls) if f.name in params}, **given})
+
+
+# One workspace: every location defaults to a folder of WORKDIR (--workdir, env TIMECAT_WORKDIR,
+# default the current folder); a location's own flag or environment variable still wins.
+WORKSPACE = {"data_root": "data", "runs": "runs", "cache_path": "features.zarr", "results": "results"}
+
+
+def _location(flag: str, name: str, env: str, what: str, is_path: bool = True):
+    """A --flag for one of timecat's locations, with an environment variable; unset, it is WORKDIR/<its folder>."""
+    kind = click.Path(path_type=Path) if is_path else str
+    text = f"{what} (env {env}; default WORKDIR/{WORKSPACE[name]})."
+    return click.option(flag, name, type=kind, default=None, envvar=env, help=text)
+
+
+DATA_ROOT = _location("--data-root", "data_root", "TIMECAT_DATA", "Folder of prepared datasets")
+RUNS = _location("--runs", "runs", "TIMECAT_RUNS", "Folder of members, one sub-folder each")
+# A string, not a Path: the cache may be any fsspec URL zarr accepts.
+CACHE = _location("--cache", "cache_path", "TIMECAT_CACHE", "Feature cache path or URL", is_path=False)
+RESULTS = _location("--results", "results", "TIMECAT_RESULTS", "Folder of probe records and plots")
+WORKDIR = click.Option(
+    ["--workdir"],
+    type=click.Path(path_type=Path),
+    default=Path("."),
+    envvar="TIMECAT_WORKDIR",
+    show_default=True,
+    help="Workspace: WORKDIR/data, WORKDIR/runs, WORKDIR/features.zarr and WORKDIR/results (env TIMECAT_WORKDIR).",
+)
+JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+class WorkspaceCommand(click.Command):
+    """A command whose locations default to folders of one ``--workdir`` (added to every command that has one)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        names = {p.name for p in self.params}
+        if names & WORKSPACE.keys() and "workdir" not in names:
+            self.params.append(WORKDIR)
+
+    def invoke(self, ctx):
+        # demo and dominoes keep their own --workdir (a config field); the others' is only for the locations.
+        own = any(p.name == "workdir" and p is not WORKDIR for p in self.params)
+        workdir = Path(ctx.params["workdir"] if own else ctx.params.pop("workdir", ".") or ".")
+        for name, folder in WORKSPACE.items():
+            if name in ctx.params and ctx.params[name] is None:
+                ctx.params[name] = str(workdir / folder) if name == "cache_path" else workdir / folder
+        return super().invoke(ctx)
+
+
+def typed(ctx: click.Context) -> dict:
+    """The options the user gave (command line or environment), not left at their defaults."""
+    from click.core import ParameterSource
+
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {name: value for name, value in ctx.params.items() if ctx.get_parameter_source(name) in given}

@@ -116,20 +116,42 @@ def make_plan(
     cat: int | None = None,
     total_steps: int | None = None,
     preset: str | None = None,
-    arch: str = configs.PlanConfig.arch,
+    arch: str | None = configs.PlanConfig.arch,
     seeds: tuple[int, ...] | None = None,
     batch_size: int = configs.PlanConfig.batch_size,
 ) -> Plan:
-    """A plan from ``--cat N --total-steps S`` or from a preset."""
+    """A plan from ``--cat N --total-steps S`` or from a preset; ``arch`` None picks one for the dataset."""
+    check_name("dataset", dataset)  # a bad name first: it is the mistake to fix, whatever else is missing
     if preset is not None:
         if preset not in PRESETS:
             raise TimecatError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        members = paper_table3(arch) if preset == "paper-table3" else paper_table2(total_steps or 450_000)
+        table3 = preset == "paper-table3"
+        members = paper_table3(arch or "resnet50") if table3 else paper_table2(total_steps or 450_000)
     elif cat is None or total_steps is None:
         raise TimecatError("give --cat N and --total-steps S, or --preset paper-table3 / paper-table2")
     else:
-        members = catn(cat, total_steps, arch, seeds)
+        members = catn(cat, total_steps, arch or default_arch(dataset), seeds)
     return Plan(dataset, tuple(members), batch_size, preset)
+
+
+SMALL_PX = 64  # registered kinds of at most this side train small-resnet by default; larger ones resnet50
+
+
+def default_arch(dataset: str) -> str:
+    """The architecture ``--cat`` members get without ``--arch``: by the dataset kind's image size.
+
+    A ResNet-50 on 28 px images is the wrong default (its stem alone downsamples 4x);
+    a name that is not a registered kind says nothing about its images, so it is refused.
+    """
+    from pipeline.datasets import DATASETS
+
+    if dataset not in DATASETS:
+        raise TimecatError(
+            f"--arch is needed for dataset {dataset!r}: it is not a registered kind, so its image size is not known "
+            f"here; give --arch resnet50 for ImageNet-size images or --arch small-resnet for {SMALL_PX} px or less "
+            f"(choices: {list(configs.ARCH_NAMES)})"
+        )
+    return "small-resnet" if DATASETS[dataset].resolution <= SMALL_PX else "resnet50"
 
 
 def save(plan: Plan, path: Path) -> Path:
@@ -158,10 +180,11 @@ def status(plan: Plan, runs_root: Path) -> list[dict]:
 
     ``done``: finished checkpoint. ``running``: a process holds the member's lock
     now (pid and host given). ``stopped``: started, not running, resumable from
-    its last checkpoint. ``missing``: never started. ``step`` is the last logged
-    step; ``checkpoint_step`` the step a restart resumes from.
+    its last checkpoint. ``missing``: never started. ``other``: the folder holds a
+    member of another recipe under this name (``differs`` lists each field as
+    [found, planned]), so it is not this plan's member whatever its steps.
+    ``step`` is the last logged step; ``checkpoint_step`` the step a restart resumes from.
     """
-    from cache import locks
     from pipeline import checkpoints
     from pipeline.checkpoints import checkpoint_path, run_dir
 
@@ -171,8 +194,11 @@ def status(plan: Plan, runs_root: Path) -> list[dict]:
         payload = checkpoints.load(ckpt, mmap=True) if ckpt.is_file() else None  # metadata only
         saved = payload["step"] if payload is not None else 0
         logged = _last_logged_step(folder / "log.jsonl")
-        holder = locks.holder(str(folder / ".lock"))
-        if payload is not None and payload.get("complete"):
+        holder = checkpoints.holder(runs_root, m.name)
+        differs = _differs(plan, m, payload["member"] if payload is not None else _logged_config(folder))
+        if differs:
+            state = "other"
+        elif payload is not None and payload.get("complete"):
             state = "done"
         elif holder is not None:
             state = "running"
@@ -181,8 +207,27 @@ def status(plan: Plan, runs_root: Path) -> list[dict]:
         else:
             state = "missing"
         row = {"member": m.name, "group": m.group, "state": state, "step": max(saved, logged), "steps": m.steps}
-        rows.append({**row, "checkpoint_step": saved, "holder": holder})
+        rows.append({**row, "checkpoint_step": saved, "holder": holder, "differs": differs})
     return rows
+
+
+def _differs(plan: Plan, member: PlannedMember, found: dict | None) -> dict:
+    """Each recipe field where a trained member's config (``found``) is not what the plan asks: [found, planned]."""
+    if not found:
+        return {}
+    planned = {**{k: getattr(member, k) for k in ("seed", "steps", "arch")}, "dataset": plan.dataset}
+    planned["batch_size"] = plan.batch_size
+    if member.width is not None or found.get("width") is not None:
+        planned["width"] = member.width
+    return {k: [found.get(k), v] for k, v in planned.items() if k in found and found[k] != v}
+
+
+def _logged_config(folder: Path) -> dict | None:
+    """The config a started member wrote before its first checkpoint (``config.json``), if any."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _last_logged_step(path: Path) -> int:
@@ -244,5 +289,8 @@ def format_status(rows: list[dict]) -> list[str]:
             line += f"  (checkpoint at step {r['checkpoint_step']:,})"
         if r["holder"]:
             line += f"  pid {r['holder'].get('pid')} on {r['holder'].get('host')}"
+        if r["differs"]:
+            shown = ", ".join(f"{k} {found} (plan {planned})" for k, (found, planned) in r["differs"].items())
+            line += f"  another recipe under this name: {shown}; train the plan's with another --runs"
         lines.append(line)
     return lines

@@ -144,6 +144,7 @@ def prepare(config: PrepareConfig) -> list[dict]:
     """Write the train and test .beton files of a dataset; complete splits are kept as they are."""
     spec = get_spec(config.kind)
     name = config.stored_name
+    log.info("prepare %s (kind %s) under %s", name, config.kind, config.data_root)
     fmt = storage_format(spec.beton, config.storage)
     _check_prepared_storage(config, name, fmt)
     if all(is_complete(config.data_root, name, s) for s in SPLITS):

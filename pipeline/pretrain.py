@@ -25,8 +25,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cache import locks
-from cache.errors import CacheError
 from pipeline import __version__, checkpoints, distributed, files, torch_io
 from pipeline.checkpoints import checkpoint_path, run_dir
 from pipeline.configs import OPERATIONAL, PretrainConfig
@@ -463,41 +461,10 @@ def _periodic(run: Run, step: int, ckpt: Path, write) -> None:
     d.barrier()
 
 
-def _existing(ckpt: Path, config: PretrainConfig) -> dict | None:
-    """This member's checkpoint (finished or resumable), None if there is none, an error if it is another member."""
-    if not ckpt.is_file():
-        return None
-    payload = checkpoints.require(checkpoints.load(ckpt), RESUMABLE, ckpt)
-    if not payload["complete"]:  # only a resume reads these
-        checkpoints.require(payload, ("optimizer", "rng", "dataset_fingerprint", "scheduler"), ckpt)
-    asked = recipe(config)
-    # Fields added since it was saved count as unchanged; operational ones never matter.
-    saved = {**asked, **{k: v for k, v in payload["member"].items() if k in asked}}
-    if saved != asked:
-        diff = {k: (v, asked.get(k)) for k, v in saved.items() if asked.get(k) != v}
-        raise TimecatError(
-            f"member {config.name} already exists at {ckpt} with another config (saved vs asked: {diff}); "
-            "choose another --name or delete that folder"
-        )
-    return payload
-
-
-RESUMABLE = ("complete", "step", "member", "final")  # what deciding to keep or resume a member reads
-
-
 def _claim(config: PretrainConfig, runs_root: Path, stack: contextlib.ExitStack) -> dict | None:
-    """Lock the member for this job (rank 0) and read its checkpoint, if any."""
-    lock = run_dir(runs_root, config.name) / ".lock"
-    try:
-        stack.enter_context(locks.hold(str(lock)))
-    except locks.BusyError as e:
-        raise TimecatError(
-            f"member {config.name} is being trained by another process ({json.dumps(e.holder)}); "
-            "wait for it or stop it: a stopped member resumes from its last checkpoint"
-        ) from None
-    except CacheError as e:  # a planted symlink, a full disk, a filesystem without locks
-        raise TimecatError(str(e)) from None
-    return _existing(checkpoint_path(runs_root, config.name), config)
+    """Lock the member for this job (rank 0) and read its checkpoint, if any (another member's is refused)."""
+    stack.enter_context(checkpoints.hold_run(runs_root, config.name))
+    return checkpoints.existing(runs_root, config.name, recipe(config))
 
 
 def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path, d: distributed.Dist | None = None) -> dict:
@@ -507,6 +474,9 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path, d: distri
     """
     d = d or distributed.init()
     ckpt = checkpoint_path(runs_root, config.name)
+    log.info(
+        "pretrain %s: %s on %s, seed %d, %d steps", config.name, config.arch, config.dataset, config.seed, config.steps
+    )
     read_manifest(data_root, config.dataset, "train")  # an unprepared dataset is refused before the lock is made
     with contextlib.ExitStack() as stack:
         claimed = None
@@ -559,7 +529,8 @@ def _train_member(config, data_root: Path, runs_root: Path, d: distributed.Dist,
             }
             write(final)
             checkpoints.save(ckpt, checkpoint_payload(run, config.steps, weights, final))
-            log.info("%s: %d steps, test top-1 %.2f%%", config.name, config.steps, final["test_top1"])
+            # DEBUG: the command prints this result itself; a second copy in the log would repeat it.
+            log.debug("%s: %d steps, test top-1 %.2f%%", config.name, config.steps, final["test_top1"])
     final = d.broadcast(final)
     return {"name": config.name, "checkpoint": str(ckpt), "skipped": False, **final}
 

@@ -66,11 +66,15 @@ def choose_c(X: np.ndarray, y: np.ndarray, model, config: ProbeConfig, n_classes
         trials.append({"C": C, "holdout_top1": top1, "converged": converged})
 
     # Ascending C: each fit starts from the more regularised solution before it.
-    for C in progress(sorted(config.c_grid), desc=f"choose C ({config.dataset})", unit="fit"):
-        trial(C)
-    coarse = best_trial(trials, "C", "smaller")["C"]
-    for factor in sorted(config.refine):
-        trial(coarse * factor)
+    total = len(config.c_grid) + len(config.refine)
+    with progress(total=total, desc=f"choose C ({config.dataset})", unit="fit") as bar:
+        for C in sorted(config.c_grid):
+            trial(C)
+            bar.update(1)
+        coarse = best_trial(trials, "C", "smaller")["C"]
+        for factor in sorted(config.refine):
+            trial(coarse * factor)
+            bar.update(1)
     split = describe_split(y, fit_idx, held_idx, n_classes or int(y.max()) + 1)
     return best_trial(trials, "C", "smaller")["C"], trials, split
 
@@ -137,7 +141,9 @@ def probe_matrices(
     # instead, the same per-row strength, over-regularised by 0.5 points here.)
     # Warm start from the last search fit: the same optimum up to sampling, so
     # L-BFGS needs a fraction of the iterations of a cold start.
-    converged = model.fit(X_train, y_train, C, config.max_iter)
+    with progress(total=1, desc=f"refit at C={C:.3g} ({config.dataset}, {len(y_train):,} rows)", unit="fit") as bar:
+        converged = model.fit(X_train, y_train, C, config.max_iter)
+        bar.update(1)
     best = model.topk(X_eval, 5)
     return {
         "backend": name,
@@ -180,6 +186,7 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
     """
     if config.shots is not None:
         raise TimecatError("a few-shot probe makes one record per draw: call few_shot(), not probe()")
+    log.info("probe %s on %s (%s)", ",".join(config.members), config.dataset, config.protocol)
     if uses_batched(config):
         return spread(config, [config.members], cache_path, results_root, extra)[0]
     _one_process(config)
@@ -612,6 +619,9 @@ def sweep(
     Returns the records and their summary: top-1 and top-5 mean and sample std over subsets.
     """
     chosen = subsets(pool, n, max_subsets, config.seed)
+    log.info(
+        "probe %d Cat%d subset(s) of %s on %s (%s)", len(chosen), n, ",".join(pool), config.dataset, config.protocol
+    )
     if uses_batched(config):  # every subset in one batched fit, each member read once
         sweep_fields = {"cat": n, "pool": list(pool), "subsets": len(chosen)}
         records = spread(config, chosen, cache_path, results_root, extra={"sweep": sweep_fields})
@@ -634,6 +644,9 @@ def few_shot(config: ProbeConfig, cache_path: str, results_root=None) -> tuple[l
     """
     if config.shots is None:
         raise TimecatError("few_shot needs config.shots (train rows per class)")
+    log.info(
+        "probe %s on %s: %d draw(s) of %d shots", ",".join(config.members), config.dataset, config.draws, config.shots
+    )
     records = spread(config, [config.members], cache_path, results_root)
     return records, summarize(records)
 

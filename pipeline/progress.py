@@ -1,23 +1,74 @@
 """The one place that shows progress and sets up logging.
 
 Stages never print: they log through ``logging`` and wrap long loops in
-``progress``. Bars go to stderr; set ``TQDM_DISABLE=1`` to hide them. Under torchrun only
-rank 0 draws bars and logs INFO, so K processes do not print K copies.
+``progress``. On a terminal that is a tqdm bar on stderr. When stderr is not a
+terminal (``make demo > log``, a cluster job's log file) a bar would print
+nothing useful, so the loop logs a line instead when it starts, every
+``TIMECAT_PROGRESS_EVERY`` seconds (default 30) and when it ends: done/total,
+rate and ETA. ``TQDM_DISABLE=1`` hides both. Under torchrun only rank 0 shows
+progress and logs INFO, so K processes do not print K copies.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable
 
 from tqdm.auto import tqdm
+from tqdm.std import tqdm as plain_tqdm
+
+LOG_EVERY_S = 30.0  # seconds between progress lines in a log (TIMECAT_PROGRESS_EVERY)
+
+
+class LogLines(plain_tqdm):
+    """tqdm's counting and rates, written as log lines (start, every ``mininterval`` seconds, end), not a bar.
+
+    tqdm calls ``display`` at most once per ``mininterval``; this logs the state there
+    instead of redrawing a line, so a log file gets a few lines, not thousands of ``\r``.
+    """
+
+    def display(self, msg=None, pos=None, **kwargs):
+        first = not hasattr(self, "_logged")
+        if not first and self.n == self._logged:
+            return True  # nothing new (a refresh for a postfix, or the close after the last update)
+        self._logged = self.n
+        log = logging.getLogger("timecat.progress")
+        if first:
+            of = f"{self.total:,} {self.unit}" if self.total else self.unit
+            log.info("%s: started (%s%s)", self.desc, of, f", from {self.n:,}" if self.n else "")
+            return True
+        done = f"{self.n:,}" + (f"/{self.total:,}" if self.total else "") + f" {self.unit}"
+        if self.total:
+            done += f" ({100 * self.n / self.total:.0f}%)"
+        elapsed = self.format_dict["elapsed"]
+        rate = (self.n - self.initial) / max(elapsed, 1e-9)
+        line = f"{self.desc}: {done}, {rate:.3g} {self.unit}/s, elapsed {self.format_interval(elapsed)}"
+        if self.total and rate > 0:
+            line += f", ETA {self.format_interval((self.total - self.n) / rate)}"
+        log.info(line + (f", {self.postfix}" if self.postfix else ""))
+        return True
 
 
 def progress(
     iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str = "it", initial: int = 0
 ) -> tqdm:
-    """A progress bar for a long loop (use as an iterable, or call ``update``)."""
+    """Progress of a long loop (use as an iterable, or call ``update``): a bar on a terminal, log lines otherwise."""
+    if _rank() == 0 and not _hidden() and not _terminal():
+        # The plain (not notebook) tqdm, writing nowhere: the lines go through logging, and closing
+        # a bar would otherwise write a stray carriage return to stderr.
+        return LogLines(
+            iterable,
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit=unit,
+            mininterval=_log_every(),
+            miniters=1,
+            leave=False,
+            file=_NOWHERE,
+        )
     quiet = _rank() != 0 or None  # None: tqdm's own default (and TQDM_DISABLE) decides
     return tqdm(
         iterable,
@@ -30,6 +81,39 @@ def progress(
         mininterval=1.0,
         disable=quiet,
     )
+
+
+class _Nowhere:
+    """A file that drops what is written (tqdm's own writes; LogLines logs instead)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+_NOWHERE = _Nowhere()
+
+
+def _log_every() -> float:
+    """Seconds between progress lines in a log: TIMECAT_PROGRESS_EVERY, else 30; an unusable value is said once."""
+    text = os.environ.get("TIMECAT_PROGRESS_EVERY")
+    try:
+        return LOG_EVERY_S if text is None else max(0.0, float(text))
+    except ValueError:
+        logging.getLogger("timecat.progress").warning(
+            "TIMECAT_PROGRESS_EVERY=%r is not a number of seconds; using %g", text, LOG_EVERY_S
+        )
+        return LOG_EVERY_S
+
+
+def _hidden() -> bool:
+    return os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+
+
+def _terminal() -> bool:
+    return sys.stderr.isatty()
 
 
 def _rank() -> int:

@@ -14,6 +14,8 @@ pretraining dataset) against each out-of-distribution dataset.
 from __future__ import annotations
 
 import json
+import textwrap
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +24,10 @@ import numpy as np
 
 from pipeline import __version__, configs, files, stats
 from pipeline.errors import TimecatError
+from pipeline.progress import get_logger
 from pipeline.results import augmented, find, latest_per_probe, load, load_predictions, shots_key
+
+log = get_logger(__name__)
 
 PLOT_FILE = "catn.png"
 ID_OOD_FILE = "id_vs_ood.png"
@@ -264,10 +269,35 @@ def _series(data: dict) -> dict[str, list[dict]]:
     return series
 
 
-def _panels(count: int):
-    """A figure of ``count`` side-by-side panels, one per dataset: (figure, list of axes)."""
-    fig, axes = pyplot().subplots(1, count, figsize=(4.2 * count, 3.4), squeeze=False)
+def _panels(count: int, height: float = 3.4):
+    """A figure of ``count`` side-by-side panels, one per dataset: (figure, list of axes).
+
+    Constrained layout makes room for titles, labels and a figure legend instead of
+    squeezing text past the edges (tight_layout ignores figure legends).
+    """
+    fig, axes = pyplot().subplots(
+        1, count, figsize=(max(4.2 * count, 5.0), height), squeeze=False, layout="constrained"
+    )
     return fig, list(axes[0])
+
+
+def _title(fig, text: str, size: float = 10) -> None:
+    """A figure title wrapped to the figure's width (a long title on one panel ran off both edges)."""
+    chars = max(30, int(fig.get_figwidth() * 72 / (0.6 * size)))  # ~0.6 em per character
+    fig.suptitle(textwrap.fill(text, chars), fontsize=size)
+
+
+def _legend(fig, axes, least: int = 2) -> None:
+    """One legend for the figure, below the panels: inside a panel it covered points, beside it squeezed them."""
+    handles, labels = {}, {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    labels = list(handles)
+    if len(labels) >= least:
+        fig.legend(
+            [handles[k] for k in labels], labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8
+        )
 
 
 def plot(data: dict, out: Path) -> Path:
@@ -289,34 +319,44 @@ def plot(data: dict, out: Path) -> Path:
         ax.set_ylabel("linear-probe top-1 (%)")
         ax.set_title(d)
         ax.grid(alpha=0.3)
-        if len(_series(data)) > 1:
-            ax.legend(fontsize=7)
-    fig.suptitle("CatN at a fixed total pretraining budget (bars: 95% interval, or ± std over member sets)")
+    _legend(fig, axes)
+    what = (
+        "Parameter-matched architectures and CatN" if data.get("layout") == "table2" else "CatN at a fixed total budget"
+    )
+    _title(fig, f"{what} (bars: 95% interval for one probe, or ± sample std over member sets)")
     return save_figure(fig, out)
 
 
 def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
     """In-distribution top-1 (x) against each other dataset's (y), one point per row; None if no ID dataset."""
-    plt = pyplot()
-
     columns = data.get("columns") or [{"name": d, "dataset": d} for d in data["datasets"]]
     ids = [c["name"] for c in columns if c["dataset"] in data["pretrained_on"]]
     oods = [c["name"] for c in columns if c["name"] not in ids]
     if len(ids) != 1 or not oods:
         return None  # needs exactly one probed pretraining dataset and at least one other
-    fig, axes = plt.subplots(1, len(oods), figsize=(4.2 * len(oods), 3.6), squeeze=False)
-    for ax, ood in zip(axes[0], oods, strict=True):
-        for row in data["rows"]:
-            x, y = row[ids[0]], row[ood]
-            if x["mean"] is None or y["mean"] is None:
-                continue
+    fig, axes = _panels(len(oods), height=3.8)
+    for ax, ood in zip(axes, oods, strict=True):
+        points = [(row["method"], row[ids[0]], row[ood]) for row in data["rows"]]
+        points = [(m, x, y) for m, x, y in points if x["mean"] is not None and y["mean"] is not None]
+        for _, x, y in points:
             xerr, yerr = np.array([_error(x)]).T, np.array([_error(y)]).T
             ax.errorbar(x["mean"], y["mean"], xerr=xerr, yerr=yerr, marker="o", capsize=3)
-            ax.annotate(row["method"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, 4))
+        ax.margins(x=0.3, y=0.15)  # room inside the axes for the labels
+        middle = np.mean(ax.get_xlim())
+        for method, x, y in points:  # labels point inward, so none runs past the axes
+            right = x["mean"] > middle
+            ax.annotate(
+                method,
+                (x["mean"], y["mean"]),
+                textcoords="offset points",
+                xytext=(-6 if right else 6, 4),
+                ha="right" if right else "left",
+                fontsize=8,
+            )
         ax.set_xlabel(f"{ids[0]} top-1 (%), in distribution")
         ax.set_ylabel(f"{ood} top-1 (%), transfer")
         ax.grid(alpha=0.3)
-    fig.suptitle("In distribution vs transfer (linear probe; bars: 95% intervals)", fontsize=10)
+    _title(fig, "In distribution vs transfer (linear probe; bars: 95% intervals, or ± sample std)")
     return save_figure(fig, out)
 
 
@@ -379,8 +419,8 @@ def plot_shots(data: dict, out: Path) -> Path:
         ax.set_ylabel("linear-probe top-1 (%)")
         ax.set_title(d)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Few-shot linear probes\n(bars: ± sample std over draws and member subsets)", fontsize=9)
+    _legend(fig, axes, least=1)  # which CatN each line is, even for one
+    _title(fig, "Few-shot linear probes (bars: ± sample std over draws and member subsets)")
     return save_figure(fig, out)
 
 
@@ -392,20 +432,27 @@ def write(
     Returns ``{"table", "shots", "plots"}``; the table is None when the folder
     holds few-shot records only. Plots: ``plot_path`` (default RESULTS/catn.png),
     id_vs_ood.png beside it when an ID dataset was probed, shots.png for few-shot
-    records (logreg).
+    records (logreg); a layout other than table3 adds its name (catn_table2.png).
     """
     records = load(results_root)
+    log.info("report of %d record(s) in %s (%s, %s)", len(records), results_root, layout, protocol)
     shots = shots_table(records) if protocol == "logreg" else None
     whole = [r for r in records if shots_key(r) is None]
     # Few-shot records only: their plot alone. Any other refusal of the table is the user's to see.
     data = None if shots is not None and not whole else table(records, layout=layout, protocol=protocol, metric=metric)
-    first = Path(plot_path) if plot_path else Path(results_root) / PLOT_FILE
+    first = Path(plot_path) if plot_path else Path(results_root) / plot_name(PLOT_FILE, layout)
     saved = []
     if data is not None:
-        saved = [plot(data, first), plot_id_vs_ood(data, first.with_name(ID_OOD_FILE))]
+        saved = [plot(data, first), plot_id_vs_ood(data, first.with_name(plot_name(ID_OOD_FILE, layout)))]
     if shots is not None:
         saved.append(plot_shots(shots, first.with_name(SHOTS_FILE)))
     return {"table": data, "shots": shots, "plots": [str(p) for p in saved if p is not None]}
+
+
+def plot_name(name: str, layout: str) -> str:
+    """A plot's file name for a layout: table3's plain (catn.png), another's with its name (catn_table2.png), so
+    a table2 report never overwrites table3's plots."""
+    return name if layout == LAYOUTS[0] else f"{Path(name).stem}_{layout}{Path(name).suffix}"
 
 
 def compare(results_root: Path, id_a: str, id_b: str, resamples: int = stats.RESAMPLES, seed: int = 0) -> dict:
@@ -462,12 +509,45 @@ def save_figure(fig, out: Path, summary: dict | None = None) -> Path:
         record = {"timecat_version": __version__, "figure": Path(out).name, **summary}
         text = json.dumps(record, indent=1, default=str)
         files.replace(Path(out).with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
-    fig.tight_layout()
+    if not fig.get_layout_engine():  # figures made with constrained layout keep it
+        with warnings.catch_warnings():  # a layout that cannot fit is reported below, by what overflows
+            warnings.filterwarnings("ignore", "Tight layout not applied", UserWarning)
+            fig.tight_layout()
+    outside = overflowing_text(fig)
+    if outside:
+        log.warning("%s: text runs past the figure's edge: %s", out, outside)
     try:
         # A temporary name, then a rename: a symlink planted at ``out`` is replaced, not written through.
         return files.replace(Path(out), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         pyplot().close(fig)
+
+
+def overflowing_text(fig) -> list[str]:
+    """What of ``fig`` crosses its edges as drawn: a title or text by its words, a panel by its title, a legend.
+
+    Each top-level piece is measured by its tight box (what matplotlib draws of it: a
+    panel's tick labels, axis labels and annotations included), so a label cut off at
+    the edge of the PNG is found here.
+    """
+    from matplotlib.axes import Axes
+    from matplotlib.legend import Legend
+
+    fig.draw_without_rendering()  # lay out first: constrained layout runs at draw time
+    renderer, bounds = fig.canvas.get_renderer(), fig.bbox
+    outside = []
+    for artist in fig.get_children():
+        box = artist.get_tightbbox(renderer) if artist.get_visible() else None
+        if box is None or box.width == 0:
+            continue
+        if box.x0 < bounds.x0 - 0.5 or box.y0 < bounds.y0 - 0.5 or box.x1 > bounds.x1 + 0.5 or box.y1 > bounds.y1 + 0.5:
+            if isinstance(artist, Axes):
+                outside.append(f"panel {artist.get_title() or artist.get_xlabel()!r}")
+            elif isinstance(artist, Legend):
+                outside.append("legend")
+            else:
+                outside.append(artist.get_text() if hasattr(artist, "get_text") else type(artist).__name__)
+    return outside
 
 
 def format_compare(out: dict) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import locks
-from cache.errors import CacheError
+from cache.errors import CacheError, elsewhere, shown
 from pipeline import files
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger
@@ -88,12 +88,20 @@ def find(records: list[dict], record_id: str, results_root: Path) -> dict:
 
 
 def load(results_root: Path) -> list[dict]:
-    """Every record, oldest first. A line that is not a JSON record (torn by a crash mid-write, or edited)
-    is skipped with a warning naming its number, so one bad line never hides the others."""
+    """Every probe record in ``results_root``/probes.jsonl, oldest first, as dicts (one per probe).
+
+    A record holds what was probed (``dataset``, ``members``, ``protocol``, ``backend``,
+    the splits), what it scored (``top1``, ``top5``, ``top1_ci95``), what was chosen and
+    how (``chosen``, ``search``, ``holdout``), and each member's provenance. A line that
+    is not a JSON record (torn by a crash mid-write, or edited) is skipped with a warning
+    naming its number, so one bad line never hides the others. ``to_dataframe`` makes a
+    table of them.
+    """
     path = results_path(results_root)
     if not path.is_file():
         raise TimecatError(
-            f"no results at {path}: run `timecat probe` first (--results or TIMECAT_RESULTS names another folder)"
+            f"no probe records at {shown(path)}: run `timecat probe` first, or name another folder "
+            f"({elsewhere('results')})"
         )
     lines, bad = files.read_jsonl(path)
     records = [r for _, r in lines if "members" in r and "dataset" in r]
@@ -114,6 +122,25 @@ def shots_key(record: dict) -> tuple[int, int] | None:
     """A few-shot record's (shots per class, draw); None for a probe on the whole train split."""
     shots = record.get("shots")
     return None if not shots else (shots["per_class"], shots["draw"])
+
+
+def to_dataframe(records: list[dict]):
+    """The records as a pandas DataFrame, one row each, nested fields flattened into dotted columns
+    (``chosen.C``, ``holdout.held_out_rows``, ``member_provenance.run0.steps``); lists of names, such as
+    ``members``, become comma-joined strings, so they can index a pivot table. Needs pandas (the
+    ``notebook`` extra)."""
+    try:
+        import pandas as pd  # optional: only this function uses it
+    except ImportError:
+        raise TimecatError(
+            "to_dataframe needs pandas: pip install 'timecat[notebook]' (or pip install pandas)"
+        ) from None
+
+    def flat(value):
+        names = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+        return ",".join(value) if names else value
+
+    return pd.json_normalize([{k: flat(v) for k, v in r.items()} for r in records], sep=".")
 
 
 def latest_per_probe(records: list[dict]) -> list[dict]:

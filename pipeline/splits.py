@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cache.errors import elsewhere, shown
 from pipeline.errors import TimecatError
 
 SPLITS = ("train", "test")
@@ -54,9 +55,9 @@ def read_manifest(data_root: Path, name: str, split: str) -> dict:
     if not path.is_file() or not beton.is_file():
         prepared = sorted(p.name for p in Path(data_root).glob("*") if (p / "train.json").is_file())
         raise TimecatError(
-            f"dataset {name!r} split {split!r} is not prepared under {data_root} (no {beton.name} with its manifest); "
-            f"run {prepare_command(name)} (prepared there: {prepared or 'none'}; --data-root or TIMECAT_DATA "
-            "changes where to look)"
+            f"dataset {name!r} split {split!r} is not prepared under {shown(data_root)} (no {beton.name} with its "
+            f"manifest); run {prepare_command(name)} (prepared there: {prepared or 'none'}; to look elsewhere: "
+            f"{elsewhere('data')})"
         )
     try:
         manifest = json.loads(path.read_text())
@@ -75,10 +76,13 @@ MANIFEST_KEYS = ("name", "kind", "split", "rows", "classes", "mean", "std", "fin
 
 def prepare_command(name: str) -> str:
     """The command that prepares ``name``: `timecat prepare NAME`, or with --name when NAME is not a kind."""
-    from pipeline.datasets import DATASETS
+    from pipeline.datasets import DATASETS, closest_kind
 
     if name in DATASETS:
         return f"`timecat prepare {name}`"
+    guess = closest_kind(name)
+    if guess:  # a typo of a kind is likelier than a dataset of its own with that name
+        return f"`timecat prepare {guess}` (did you mean --dataset {guess}?), or `timecat prepare KIND --name {name}`"
     return f"`timecat prepare KIND --name {name}` (KIND one of {sorted(DATASETS)})"
 
 

@@ -8,6 +8,7 @@ CIFAR pickles, image folders and IDX files are generated here.
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -127,6 +128,34 @@ def add_member(path, name, dim, fingerprint, rows=50):
     store.finish_features("toy", "train", name)
     store.consolidate()
     return store
+
+
+def parses(argv: list[str]) -> None:
+    """Parse a timecat command line as click would run it (types, choices, required options), without running it."""
+    import click
+
+    import cli
+
+    command, name, parent = cli.main, "timecat", None
+    while isinstance(command, click.Group):
+        parent = click.Context(command, info_name=name, parent=parent)
+        name, argv = argv[0], argv[1:]
+        command = command.get_command(parent, name)
+        assert command is not None, f"no command {name!r}"
+    command.make_context(name, list(argv), parent=parent)
+
+
+def zombie_children() -> list[int]:
+    """Pids of this process's children that exited and were never waited for (Linux /proc)."""
+    zombies = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] == "Z":
+            zombies.append(int(stat.parent.name))
+    return zombies
 
 
 def digits_cache(path, members: int = 4) -> tuple[str, ...]:

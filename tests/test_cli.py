@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_fashion_root, make_imagefolder
+from conftest import make_fashion_root, make_imagefolder, zombie_children
 
 import cli
 
@@ -126,6 +126,8 @@ def test_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path):
     rerun = run("demo", "--workdir", tmp_path / "demo", "--data-root", data, "--total-steps", 4)
     assert rerun.exit_code == 0 and "Cat2 - Cat1 on digits:" in rerun.output and "[95% CI" in rerun.output
     assert (tmp_path / "demo/runs/run0/checkpoint.pt").stat().st_mtime_ns == before
+    assert f"timecat results --workdir {tmp_path / 'demo'}" in rerun.output  # what to type next, for this workspace
+    assert zombie_children() == []  # FFCV's writer processes were waited for
 
 
 def test_cache_probe_and_report_work_without_ffcv(tmp_path):
@@ -174,5 +176,8 @@ def test_cache_ls_and_verify(tmp_path):
     store.group["toy/train/features/b"][3] = np.nan  # damage a complete member
     result = run("cache", "verify", tmp_path / "c.zarr")
     assert result.exit_code == 1
-    assert "toy/train b (50, 4): PROBLEM: member b has unwritten, unreadable or non-finite rows from row 0" in result.output
+    assert (
+        "toy/train b (50, 4): PROBLEM: member b has unwritten, unreadable or non-finite rows from row 0"
+        in result.output
+    )
     assert "1 of 2 arrays have problems" in result.output

@@ -1,9 +1,12 @@
 """Every parameter is declared once: the stage configs' fields make the command line's options."""
 
+import itertools
+import shlex
 from dataclasses import MISSING, fields
 
 import pytest
 from click.testing import CliRunner
+from conftest import parses
 
 import cli
 from pipeline.configs import (
@@ -90,3 +93,36 @@ def test_a_config_field_reaches_the_stage_from_the_command_line(tmp_path, monkey
     config = seen["config"]
     assert (config.holdout, config.c_grid, config.bootstrap, config.search_rows) == (0.3, (0.1, 1.0), 2000, 500)
     assert config.members == ("a", "b") and config.k_grid == ProbeConfig.__dataclass_fields__["k_grid"].default
+
+
+def _examples(command, name: str = "timecat") -> list[tuple[str, list[str]]]:
+    """Every ``Example:`` in a command's help (and its subcommands'), as (where, timecat argv)."""
+    found = []
+    text = (command.help or "").replace("\\\n", " ")
+    for line in text.splitlines():
+        if "Example:" not in line or "timecat " not in line:
+            continue
+        words = shlex.split(line.split("Example:", 1)[1].split("   #")[0])
+        start = max(i for i, w in enumerate(words) if w.endswith("timecat") or w == "$(which")
+        argv = words[start + 1 :]
+        argv = argv[1:] if argv and argv[0].startswith("timecat)") else argv  # $(which timecat)
+        found.append((name, argv))
+    for sub_name, sub in getattr(command, "commands", {}).items():
+        found += _examples(sub, f"{name} {sub_name}")
+    return found
+
+
+def test_every_help_example_parses_and_names_real_members_and_kinds():
+    from pipeline import plan as plans
+    from pipeline.datasets import DATASETS
+
+    examples = _examples(cli.main)
+    assert len(examples) > 40
+    table3 = {m.name for m in plans.make_plan("imagenet", preset="paper-table3").members}
+    for where, argv in examples:
+        parses(argv)  # options exist, types and choices hold
+        words = dict(itertools.pairwise(argv))
+        if "table3.json" in argv and "--member" in words:
+            assert words["--member"] in table3, (where, argv)  # the preset's own member names
+        if "--dataset" in words:
+            assert words["--dataset"] in DATASETS, (where, argv)

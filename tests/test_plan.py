@@ -19,9 +19,17 @@ def test_catn_splits_the_budget_with_the_papers_seeds():
         ("run2", 23, 100_000, "Cat4"),
         ("run3", 477, 100_000, "Cat4"),
     ]
-    assert [m.seed for m in plans.make_plan("d", cat=7, total_steps=7).members] == [2, 550, 23, 477, 8529, 0, 1]
+    assert [m.seed for m in plans.make_plan("d", cat=7, total_steps=7, arch="resnet50").members] == [
+        2,
+        550,
+        23,
+        477,
+        8529,
+        0,
+        1,
+    ]
     with pytest.raises(TimecatError, match="does not split into 3 equal members; use 399999 or 400002"):
-        plans.make_plan("d", cat=3, total_steps=400_000)
+        plans.make_plan("d", cat=3, total_steps=400_000, arch="resnet50")
     with pytest.raises(TimecatError, match="give --cat N and --total-steps S, or --preset"):
         plans.make_plan("d", cat=3)
 

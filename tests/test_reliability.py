@@ -252,6 +252,7 @@ def test_a_failed_resume_keeps_the_log_and_a_torn_last_line_is_tolerated(tmp_pat
         json.dumps(
             {
                 "dataset": "fashion-mnist",
+                "batch_size": 64,  # the member's own: status compares recipes, and 128 would be another
                 "members": [{"name": "m", "group": "Cat1", "seed": 0, "steps": 8, "arch": "small-resnet"}],
             }
         )

@@ -1,5 +1,8 @@
 """The report: Table 3 and Table 2 layouts, cells with intervals or mean ± std, plots, columns kept apart."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 from conftest import probe_record
 
@@ -137,3 +140,78 @@ def test_other_train_splits_or_eval_rows_get_their_own_columns():
     old = [{k: v for k, v in r.items() if k != "top1_eval_selected"} for r in records]
     with pytest.raises(TimecatError, match="no tc record carries top1_eval_selected"):
         report.table([{**r, "protocol": "tc"} for r in old], protocol="tc", metric="top1_eval_selected")
+
+
+def _table2_records():
+    records = []
+    for dataset, tops in (("fashion-mnist", (75.6, 77.6, 78.2)), ("digits", (37.9, 37.3, 46.6))):
+        records += [
+            probe_record(["r0"], dataset, tops[0], 1000),
+            probe_record(["w0"], dataset, tops[1], 1000, arch="resnet50w2", params=93_900_000),
+            probe_record(["r1", "r2", "r3", "r4"], dataset, tops[2], 250),
+        ]
+    for r in records:
+        for m in r["member_provenance"].values():
+            m["pretrain_dataset"] = "fashion-mnist"
+    return records
+
+
+def test_plots_keep_every_text_inside_the_figure_and_layouts_do_not_overwrite_each_other(tmp_path, caplog):
+    folder = tmp_path / "results"
+    for record in _table2_records():
+        results.append(folder, {**record, "id": f"{len(record['members'])}{record['dataset']}"})
+    with caplog.at_level("WARNING", logger="timecat"):
+        table3 = report.write(folder)["plots"]
+        table2 = report.write(folder, layout="table2")["plots"]
+    assert [Path(p).name for p in table3] == ["catn.png", "id_vs_ood.png"]
+    assert [Path(p).name for p in table2] == ["catn_table2.png", "id_vs_ood_table2.png"]
+    assert all(Path(p).is_file() for p in table3 + table2)
+    assert [r.getMessage() for r in caplog.records if "past the figure" in r.getMessage()] == []
+
+
+def test_the_overflow_check_finds_a_label_cut_off_at_the_edge(tmp_path, caplog):
+    fig, ax = report.pyplot().subplots(figsize=(3, 2))
+    ax.plot([0, 1], [0, 1])
+    ax.annotate("a label far too long to fit in this little figure", (1, 1), xytext=(5, 0), textcoords="offset points")
+    assert report.overflowing_text(fig) == ["panel ''"]
+    fig.suptitle("a title " * 20)
+    assert "a title" in report.overflowing_text(fig)[-1]
+    with caplog.at_level("WARNING", logger="timecat"):
+        report.save_figure(fig, tmp_path / "cut.png")
+    assert "text runs past the figure's edge" in caplog.text
+
+
+def test_toy_and_diversity_figures_explain_themselves(tmp_path, caplog, monkeypatch):
+    from pipeline.configs import ToyConfig
+    from pipeline.experiments import diversity, toy
+
+    figures = []
+    keep = report.save_figure
+
+    def saving(fig, out, summary=None):
+        figures.append(fig)
+        return keep(fig, out, summary)
+
+    monkeypatch.setattr(report, "save_figure", saving)
+    with caplog.at_level("WARNING", logger="timecat"):
+        toy.plot(toy.run(ToyConfig(mixtures=6, steps=200)), tmp_path / "toy.png")
+        cka = [[1, 0.95, 0.96], [0.95, 1, 0.97], [0.96, 0.97, 1]]
+        summary = {
+            "members": ["a", "b", "c"],
+            "cka": cka,
+            "top1": {},
+            "rows": 9,
+            "config": {"dataset": "d", "split": "t"},
+        }
+        diversity.plot(summary, tmp_path / "div.png")
+    assert "past the figure" not in caplog.text
+    toy_fig, div_fig = figures
+    (legend,) = toy_fig.legends  # colours, shaded regions and marks, named once for every panel
+    assert {t.get_text() for t in legend.get_texts()} >= {
+        "the rule says positive",
+        "misclassified by the mixture's rule",
+    }
+    image = div_fig.axes[0].images[0]
+    assert (image.norm.vmin, image.norm.vmax) == pytest.approx((0.95, 0.97))  # the pairs' range, not 0-1
+    assert "not 0-1" in div_fig.axes[1].get_ylabel()
+    assert np.ma.getmaskarray(image.get_array()).diagonal().all()  # each member with itself: outside the scale

@@ -29,7 +29,8 @@ def test_concurrent_appends_of_large_records_never_interleave(tmp_path):
 
 
 def test_missing_torn_and_malformed_results_are_explained(tmp_path, caplog):
-    with pytest.raises(TimecatError, match=r"run `timecat probe` first \(--results or TIMECAT_RESULTS"):
+    expected = r"run `timecat probe` first, or name another folder \(--results PATH, or --workdir"
+    with pytest.raises(TimecatError, match=expected):
         results.load(tmp_path)
     results.append(tmp_path, probe_record(["a"], "d", 1.0, 1))
     with open(results.results_path(tmp_path), "a") as f:

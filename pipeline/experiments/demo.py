@@ -8,6 +8,7 @@ resized to the members' input size); every CatN is probed from the cache.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -69,7 +70,7 @@ def run_demo(config: DemoConfig) -> dict:
     timings = {}
     started = time.perf_counter()
     for dataset in dict.fromkeys((config.pretrain_dataset, *config.transfer_datasets)):
-        prepare(PrepareConfig(kind=dataset, data_root=config.data_root))
+        prepare(PrepareConfig(kind=dataset, data_root=config.data))
     timings["prepare_s"] = time.perf_counter() - started
 
     groups = plan(config)
@@ -77,13 +78,15 @@ def run_demo(config: DemoConfig) -> dict:
     mark = time.perf_counter()
     for i, member in enumerate(members, 1):
         log.info("pretraining %s (%d/%d): seed %d, %d steps", member.name, i, len(members), member.seed, member.steps)
-        pretrain(member, config.data_root, config.runs)
+        trained = pretrain(member, config.data, config.runs)
+        # The demo prints no per-member line itself, so its log keeps each member's own accuracy.
+        log.info("%s: test top-1 %.2f%% after %d steps", member.name, trained["test_top1"], trained["step"])
     timings["pretrain_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     names = tuple(m.name for m in members)
     for dataset in config.transfer_datasets:
-        extract(ExtractConfig(dataset=dataset, members=names), config.data_root, config.runs, config.cache)
+        extract(ExtractConfig(dataset=dataset, members=names), config.data, config.runs, config.cache)
     timings["extract_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -97,12 +100,30 @@ def run_demo(config: DemoConfig) -> dict:
         "differences": differences,
         "plots": written["plots"],
         "timings": {k: round(v, 1) for k, v in timings.items()},
+        "next": next_commands(config, groups),
     }
     # Beside the report's plots: what made them (config, version) and what they show.
     summary = {"experiment": "demo", "timecat_version": __version__, "config": asdict(config), "summary": outcome}
     text = json.dumps(summary, indent=1, default=str)
     files.replace(config.results / "demo.json", lambda tmp: Path(tmp).write_text(text))
     return outcome
+
+
+def next_commands(config: DemoConfig, groups: dict) -> list[str]:
+    """What a user types after the demo, each pointed at the demo's workspace (``--workdir``)."""
+    w = shlex.quote(str(config.workdir))
+    largest = ",".join(m.name for m in groups[max(groups)])
+    mixed = ",".join(group[0].name for group in groups.values())  # one member of each CatN: a new combination
+    pretrained = config.pretrain_dataset
+    commands = [
+        f"timecat results --workdir {w}",
+        f"timecat report --workdir {w}",
+        f"timecat cache ls --workdir {w}",
+        f"timecat probe --workdir {w} --members {mixed} --dataset {config.transfer_datasets[-1]}",
+    ]
+    if max(groups) > 1:  # diversity compares two members or more
+        commands.append(f"timecat diversity --workdir {w} --members {largest} --dataset {pretrained}")
+    return commands
 
 
 def format_differences(differences: list[dict]) -> list[str]:
@@ -124,4 +145,5 @@ def format_outcome(outcome: dict) -> list[str]:
     lines.append("paired differences from Cat1 on the same eval rows (95% bootstrap intervals):")
     lines += ["  " + line for line in format_differences(outcome["differences"])]
     lines.append("plots: " + ", ".join(outcome["plots"]))
-    return [*lines, "timings (s): " + ", ".join(f"{k} {v}" for k, v in outcome["timings"].items())]
+    lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in outcome["timings"].items()))
+    return [*lines, "next, in this workspace:", *("  " + command for command in outcome["next"])]

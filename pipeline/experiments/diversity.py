@@ -88,11 +88,19 @@ def plot(summary: dict, out: Path) -> Path:
     plt = pyplot()
     members, cka = summary["members"], np.array(summary["cka"])
     labels = [f"{m}\n{summary['top1'][m]:.1f}%" if m in summary["top1"] else m for m in members]
-    fig, ax = plt.subplots(figsize=(1.2 * len(members) + 2.5, 1.2 * len(members) + 1.5))
-    image = ax.imshow(cka, vmin=0, vmax=1, cmap="viridis")
+    fig, ax = plt.subplots(figsize=(1.2 * len(members) + 2.8, 1.2 * len(members) + 1.6), layout="constrained")
+    # Colours span the pairs' own range: on a 0-1 scale, CKAs of 0.94-0.97 all looked the same. The
+    # diagonal (each member with itself, always 1) is grey, outside that scale.
+    pairs = ~np.eye(len(members), dtype=bool)
+    low, high = float(cka[pairs].min()), float(cka[pairs].max())
+    high = max(high, low + 1e-3)
+    shown = np.ma.masked_array(cka, mask=~pairs)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    image = ax.imshow(shown, vmin=low, vmax=high, cmap=cmap)
     for i in range(len(members)):
         for j in range(len(members)):
-            ax.text(j, i, f"{cka[i, j]:.2f}", ha="center", va="center", color="w" if cka[i, j] < 0.6 else "k")
+            dark = pairs[i, j] and (cka[i, j] - low) / (high - low) < 0.6
+            ax.text(j, i, f"{cka[i, j]:.3f}", ha="center", va="center", color="w" if dark else "k", fontsize=8)
     ax.set_xticks(range(len(members)), labels, fontsize=8)
     ax.set_yticks(range(len(members)), labels, fontsize=8)
     title = f"linear CKA, {summary['config']['dataset']}/{summary['config']['split']} ({summary['rows']} rows)"
@@ -100,7 +108,8 @@ def plot(summary: dict, out: Path) -> Path:
     if cat in summary["top1"]:
         title += f"\nconcatenation: {summary['top1'][cat]:.1f}% top-1"
     ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.046)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046)
+    bar.set_label(f"CKA; colours span the pairs' range {low:.3f}-{high:.3f}, not 0-1", fontsize=8)
     return save_figure(fig, out, {"experiment": "diversity", "config": summary["config"], "summary": summary})
 
 

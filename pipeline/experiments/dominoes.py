@@ -48,22 +48,20 @@ def run(config: DominoesConfig) -> dict:
     started = time.perf_counter()
     runs, store, out = config.workdir / "runs", str(config.workdir / "features.zarr"), config.workdir / "results"
     for kind in ("dominoes-mixture", "dominoes-balanced"):
-        prepare(PrepareConfig(kind, config.data_root))
+        prepare(PrepareConfig(kind, config.data))
     direct, pretrained, mixture_test, head_balanced = [], [], [], []
     for seed in config.seeds:
         common = {"arch": config.arch, "batch_size": config.batch_size}
         outcome = pretrain(
-            PretrainConfig(f"direct{seed}", "dominoes-balanced", seed, config.steps, **common), config.data_root, runs
+            PretrainConfig(f"direct{seed}", "dominoes-balanced", seed, config.steps, **common), config.data, runs
         )
         direct.append(round(outcome["test_top1"], 2))
         name = f"mixture{seed}"
-        outcome = pretrain(
-            PretrainConfig(name, "dominoes-mixture", seed, config.steps, **common), config.data_root, runs
-        )
+        outcome = pretrain(PretrainConfig(name, "dominoes-mixture", seed, config.steps, **common), config.data, runs)
         mixture_test.append(round(outcome["test_top1"], 2))
-        head_balanced.append(round(_head_on_balanced(runs, name, config.data_root), 2))
+        head_balanced.append(round(_head_on_balanced(runs, name, config.data), 2))
         pretrained.append(name)
-    extract(ExtractConfig("dominoes-balanced", tuple(pretrained)), config.data_root, runs, store)
+    extract(ExtractConfig("dominoes-balanced", tuple(pretrained)), config.data, runs, store)
     probed = []
     for name in pretrained:
         record = probe(ProbeConfig("dominoes-balanced", (name,)), store, out)

@@ -188,10 +188,13 @@ def run(config: ToyConfig) -> dict:
 def plot(result: dict, out: Path, examples: int = 3) -> Path:
     """Figure 3 in spirit: a few mixtures (marker area = mass; blue positive) with the learned rule's regions
     and the points it gets wrong, and the mean probe accuracy per component."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     from pipeline.report import pyplot, save_figure
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, examples + 1, figsize=(4 * (examples + 1), 4))
+    fig, axes = plt.subplots(1, examples + 1, figsize=(4 * (examples + 1), 4.6), layout="constrained")
     lambdas, rules = np.array(result["lambdas"]), np.array(result["rules"])
     for ax, k in zip(axes[:examples], range(examples), strict=True):
         masses = lambdas[k] @ MASSES
@@ -211,6 +214,15 @@ def plot(result: dict, out: Path, examples: int = 3) -> Path:
     axes[-1].set(ylim=(0, 1.05), ylabel="mean accuracy over mixtures")
     axes[-1].set_title(f"{summary['fails_two_components']:.0%} of mixtures fail 2 of 4", fontsize=9)
     axes[-1].legend(fontsize=8, loc="lower right")
+    key = [
+        Line2D([], [], ls="", marker="o", color="tab:blue", alpha=0.7, label="positive point (area: its mass)"),
+        Line2D([], [], ls="", marker="o", color="tab:red", alpha=0.7, label="negative point"),
+        Patch(color="tab:blue", alpha=0.2, label="the rule says positive"),
+        Patch(color="tab:red", alpha=0.2, label="the rule says negative"),
+        Line2D([], [], ls="", marker="x", color="k", label="misclassified by the mixture's rule"),
+    ]
+    fig.legend(handles=key, loc="outside lower center", ncols=len(key), fontsize=8)
+    fig.suptitle("Sparse rules of mixtures (left: a few mixtures and their rule; right: probes of the kept features)")
     return save_figure(fig, out, {"experiment": "toy", "config": result["config"], "summary": result["summary"]})
 
 
