@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable
 
 from tqdm.auto import tqdm
@@ -30,10 +31,12 @@ class LogLines(plain_tqdm):
     """
 
     def display(self, msg=None, pos=None, **kwargs):
-        first = not hasattr(self, "_logged")
+        first, now = not hasattr(self, "_logged"), time.monotonic()
         if not first and self.n == self._logged:
             return True  # nothing new (a refresh for a postfix, or the close after the last update)
-        self._logged = self.n
+        if not first and msg != "" and now - self._at < self.mininterval:
+            return True  # a refresh for a new postfix comes sooner than the interval: wait for it
+        self._logged, self._at = self.n, now
         log = logging.getLogger("timecat.progress")
         if first:
             of = f"{self.total:,} {self.unit}" if self.total else self.unit
@@ -44,7 +47,8 @@ class LogLines(plain_tqdm):
             done += f" ({100 * self.n / self.total:.0f}%)"
         elapsed = self.format_dict["elapsed"]
         rate = (self.n - self.initial) / max(elapsed, 1e-9)
-        line = f"{self.desc}: {done}, {rate:.3g} {self.unit}/s, elapsed {self.format_interval(elapsed)}"
+        shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"  # 18,100 img/s, not 1.81e+04
+        line = f"{self.desc}: {done}, {shown} {self.unit}/s, elapsed {self.format_interval(elapsed)}"
         if self.total and rate > 0:
             line += f", ETA {self.format_interval((self.total - self.n) / rate)}"
         log.info(line + (f", {self.postfix}" if self.postfix else ""))
