@@ -272,7 +272,7 @@ def _record(config: ProbeConfig, measured: dict, context: dict, n_eval: int, sta
         "timecat_version": __version__,
         **(extra or {}),
     }
-    log.info(
+    log.debug(  # the command prints the record; the log does not repeat it
         "%s on %s: top-1 %.2f%% (95%% CI %.2f-%.2f), top-5 %.2f%%",
         ",".join(config.members),
         config.dataset,
