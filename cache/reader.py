@@ -17,6 +17,7 @@ from zarr.core.buffer import default_buffer_prototype
 from cache import checks, layout
 from cache.errors import CacheError
 
+Rows = slice | Sequence[int] | np.ndarray | None  # a row subset: a slice, row numbers in any order, or a mask
 READ_CHUNKS = 8  # chunks decoded per read call (bounds zarr's buffers; 8 x 8 MiB chunks = 64 MiB)
 # Methods of the writing subclass, named in the error a read-only cache gives for them.
 WRITE_METHODS = (
@@ -225,7 +226,7 @@ class Cache:
         split: str,
         members: Sequence[str] | str,
         *,
-        rows: slice | Sequence[int] | np.ndarray | None = None,
+        rows: Rows = None,
         view: int | None = None,
         scan_nan: bool = False,
     ) -> Features:
@@ -280,7 +281,7 @@ class Cache:
         split: str,
         members: Sequence[str] | str,
         *,
-        rows: slice | Sequence[int] | np.ndarray | None = None,
+        rows: Rows = None,
         view: int | None = None,
     ):
         """The concatenated features as an ``xarray.DataArray`` (dims ``row``, ``feature``), for notebooks.
