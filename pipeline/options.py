@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from cache.errors import LOCATIONS
+
 
 def _fractions(value: str) -> tuple[float, float]:
     """'0.74,0.86' -> (0.74, 0.86); anything else is a usage error that shows the form."""
@@ -150,22 +152,26 @@ def make_config(config_cls, params: dict, **given):
 
 
 # One workspace: every location defaults to a folder of WORKDIR (--workdir, env TIMECAT_WORKDIR,
-# default the current folder); a location's own flag or environment variable still wins.
-WORKSPACE = {"data_root": "data", "runs": "runs", "cache_path": "features.zarr", "results": "results"}
+# default the current folder); a location's own flag or environment variable still wins. The flags,
+# variables and folders are cache.errors.LOCATIONS, which the not-found errors name too.
+PARAMS = {"data_root": "data", "runs": "runs", "cache_path": "cache", "results": "results"}  # param -> location
+WORKSPACE = {param: LOCATIONS[location][2] for param, location in PARAMS.items()}
 
 
-def _location(flag: str, name: str, env: str, what: str, is_path: bool = True):
+def _location(name: str, what: str, is_path: bool = True):
     """A --flag for one of timecat's locations, with an environment variable; unset, it is WORKDIR/<its folder>."""
+    flag, env, folder = LOCATIONS[PARAMS[name]]
     kind = click.Path(path_type=Path) if is_path else str
-    text = f"{what} (env {env}; default WORKDIR/{WORKSPACE[name]})."
-    return click.option(flag, name, type=kind, default=None, envvar=env, help=text)
+    return click.option(
+        flag, name, type=kind, default=None, envvar=env, help=f"{what} (env {env}; default WORKDIR/{folder})."
+    )
 
 
-DATA_ROOT = _location("--data-root", "data_root", "TIMECAT_DATA", "Folder of prepared datasets")
-RUNS = _location("--runs", "runs", "TIMECAT_RUNS", "Folder of members, one sub-folder each")
+DATA_ROOT = _location("data_root", "Folder of prepared datasets")
+RUNS = _location("runs", "Folder of members, one sub-folder each")
 # A string, not a Path: the cache may be any fsspec URL zarr accepts.
-CACHE = _location("--cache", "cache_path", "TIMECAT_CACHE", "Feature cache path or URL", is_path=False)
-RESULTS = _location("--results", "results", "TIMECAT_RESULTS", "Folder of probe records and plots")
+CACHE = _location("cache_path", "Feature cache path or URL", is_path=False)
+RESULTS = _location("results", "Folder of probe records and plots")
 WORKDIR = click.Option(
     ["--workdir"],
     type=click.Path(path_type=Path),
