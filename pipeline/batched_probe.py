@@ -20,13 +20,13 @@ import torch
 from pipeline import batched_logreg as bl
 from pipeline.configs import PROBE_PRECISIONS as PRECISIONS
 from pipeline.errors import TimecatError
-from pipeline.heldout import best_trial, describe_split, fixed_split, search_split, topk_accuracy
+from pipeline.heldout import best_trial, describe_split, fixed_split, search_split, tie, topk_accuracy
 from pipeline.progress import get_logger, progress
 
 log = get_logger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-STATE_COPIES = 2 * bl.HISTORY + 8  # weight-sized tensors L-BFGS keeps per problem (history, x, g, trials)
+STATE_COPIES = 2 * bl.HISTORY + 9  # weight-sized tensors L-BFGS keeps per problem (history s, y; x, g, trials, H0 y)
+REFERENCE_COPIES = 1  # bf16: row-sized float32 tensors per problem (the reference's logits)
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,16 @@ class SolverSettings:
 
     c_grid: tuple[float, ...]
     refine: tuple[float, ...]
-    search_iter: int
-    max_iter: int
-    tol: float
+    gap: float  # relative gap to the optimum at which a fit stops
+    cap: int  # iterations per precision phase
+    precision: str  # bf16 (a bf16 phase, then float32) or fp32
     memory_bytes: int  # budget for one batch's solver state and working logits
     fixed_c: float = 1.0  # C when no class has a row to hold out (1-shot probes)
+
+    @classmethod
+    def of(cls, config, precision: str) -> SolverSettings:
+        """A ProbeConfig's settings, with the precision resolved for the device."""
+        return cls(config.c_grid, config.refine, config.gap, config.iter_cap, precision, budget(config), config.fixed_c)
 
 
 def device() -> torch.device:
@@ -82,23 +87,21 @@ def resolve_precision(name: str, where: torch.device) -> tuple[str, str]:
     return "fp32", "CPU without bf16 matrix instructions (no avx512_bf16 or amx_bf16)"
 
 
-def to_blocks(arrays: dict[int, np.ndarray], dtype: torch.dtype, where: torch.device) -> dict[int, torch.Tensor]:
-    """Member arrays as tensors in the compute dtype on the device (a view, for fp32 on the CPU)."""
-    return {j: torch.from_numpy(X).to(where, dtype) for j, X in arrays.items()}
+def to_blocks(arrays: dict[int, np.ndarray], where: torch.device) -> dict[int, torch.Tensor]:
+    """Member arrays as float32 tensors on the device (a view on the CPU)."""
+    return {j: torch.from_numpy(X).to(where, torch.float32) for j, X in arrays.items()}
 
 
-def standardised(X: np.ndarray, mean: np.ndarray, std: np.ndarray, dtype, where, block_rows: int = 1024):
-    """(X - mean) / std as a new compute-dtype tensor on the device, made block by block.
+def standardised(X: np.ndarray, mean: np.ndarray, std: np.ndarray, where, block_rows: int = 4096) -> torch.Tensor:
+    """(X - mean) / std, in X's own memory (float32, block by block), as a tensor on the device.
 
-    X is left as it is; the only temporaries are one block's, so a bf16 copy of
-    a member never costs a float32 copy besides the member itself.
+    On the CPU the tensor is X itself: standardising costs no copy. The solver
+    keeps float32 features: its last phase, which certifies the optimum, needs them.
     """
-    out = torch.empty(X.shape, dtype=dtype, device=where)
-    mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
     for start in range(0, len(X), block_rows):
-        block = torch.from_numpy(X[start : start + block_rows]).sub(mean_t).div_(std_t)  # one temporary
-        out[start : start + block_rows] = block.to(where, dtype)
-    return out
+        X[start : start + block_rows] -= mean
+        X[start : start + block_rows] /= std
+    return torch.from_numpy(X).to(where)
 
 
 @dataclass(frozen=True)
@@ -129,13 +132,15 @@ def width_of(n_classes: int) -> int:
     return 1 if n_classes == 2 else n_classes
 
 
-def groups(subsets: list[tuple], dims: dict, width: int, candidates: int, budget: int) -> list:
+def groups(subsets: list[tuple], dims: dict, width: int, candidates: int, budget: int, rows: int = 0) -> list:
     """Consecutive runs of subsets whose C candidates' solver state fits ``budget`` bytes (at least one each).
 
-    Members are any keys of ``dims`` (member indices or names)."""
+    Members are any keys of ``dims`` (member indices or names). ``rows``: the
+    most rows a fit runs over, for the bf16 phase's per-row reference.
+    """
     out, current, used = [], [], 0
     for subset in subsets:
-        need = candidates * STATE_COPIES * 4 * width * (sum(dims[j] for j in subset) + 1)
+        need = candidates * 4 * width * (STATE_COPIES * (sum(dims[j] for j in subset) + 1) + REFERENCE_COPIES * rows)
         if current and used + need > budget:
             out.append(current)
             current, used = [], 0
@@ -158,27 +163,31 @@ class _Bar:
         self.bar.close()
 
 
-def solve(rows: Rows, problems, width: int, solver: SolverSettings, max_iter: int, desc: str, init=None):
+def solve(rows: Rows, problems, width: int, solver: SolverSettings, precond, desc: str, init=None):
     """One batched fit over ``rows`` with a progress bar; returns (params, end states)."""
-    bar = _Bar(max_iter, desc)
+    bar = _Bar(solver.cap * len(bl.PHASES[solver.precision]), desc)
     try:
         return bl.fit(
             rows.blocks,
             rows.labels(),
             problems,
             width,
-            max_iter=max_iter,
-            tol=solver.tol,
+            max_iter=solver.cap,
+            gap=solver.gap,
+            precision=solver.precision,
             init=init,
             row_bytes=max(solver.memory_bytes // 4, 2**20),
             index=rows.index,
+            precond=precond,
             on_iteration=bar,
         )
     finally:
         bar.close()
 
 
-def _trials(fit: Rows, held: Rows, problems, width: int, solver: SolverSettings, desc: str, init=None, share=None):
+def _trials(
+    fit: Rows, held: Rows, problems, width: int, solver: SolverSettings, precond, desc: str, init=None, share=None
+):
     """Fit ``problems`` on ``fit``; returns their weights and one trial (C, held-out top-1, fit) each.
 
     ``share`` (a pipeline.distributed.Dist of several processes): this rank fits
@@ -191,8 +200,13 @@ def _trials(fit: Rows, held: Rows, problems, width: int, solver: SolverSettings,
     mine = list(range(0 if share is None else share.rank, len(problems), ranks))
     params, trials = None, []
     if mine:
-        start = None if init is None else bl.take(init, _index(mine, init))
-        params, ends = solve(fit, [problems[i] for i in mine], width, solver, solver.search_iter, desc, start)
+        parts, ends = [], []
+        for chunk in _chunks([problems[i] for i in mine], fit, width, solver):  # positions in ``mine``
+            start = None if init is None else bl.take(init, _index([mine[c] for c in chunk], init))
+            part, part_ends = solve(fit, [problems[mine[c]] for c in chunk], width, solver, precond, desc, start)
+            parts.append(part)
+            ends += part_ends
+        params = bl.concat(parts)
         best = bl.topk(held.blocks, params, 1, index=held.index)  # (P, n_held, 1)
         trials = [
             {
@@ -206,6 +220,16 @@ def _trials(fit: Rows, held: Rows, problems, width: int, solver: SolverSettings,
     if ranks == 1:
         return params, trials
     return _gathered(share, mine, params, trials, len(problems), held.labels().device)
+
+
+def _chunks(problems, fit: Rows, width: int, solver: SolverSettings) -> list[list[int]]:
+    """Consecutive runs of ``problems`` whose solver state fits the memory budget (at least one problem each):
+    a subset's C candidates are fit together unless they do not fit (iNat18's Cat4: about 12 GB each)."""
+    dims = {j: X.shape[1] for j, X in fit.blocks.items()}
+    rows = reference_rows(solver.precision, len(fit.y))
+    cut = groups([p.members for p in problems], dims, width, 1, solver.memory_bytes, rows)
+    ends = np.cumsum([0, *map(len, cut)])
+    return [list(range(a, b)) for a, b in itertools.pairwise(ends)]
 
 
 def _gathered(share, mine: list[int], params, trials: list[dict], count: int, where: torch.device):
@@ -225,7 +249,7 @@ def _repeat(params, counts: list[int]):
     return bl.take(params, torch.tensor(index, dtype=torch.long, device=params.b.device))
 
 
-def search(fit: Rows, held: Rows, subsets, width: int, solver: SolverSettings, share=None):
+def search(fit: Rows, held: Rows, subsets, width: int, solver: SolverSettings, precond, share=None):
     """Every subset's C search: the coarse grid, then refinements around each subset's best.
 
     The most regularised candidate goes first: from zero it converges in a few
@@ -237,26 +261,28 @@ def search(fit: Rows, held: Rows, subsets, width: int, solver: SolverSettings, s
     """
     grid, refine, S = sorted(solver.c_grid), sorted(solver.refine), len(subsets)
     first, trials0 = _trials(
-        fit, held, [bl.Problem(s, grid[0]) for s in subsets], width, solver, f"choose C ({S})", share=share
+        fit, held, [bl.Problem(s, grid[0]) for s in subsets], width, solver, precond, f"choose C ({S})", share=share
     )
     per = [[t] for t in trials0]
     where = [[(first, i)] for i in range(S)]
     if len(grid) > 1:
         problems = [bl.Problem(s, C) for s in subsets for C in grid[1:]]
         init = _repeat(first, [len(grid) - 1] * S)
-        rest, more = _trials(fit, held, problems, width, solver, f"choose C ({len(problems)} together)", init, share)
+        desc = f"choose C ({len(problems)} together)"
+        rest, more = _trials(fit, held, problems, width, solver, precond, desc, init, share)
         _extend(per, where, rest, more, len(grid) - 1)
     if refine:
-        best = [t.index(best_trial(t, "C", "smaller")) for t in per]
+        best = [t.index(best_trial(t, "C", "smaller", len(held.y))) for t in per]
         starts = bl.concat([bl.take(where[i][b][0], _index([where[i][b][1]], first)) for i, b in enumerate(best)])
         problems = [
             bl.Problem(s, per[i][b]["C"] * f)
             for i, (s, b) in enumerate(zip(subsets, best, strict=True))
             for f in refine
         ]
-        fine, more = _trials(fit, held, problems, width, solver, "refine C", _repeat(starts, [len(refine)] * S), share)
+        starts = _repeat(starts, [len(refine)] * S)
+        fine, more = _trials(fit, held, problems, width, solver, precond, "refine C", starts, share)
         _extend(per, where, fine, more, len(refine))
-    chosen = [t.index(best_trial(t, "C", "smaller")) for t in per]
+    chosen = [t.index(best_trial(t, "C", "smaller", len(held.y))) for t in per]
     init = bl.concat([bl.take(where[i][c][0], _index([where[i][c][1]], first)) for i, c in enumerate(chosen)])
     return list(zip(per, chosen, strict=True)), init
 
@@ -272,13 +298,22 @@ def _index(values: list[int], like) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=like.b.device)
 
 
+def preconditioner(rows: Rows, subsets) -> bl.Preconditioner:
+    """The second moments of ``rows`` for ``subsets``, eigendecomposed once for the search and the refit."""
+    return bl.Preconditioner.of(
+        {j: rows.blocks[j] for s in subsets for j in s}, [bl.Problem(s, 1.0) for s in subsets], rows.index
+    )
+
+
 def fit_group(train: Rows, subsets, split, solver: SolverSettings, width: int, share=None):
     """Search and refit one group of subsets: (per subset its trials and chosen trial, refit problems,
-    refit weights, refit end states). ``split`` None: no search, every subset fit at the fixed C."""
+    refit weights, refit end states, preconditioner). ``split`` None: no search, every subset fit at the
+    fixed C."""
     if split is None:
         problems = [bl.Problem(s, solver.fixed_c) for s in subsets]
-        params, ends = solve(train, problems, width, solver, solver.max_iter, f"fit at fixed C ({len(problems)})")
-        return [([], None) for _ in subsets], problems, params, ends
+        precond = preconditioner(train, subsets)
+        params, ends = solve(train, problems, width, solver, precond, f"fit at fixed C ({len(problems)})")
+        return [([], None) for _ in subsets], problems, params, ends, precond
     fit_idx, held_idx = split
     # The search rows are copied once: every evaluation reads them, and gathering them per
     # evaluation took a fifth of the search's time. The copy (search_rows of the train rows)
@@ -286,38 +321,51 @@ def fit_group(train: Rows, subsets, split, solver: SolverSettings, width: int, s
     rows = torch.from_numpy(fit_idx).to(next(iter(train.blocks.values())).device)
     fit = Rows({j: X.index_select(0, rows) for j, X in train.blocks.items()}, None, train.y[fit_idx])
     held = Rows.of(train.blocks, train.y, held_idx)
-    found, init = search(fit, held, subsets, width, solver, share)
+    # One preconditioner for the search and the refit: the search rows are a stratified sample of
+    # the train rows, so their second moments are the train rows' up to sampling.
+    precond = preconditioner(fit, subsets)
+    found, init = search(fit, held, subsets, width, solver, precond, share)
     del fit
     # The refit keeps the chosen C (CLIP's protocol), warm-started from its search solution. With
     # ``share``, every rank refits (the same problems from the same start, so the same weights):
     # a rank waiting on another's long refit could outlast the collective timeout.
     problems = [bl.Problem(s, trials[c]["C"]) for s, (trials, c) in zip(subsets, found, strict=True)]
-    params, ends = solve(train, problems, width, solver, solver.max_iter, f"refit ({len(problems)})", init)
-    return found, problems, params, ends
+    params, ends = solve(train, problems, width, solver, precond, f"refit ({len(problems)})", init)
+    return found, problems, params, ends, precond
 
 
-def _measured(found, problems, ends, best: np.ndarray, dims: dict[int, int]) -> list[dict]:
-    return [
-        {
-            "search": trials,
-            "chosen": {
-                "C": problems[i].C,
-                "converged": ends[i]["status"] == "converged",
-                "warm_start": chosen is not None,
-                **({} if chosen is not None else {"rule": "fixed"}),
-                "fit": ends[i],
-            },
-            "dim": int(sum(dims[j] for j in problems[i].members)),
-            "eval_top5": best[i],
-        }
-        for i, (trials, chosen) in enumerate(found)
-    ]
+def _measured(found, problems, params, ends, best: np.ndarray, dims: dict[int, int], held_rows: int) -> list[dict]:
+    """Per subset: its search trials, the chosen C (and how it was chosen), its refit's end state, and its
+    weights per member (``weights``, in the subset's order, (d_j, k) float64 each; ``intercept`` (k,))."""
+    out = []
+    for i, (trials, chosen) in enumerate(found):
+        weights, intercept = bl.coefficients(params, i)
+        how = {"rule": "fixed"} if chosen is None else tie(trials, "C", "smaller", held_rows)
+        out.append(
+            {
+                "search": trials,
+                "chosen": {
+                    "C": problems[i].C,
+                    "converged": ends[i]["status"] == "converged",
+                    "warm_start": chosen is not None,
+                    **how,
+                    "fit": ends[i],
+                },
+                "dim": int(sum(dims[j] for j in problems[i].members)),
+                "eval_top5": best[i],
+                "weights": [weights[j] for j in problems[i].members],
+                "intercept": intercept,
+            }
+        )
+    return out
 
 
-def _batches(subsets, dims: dict, width: int, config, solver: SolverSettings, sizes) -> list:
+def _batches(subsets, dims: dict, width: int, config, solver: SolverSettings, sizes, rows: int) -> list:
     """Subsets in consecutive batches: cut to the memory budget, or (a torchrun rank's share) as ``sizes`` say."""
     if sizes is None:
-        return groups(subsets, dims, width, candidates(config), solver.memory_bytes)
+        return groups(
+            subsets, dims, width, candidates(config), solver.memory_bytes, reference_rows(solver.precision, rows)
+        )
     ends = np.cumsum([0, *sizes])
     return [subsets[a:b] for a, b in itertools.pairwise(ends)]
 
@@ -338,23 +386,24 @@ def probe_subsets(
     """
     where = next(iter(train.values())).device
     resolved, why = resolve_precision(config.precision, where)
-    solver = SolverSettings(
-        config.c_grid, config.refine, config.search_iter, config.max_iter, config.tol, budget(config), config.fixed_c
-    )
+    solver = SolverSettings.of(config, resolved)
     # A 1-shot probe has one row per class, none to hold out: the documented fixed C instead. Any
     # other probe searches (search_split refuses a train split that leaves nothing to hold out).
     one_shot = config.shots is not None and np.bincount(y_train).max() < 2
     split = None if one_shot else search_split(y_train, config)
     width = width_of(n_classes)
     dims = {j: X.shape[1] for j, X in train.items()}
-    batches = _batches(subsets, dims, width, config, solver, sizes)
+    batches = _batches(subsets, dims, width, config, solver, sizes, len(y_train))
     log.info("batched logreg: %d subset(s) in %d batch(es), %s (%s)", len(subsets), len(batches), resolved, why)
     rows = Rows.of(train, y_train)
     fitted = [fit_group(rows, batch, split, solver, width, share) for batch in batches]
     evals, y_eval = load_evals()
-    measured = []
-    for found, problems, params, ends in fitted:
-        measured += _measured(found, problems, ends, bl.topk(evals, params, 5), dims)  # (subsets, n_eval, <=5)
+    measured, held_rows = [], 0 if split is None else len(split[1])
+    for found, problems, params, ends, precond in fitted:
+        best = bl.topk(evals, params, 5)  # (subsets, n_eval, <=5)
+        for m in _measured(found, problems, params, ends, best, dims, held_rows):
+            m["solver"] = {"preconditioner": precond.describe(), "gap": solver.gap, "cap": solver.cap}
+            measured.append(m)
     held = (
         fixed_split(y_train, n_classes, solver.fixed_c) if split is None else describe_split(y_train, *split, n_classes)
     )
@@ -372,6 +421,11 @@ def probe_subsets(
     for m in measured:
         m.update(common, top1=topk_accuracy(m["eval_top5"], y_eval, 1), top5=topk_accuracy(m["eval_top5"], y_eval, 5))
     return measured
+
+
+def reference_rows(precision: str, rows: int) -> int:
+    """Rows whose per-row reference a fit keeps (the bf16 phase's); 0 in fp32."""
+    return rows if precision == "bf16" else 0
 
 
 def budget(config) -> int:

@@ -277,10 +277,23 @@ class ProbeConfig:
         (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), "Coarse C candidates, comma-separated (one per decade)."
     )
     refine: tuple[float, ...] = param((10**-0.5, 10**0.5), "Multipliers of the best coarse C also tried.")
-    search_iter: int = param(100, "L-BFGS iterations per C candidate of the search.", low=1)
-    max_iter: int = param(300, "L-BFGS iterations of the final refit.", low=1)
+    gap: float = param(
+        1e-5,
+        "batched and torch: a fit stops when its estimated gap to the optimum is at most this fraction of its "
+        "objective (3 iterations in a row, in float32); 10x inside the 1e-4 the probe promises.",
+        low=0,
+        low_open=True,
+    )
+    iter_cap: int = param(
+        5000, "batched and torch: L-BFGS iterations per precision phase before a fit stops short (recorded).", low=1
+    )
+    search_iter: int = param(100, "sklearn, cuml: L-BFGS iterations per C candidate of the search.", low=1)
+    max_iter: int = param(300, "sklearn, cuml: L-BFGS iterations of the final refit.", low=1)
     tol: float = param(
-        1e-4, "L-BFGS stopping tolerance (largest gradient entry; scikit-learn's default).", low=0, low_open=True
+        1e-4,
+        "sklearn, cuml: L-BFGS stopping tolerance (largest gradient entry; scikit-learn's default).",
+        low=0,
+        low_open=True,
     )
     backend: str = param(
         "auto",

@@ -34,7 +34,10 @@ class FitOptions:
 
     n_classes: int
     seed: int = 0
-    tol: float = 1e-4  # L-BFGS stopping tolerance on the gradient (scikit-learn's default)
+    tol: float = 1e-4  # sklearn, cuml: L-BFGS stopping tolerance on the gradient (scikit-learn's default)
+    gap: float = 1e-5  # torch: the relative gap to the optimum at which a fit stops (pipeline.batched_logreg)
+    cap: int = 5000  # torch: iterations per precision phase
+    precision: str = "fp32"  # torch: auto, bf16 or fp32 (pipeline.batched_probe.resolve_precision)
 
 
 def objective(X: np.ndarray, y: np.ndarray, W: np.ndarray, b: np.ndarray, C: float) -> float:
@@ -70,8 +73,8 @@ class SklearnBackend:
         self.classes = None  # the classes of the last fit
         self.warm_started = False  # whether the last fit started from the previous one
 
-    def fit(self, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> bool:
-        """Fit with L2 strength 1/C; return whether L-BFGS converged within max_iter."""
+    def fit(self, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> dict:
+        """Fit with L2 strength 1/C; return how it ended (status converged or max_iter, iterations)."""
         from sklearn.linear_model import LogisticRegression
 
         # scikit-learn warm-starts from coef_ whatever the classes: a changed class set
@@ -83,7 +86,8 @@ class SklearnBackend:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self.model.fit(X, y)
-        return not any("converge" in str(w.message).lower() for w in caught)
+        capped = any("converge" in str(w.message).lower() for w in caught)
+        return {"status": "max_iter" if capped else "converged", "by": "tol", "iterations": int(self.model.n_iter_[0])}
 
     def topk(self, X: np.ndarray, k: int) -> np.ndarray:
         """(n, k) most probable classes, best first."""
@@ -95,11 +99,12 @@ class SklearnBackend:
 
 
 class TorchBackend:
-    """Full-batch L-BFGS in torch, on the GPU or the CPU, in float32.
+    """One C at a time on timecat's own solver (pipeline.batched_logreg: preconditioned, to the gap), on the GPU
+    or the CPU.
 
     The data is one device tensor when it fits the device (a zero-copy view on
-    CPU); otherwise it stays in host memory and every loss evaluation streams it
-    to the device block by block, so full iNat18 (437k x 10240, 8142 classes)
+    CPU); otherwise it stays in host memory and every evaluation streams it to
+    the device block by block, so full iNat18 (437k x 10240, 8142 classes)
     needs memory for one block of features and logits, not for n x classes.
     """
 
@@ -111,89 +116,61 @@ class TorchBackend:
         self.torch = torch
         self.options = options
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.W = None  # (d, m) weights, kept between fits as a warm start; m = 1 for two classes
-        self.b = None  # (m,) intercept
+        self.params = None  # the last fit's weights (pipeline.batched_logreg.Params), kept as a warm start
         self.classes = None  # the classes of the last fit
         self.warm_started = False  # whether the last fit started from the previous one
         # Two classes: one binomial logit, as scikit-learn, so that C means the same.
         self.width = 1 if options.n_classes == 2 else options.n_classes
+        self._basis = (None, None)  # (the matrix, its preconditioner): the C search refits the same rows
 
-    def _blocks(self, X: np.ndarray, resident: bool):
-        """Row slices of X as float32 tensors on the device (views where possible).
+    def _source(self, X: np.ndarray):
+        """X as a float32 tensor: on the device when it fits there, else in host memory (streamed)."""
+        source = self.torch.from_numpy(X)  # shares X's memory
+        if self.device.type == "cuda" and _fits_on_gpu(X.nbytes, self.device, self.torch):
+            source = source.to(self.device)
+        return source
 
-        ``resident``: copy X to the device once, else stream each block from host memory.
-        """
+    def fit(self, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> dict:
+        """Fit with L2 strength 1/C to the options' gap, warm-started from the previous fit; return its end state.
+
+        ``max_iter`` is the one-C backends' cap; this solver stops at its gap (``FitOptions.cap`` per phase)."""
+        from pipeline import batched_logreg as bl
+        from pipeline.batched_probe import resolve_precision
+
         torch = self.torch
-        n, d = X.shape
-        rows = max(1024, BLOCK_BYTES // (4 * (d + self.width)))
-        source = torch.from_numpy(X)  # shares X's memory
-        if resident and self.device.type == "cuda":
-            source = source.to(self.device)  # one device copy, reused by every evaluation
-        for start in range(0, n, rows):
-            yield start, source[start : start + rows].to(self.device, non_blocking=True)
-
-    def fit(self, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> bool:
-        """Fit with L2 strength 1/C, warm-started from the previous fit; return whether it converged."""
-        torch = self.torch
-        n, d = X.shape
         same, self.classes = _same_classes(self.classes, y)
-        self.warm_started = same and self.W is not None and self.W.shape[0] == d
-        if not self.warm_started:
-            self.W = torch.zeros(d, self.width, device=self.device, requires_grad=True)
-            self.b = torch.zeros(self.width, device=self.device, requires_grad=True)
-        binary = self.width == 1
-        labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32 if binary else np.int64)).to(self.device)
-        blocks = list(self._blocks(X, resident=True)) if self._resident(X) else None
-        optimizer = torch.optim.LBFGS(
-            [self.W, self.b],
-            lr=1.0,
-            max_iter=max_iter,
-            tolerance_grad=self.options.tol,
-            tolerance_change=1e-9,
-            history_size=10,
-            line_search_fn="strong_wolfe",
+        self.warm_started = same and self.params is not None and self.params.W[0].shape[0] == X.shape[1]
+        labels = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(self.device)
+        blocks = {0: self._source(X)}
+        problem = bl.Problem((0,), C)
+        if self._basis[0] is not X:
+            self._basis = (X, bl.Preconditioner.of(blocks, [problem], device=self.device))
+        precision, _ = resolve_precision(self.options.precision, self.device)
+        self.params, (end,) = bl.fit(
+            blocks,
+            labels,
+            [problem],
+            self.width,
+            max_iter=self.options.cap,
+            gap=self.options.gap,
+            precision=precision,
+            init=self.params if self.warm_started else None,
+            precond=self._basis[1],
         )
-
-        def closure():
-            optimizer.zero_grad()
-            total = 0.0
-            for start, Xb in blocks if blocks is not None else self._blocks(X, resident=False):
-                logits = Xb @ self.W + self.b  # (rows, m)
-                target = labels[start : start + len(Xb)]
-                if binary:
-                    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target, reduction="sum")
-                else:
-                    loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-                loss = loss / n
-                loss.backward()
-                total += float(loss.detach())
-            penalty = (self.W * self.W).sum() / (2 * C * n)
-            penalty.backward()
-            return torch.tensor(total + float(penalty.detach()))
-
-        optimizer.step(closure)
-        state = optimizer.state[optimizer._params[0]]
-        return int(state.get("n_iter", 0)) < max_iter
-
-    def _resident(self, X: np.ndarray) -> bool:
-        # Keep the block list between evaluations when the data is already in device memory.
-        return self.device.type == "cpu" or _fits_on_gpu(X.nbytes, self.device, self.torch)
+        return end
 
     def topk(self, X: np.ndarray, k: int) -> np.ndarray:
         """(n, k) highest-scoring classes, best first, computed block by block."""
-        torch = self.torch
-        out = []
-        with torch.no_grad():
-            for _, Xb in self._blocks(X, self._resident(X)):
-                logits = Xb @ self.W + self.b
-                if self.width == 1:  # the logit of class 1 against class 0
-                    logits = torch.cat([-logits, logits], dim=1)
-                out.append(torch.topk(logits, min(k, logits.shape[1]), dim=1).indices.cpu().numpy())
-        return np.concatenate(out)
+        from pipeline import batched_logreg as bl
+
+        return bl.topk({0: self._source(X)}, self.params, k, device=self.device)[0]
 
     def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
         """Weights (d, m) and intercept (m,), float64: m = 1 for two classes, else one column per class."""
-        return self.W.detach().cpu().double().numpy(), self.b.detach().cpu().double().numpy()
+        from pipeline import batched_logreg as bl
+
+        weights, intercept = bl.coefficients(self.params, 0)
+        return weights[0], intercept
 
 
 class CumlBackend:
@@ -216,8 +193,8 @@ class CumlBackend:
         self.model = None
         self.warm_started = False  # cuML refits from scratch every time
 
-    def fit(self, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> bool:
-        """Fit with L2 strength 1/C on the GPU; return whether the solver converged."""
+    def fit(self, X: np.ndarray, y: np.ndarray, C: float, max_iter: int) -> dict:
+        """Fit with L2 strength 1/C on the GPU; return how it ended (status, iterations)."""
         if X.shape[0] * self.options.n_classes >= INT32_LIMIT:
             raise TimecatError(
                 f"cuml cannot fit {X.shape[0]:,} rows x {self.options.n_classes:,} classes: its softmax indexes "
@@ -227,7 +204,8 @@ class CumlBackend:
             penalty="l2", C=C, max_iter=max_iter, tol=self.options.tol, solver="qn", penalty_normalized=True
         )
         self.model.fit(self.cupy.asarray(X), self.cupy.asarray(y.astype(np.int32)))  # one device copy
-        return int(np.max(self.model.solver_model.num_iters)) < max_iter
+        iterations = int(np.max(self.model.solver_model.num_iters))
+        return {"status": "converged" if iterations < max_iter else "max_iter", "by": "tol", "iterations": iterations}
 
     def topk(self, X: np.ndarray, k: int) -> np.ndarray:
         """(n, k) most probable classes, best first."""

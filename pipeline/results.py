@@ -2,13 +2,14 @@
 
     <results>/probes.jsonl               one record per probe
     <results>/predictions/<id>.npz       its eval predictions: top5 (n, <=5) class indices, labels (n,)
+    <results>/heads/<id>.npz             a logreg probe's head: standardisation, weights, intercept, C, classes
 
 Appends take an exclusive ``flock`` on the file and write in bounded blocks,
 so concurrent probes never interleave lines however long a record is; an
 append that fails (a full disk) is cut back off, so it leaves no torn line,
 and a line torn by a crash is skipped by readers and never glued onto.
-Predictions are written (atomically) before their record, so a record never
-names a file that is not there.
+Predictions and heads are written (atomically) before their record, so a
+record never names a file that is not there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import fnmatch
 import json
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,48 @@ log = get_logger(__name__)
 
 RESULTS_FILE = "probes.jsonl"
 PREDICTIONS_DIR = "predictions"
+HEADS_DIR = "heads"
+
+
+@dataclass(frozen=True)
+class Head:
+    """A logreg probe's fitted head, to apply to cached features of the same members.
+
+    Scores of rows X (n, d), the members' features concatenated in ``members``
+    order: ``((X - mean) / scale) @ coef + intercept``. k = 1 is one binomial
+    logit (the score of ``classes[1]`` against ``classes[0]``); otherwise one
+    column per class.
+    """
+
+    members: tuple[str, ...]
+    dims: tuple[int, ...]  # each member's feature width, in order (sum: d)
+    mean: np.ndarray  # (d,) float32, the train columns' mean
+    scale: np.ndarray  # (d,) float32, the train columns' std (1 for a constant column)
+    coef: np.ndarray  # (d, k) float64
+    intercept: np.ndarray  # (k,) float64
+    C: float
+    classes: tuple[str, ...]  # every class name, in label order
+
+    def scores(self, X: np.ndarray, block_rows: int = 8192) -> np.ndarray:
+        """(n, k) float64 scores of the rows X (n, d), standardised block by block."""
+        out = np.empty((len(X), self.coef.shape[1]))
+        for start in range(0, len(X), block_rows):
+            part = (X[start : start + block_rows] - self.mean) / self.scale
+            out[start : start + block_rows] = part.astype(np.float64) @ self.coef + self.intercept
+        return out
+
+    def topk(self, X: np.ndarray, k: int) -> np.ndarray:
+        """(n, min(k, classes)) class indices of the highest scores, best first."""
+        scores = self.scores(X)
+        if scores.shape[1] == 1:  # the logit of class 1 against class 0
+            scores = np.hstack([-scores, scores])
+        k = min(k, scores.shape[1])
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+    def norms(self) -> dict[str, float]:
+        """Each member's share of the weights: the Frobenius norm of its rows of coef (standardised columns)."""
+        parts = np.split(self.coef, np.cumsum(self.dims)[:-1])
+        return {m: float(np.linalg.norm(part)) for m, part in zip(self.members, parts, strict=True)}
 
 
 def results_path(results_root: Path) -> Path:
@@ -51,8 +95,9 @@ def append(results_root: Path, record: dict) -> Path:
     return path
 
 
-def save(results_root: Path, record: dict, top5: np.ndarray, labels: np.ndarray) -> Path:
-    """Write a probe's eval predictions, then append its record (which names them); return the JSONL file."""
+def save(results_root: Path, record: dict, top5: np.ndarray, labels: np.ndarray, head: Head | None = None) -> Path:
+    """Write a probe's eval predictions (and its head), then append its record (which names them); return the
+    JSONL file."""
     relative = f"{PREDICTIONS_DIR}/{record['id']}.npz"
 
     def write(tmp: Path) -> None:
@@ -61,7 +106,58 @@ def save(results_root: Path, record: dict, top5: np.ndarray, labels: np.ndarray)
 
     files.replace(Path(results_root) / relative, write)
     record["predictions"] = relative
+    if head is not None:
+        record["head"] = save_head(results_root, record["id"], head)
     return append(results_root, record)
+
+
+def save_head(results_root: Path, record_id: str, head: Head) -> str:
+    """Write ``heads/<id>.npz`` atomically; return its path relative to ``results_root``."""
+    relative = f"{HEADS_DIR}/{record_id}.npz"
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                members=np.array(head.members),
+                dims=np.array(head.dims, dtype=np.int64),
+                mean=np.asarray(head.mean, dtype=np.float32),
+                scale=np.asarray(head.scale, dtype=np.float32),
+                coef=np.asarray(head.coef, dtype=np.float64),
+                intercept=np.asarray(head.intercept, dtype=np.float64),
+                C=np.float64(head.C),
+                classes=np.array(head.classes),
+            )
+
+    files.replace(Path(results_root) / relative, write)
+    return relative
+
+
+def head(results_root: Path, record_id: str) -> Head:
+    """The saved head of probe ``record_id``: ``Head.scores``/``topk`` apply it to features of its members."""
+    root = Path(results_root)
+    record = find(load(root), record_id, root)
+    relative = record.get("head")
+    if not relative:
+        raise TimecatError(
+            f"record {record_id} has no saved head: only logreg probes save one, and only since timecat saved "
+            "heads; rerun the probe to get it"
+        )
+    path = root / relative
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return Head(
+                members=tuple(str(m) for m in data["members"]),
+                dims=tuple(int(d) for d in data["dims"]),
+                mean=data["mean"],
+                scale=data["scale"],
+                coef=data["coef"],
+                intercept=data["intercept"],
+                C=float(data["C"]),
+                classes=tuple(str(c) for c in data["classes"]),
+            )
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:  # missing, truncated or foreign file
+        raise TimecatError(f"record {record_id}: cannot read its head {path} ({e})") from None
 
 
 def load_predictions(results_root: Path, record: dict) -> dict[str, np.ndarray]:

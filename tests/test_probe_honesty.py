@@ -11,7 +11,8 @@ import cache
 import cli
 from pipeline import bn_linear_head as bn_head
 from pipeline import results, stats
-from pipeline.probe import ProbeConfig, best_trial, choose_c, probe, search_split
+from pipeline.heldout import best_trial, search_split, tie
+from pipeline.probe import ProbeConfig, choose_c, probe
 
 
 def long_tail_labels(classes: int, head: int = 120, exponent: float = 1.1) -> np.ndarray:
@@ -94,30 +95,50 @@ class ConstantModel:
 
     def fit(self, X, y, C, max_iter):
         self.C = C
-        return True
+        return {"status": "converged"}
 
     def topk(self, X, k):
         return np.full((len(X), 1), 0 if self.threshold <= self.C else 1)
 
 
 @pytest.mark.parametrize(
-    ("threshold", "expected"),
+    ("threshold", "expected", "tied"),
     [
-        (0.0, 1e-4 * 10**-0.5),  # every candidate ties: the smallest of all, a refined one
-        (10**-2.5, 10**-2.5),  # a plateau from 10^-2.5: the refined candidate below the best coarse 1e-2
+        (0.0, 1e-4 * 10**-0.5, 8),  # every candidate ties: the smallest of all, a refined one
+        (10**-2.5, 10**-2.5, 6),  # a plateau from 10^-2.5: the refined candidate below the best coarse 1e-2
     ],
 )
-def test_ties_go_to_the_smaller_c_refined_candidates_included(threshold, expected):
+def test_ties_go_to_the_smaller_c_refined_candidates_included(threshold, expected, tied):
     y = np.array([0] * 60 + [1] * 40)
-    C, trials, _ = choose_c(np.zeros((100, 2), np.float32), y, ConstantModel(threshold), ProbeConfig("d", ("a",)))
+    C, trials, _, how = choose_c(np.zeros((100, 2), np.float32), y, ConstantModel(threshold), ProbeConfig("d", ("a",)))
     assert pytest.approx(expected) == C
-    assert len(trials) == 8
+    assert len(trials) == 8 and how["near_tie"] and len(how["tied"]) == tied
+
+
+def test_candidates_within_one_held_out_row_are_tied_and_the_record_says_so():
+    # 280 held-out rows: one row is 0.357 points. Kernel rounding moved one row between a batch and a fit
+    # alone, which flipped C from 1 to 3.16; within one row both are the best, and the smaller C wins.
+    one = 100 / 280
+    trials = [
+        {"C": 0.1, "holdout_top1": 85.0},
+        {"C": 1.0, "holdout_top1": 86.43},
+        {"C": 3.16, "holdout_top1": 86.43 + one},
+    ]
+    assert best_trial(trials, "C", "smaller", 280)["C"] == 1.0
+    assert tie(trials, "C", "smaller", 280) == {"near_tie": True, "tied": [1.0, 3.16], "tie_rows": 1}
+    flipped = [{**t, "holdout_top1": 86.43 + one if t["C"] == 1.0 else t["holdout_top1"]} for t in trials]
+    flipped[2]["holdout_top1"] = 86.43
+    assert best_trial(flipped, "C", "smaller", 280)["C"] == 1.0  # the rounding's other side: the same choice
+    # Two rows apart is a real difference: no tie.
+    apart = [{"C": 1.0, "holdout_top1": 86.43}, {"C": 3.16, "holdout_top1": 86.43 + 2 * one}]
+    assert best_trial(apart, "C", "smaller", 280)["C"] == 3.16
+    assert tie(apart, "C", "smaller", 280) == {"near_tie": False, "tied": [3.16], "tie_rows": 1}
 
 
 def test_weight_decay_ties_go_to_the_larger_decay():
     trials = [{"weight_decay": w, "holdout_top1": 50.0} for w in (1e-4, 1e-2, 1e-3)]
-    assert best_trial(trials, "weight_decay", "larger")["weight_decay"] == 1e-2
-    assert best_trial(trials, "weight_decay", "smaller")["weight_decay"] == 1e-4
+    assert best_trial(trials, "weight_decay", "larger", 100)["weight_decay"] == 1e-2
+    assert best_trial(trials, "weight_decay", "smaller", 100)["weight_decay"] == 1e-4
 
 
 def blob_cache(path, views=0, n_train=400, n_eval=200, eval_permutation=None, kind=None):
@@ -145,7 +166,10 @@ def test_tc_chooses_its_weight_decay_without_the_eval_labels(tmp_path):
     honest = probe(config, blob_cache(tmp_path / "a.zarr", views=2))
     assert honest["top1"] > 85
     # The choice is the held-out search's, whatever the eval rows say ...
-    assert honest["chosen"]["weight_decay"] == best_trial(honest["search"], "weight_decay", "larger")["weight_decay"]
+    held = honest["holdout"]["held_out_rows"]
+    assert (
+        honest["chosen"]["weight_decay"] == best_trial(honest["search"], "weight_decay", "larger", held)["weight_decay"]
+    )
     # ... so eval labels shuffled three ways change the score and nothing else: a choice made on the
     # eval split (its trials or its curves) would follow the shuffled labels.
     for seed in range(3):
