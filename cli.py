@@ -364,6 +364,35 @@ def compare(id_a, id_b, resamples, seed, results, as_json):
 
 
 @main.command()
+@click.argument("record_id", metavar="ID")
+@click.option("--dataset", required=True, help="Cached dataset whose features the head scores.")
+@click.option("--split", default="test", show_default=True, help="Split of DATASET to score.")
+@click.option("--top-k", "k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes ranked per row.")
+@click.option("--out", type=click.Path(path_type=Path), help="Save the ranked classes: FILE.npz or FILE.csv.")
+@CACHE
+@RESULTS
+@JSON
+def predict(record_id, dataset, split, k, out, cache_path, results, as_json):
+    """Apply probe ID's saved head to the cached features of its members on DATASET/SPLIT.
+
+    Ranks every row's classes (top-k); where the split has the head's classes,
+    prints top-1 with its 95% interval and top-5. The members' features must come
+    from the checkpoints the head was fit on.
+
+    \b
+    Example: timecat predict 3f2a9c01b7d4 --dataset fashion-mnist --split test --workdir demo
+    Example: timecat predict 3f2a9c01b7d4 --dataset digits --split train --out digits_train_top5.csv
+    """
+    from pipeline import predict as apply
+
+    predicted = apply.predict(results, record_id, dataset, split, cache_path, k)
+    summary = {key: value for key, value in predicted.items() if key not in ("topk", "labels", "label_names")}
+    if out is not None:
+        summary["out"] = str(apply.write(out, predicted, summary["classes"]))
+    _out(summary, as_json, lambda s: apply.format_summary(s, out))
+
+
+@main.command()
 @RESULTS
 @options.config_options(ReportConfig)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG (default RESULTS/catn[_LAYOUT].png).")

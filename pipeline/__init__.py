@@ -1,12 +1,13 @@
 """timecat's pipeline: images -> .beton -> members -> feature cache -> probes -> reports.
 
-The five stages, each of which imports shared pieces and never another stage:
+The stages, each of which imports shared pieces and never another stage:
 
 - prepare: dataset sources -> .beton files and manifests, one per split.
 - pretrain: one member (or a plan's) trained from its .beton, with resumable checkpoints.
 - extract: frozen members' penultimate features -> the Zarr cache (``cache``).
 - probe: logistic-regression, k-NN and the paper's head on cached features -> result records.
 - report: records -> the paper's tables, plots and paired comparisons.
+- predict: a probe's saved head applied to cached features of its members (``timecat predict``).
 
 Shared pieces:
 
@@ -28,7 +29,8 @@ Shared pieces:
 - plan: fixed-compute experiment plans (CatN members, the paper's seeds) and their status.
 - heldout: the held-out search split, few-shot draws, standardisation, the tie rule.
 - logreg_solvers: one-C-at-a-time logistic regression (scikit-learn, torch, cuML).
-- batched_logreg: the batched per-problem L-BFGS behind the default probe.
+- batched_logreg: the batched, preconditioned per-problem L-BFGS behind the default probe, each fit to its
+  optimum.
 - batched_probe: every C candidate and subset on the batched solver, under a memory budget.
 - bn_linear_head: the paper's BatchNorm + Linear probe head, trained on cached features.
 - knn: DINO's weighted k-NN, blocked over train rows.
