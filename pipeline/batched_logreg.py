@@ -108,9 +108,9 @@ class Params:
 
     def dot(self, other: Params) -> torch.Tensor:
         """(P,) float64 per-problem inner products."""
-        out = (self.b.double() * other.b.double()).sum(1)
+        out = (self.b * other.b).sum(1, dtype=torch.float64)  # float32 products, summed in float64
         for j, w in self.W.items():
-            out.index_add_(0, self.owners[j], (w.double() * other.W[j].double()).sum((0, 2)))
+            out.index_add_(0, self.owners[j], (w * other.W[j]).sum((0, 2), dtype=torch.float64))
         return out
 
     def amax(self) -> torch.Tensor:
@@ -124,8 +124,8 @@ class Params:
     def axpy(self, a: torch.Tensor, other: Params) -> Params:
         """self + a * other, with one scalar a[p] per problem."""
         a = a.float()
-        W = {j: w + a[self.owners[j]][None, :, None] * other.W[j] for j, w in self.W.items()}
-        return self.like(W, self.b + a[:, None] * other.b)
+        W = {j: torch.addcmul(w, a[self.owners[j]][None, :, None], other.W[j]) for j, w in self.W.items()}
+        return self.like(W, torch.addcmul(self.b, a[:, None], other.b))
 
     def scale(self, a: torch.Tensor) -> Params:
         a = a.float()
@@ -227,7 +227,9 @@ class Objective:
         self.n = len(y)
         self.row_bytes = row_bytes
         self.delta = half is not None
-        self.reference = None  # bf16: (x_ref, Z_ref (n, P, k) float32 logits, data gradient at x_ref)
+        self.reference = (
+            None  # bf16: (x_ref, Z_ref and G_ref (n, P, k) float32 logits and dloss/dZ / n, its data gradient)
+        )
 
     def _rows(self, params: Params) -> int:
         # float32 per row: logits Z, probabilities G and their copies (4 x P x k); one member's
@@ -306,41 +308,44 @@ class Objective:
         return f, g
 
     def _exact(self, params: Params, C: torch.Tensor, keep: bool):
-        """Float32 products; with ``keep``, also every row's logits, (n, P, k)."""
+        """Float32 products; with ``keep``, also every row's logits and dloss/dZ / n, (n, P, k) each."""
         P, n = params.problems, self.n
         loss = torch.zeros(P, dtype=torch.float64, device=params.b.device)
         grad = params.zeros_like()
         cast, step = self.casts(params), self._rows(params)
-        kept = torch.empty(n, P, self.width, device=params.b.device) if keep else None
+        if keep:
+            kept = tuple(torch.empty(n, P, self.width, device=params.b.device) for _ in range(2))
         for start in range(0, n, step):
             stop = min(n, start + step)
             X = {j: self.rows(j, start, stop) for j in cast}
             Z = self.logits(params, X, cast)
             if keep:
-                kept[start:stop] = Z
+                kept[0][start:stop] = Z
             part, G = self._pointwise(Z, self.y[start:stop])
             loss += part
             G /= n
+            if keep:
+                kept[1][start:stop] = G
             grad.b += G.sum(0)
             for j in cast:
                 grad.W[j] += gradient_product(X[j], self._columns(params, G, j)).view_as(grad.W[j])
-        return *_penalised(params, C, n, loss, grad), kept
+        return *_penalised(params, C, n, loss, grad), (kept if keep else None)
 
     def rebase(self, x: Params, C: torch.Tensor):
         """An exact float32 evaluation at ``x``, which becomes the reference of the bf16 products."""
-        f, g, Z = self._exact(x, C, keep=True)
+        f, g, (Z, G) = self._exact(x, C, keep=True)
         data = x.like({j: g.W[j] - x.W[j] / (C.float()[x.owners[j]][None, :, None] * self.n) for j in x.W}, g.b)
-        self.reference = (x, Z, data)
+        self.reference = (x, Z, G, data)
         return f, g
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep the reference of problems ``index`` only (the others left the batch)."""
         if self.reference is not None:
-            x, Z, data = self.reference
-            self.reference = (x.select(index), Z.index_select(1, index), data.select(index))
+            x, Z, G, data = self.reference
+            self.reference = (x.select(index), Z.index_select(1, index), G.index_select(1, index), data.select(index))
 
     def _delta(self, params: Params, C: torch.Tensor, which):
-        x_ref, Z_ref, data = self.reference
+        x_ref, Z_ref, G_ref, data = self.reference
         if which is not None:
             x_ref, data = x_ref.select(which), data.select(which)
         n = self.n
@@ -351,15 +356,16 @@ class Objective:
         step = self._rows(params)
         for start in range(0, n, step):
             stop = min(n, start + step)
-            Z0 = Z_ref[start:stop] if which is None else Z_ref[start:stop].index_select(1, which)
-            _, G0 = self._pointwise(Z0.clone(), self.y[start:stop])  # the reference's dloss/dZ, recomputed:
-            # storing it too would double the reference (iNat18's search: 13 GB more)
+            Z0, G0 = Z_ref[start:stop], G_ref[start:stop]
+            if which is not None:
+                Z0, G0 = Z0.index_select(1, which), G0.index_select(1, which)
             X = {j: self.rows(j, start, stop, half=True) for j in moved}
             Z = self.logits(params.like(params.W, shift), X, moved).add_(Z0)
             part, G = self._pointwise(Z, self.y[start:stop])
             loss += part
-            grad.b += G.sum(0) / n
-            change = ((G - G0) / n).to(torch.bfloat16)
+            G /= n
+            grad.b += G.sum(0)
+            change = (G - G0).to(torch.bfloat16)
             for j in moved:
                 grad.W[j] += gradient_product(X[j], self._columns(params, change, j)).view_as(grad.W[j])
         return _penalised(params, C, n, loss, grad)

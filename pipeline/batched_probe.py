@@ -26,7 +26,7 @@ from pipeline.progress import get_logger, progress
 log = get_logger(__name__)
 
 STATE_COPIES = 2 * bl.HISTORY + 9  # weight-sized tensors L-BFGS keeps per problem (history s, y; x, g, trials, H0 y)
-REFERENCE_COPIES = 1  # bf16: row-sized float32 tensors per problem (the reference's logits)
+REFERENCE_COPIES = 2  # bf16: row-sized float32 tensors per problem (the reference's logits and dloss/dZ)
 
 
 @dataclass(frozen=True)
