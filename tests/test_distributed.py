@@ -1,4 +1,4 @@
-"""Extraction under torchrun: 2 CPU processes with gloo write what one process writes, bitwise."""
+"""Extraction under torchrun: 2 CPU processes with gloo write every row where one process writes it."""
 
 import itertools
 import os
@@ -22,7 +22,7 @@ def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_write_the_single_process_cache_bitwise(pipeline_run, tmp_path):
+def test_two_gloo_processes_write_the_single_process_cache(pipeline_run, tmp_path):
     data, runs, members = pipeline_run["data"], pipeline_run["runs"], pipeline_run["members"]
     single, double = str(tmp_path / "single.zarr"), str(tmp_path / "double.zarr")
     # 96-row chunks: each rank owns several chunks of train, and its last chunk is short.
@@ -40,7 +40,10 @@ def test_two_gloo_processes_write_the_single_process_cache_bitwise(pipeline_run,
             assert two.status("fashion-mnist", split, m) == "complete"
             a, _ = one.features("fashion-mnist", split, [m])
             b, _ = two.features("fashion-mnist", split, [m])
-            np.testing.assert_array_equal(a, b)
+            # Every row in its place (a misplaced or lost row is off by the features' own size, about 1), equal
+            # to float32 rounding: a rank runs with its share of the threads, and nothing promises that a
+            # convolution sums in the same order with fewer threads on every CPU.
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert [r["ok"] for r in two.verify()] == [True] * 6
 
 

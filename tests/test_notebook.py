@@ -117,3 +117,5 @@ def test_the_readmes_notebook_walk_through_runs_as_written(digits_workspace, mon
     assert set(namespace["ds"].data_vars) == {"run0", "run1", "run2"}
     table = namespace["table"]
     assert list(table.columns) == ["digits", "fashion-mnist"] and list(table.index) == ["run0", "run0,run1,run2"]
+    head, top5 = namespace["head"], namespace["top5"]
+    assert list(head.members) == cat4 and list(namespace["shares"]) == cat4 and top5.shape == (len(namespace["X"]), 5)
