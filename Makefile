@@ -29,6 +29,7 @@ test: setup lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[images,dev,notebook,bench]'
 	$(BIN)/python -m pytest -q -s tests/benchmarks -p no:cacheprovider --override-ini addopts=
 
 gpu-check: setup

@@ -1,10 +1,19 @@
-"""Benchmark: the logreg probe per backend on CPU, Cat4 of 50,000 x 8,192 with 100 classes.
+"""Benchmark: the logreg probe per backend on CPU, Cat4 of 50,000 x 8,192 with 100 classes (generated).
 
-Each backend runs the whole `timecat probe` (C search on held-out rows, refit,
-eval) in a fresh process, so its peak resident memory is its own. Features are
-generated: four 2,048-d members whose ReLU-like rows carry a class signal in a
-few hundred directions each, so the problem is learnable but not separable.
-Run with `make bench`; figures go to tests/benchmarks/last_run_probe.json.
+Kept for its shape (the width of a Cat4 of ResNet-50s, 100 classes), not for
+its conditioning: generated features are nearly isotropic and flatter every
+solver, so the issue's speed goals are measured on real features
+(test_probe_real_features.py, test_sweep_real_features.py,
+test_probe_resnet50_features.py). Each backend runs the whole `timecat probe`
+(C search on held-out rows, refit, eval) in a fresh process, so its peak
+resident memory is its own. Features: four 2,048-d members whose ReLU-like
+rows carry a class signal in a few hundred directions each, learnable but not
+separable. Figures go to tests/benchmarks/last_run_probe.json.
+
+Peak memory: the solver keeps the float32 features (its last phase certifies
+the optimum on them) and, on the CPU, a bf16 copy for the first phase, about
+1.5x the train matrix plus the search rows; the 1.3x of the release before
+exact fits (a bf16 copy alone) no longer holds, by design.
 """
 
 import json
@@ -51,7 +60,7 @@ def run_probe(path: Path, members: list[str], backend: str) -> dict:
     code = (
         "import json, sys; from pipeline.probe import ProbeConfig, probe; "
         f"r = probe(ProbeConfig('bench', {tuple(members)!r}, backend={backend!r}), {str(path)!r}); "
-        "keys = ('backend', 'precision', 'top1', 'top5', 'wall_s', 'peak_rss_mib', 'chosen'); "
+        "keys = ('backend', 'precision', 'top1', 'top5', 'wall_s', 'peak_rss_mib', 'chosen', 'search'); "
         "print(json.dumps({k: r.get(k) for k in keys}))"
     )
     repo = Path(cache.__path__[0]).parent
@@ -67,8 +76,13 @@ def test_probe_backends_on_cpu(tmp_path):
     ours, reference = figures["auto"], figures["sklearn"]
     figures["speedup"] = round(reference["wall_s"] / ours["wall_s"], 2)
     figures["peak_over_matrix"] = round(ours["peak_rss_mib"] / figures["matrix_mib"], 2)
+    fits = [*ours.pop("search"), ours["chosen"]]
+    figures["auto_fits"] = [
+        {"C": t["C"], **{k: t["fit"][k] for k in ("status", "iterations", "gap_estimate")}} for t in fits
+    ]
+    reference.pop("search")
     print(json.dumps(figures, indent=1))
     (Path(__file__).parent / "last_run_probe.json").write_text(json.dumps(figures, indent=1))
     assert abs(ours["top1"] - reference["top1"]) <= 0.3  # the issue's agreement goal
-    assert figures["speedup"] >= 3.0, figures
-    assert figures["peak_over_matrix"] <= 1.3, figures
+    assert all(t["status"] == "converged" for t in figures["auto_fits"]), figures["auto_fits"]
+    assert figures["peak_over_matrix"] <= 2.0, figures  # float32 features and a bf16 copy: see the docstring
