@@ -58,6 +58,7 @@ from pipeline.errors import TimecatError
 HISTORY = 10  # L-BFGS pairs kept per problem (scikit-learn/scipy's default)
 ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 MAX_LINE_SEARCH = 20  # backtracks before a problem's line search gives up
+RESOLUTION = 1e-9  # a predicted decrease below this fraction of f is not worth an evaluation (float32 eps: 1.2e-7)
 WINDOW = 10  # iterations per half of the geometric gap estimate (5 stopped 5x short of the gap at C = 1, demo)
 REBASE = 10  # bf16: iterations between exact float32 evaluations (the products' reference)
 CONFIRM = 3  # consecutive iterations within the gap before a problem stops
@@ -503,7 +504,9 @@ def _blocks_per_problem(params: Params) -> torch.Tensor:
 class _Lbfgs:
     """Per-problem L-BFGS state for the problems still running (``active``: their original indices).
 
-    ``carried``: (history pairs, scales) from an earlier phase, aligned with ``x``'s problems.
+    ``carried``: (history pairs, scales, objective traces) from an earlier phase, aligned with ``x``'s
+    problems: the next phase goes on from the same curvature and record of progress (its gap estimate needs no
+    2 x WINDOW iterations of its own), and confirms the gap with CONFIRM exact iterations of its own.
     """
 
     def __init__(
@@ -529,8 +532,10 @@ class _Lbfgs:
         # (the preconditioned form of L-BFGS's usual scaling), or Bohning's step before it has one.
         self.gamma = self.first.double()
         if carried is not None:
-            self.history, self.gamma = carried
-        self.stash: list[tuple[torch.Tensor, list, torch.Tensor]] = []  # bf16: (problems, pairs, gamma) leaving
+            self.history, self.gamma, trace = carried
+            self.trace = torch.cat([trace, self.f[None]])[-(2 * WINDOW + 1) :]
+        # bf16: (problems, pairs, gamma, trace) of the problems that left, for the next phase
+        self.stash: list[tuple[torch.Tensor, list, torch.Tensor, torch.Tensor]] = []
         self.ends: list[dict | None] = [None] * x.problems
         self.evaluations = torch.ones(x.problems, dtype=torch.long, device=device)
         self.iteration = 0
@@ -555,7 +560,11 @@ class _Lbfgs:
         leaving = torch.nonzero(done).flatten()
         if self.objective.delta:  # the next phase starts from their curvature pairs
             pairs = [_pick(pair, leaving) for pair in self.history]
-            self.stash.append((self.active[leaving], pairs, self.gamma[leaving]))
+            trace = torch.full(
+                (2 * WINDOW + 1, len(leaving)), float("nan"), dtype=self.trace.dtype, device=self.f.device
+            )
+            trace[-len(self.trace) :] = self.trace[:, leaving]  # NaN before the first: no estimate from it
+            self.stash.append((self.active[leaving], pairs, self.gamma[leaving], trace))
         self.final = _store(self.final, self.x, self.active, done)
         keep = torch.nonzero(~done).flatten()
         self.objective.keep(keep)
@@ -629,6 +638,9 @@ class _Lbfgs:
             quad = torch.where(torch.isfinite(quad), quad, 0.5 * tp)
             pending = pending[~ok]
             t[pending] = torch.minimum(torch.maximum(quad, 0.1 * tp), 0.5 * tp)
+            # A shorter step whose predicted decrease is far below float32's resolution of f cannot show one:
+            # give up now rather than after MAX_LINE_SEARCH evaluations (the step() rules take it from there).
+            pending = pending[-slope[pending] * t[pending] >= RESOLUTION * self.f[pending].abs()]
         return x_new, g_new, f_new, accepted
 
     def step(self, d: Params, slope: torch.Tensor, estimate: torch.Tensor) -> None:
@@ -702,25 +714,26 @@ def _pick(pair: tuple, index: torch.Tensor) -> tuple:
     return s.select(index), y.select(index), rho[index]
 
 
-def _carried(stash: list[tuple[torch.Tensor, list, torch.Tensor]], x: Params):
-    """The history pairs and scales of every problem of ``x``, in problem order, from the groups that left a
-    phase.
+def _carried(stash: list[tuple], x: Params):
+    """The history pairs, scales and objective traces of every problem of ``x``, in problem order, from the
+    groups that left a phase.
 
     Groups that ran fewer iterations have fewer pairs: theirs are padded at the
     oldest end with zero pairs (rho = 0), which the two-loop recursion skips.
     """
-    length = max(len(pairs) for _, pairs, _ in stash)
+    length = max(len(pairs) for _, pairs, *_ in stash)
     padded = []
-    for ids, pairs, _ in stash:
+    for ids, pairs, *_ in stash:
         zero = take(x, ids).zeros_like()
         rho = torch.zeros(len(ids), dtype=torch.float64, device=ids.device)
         padded.append([(zero, zero, rho)] * (length - len(pairs)) + pairs)
-    back = torch.argsort(torch.cat([ids for ids, _, _ in stash]))  # stash order -> problem order
+    back = torch.argsort(torch.cat([ids for ids, *_ in stash]))  # stash order -> problem order
     history = []
     for position in range(length):
         s, y = (take(concat([pairs[position][i] for pairs in padded]), back) for i in (0, 1))
         history.append((s, y, torch.cat([pairs[position][2] for pairs in padded])[back]))
-    return history, torch.cat([gamma for _, _, gamma in stash])[back]
+    gamma, trace = (torch.cat([group[i] for group in stash], dim=-1)[..., back] for i in (2, 3))
+    return history, gamma, trace
 
 
 def minimise(

@@ -204,7 +204,8 @@ def test_a_batched_sweep_gives_the_records_of_one_probe_per_subset(tmp_path):
     for record in records:
         # Our one-C-at-a-time solver reaches the same optima: the same C, top-1 within two rows of 397.
         alone = probe(replace(config, members=tuple(record["members"]), backend="torch"), path)
-        assert record["chosen"]["C"] == alone["chosen"]["C"], record["members"]
+        # (0.1 x 10^0.5 and 1 x 10^-0.5 are the same C, refined from either side, one rounding apart)
+        assert record["chosen"]["C"] == pytest.approx(alone["chosen"]["C"], rel=1e-12), record["members"]
         assert abs(record["top1"] - alone["top1"]) <= 200 / 397, (record["members"], record["top1"], alone["top1"])
         assert record["sweep"] == {"cat": 2, "pool": list(names), "subsets": 6}
         assert set(alone) <= set(record)  # the same fields, and more
