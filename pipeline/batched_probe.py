@@ -21,7 +21,7 @@ from pipeline import batched_logreg as bl
 from pipeline.configs import PROBE_PRECISIONS as PRECISIONS
 from pipeline.errors import TimecatError
 from pipeline.heldout import best_trial, describe_split, fixed_split, search_split, tie, topk_accuracy
-from pipeline.progress import get_logger, progress
+from pipeline.progress import get_logger, plural, progress
 
 log = get_logger(__name__)
 
@@ -64,8 +64,17 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def resolve_precision(name: str, where: torch.device) -> tuple[str, str]:
-    """``(bf16 | fp32, why)``: ``auto`` is bf16 where the hardware multiplies bf16 matrices natively.
+# auto on a CPU: bf16 only for blocks at least this wide. Below, a pass is mostly per-row work (softmax,
+# casts, the bf16 phase's reference) that bf16 does not speed up, and the bf16 phase and its float32
+# confirmation cost more passes. Measured on Xeon-AMX, 2026-12-07, whole probes bf16 against fp32: 128-d
+# members (the 15-pair sweep) 111 s against 94 s; a 512-d block (demo Cat4) 13.6 s against 14.7 s; 2,048-d
+# blocks (two ResNet-50s) 287 s against 305 s.
+BF16_MIN_WIDTH = 512
+
+
+def resolve_precision(name: str, where: torch.device, width: int | None = None) -> tuple[str, str]:
+    """``(bf16 | fp32, why)``: ``auto`` is bf16 where the hardware multiplies bf16 matrices natively and (on a
+    CPU) the widest block, ``width`` columns, is at least BF16_MIN_WIDTH.
 
     On the CPU that is AVX512-BF16 or AMX-BF16 (oneDNN's avx512_core_bf16 /
     avx512_core_amx kernels); without them oneDNN emulates bf16 and is slower
@@ -82,6 +91,8 @@ def resolve_precision(name: str, where: torch.device) -> tuple[str, str]:
         return "fp32", "GPU without bf16 tensor cores (compute capability < 8.0)"
     flags = cpu_flags()
     units = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if units and width is not None and width < BF16_MIN_WIDTH:
+        return "fp32", f"blocks of {width} columns: bf16 pays from {BF16_MIN_WIDTH} on a CPU (measured)"
     if units:
         return "bf16", f"CPU with bf16 matrix instructions ({', '.join(units)})"
     return "fp32", "CPU without bf16 matrix instructions (no avx512_bf16 or amx_bf16)"
@@ -150,24 +161,39 @@ def groups(subsets: list[tuple], dims: dict, width: int, candidates: int, budget
 
 
 class _Bar:
-    """One progress bar over a batched fit's iterations, showing how many problems still run."""
+    """One progress bar over a batched fit's iterations (all precision phases), with how many fits still run; at
+    the end, one line that says where the fits ended, not the bar's last count and ETA."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: int, fits: int, desc: str):
+        self.desc, self.total, self.fits, self.last = desc, total, fits, 0
         self.bar = progress(total=total, desc=desc, unit="iter")
 
     def __call__(self, iteration: int, running: int) -> None:
+        self.last += 1
         self.bar.update(1)
-        self.bar.set_postfix(running=running, refresh=False)
+        self.bar.set_postfix_str(f"{running:,} of {plural(self.fits, 'fit')} still running", refresh=False)
 
-    def close(self) -> None:
+    def close(self, ends: list[dict] | None = None) -> None:
         self.bar.close()
+        if ends:
+            log.info("%s: %s", self.desc, ended(ends, self.last, self.total))
+
+
+def ended(ends: list[dict], iterations: int, cap: int) -> str:
+    """Where a batched fit ended: ``converged at iteration 212 of 10,000`` (with how many fits, when several)."""
+    converged = sum(e["status"] == "converged" for e in ends)
+    where = f"at iteration {iterations:,} of {cap:,}"
+    other = next((e["status"] for e in ends if e["status"] != "converged"), "")
+    if converged == len(ends):
+        return f"converged {where}" if len(ends) == 1 else f"all {len(ends):,} fits converged {where}"
+    return f"{converged:,} of {plural(len(ends), 'fit')} converged, the others stopped ({other}) {where}"
 
 
 def solve(rows: Rows, problems, width: int, solver: SolverSettings, precond, desc: str, init=None):
     """One batched fit over ``rows`` with a progress bar; returns (params, end states)."""
-    bar = _Bar(solver.cap * len(bl.PHASES[solver.precision]), desc)
+    bar, ends = _Bar(solver.cap * len(bl.PHASES[solver.precision]), len(problems), desc), None
     try:
-        return bl.fit(
+        params, ends = bl.fit(
             rows.blocks,
             rows.labels(),
             problems,
@@ -181,8 +207,9 @@ def solve(rows: Rows, problems, width: int, solver: SolverSettings, precond, des
             precond=precond,
             on_iteration=bar,
         )
+        return params, ends
     finally:
-        bar.close()
+        bar.close(ends)
 
 
 def _trials(
@@ -385,7 +412,7 @@ def probe_subsets(
     memory budget here). Returns one dict of measured fields per subset, in order.
     """
     where = next(iter(train.values())).device
-    resolved, why = resolve_precision(config.precision, where)
+    resolved, why = resolve_precision(config.precision, where, max(X.shape[1] for X in train.values()))
     solver = SolverSettings.of(config, resolved)
     # A 1-shot probe has one row per class, none to hold out: the documented fixed C instead. Any
     # other probe searches (search_split refuses a train split that leaves nothing to hold out).
@@ -394,7 +421,13 @@ def probe_subsets(
     width = width_of(n_classes)
     dims = {j: X.shape[1] for j, X in train.items()}
     batches = _batches(subsets, dims, width, config, solver, sizes, len(y_train))
-    log.info("batched logreg: %d subset(s) in %d batch(es), %s (%s)", len(subsets), len(batches), resolved, why)
+    log.info(
+        "batched logreg: %s in %s, %s (%s)",
+        plural(len(subsets), "subset"),
+        plural(len(batches), "batch", "batches"),
+        resolved,
+        why,
+    )
     rows = Rows.of(train, y_train)
     fitted = [fit_group(rows, batch, split, solver, width, share) for batch in batches]
     evals, y_eval = load_evals()

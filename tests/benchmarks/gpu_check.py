@@ -127,7 +127,6 @@ def probe_shape(name: str, shape: tuple[int, int, int, int], where: torch.device
     if where.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(where)  # this part's peak, not the previous part's
-    precision, why = batched_probe.resolve_precision(config.precision, where)
     started = time.perf_counter()
     train, y_train = synthetic_blocks(n_train, dim, classes, 4, 0, where, torch.float32)
     evals, y_eval = synthetic_blocks(n_eval, dim, classes, 4, 1, where, torch.float32)
@@ -138,6 +137,7 @@ def probe_shape(name: str, shape: tuple[int, int, int, int], where: torch.device
     (measured,) = batched_probe.probe_subsets(train, y_train, lambda: (evals, y_eval), [(0, 1, 2, 3)], config, classes)
     _sync(where)
     wall = time.perf_counter() - started
+    precision, why = measured["precision"], measured["precision_reason"]  # as the probe resolved it
 
     def fit(end: dict) -> dict:
         phases = {
