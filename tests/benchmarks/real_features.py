@@ -77,6 +77,33 @@ def features(workdir: Path, dataset: str, split: str, members) -> tuple[np.ndarr
     return cache.open(str(workdir / "features.zarr")).features(dataset, split, list(members))
 
 
+WAYS = (("auto", []), ("fp32", ["--precision", "fp32"]), ("sklearn", ["--backend", "sklearn"]))  # one after another
+
+
+def probe_ways(*args) -> dict:
+    """The same `timecat probe ARGS` as a user runs it (auto), in fp32 and with --backend sklearn, each in a fresh
+    process: {way: {"record", "wall_s"}}."""
+    runs = {}
+    for name, extra in WAYS:
+        record, wall = timecat(*args, *extra)
+        runs[name] = {"record": record, "wall_s": round(wall, 1)}
+    return runs
+
+
+def probe_summary(run: dict) -> dict:
+    """One whole-process probe's figures: ``run`` holds its record, wall seconds and refit gap."""
+    record = run["record"]
+    return {
+        "wall_s": run["wall_s"],
+        "precision": record.get("precision"),
+        "preconditioner": record.get("solver", {}).get("preconditioner"),
+        "top1": round(record["top1"], 2),
+        "C": record["chosen"]["C"],
+        "refit_gap": float(f"{run['refit_gap']:.2e}"),
+        "fits_converged": all(t["fit"]["status"] == "converged" for t in [*record["search"], record["chosen"]]),
+    }
+
+
 def save(name: str, figures: dict) -> None:
     """Print the figures and keep them beside the benchmarks (tests/benchmarks/last_run_<name>.json)."""
     text = json.dumps(figures, indent=1, default=float)
