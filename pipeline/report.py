@@ -7,12 +7,17 @@ its 95% bootstrap interval over eval rows, or, where several member sets share a
 row (different subsets of the same kind), mean ± sample std (ddof=1) with n.
 Records with different eval splits, pretraining datasets, architectures or (for
 protocol tc) with and without cached views never share a cell.
-Plots: top-1 against N per dataset, and in-distribution (the members'
-pretraining dataset) against each out-of-distribution dataset.
+Rows go by total budget, then method. Plots: top-1 against N per dataset, one
+line per total budget, architecture, pretraining dataset and views (a line
+joins only what the table keeps apart by N), and in-distribution (the members'
+pretraining dataset) against each out-of-distribution dataset. Each plot's
+JSON beside it holds what it shows; a plot a report cannot draw is removed,
+with the reason, so none outlives its records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import textwrap
 import warnings
@@ -24,7 +29,7 @@ import numpy as np
 
 from pipeline import __version__, configs, files, stats
 from pipeline.errors import TimecatError
-from pipeline.progress import get_logger
+from pipeline.progress import get_logger, plural
 from pipeline.results import augmented, find, latest_per_probe, load, load_predictions, shots_key
 
 log = get_logger(__name__)
@@ -34,7 +39,7 @@ ID_OOD_FILE = "id_vs_ood.png"
 SHOTS_FILE = "shots.png"
 LAYOUTS = configs.REPORT_LAYOUTS
 METRICS = {
-    "top1": "top-1 chosen on held-out train rows (the honest figure)",
+    "top1": "top-1 on the eval split, C chosen on held-out train rows (the honest figure)",
     "top1_eval_selected": "top-1 of the best epoch and weight decay on the eval split "
     "(the paper's code's selection: OPTIMISTIC, for comparison with its tables only)",
 }
@@ -111,11 +116,12 @@ def _row_head(key: RowKey, layout: str, records: list[dict]) -> dict:
 
 
 def _order(key: RowKey, layout: str) -> tuple:
-    # table3: by N, then longer members first; table2: by architecture, then N; heads trained
-    # without views after those trained with them.
+    # table3: by total budget (members of unequal budgets last), then N, then longer members first;
+    # table2: by architecture, then N; heads trained without views after those trained with them.
     tail = (str(key.pretrained_on), key.augmented is False)
     if layout == "table3":
-        return (key.n, -(key.steps or 0), str(key.arch), *tail)
+        total = key.steps * key.n if key.steps else float("inf")
+        return (total, key.n, -(key.steps or 0), str(key.arch), *tail)
     return (str(key.arch), key.n, *tail)
 
 
@@ -139,9 +145,12 @@ def _columns(records: list[dict]) -> dict[ColumnKey, str]:
 
 
 def _cell(records: list[dict], metric: str) -> dict:
+    """Mean, sample std (None below 2 member sets: one probe has no spread to show), count and one probe's CI."""
     if not records:
-        return {"mean": None, "std": 0.0, "count": 0, "ci95": None}
+        return {"mean": None, "std": None, "count": 0, "ci95": None}
     cell = stats.mean_std([r[metric] for r in records])
+    if cell["count"] < 2:
+        cell["std"] = None
     ci = records[0].get("top1_ci95") if len(records) == 1 and metric == "top1" else None
     return {**cell, "ci95": ci}
 
@@ -240,7 +249,10 @@ def format_shots(data: dict) -> str:
     out = []
     for line in data["lines"]:
         cells = ", ".join(
-            f"{p['shots']}-shot {p['mean']:.2f} ± {p['std']:.2f} (n={p['count']})" for p in line["points"]
+            f"{p['shots']}-shot {p['mean']:.2f}"
+            + (f" ± {p['std']:.2f}" if p["count"] > 1 else "")
+            + f" (n={p['count']})"
+            for p in line["points"]
         )
         out.append(f"{line['dataset']}  {line['method']}: {cells}")
     out.append("(few-shot logreg probes, top-1 %; mean ± sample std over draws and member subsets, n records)")
@@ -252,21 +264,43 @@ def _fmt_int(value: int | None) -> str:
 
 
 def _error(cell: dict) -> tuple[float, float]:
-    """Error bar below and above a cell's mean: its 95% interval for one probe, else ± the sample std."""
+    """Error bar below and above a cell's mean: its 95% interval for one probe, else ± the sample std (0 for one
+    probe that recorded no interval)."""
     if cell["count"] == 1 and cell.get("ci95"):
         return cell["mean"] - cell["ci95"][0], cell["ci95"][1] - cell["mean"]
-    return cell["std"], cell["std"]
+    return cell["std"] or 0.0, cell["std"] or 0.0
 
 
 def _series(data: dict) -> dict[str, list[dict]]:
-    """Rows drawn as one line each: same architecture, pretraining data and views."""
+    """Rows drawn as one line each: a line joins only rows the table keeps apart by N alone, so one total budget
+    (table3), architecture, pretraining dataset and views per line, each named in its label."""
     series = defaultdict(list)
     for row in data["rows"]:
-        label = ", ".join(str(row[k]) for k in ("arch", "pretrained_on") if row.get(k) is not None)
-        if row.get("augmented") is False:
-            label += " (no views)"
+        parts = []
+        if data.get("layout", "table3") == "table3":
+            total = row.get("total_steps")
+            parts.append(f"{total:,} steps in all" if total else "members of unequal budgets")
+        parts += [str(row[k]) for k in ("arch", "pretrained_on") if row.get(k) is not None]
+        label = ", ".join(parts) + (" (no views)" if row.get("augmented") is False else "")
         series[label].append(row)
     return series
+
+
+def lines(data: dict) -> list[dict]:
+    """What ``plot`` draws, per dataset and line: its label and points (N, mean, error below and above).
+
+    Written beside the PNG as JSON, so a figure can be read back (and checked) without its pixels.
+    """
+    drawn = []
+    for d in data["datasets"]:
+        for label, rows in _series(data).items():
+            rows = sorted((r for r in rows if r[d]["mean"] is not None), key=lambda r: r["n"])
+            if rows:
+                points = [{"n": r["n"], "method": r["method"], "mean": r[d]["mean"]} for r in rows]
+                for point, row in zip(points, rows, strict=True):
+                    point["below"], point["above"] = _error(row[d])
+                drawn.append({"dataset": d, "label": label, "points": points})
+    return drawn
 
 
 def _panels(count: int, height: float = 3.4):
@@ -301,39 +335,66 @@ def _legend(fig, axes, least: int = 2) -> None:
 
 
 def plot(data: dict, out: Path) -> Path:
-    """Top-1 against N, one panel per dataset, with 95% intervals (one probe) or ± std (several); saved as PNG."""
+    """Top-1 against N, one panel per dataset, one labelled line per total budget (and architecture, pretraining
+    data, views), with 95% intervals (one probe) or ± std (several); saved as PNG, what it shows as JSON beside."""
     datasets = data["datasets"]
+    drawn = lines(data)
     fig, axes = _panels(len(datasets))
     for ax, d in zip(axes, datasets, strict=True):
         ns = set()
-        for label, rows in _series(data).items():
-            rows = [r for r in rows if r[d]["mean"] is not None]
-            if not rows:
-                continue
-            ns.update(r["n"] for r in rows)
-            errors = np.array([_error(r[d]) for r in rows]).T  # (2, rows): below, above
-            means = [r[d]["mean"] for r in rows]
-            ax.errorbar([r["n"] for r in rows], means, yerr=errors, marker="o", capsize=3, label=label)
+        for line in (line for line in drawn if line["dataset"] == d):
+            points = line["points"]
+            ns.update(p["n"] for p in points)
+            errors = np.array([[p["below"], p["above"]] for p in points]).T  # (2, points)
+            ax.errorbar(
+                [p["n"] for p in points],
+                [p["mean"] for p in points],
+                yerr=errors,
+                marker="o",
+                capsize=3,
+                label=line["label"],
+            )
         ax.set_xticks(sorted(ns))
         ax.set_xlabel("N (members concatenated)")
         ax.set_ylabel("linear-probe top-1 (%)")
         ax.set_title(d)
         ax.grid(alpha=0.3)
-    _legend(fig, axes)
+    _legend(fig, axes, least=1)  # the budget of each line, even for one
     what = (
         "Parameter-matched architectures and CatN" if data.get("layout") == "table2" else "CatN at a fixed total budget"
     )
     _title(fig, f"{what} (bars: 95% interval for one probe, or ± sample std over member sets)")
-    return save_figure(fig, out)
+    summary = {"layout": data.get("layout"), "protocol": data.get("protocol"), "metric": data.get("metric")}
+    return save_figure(fig, out, {**summary, "lines": drawn})
+
+
+def _id_and_ood(data: dict) -> tuple[list[str], list[str]]:
+    columns = data.get("columns") or [{"name": d, "dataset": d} for d in data["datasets"]]
+    ids = [c["name"] for c in columns if c["dataset"] in data["pretrained_on"]]
+    return ids, [c["name"] for c in columns if c["name"] not in ids]
+
+
+def why_no_id_vs_ood(data: dict) -> str | None:
+    """Why the in-distribution against transfer plot cannot be drawn from ``data``, or None when it can."""
+    ids, oods = _id_and_ood(data)
+    pretrained = ", ".join(data["pretrained_on"]) or "unrecorded datasets"
+    if len(data["pretrained_on"]) > 1:
+        return f"the members were pretrained on {pretrained}: filter to one, e.g. `timecat report pretrained_on=NAME`"
+    if not ids:
+        return f"the members' pretraining dataset ({pretrained}) was not probed"
+    if len(ids) > 1:
+        return f"the pretraining dataset has {len(ids)} columns ({', '.join(ids)}): filter to one eval split"
+    if not oods:
+        return "no dataset other than the members' pretraining dataset was probed"
+    return None
 
 
 def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
-    """In-distribution top-1 (x) against each other dataset's (y), one point per row; None if no ID dataset."""
-    columns = data.get("columns") or [{"name": d, "dataset": d} for d in data["datasets"]]
-    ids = [c["name"] for c in columns if c["dataset"] in data["pretrained_on"]]
-    oods = [c["name"] for c in columns if c["name"] not in ids]
-    if len(ids) != 1 or not oods:
-        return None  # needs exactly one probed pretraining dataset and at least one other
+    """In-distribution top-1 (x) against each other dataset's (y), one point per row; None (see why_no_id_vs_ood)
+    when there is not exactly one in-distribution column and at least one other."""
+    if why_no_id_vs_ood(data) is not None:
+        return None
+    ids, oods = _id_and_ood(data)
     fig, axes = _panels(len(oods), height=3.8)
     for ax, ood in zip(axes, oods, strict=True):
         points = [(row["method"], row[ids[0]], row[ood]) for row in data["rows"]]
@@ -357,7 +418,19 @@ def plot_id_vs_ood(data: dict, out: Path) -> Path | None:
         ax.set_ylabel(f"{ood} top-1 (%), transfer")
         ax.grid(alpha=0.3)
     _title(fig, "In distribution vs transfer (linear probe; bars: 95% intervals, or ± sample std)")
-    return save_figure(fig, out)
+    shown = [
+        {
+            "method": row["method"],
+            "in_distribution": ids[0],
+            "transfer": ood,
+            "x": row[ids[0]]["mean"],
+            "y": row[ood]["mean"],
+        }
+        for ood in oods
+        for row in data["rows"]
+        if row[ids[0]]["mean"] is not None and row[ood]["mean"] is not None
+    ]
+    return save_figure(fig, out, {"layout": data.get("layout"), "points": shown})
 
 
 def shots_table(records: list[dict]) -> dict | None:
@@ -421,32 +494,80 @@ def plot_shots(data: dict, out: Path) -> Path:
         ax.grid(alpha=0.3)
     _legend(fig, axes, least=1)  # which CatN each line is, even for one
     _title(fig, "Few-shot linear probes (bars: ± sample std over draws and member subsets)")
-    return save_figure(fig, out)
+    return save_figure(fig, out, {"lines": data["lines"]})
 
 
 def write(
-    results_root: Path, layout: str = "table3", protocol: str = "logreg", metric: str = "top1", plot_path=None
+    results_root: Path,
+    layout: str = "table3",
+    protocol: str = "logreg",
+    metric: str = "top1",
+    plot_path=None,
+    patterns: tuple[str, ...] = (),
 ) -> dict:
     """The report of a results folder: its table, few-shot table and plots, written beside the records.
 
-    Returns ``{"table", "shots", "plots"}``; the table is None when the folder
-    holds few-shot records only. Plots: ``plot_path`` (default RESULTS/catn.png),
-    id_vs_ood.png beside it when an ID dataset was probed, shots.png for few-shot
-    records (logreg); a layout other than table3 adds its name (catn_table2.png).
+    ``patterns`` (``timecat results``'s, e.g. ``total_steps=1000``) keep the
+    matching records only. Returns ``{"table", "shots", "plots", "not_drawn"}``;
+    the table is None when the folder holds few-shot records only. Plots:
+    ``plot_path`` (default RESULTS/catn.png), id_vs_ood.png beside it when one
+    ID dataset and another were probed, shots.png for few-shot records
+    (logreg); a layout other than table3 adds its name (catn_table2.png). A plot
+    this report does not draw is removed (with its JSON), so none goes stale:
+    ``not_drawn`` maps its path to the reason.
     """
+    from pipeline.results import select
+
     records = load(results_root)
-    log.info("report of %d record(s) in %s (%s, %s)", len(records), results_root, layout, protocol)
+    if patterns:
+        records = select(records, list(patterns))
+        if not records:
+            raise TimecatError(f"no record matches {' '.join(patterns)}: `timecat results` lists the records")
+    log.info("report of %s in %s (%s, %s)", plural(len(records), "record"), results_root, layout, protocol)
     shots = shots_table(records) if protocol == "logreg" else None
     whole = [r for r in records if shots_key(r) is None]
     # Few-shot records only: their plot alone. Any other refusal of the table is the user's to see.
     data = None if shots is not None and not whole else table(records, layout=layout, protocol=protocol, metric=metric)
     first = Path(plot_path) if plot_path else Path(results_root) / plot_name(PLOT_FILE, layout)
-    saved = []
-    if data is not None:
-        saved = [plot(data, first), plot_id_vs_ood(data, first.with_name(plot_name(ID_OOD_FILE, layout)))]
+    id_ood, shots_path = first.with_name(plot_name(ID_OOD_FILE, layout)), first.with_name(SHOTS_FILE)
+    saved, not_drawn = [], {}
+    if data is None:
+        not_drawn[first] = "no whole-train-split probe records (few-shot only)"
+        not_drawn[id_ood] = not_drawn[first]
+    else:
+        saved.append(plot(data, first))
+        reason = why_no_id_vs_ood(data)
+        if reason is None:
+            saved.append(plot_id_vs_ood(data, id_ood))
+        else:
+            not_drawn[id_ood] = reason
     if shots is not None:
-        saved.append(plot_shots(shots, first.with_name(SHOTS_FILE)))
-    return {"table": data, "shots": shots, "plots": [str(p) for p in saved if p is not None]}
+        saved.append(plot_shots(shots, shots_path))
+    elif protocol == "logreg":
+        not_drawn[shots_path] = "no few-shot probe records"
+    for path in not_drawn:
+        if _remove_stale(path, Path(results_root)):
+            not_drawn[path] += "; the older file was removed"
+    return {
+        "table": data,
+        "shots": shots,
+        "plots": [str(p) for p in saved],
+        "not_drawn": {str(p): why for p, why in not_drawn.items()},
+    }
+
+
+def _remove_stale(path: Path, results_root: Path) -> bool:
+    """Remove a plot this report did not redraw, and its JSON, if it is timecat's: in the results folder, or
+    beside a JSON that names it as a timecat figure (a --plot path elsewhere may hold the user's own file)."""
+    if not path.exists():
+        return False
+    ours = path.parent.resolve() == results_root.resolve()
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no JSON, or not one of ours
+        ours = ours or json.loads(path.with_suffix(".json").read_text()).get("figure") == path.name
+    if ours:
+        path.unlink()
+        path.with_suffix(".json").unlink(missing_ok=True)
+    return ours
 
 
 def plot_name(name: str, layout: str) -> str:
@@ -567,4 +688,5 @@ def format_written(written: dict) -> list[str]:
     """``timecat report``'s text: the table, the few-shot table, and the plots written."""
     lines = [] if written["table"] is None else [format_table(written["table"])]
     lines += [] if written["shots"] is None else [format_shots(written["shots"])]
-    return [*lines, "plots: " + ", ".join(written["plots"])]
+    lines.append("plots: " + ", ".join(written["plots"]))
+    return lines + [f"not drawn: {Path(p).name} ({why})" for p, why in written.get("not_drawn", {}).items()]

@@ -137,7 +137,7 @@ def head(results_root: Path, record_id: str) -> Head:
     """The saved head of probe ``record_id``: ``Head.scores``/``topk`` apply it to features of its members."""
     root = Path(results_root)
     record = find(load(root), record_id, root)
-    relative = record.get("head")
+    relative, record_id = record.get("head"), record["id"]
     if not relative:
         raise TimecatError(
             f"record {record_id} has no saved head: only logreg probes save one, and only since timecat saved "
@@ -173,12 +173,23 @@ def load_predictions(results_root: Path, record: dict) -> dict[str, np.ndarray]:
         raise TimecatError(f"record {record['id']}: cannot read its predictions {path} ({e})") from None
 
 
+ID_PREFIX = 4  # the shortest id prefix accepted in place of a whole id (as git accepts short hashes)
+
+
 def find(records: list[dict], record_id: str, results_root: Path) -> dict:
-    """The record with this id (the newest, if a file was merged twice), or an error naming the file."""
+    """The record with this id, or whose id starts with it (at least ID_PREFIX characters, one id only); the
+    newest if a file was merged twice. Otherwise an error naming the file, or the ids a prefix matches."""
     found = [r for r in records if r.get("id") == record_id]
+    if not found and len(record_id) >= ID_PREFIX:
+        found = [r for r in records if str(r.get("id", "")).startswith(record_id)]
+        ids = sorted({r["id"] for r in found})
+        if len(ids) > 1:
+            shown_ids = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+            raise TimecatError(f"id prefix {record_id!r} is ambiguous: {len(ids)} records ({shown_ids}); give more")
     if not found:
+        short = f" (a prefix needs at least {ID_PREFIX} characters)" if len(record_id) < ID_PREFIX else ""
         raise TimecatError(
-            f"no record with id {record_id!r} in {results_path(results_root)}; `timecat results` lists the ids"
+            f"no record with id {record_id!r}{short} in {results_path(results_root)}; `timecat results` lists the ids"
         )
     return found[-1]
 
@@ -251,6 +262,37 @@ def latest_per_probe(records: list[dict]) -> list[dict]:
 
 
 PATTERN = re.compile(r"^(?P<field>[A-Za-z_][\w.]*)(?P<op>>=|<=|=|>|<)(?P<value>.*)$")
+# FIELD=gt:X and its kin: number comparisons a shell cannot mistake for a redirect (unquoted top1>99 writes a file).
+SHELL_SAFE = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+SHELL_SAFE_VALUE = re.compile(r"^(?P<op>gt|ge|lt|le):(?P<value>.+)$")
+
+
+def _members_steps(record: dict) -> list:
+    return [p.get("steps") for p in record.get("member_provenance", {}).values()]
+
+
+def _common(values) -> object:
+    values = set(values)
+    return values.pop() if len(values) == 1 else None
+
+
+# Fields the records imply rather than store, for patterns (``timecat results`` and ``timecat report``).
+DERIVED = {
+    "total_steps": lambda r: sum(s) if (s := _members_steps(r)) and None not in s else None,
+    "steps_per_member": lambda r: _common(_members_steps(r)),
+    "arch": lambda r: _common(p.get("arch") for p in r.get("member_provenance", {}).values()),
+    "pretrained_on": lambda r: _common(p.get("pretrain_dataset") for p in r.get("member_provenance", {}).values()),
+}
+
+
+def parse_pattern(pattern: str) -> tuple[str, str, str] | None:
+    """(field, operator, value) of ``FIELD=GLOB``, ``FIELD>X`` or ``FIELD=gt:X`` (also ge, lt, le); None for a glob."""
+    parsed = PATTERN.match(pattern)
+    if parsed is None:
+        return None
+    field, op, value = parsed["field"], parsed["op"], parsed["value"]
+    safe = SHELL_SAFE_VALUE.match(value) if op == "=" else None
+    return (field, SHELL_SAFE[safe["op"]], safe["value"]) if safe else (field, op, value)
 
 
 def record_path(record: dict) -> str:
@@ -261,7 +303,10 @@ def record_path(record: dict) -> str:
 
 
 def field_value(record: dict, field: str):
-    """The value of a dotted field (``chosen.C``), or None when the record lacks it."""
+    """The value of a dotted field (``chosen.C``) or of a DERIVED one (``total_steps``), or None when the record
+    lacks it."""
+    if field in DERIVED and field not in record:
+        return DERIVED[field](record)
     value = record
     for part in field.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -271,11 +316,12 @@ def field_value(record: dict, field: str):
 
 
 def matches(record: dict, pattern: str) -> bool:
-    """One pattern: ``field=glob``, ``field>x`` / ``<`` / ``>=`` / ``<=`` (numbers), or a bare glob of the path."""
-    parsed = PATTERN.match(pattern)
+    """One pattern: ``field=glob``, ``field>x`` / ``<`` / ``>=`` / ``<=`` or ``field=gt:x`` / ``lt:`` / ``ge:`` /
+    ``le:`` (numbers), or a bare glob of the path."""
+    parsed = parse_pattern(pattern)
     if parsed is None:
         return fnmatch.fnmatchcase(record_path(record), f"*{pattern}*")
-    field, op, wanted = parsed["field"], parsed["op"], parsed["value"]
+    field, op, wanted = parsed
     value = field_value(record, field)
     if value is None:
         return False
@@ -290,14 +336,24 @@ def matches(record: dict, pattern: str) -> bool:
 
 
 def select(records: list[dict], patterns: list[str]) -> list[dict]:
-    """The records that match every pattern; a field no record has is an error that lists the fields."""
-    known = {key for r in records for key in r}
+    """The records that match every pattern; a field no record has is an error that suggests the closest and lists
+    them all, and a bare field name (what an unquoted ``top1>99`` leaves after the shell's redirect) is refused."""
+    import difflib
+
+    known = sorted({key for r in records for key in r} | set(DERIVED))
     for pattern in patterns:
-        parsed = PATTERN.match(pattern)
-        if parsed and parsed["field"].split(".")[0] not in known:
+        parsed = parse_pattern(pattern)
+        if parsed is None and pattern in known:
             raise TimecatError(
-                f"pattern {pattern!r}: no record has a field {parsed['field'].split('.')[0]!r}; fields: {sorted(known)}"
+                f"pattern {pattern!r} is a field name without a condition. If you typed {pattern}>X unquoted, the "
+                f"shell took > as a redirect and wrote a file named X: quote it ('{pattern}>X') or write "
+                f"{pattern}=gt:X (also ge:, lt:, le:)"
             )
+        top = parsed[0].split(".")[0] if parsed else None
+        if parsed and top not in known:
+            close = difflib.get_close_matches(top, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TimecatError(f"pattern {pattern!r}: no record has a field {top!r}{hint}; fields: {known}")
     return [r for r in records if all(matches(r, p) for p in patterns)]
 
 

@@ -215,3 +215,91 @@ def test_toy_and_diversity_figures_explain_themselves(tmp_path, caplog, monkeypa
     assert (image.norm.vmin, image.norm.vmax) == pytest.approx((0.95, 0.97))  # the pairs' range, not 0-1
     assert "not 0-1" in div_fig.axes[1].get_ylabel()
     assert np.ma.getmaskarray(image.get_array()).diagonal().all()  # each member with itself: outside the scale
+
+
+def _budgets_records() -> list[dict]:
+    """Budgets, architectures and pretraining datasets mixed in one results folder."""
+    digits_member = probe_record(["d0"], "fmnist", 70.0, 1000)
+    digits_member["member_provenance"]["d0"]["pretrain_dataset"] = "digits"
+    return [
+        probe_record(["r0"], "fmnist", 89.73, 1000),
+        probe_record(["q0"], "fmnist", 86.92, 250),
+        probe_record(["q1", "q2"], "fmnist", 88.0, 250),  # 500 steps in all
+        probe_record(["r1", "r2"], "fmnist", 90.05, 500),  # 1,000 steps in all
+        probe_record(["s0"], "fmnist", 80.0, 1000, arch="small-resnet", params=1_000_000),
+        probe_record(["r0"], "digits", 95.0, 1000),
+        probe_record(["r1", "r2"], "digits", 96.0, 500),
+        digits_member,
+    ]
+
+
+def test_a_plot_line_never_joins_budgets_architectures_or_pretraining_data(tmp_path):
+    data = report.table(_budgets_records())
+    # Rows by total budget, then method.
+    assert [(r["total_steps"], r["method"], r["arch"]) for r in data["rows"]] == [
+        (250, "Cat1", "resnet50"),
+        (500, "Cat2", "resnet50"),
+        (1000, "Cat1", "resnet50"),
+        (1000, "Cat1", "resnet50"),
+        (1000, "Cat1", "small-resnet"),
+        (1000, "Cat2", "resnet50"),
+    ]
+    drawn = report.lines(data)
+    row_of = {(r["method"], r["fmnist"]["mean"]): r for r in data["rows"]}
+    for line in (line for line in drawn if line["dataset"] == "fmnist"):
+        rows = [row_of[(p["method"], p["mean"])] for p in line["points"]]
+        assert len({(r["total_steps"], r["arch"], r["pretrained_on"]) for r in rows}) == 1, line
+        assert f"{rows[0]['total_steps']:,} steps in all" in line["label"]
+    labels = [line["label"] for line in drawn if line["dataset"] == "fmnist"]
+    assert len(labels) == len(set(labels)) == 5  # 250, 500, 1,000 x (resnet50/fmnist, resnet50/digits, small-resnet)
+    joined = next(
+        line
+        for line in drawn
+        if line["dataset"] == "fmnist" and line["label"].startswith("1,000 steps in all, resnet50, fmnist")
+    )
+    assert [(p["n"], p["mean"]) for p in joined["points"]] == [(1, 89.73), (2, 90.05)]
+    # What the PNG shows is written beside it, label for label.
+    out = report.plot(data, tmp_path / "catn.png")
+    import json
+
+    assert json.loads(out.with_suffix(".json").read_text())["lines"] == drawn
+
+
+def test_report_filters_with_results_patterns(tmp_path):
+    for record in _budgets_records():
+        results.append(tmp_path, record)
+    written = report.write(tmp_path, patterns=("total_steps=1000", "dataset=fmnist", "arch=resnet50"))
+    assert [(r["method"], r["total_steps"]) for r in written["table"]["rows"]] == [("Cat1", 1000)] * 2 + [
+        ("Cat2", 1000)
+    ]
+    assert written["table"]["datasets"] == ["fmnist"]
+    with pytest.raises(TimecatError, match="no record matches total_steps=7"):
+        report.write(tmp_path, patterns=("total_steps=7",))
+
+
+def test_a_plot_report_cannot_redraw_is_removed_with_the_reason(tmp_path):
+    records = _budgets_records()
+    for record in records[:-1]:  # every member pretrained on fmnist: id_vs_ood can be drawn
+        results.append(tmp_path, record)
+    first = report.write(tmp_path)
+    assert (tmp_path / "id_vs_ood.png").exists() and (tmp_path / "id_vs_ood.json").exists()
+    assert str(tmp_path / "shots.png") in first["not_drawn"]
+    results.append(tmp_path, records[-1])  # a member pretrained on digits joins
+    second = report.write(tmp_path)
+    assert not (tmp_path / "id_vs_ood.png").exists() and not (tmp_path / "id_vs_ood.json").exists()
+    why = second["not_drawn"][str(tmp_path / "id_vs_ood.png")]
+    assert "pretrained on digits, fmnist" in why and "removed" in why
+    text = "\n".join(report.format_written(second))
+    assert "not drawn: id_vs_ood.png (the members were pretrained on digits, fmnist" in text
+    # A --plot path elsewhere: a file there that is not timecat's is never removed.
+    elsewhere = tmp_path / "mine"
+    elsewhere.mkdir()
+    (elsewhere / "id_vs_ood.png").write_bytes(b"the user's own")
+    report.write(tmp_path, plot_path=elsewhere / "catn.png")
+    assert (elsewhere / "id_vs_ood.png").read_bytes() == b"the user's own"
+
+
+def test_one_probe_has_no_sample_std_and_the_footnote_says_c_is_chosen():
+    data = report.table([probe_record(["r0"], "fmnist", 89.0, 1000)])
+    assert data["rows"][0]["fmnist"]["std"] is None and data["rows"][0]["fmnist"]["count"] == 1
+    assert "C chosen on held-out train rows" in report.format_table(data)

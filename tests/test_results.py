@@ -83,3 +83,13 @@ def test_patterns_select_by_field_glob_number_and_path(tmp_path):
         pick("acc>1")
     with pytest.raises(TimecatError, match="dataset is 'digits', not a number"):
         pick("dataset>1")
+    # Shell-safe comparisons, and the fields the members' provenance implies.
+    assert pick("top1=ge:91", "n_members=lt:2") == [91.0]
+    assert pick("chosen.C=gt:0.05", "chosen.C=le:0.1") == [91.0]
+    assert pick("total_steps=1000") == [91.0, 97.5, 88.0] and pick("steps_per_member=500") == [97.5, 88.0]
+    assert pick("arch=resnet50", "pretrained_on=fmnist", "total_steps=gt:999") == [91.0, 97.5, 88.0]
+    with pytest.raises(TimecatError, match=r"field 'datset' \(did you mean 'dataset'\?\)"):
+        pick("datset=digits")
+    # What an unquoted top1>99 leaves after the shell's redirect: refused, with the fix.
+    with pytest.raises(TimecatError, match=r"'top1' is a field name without a condition.*top1=gt:X"):
+        pick("top1")
