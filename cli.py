@@ -253,8 +253,9 @@ def extract(data_root, runs, cache_path, as_json, **params):
 @options.config_options(ProbeConfig)
 @CACHE
 @RESULTS
+@RUNS
 @JSON
-def probe(members, cat, pool, max_subsets, cache_path, results, as_json, **params):
+def probe(members, cat, pool, max_subsets, cache_path, results, runs, as_json, **params):
     """Linear-probe the concatenated cached features of MEMBERS on DATASET.
 
     C is chosen on a held-out part of the train split; top-1 and top-5 are
@@ -277,6 +278,7 @@ def probe(members, cat, pool, max_subsets, cache_path, results, as_json, **param
     """
     from pipeline.probe import few_shot, sweep
     from pipeline.probe import probe as probe_one
+    from pipeline.progress import plural
     from pipeline.results import format_record, results_path
 
     if (members is None) == (cat is None):
@@ -285,11 +287,12 @@ def probe(members, cat, pool, max_subsets, cache_path, results, as_json, **param
         raise click.UsageError("--cat N needs --from POOL (comma-separated members)")
     _require(params, "dataset")
     config = options.make_config(ProbeConfig, params, members=members or pool)
+    _require_cached(cache_path, config.dataset, config.members, runs)
     shots, draws = config.shots, config.draws
     path = results_path(results)
     if cat is None and shots is not None:
         records, summary = few_shot(config, cache_path, results)
-        what = f"{shots}-shot Cat{len(members)} over {len(records)} draw(s)"
+        what = f"{shots}-shot Cat{len(members)} over {plural(len(records), 'draw')}"
         _print_many(records, summary, what, "draws", path, as_json)
         return
     if cat is None:
@@ -300,11 +303,20 @@ def probe(members, cat, pool, max_subsets, cache_path, results, as_json, **param
         return
     records, summary = sweep(config, pool, cat, max_subsets, cache_path, results)
     if shots is None:
-        what, over = f"Cat{cat} over {len(records)} subset(s)", "subsets"
+        what, over = f"Cat{cat} over {plural(len(records), 'subset')}", "subsets"
     else:
-        what = f"{shots}-shot Cat{cat} over {len(records)} record(s)"
+        what = f"{shots}-shot Cat{cat} over {plural(len(records), 'record')}"
         over = f"{len(records) // draws} subsets x {draws} draws"
     _print_many(records, summary, what, over, path, as_json)
+
+
+def _require_cached(cache_path, dataset: str, members, runs) -> None:
+    """Members or a dataset missing from the cache: one error with the `timecat extract` line that caches them."""
+    import cache
+    from pipeline.hints import require_cached
+
+    where = options.location_flags(click.get_current_context())
+    require_cached(cache.open(cache_path), dataset, members, runs, where)
 
 
 def _print_many(records: list[dict], summary: dict, what: str, over: str, path, as_json: bool) -> None:
@@ -325,13 +337,15 @@ def results(patterns, results, as_json):
     """List the probe records that match every PATTERN.
 
     A PATTERN is FIELD=GLOB (lists such as members are joined by commas), a
-    number comparison FIELD>X, FIELD<X, FIELD>=X, FIELD<=X (dotted fields reach
-    inside, e.g. chosen.C), or a bare GLOB matched against
-    dataset/protocol/backend/members.
+    number comparison FIELD=gt:X, ge:X, lt:X, le:X (or FIELD>X, FIELD>=X, ...,
+    quoted: a shell takes an unquoted > for a redirect), or a bare GLOB matched
+    against dataset/protocol/backend/members. Dotted fields reach inside
+    (chosen.C); total_steps, steps_per_member, arch and pretrained_on come from
+    the members' provenance.
 
     \b
     Example: timecat results dataset=digits n_members=4
-    Example: timecat results 'members=*run3*' 'top1>=90' backend=torch --json
+    Example: timecat results 'members=*run3*' top1=ge:90 backend=torch --json
     """
     from pipeline import results as records
 
@@ -351,12 +365,14 @@ def results(patterns, results, as_json):
 def compare(id_a, id_b, resamples, seed, results, as_json):
     """Paired difference in top-1 between two probe records (A - B) on the same eval rows, with its 95% interval.
 
-    ID_A and ID_B are record ids (`timecat results` lists them). The interval is a
+    ID_A and ID_B are record ids (`timecat results` lists them), or their first 4 or
+    more characters. The interval is a
     paired bootstrap over eval rows: only rows where the two probes disagree move
     it. Records scored on different eval rows are refused.
 
     \b
     Example: timecat compare 3f2a9c01b7d4 9e81c4a0f2b3 --workdir demo
+    Example: timecat compare 3f2a 9e81 --workdir demo
     """
     from pipeline import report as rep
 
@@ -393,12 +409,14 @@ def predict(record_id, dataset, split, k, out, cache_path, results, as_json):
 
 
 @main.command()
+@click.argument("patterns", nargs=-1)
 @RESULTS
 @options.config_options(ReportConfig)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG (default RESULTS/catn[_LAYOUT].png).")
 @JSON
-def report(results, plot_path, as_json, **params):
-    """Print probe results in the paper's Table 3 (or Table 2) layout and save plots.
+def report(patterns, results, plot_path, as_json, **params):
+    """Print probe results in the paper's Table 3 (or Table 2) layout and save plots, of the records that match
+    every PATTERN (`timecat results --help`; none: all).
 
     A cell is one probe's top-1 with its 95% bootstrap interval, or mean ± sample
     std (n) over member sets of the same kind. Plots: top-1 against N per dataset
@@ -407,14 +425,20 @@ def report(results, plot_path, as_json, **params):
     few-shot top-1 against shots per class for each CatN (RESULTS/shots.png).
 
     \b
+    Rows go by total budget, then method; each plot line is one total budget
+    (and architecture, pretraining data), named in the legend. A plot not
+    drawn this time is removed, with the reason printed.
+
+    \b
     Example: timecat report --workdir demo
+    Example: timecat report total_steps=1000 dataset=fashion-mnist --workdir demo
     Example: timecat report --layout table2 --protocol tc
     Example: timecat report --protocol tc --metric top1_eval_selected   # the paper's optimistic selection
     """
     from pipeline import report as rep
 
-    written = rep.write(results, **params, plot_path=plot_path)
-    shown = {**(written["table"] or {}), "shots": written["shots"], "plots": written["plots"]}
+    written = rep.write(results, **params, plot_path=plot_path, patterns=patterns)
+    shown = {**(written["table"] or {}), **{k: written[k] for k in ("shots", "plots", "not_drawn")}}
     _out(shown, as_json, lambda _: rep.format_written(written))
 
 
@@ -483,7 +507,7 @@ def cache_ls(path, cache_path, as_json):
 
     def line(r: dict) -> str:
         sha, steps = (r["provenance"].get("checkpoint_sha256") or "?")[:12], r["provenance"].get("steps", "?")
-        shape = f"{r['rows']} x {r['dim']} {r['dtype']}"
+        shape = f"{r['rows']:,} x {r['dim']:,} {r['dtype']}"
         return f"{_where(r)} {r['member']}: {shape}, {r['status']}, checkpoint {sha}, steps {steps}"
 
     _out(cache.open(cache_path).summary(), as_json, lambda rows: [line(r) for r in rows])

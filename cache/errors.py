@@ -41,3 +41,11 @@ def shown(path) -> str:
     if "://" in path or os.path.isabs(path):
         return path
     return f"{path} ({os.path.abspath(path)})"
+
+
+def did_you_mean(name: str, known) -> str:
+    """`` (did you mean 'run0'?)`` for the closest known name, or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

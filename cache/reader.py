@@ -15,7 +15,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 
 from cache import checks, layout
-from cache.errors import CacheError
+from cache.errors import CacheError, did_you_mean
 
 Rows = slice | Sequence[int] | np.ndarray | None  # a row subset: a slice, row numbers in any order, or a mask
 READ_CHUNKS = 8  # chunks decoded per read call (bounds zarr's buffers; 8 x 8 MiB chunks = 64 MiB)
@@ -207,7 +207,10 @@ class Cache:
         unknown = [m for m in members if m not in available]
         if unknown:
             hint = "`timecat extract --views K`" if view is not None else "`timecat extract`"
-            raise CacheError(f"unknown member(s) {unknown} for {where}; available: {available or f'none (run {hint})'}")
+            guesses = "".join(did_you_mean(m, available) for m in unknown)
+            raise CacheError(
+                f"unknown member(s) {unknown}{guesses} for {where}; available: {available or f'none (run {hint})'}"
+            )
         arrays = [self._features_array(dataset, split, m, view) for m in members]
         for m, array in zip(members, arrays, strict=True):
             problems = checks.member_problems(array, m, where, split_attrs, scan=False)
@@ -351,7 +354,10 @@ class Cache:
 
     def _group(self, dataset: str) -> zarr.Group:
         if dataset not in self.group:
-            raise CacheError(f"dataset {dataset!r} is not in the cache; cached: {self.datasets() or 'none'}")
+            raise CacheError(
+                f"dataset {dataset!r} is not in the cache{did_you_mean(dataset, self.datasets())}; "
+                f"cached: {self.datasets() or 'none'}"
+            )
         return self.group[dataset]
 
     def _labels_array(self, dataset: str, split: str) -> zarr.Array:

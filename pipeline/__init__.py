@@ -38,6 +38,7 @@ Shared pieces:
 - stats: bootstrap intervals, mean and sample std.
 - files: atomic replaces and writability checks for shared folders.
 - progress: the one place for logging and progress bars.
+- hints: how to call timecat here, and the `timecat extract` line for members or datasets not cached yet.
 - errors: TimecatError, the one error type users see.
 
 Experiments built on the stages: demo (Cat1, Cat2 and Cat4 at one budget on the

@@ -271,8 +271,14 @@ class ProbeConfig:
     eval_split: str = param("test", "Split the probe is scored on, never used for a choice.")
     holdout: float = param(0.2, "Fraction of the train split held out to choose C.", unit="fraction")
     seed: int = param(0, "Seed of the held-out split, solver, subset sample and few-shot draws.")
-    search_rows: int = param(10_000, "Train rows that fit each C candidate (a stratified sample), at least...", low=1)
-    search_per_class: int = param(10, "...this many per class: 81,420 rows for iNat18's 8,142 classes.", low=1)
+    search_rows: int = param(
+        10_000,
+        "Train rows that fit each C candidate (a stratified sample), or --search-per-class x classes if more.",
+        low=1,
+    )
+    search_per_class: int = param(
+        10, "Train rows per class the C search fits at least (iNat18: 81,420 rows for 8,142 classes).", low=1
+    )
     c_grid: tuple[float, ...] = param(
         (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), "Coarse C candidates, comma-separated (one per decade)."
     )
@@ -304,7 +310,7 @@ class ProbeConfig:
     precision: str = param(
         "auto",
         "batched: matrix products in bf16 (float32 accumulation, weights and loss) or fp32; auto = bf16 where the "
-        "CPU has avx512_bf16/amx_bf16 or the GPU has bf16 tensor cores. Recorded.",
+        "GPU has bf16 tensor cores, or the CPU has avx512_bf16/amx_bf16 and blocks are 512+ columns wide. Recorded.",
         choices=PROBE_PRECISIONS,
     )
     memory_gib: float = param(
@@ -508,8 +514,15 @@ class DemoConfig:
     transfer_datasets: tuple[str, ...] = param(
         ("fashion-mnist", "digits"), "Datasets probed: in- and out-of-distribution."
     )
+    precision: str = param(
+        "auto",
+        "The probes' matrix products, as for `timecat probe` (auto: bf16 where it pays, so tables from two "
+        "machines can differ by a few eval rows; give fp32 to compare). Recorded.",
+        choices=PROBE_PRECISIONS,
+    )
 
     def __post_init__(self):
+        _choose("precision", self.precision, PROBE_PRECISIONS)
         bad = [n for n in self.cats if n < 1 or self.total_steps % n]
         if bad:
             raise TimecatError(f"total steps {self.total_steps} must split evenly into N members for N in {bad}")

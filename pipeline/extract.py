@@ -22,7 +22,7 @@ from pipeline import __version__, checkpoints, distributed, recipes
 from pipeline.configs import ExtractConfig
 from pipeline.errors import TimecatError
 from pipeline.models import FEATURE_LAYER, Classifier
-from pipeline.progress import get_logger, progress
+from pipeline.progress import get_logger, plural, progress
 from pipeline.splits import Preprocess, beton_path, read_manifest
 from pipeline.views import ViewSpec, augment, resize_center
 
@@ -349,7 +349,9 @@ def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> l
                         row = {"dataset": config.dataset, "split": split, "member": m.name, "state": state}
                         summary.append(row if view is None else {**row, "view": view})
                 if written:
-                    log.info("%s/%s: cached %d array(s) in %.1f s", config.dataset, split, len(written), seconds)
+                    log.info(
+                        "%s/%s: cached %s in %.1f s", config.dataset, split, plural(len(written), "array"), seconds
+                    )
         except BaseException:
             if d.is_main:  # still consolidate what was written, but report the first error, not this one
                 with contextlib.suppress(cache.CacheError):

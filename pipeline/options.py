@@ -37,6 +37,13 @@ class CommaList(click.ParamType):
         if isinstance(value, tuple):
             return value
         items = [item.strip() for item in str(value).split(",")]
+        if len(items) > 1 and not items[-1]:
+            self.fail(
+                f"{value!r} ends with a comma: a list typed with spaces (run0, run1) reaches timecat as separate "
+                f"arguments; write {self.example} without spaces, or quote it",
+                param,
+                ctx,
+            )
         bad, out = [], []
         for item in items:
             try:
@@ -183,23 +190,50 @@ WORKDIR = click.Option(
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
+def _verbose(ctx, param, value) -> None:
+    if value:
+        from pipeline.progress import configure_logging
+
+        configure_logging(True)
+
+
+# `timecat probe ... -v` as well as `timecat -v probe ...`: a flag typed after the subcommand was refused.
+VERBOSE = click.Option(
+    ["-v", "--verbose"], is_flag=True, expose_value=False, callback=_verbose, help="Log debug messages."
+)
+
+
 class WorkspaceCommand(click.Command):
-    """A command whose locations default to folders of one ``--workdir`` (added to every command that has one)."""
+    """A command whose locations default to folders of one ``--workdir`` (added to every command that has one),
+    and which takes -v/--verbose after its name too."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         names = {p.name for p in self.params}
         if names & WORKSPACE.keys() and "workdir" not in names:
             self.params.append(WORKDIR)
+        if "verbose" not in names:
+            self.params.append(VERBOSE)
 
     def invoke(self, ctx):
         # demo and dominoes keep their own --workdir (a config field); the others' is only for the locations.
         own = any(p.name == "workdir" and p is not WORKDIR for p in self.params)
+        given = {name for name in ("workdir", *WORKSPACE) if name in typed(ctx)}
         workdir = Path(ctx.params["workdir"] if own else ctx.params.pop("workdir", ".") or ".")
+        ctx.meta["timecat.locations"] = {name: ctx.params.get(name, workdir) for name in given}
         for name, folder in WORKSPACE.items():
             if name in ctx.params and ctx.params[name] is None:
                 ctx.params[name] = str(workdir / folder) if name == "cache_path" else workdir / folder
         return super().invoke(ctx)
+
+
+def location_flags(ctx: click.Context, names=("workdir", "data_root", "runs", "cache_path")) -> str:
+    """The location flags the user gave (``--workdir demo``), to repeat in a command an error suggests."""
+    import shlex
+
+    given = ctx.meta.get("timecat.locations", {})
+    flag = {"workdir": "--workdir", **{name: LOCATIONS[location][0] for name, location in PARAMS.items()}}
+    return " ".join(f"{flag[n]} {shlex.quote(str(given[n]))}" for n in names if n in given)
 
 
 def typed(ctx: click.Context) -> dict:

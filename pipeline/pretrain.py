@@ -31,7 +31,7 @@ from pipeline.configs import OPERATIONAL, PretrainConfig
 from pipeline.datasets import get_spec
 from pipeline.errors import TimecatError
 from pipeline.models import Classifier, build
-from pipeline.progress import get_logger, progress
+from pipeline.progress import get_logger, plural, progress
 from pipeline.splits import Preprocess, beton_path, read_manifest
 
 log = get_logger(__name__)
@@ -475,7 +475,12 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path, d: distri
     d = d or distributed.init()
     ckpt = checkpoint_path(runs_root, config.name)
     log.info(
-        "pretrain %s: %s on %s, seed %d, %d steps", config.name, config.arch, config.dataset, config.seed, config.steps
+        "pretrain %s: %s on %s, seed %d, %s",
+        config.name,
+        config.arch,
+        config.dataset,
+        config.seed,
+        plural(config.steps, "step"),
     )
     read_manifest(data_root, config.dataset, "train")  # an unprepared dataset is refused before the lock is made
     with contextlib.ExitStack() as stack:
@@ -489,7 +494,7 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path, d: distri
         if status == "error":
             raise TimecatError(payload)
         if payload is not None and payload["complete"]:
-            log.info("member %s is already trained (%d steps): %s", config.name, payload["step"], ckpt)
+            log.info("member %s is already trained (%s): %s", config.name, plural(payload["step"], "step"), ckpt)
             return {"name": config.name, "checkpoint": str(ckpt), "skipped": True, **payload["final"]}
         return _train_member(config, data_root, runs_root, d, payload)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import resource
 import time
@@ -35,7 +36,7 @@ from pipeline.heldout import (
     tie,
     topk_accuracy,
 )
-from pipeline.progress import get_logger, progress
+from pipeline.progress import get_logger, plural, progress
 
 log = get_logger(__name__)
 
@@ -194,18 +195,23 @@ def uses_batched(config: ProbeConfig) -> bool:
     return config.batched
 
 
-def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict | None = None) -> dict:
+def probe(
+    config: ProbeConfig, cache_path: str, results_root=None, extra: dict | None = None, counter: str = ""
+) -> dict:
     """Probe the concatenation of ``config.members`` read from the cache; return the result record.
 
     With ``results_root``, the record is appended to its probes.jsonl and the eval
     predictions are saved beside it (for ``timecat compare``). ``extra`` fields
-    (a sweep's) join the record before it is saved.
+    (a sweep's) join the record before it is saved; ``counter`` (``2/3``) leads
+    its result line in the log.
     """
     if config.shots is not None:
         raise TimecatError("a few-shot probe makes one record per draw: call few_shot(), not probe()")
     log.info("probe %s on %s (%s)", ",".join(config.members), config.dataset, config.protocol)
     if uses_batched(config):
-        return spread(config, [config.members], cache_path, results_root, extra)[0]
+        record = spread(config, [config.members], cache_path, results_root, extra)[0]
+        log_result(record, counter)
+        return record
     _one_process(config)
     started = time.perf_counter()
     if results_root is not None:
@@ -237,6 +243,7 @@ def probe(config: ProbeConfig, cache_path: str, results_root=None, extra: dict |
     record = _record(config, measured, context, len(y_eval), started, extra)
     if results_root is not None:
         results.save(results_root, record, measured["eval_top5"], y_eval, _head_of(measured, config.members, context))
+    log_result(record, counter)
     return record
 
 
@@ -301,15 +308,57 @@ def _record(config: ProbeConfig, measured: dict, context: dict, n_eval: int, sta
     head = _head_of(measured, config.members, context)
     if head is not None:  # which member's block carries the weight (standardised columns)
         record["head_norms"] = head.norms()
-    log.debug(  # the command prints the record; the log does not repeat it
-        "%s on %s: top-1 %.2f%% (95%% CI %.2f-%.2f), top-5 %.2f%%",
-        ",".join(config.members),
-        config.dataset,
+    return record
+
+
+def reusable(config: ProbeConfig, cache_path: str, results_root) -> dict | None:
+    """The newest record in ``results_root`` of this very probe, if it still holds: the same config (members,
+    dataset, splits, grid, seed, backend...), made on the members' features now in the cache (same checkpoint
+    per array) and the same eval rows. None when there is none, so the caller probes."""
+    if results_root is None or not results.results_path(results_root).is_file():
+        return None
+    wanted = json.loads(json.dumps(asdict(config), default=str))  # as the record stores it (tuples as lists)
+    found = [r for r in results.load(results_root) if r.get("config") == wanted and "sweep" not in r]
+    if not found:
+        return None
+    store = cache.open(cache_path)
+    try:
+        context = _checked(store, config, config.members)
+    except cache.CacheError:
+        return None
+    fingerprint = context["eval_attrs"].get("fingerprint")
+    for record in reversed(found):
+        same = all(
+            record["member_provenance"].get(m, {}).get("checkpoint_sha256_by_array") == context["checkpoints"][m]
+            for m in config.members
+        )
+        if same and record.get("eval_rows", {}).get("fingerprint") == fingerprint:
+            return record
+    return None
+
+
+def log_result(record: dict, counter: str = "") -> None:
+    """One INFO line per finished probe (``3/15`` first in a sweep): the command prints the whole record at the
+    end; the log shows each as it comes."""
+    chosen = ", ".join(f"{k}={v:.3g}" for k, v in record["chosen"].items() if k in ("C", "weight_decay", "k"))
+    log.info(
+        "%sprobe %s on %s: top-1 %.2f%% [95%% CI %.2f, %.2f]%s, %.1f s",
+        f"{counter} " if counter else "",
+        ",".join(record["members"]),
+        record["dataset"],
         record["top1"],
         *record["top1_ci95"],
-        record["top5"],
+        f" ({chosen})" if chosen else "",
+        record["wall_s"],
     )
-    return record
+    trials = [
+        f"{key}={trial[key]:.3g}: {trial['holdout_top1']:.2f}%"
+        for trial in record.get("search", [])
+        for key in ("C", "k", "weight_decay")
+        if key in trial and "holdout_top1" in trial
+    ]
+    if trials:
+        log.debug("held-out top-1 of %s: %s", ",".join(record["members"]), ", ".join(trials))
 
 
 def read_blocks(store: cache.Cache, config: ProbeConfig, split: str, groups, device, stats=None, rows=None):
@@ -483,11 +532,13 @@ def probe_many(
     members = [m for m in (order or dict.fromkeys(m for subset in subsets for m in subset)) if m in used]
     measured, context, y_eval = _fit_subsets(cache.open(cache_path), config, members, subsets, rows, share, sizes)
     records = []
-    for subset, fields in zip(subsets, measured, strict=True):
+    for i, (subset, fields) in enumerate(zip(subsets, measured, strict=True), 1):
         fields.update(uncertainty(fields["eval_top5"][:, :1], y_eval, config))
         record = _record(replace(config, members=tuple(subset)), fields, context, len(y_eval), started, extra)
         if results_root is not None:
             results.save(results_root, record, fields["eval_top5"], y_eval, _head_of(fields, subset, context))
+        if len(subsets) > 1:  # a single probe logs its line in probe()
+            log_result(record, f"{i}/{len(subsets)}")
         records.append(record)
     return records
 
@@ -656,7 +707,11 @@ def sweep(
     """
     chosen = subsets(pool, n, max_subsets, config.seed)
     log.info(
-        "probe %d Cat%d subset(s) of %s on %s (%s)", len(chosen), n, ",".join(pool), config.dataset, config.protocol
+        "probe %s of %s on %s (%s)",
+        plural(len(chosen), f"Cat{n} subset"),
+        ",".join(pool),
+        config.dataset,
+        config.protocol,
     )
     if uses_batched(config):  # every subset in one batched fit, each member read once
         sweep_fields = {"cat": n, "pool": list(pool), "subsets": len(chosen)}
@@ -664,9 +719,10 @@ def sweep(
         return records, summarize(records)
     _one_process(config)
     records = []
-    for members in progress(chosen, desc=f"Cat{n} subsets of {len(pool)}", unit="probe"):
+    for i, members in enumerate(progress(chosen, desc=f"Cat{n} subsets of {len(pool)}", unit="probe"), 1):
         sweep_fields = {"cat": n, "pool": list(pool), "subsets": len(chosen)}
-        record = probe(replace(config, members=members), cache_path, results_root, extra={"sweep": sweep_fields})
+        extra = {"sweep": sweep_fields}
+        record = probe(replace(config, members=members), cache_path, results_root, extra, f"{i}/{len(chosen)}")
         records.append(record)
     return records, summarize(records)
 
@@ -681,7 +737,11 @@ def few_shot(config: ProbeConfig, cache_path: str, results_root=None) -> tuple[l
     if config.shots is None:
         raise TimecatError("few_shot needs config.shots (train rows per class)")
     log.info(
-        "probe %s on %s: %d draw(s) of %d shots", ",".join(config.members), config.dataset, config.draws, config.shots
+        "probe %s on %s: %s of %s",
+        ",".join(config.members),
+        config.dataset,
+        plural(config.draws, "draw"),
+        plural(config.shots, "shot"),
     )
     records = spread(config, [config.members], cache_path, results_root)
     return records, summarize(records)

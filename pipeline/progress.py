@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from tqdm.std import tqdm as plain_tqdm
 
 LOG_EVERY_S = 30.0  # seconds between progress lines in a log (TIMECAT_PROGRESS_EVERY)
+ABBREVIATED = {"img", "it", "iter"}  # units that stay as they are after a count: 60,000 img, 412 iter
 
 
 class LogLines(plain_tqdm):
@@ -38,11 +39,13 @@ class LogLines(plain_tqdm):
             return True  # a refresh for a new postfix comes sooner than the interval: wait for it
         self._logged, self._at = self.n, now
         log = logging.getLogger("timecat.progress")
+        units = self.unit if self.unit in ABBREVIATED else self.unit + "s"  # 4 steps, 60,000 img
         if first:
-            of = f"{self.total:,} {self.unit}" if self.total else self.unit
+            of = plural(self.total, self.unit, units) if self.total else units
             log.info("%s: started (%s%s)", self.desc, of, f", from {self.n:,}" if self.n else "")
             return True
-        done = f"{self.n:,}" + (f"/{self.total:,}" if self.total else "") + f" {self.unit}"
+        count = self.total if self.total else self.n
+        done = f"{self.n:,}" + (f"/{self.total:,}" if self.total else "") + f" {self.unit if count == 1 else units}"
         if self.total:
             done += f" ({100 * self.n / self.total:.0f}%)"
         elapsed = self.format_dict["elapsed"]
@@ -125,15 +128,34 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to ``sys.stderr`` as it is now, not as it was when logging was set up: a test
+    runner or a notebook may swap it, and lines written to the old one are lost."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # StreamHandler.__init__ sets it; the property always answers the current sys.stderr
+
+
 def configure_logging(verbose: bool) -> None:
     """Log INFO (or DEBUG with ``verbose``) from timecat to stderr, once per process."""
     logger = logging.getLogger("timecat")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     level = logging.DEBUG if verbose else logging.INFO
     logger.setLevel(level if _rank() == 0 else max(level, logging.WARNING))
+
+
+def plural(count: int, unit: str, many: str | None = None) -> str:
+    """``1 member``, ``2 members``, ``1,000 steps``, ``3 batches`` (``many``): a count with its unit, in the
+    plural unless the count is one."""
+    return f"{count:,} " + (unit if count == 1 else many or unit + "s")
 
 
 def get_logger(name: str) -> logging.Logger:

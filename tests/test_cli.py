@@ -52,7 +52,7 @@ def test_prepare_pretrain_extract_probe_report(tmp_path):
     sweep = ["--cat", 1, "--from", "run0,run1", "--backend", "torch", "--dataset", "fashion-mnist"]
     result = run("probe", *sweep, env=env)
     assert result.exit_code == 0, result.output
-    assert "Cat1 over 2 subset(s) on fashion-mnist: top-1" in result.output and "torch) ->" in result.output
+    assert "Cat1 over 2 subsets on fashion-mnist: top-1" in result.output and "torch) ->" in result.output
     result = run("results", "backend=torch", "sweep.cat=1", "--json", env=env)
     assert sorted(r["members"][0] for r in json.loads(result.stdout)) == ["run0", "run1"]
     result = run("results", "members=run0,run1", env=env)
@@ -60,10 +60,10 @@ def test_prepare_pretrain_extract_probe_report(tmp_path):
     result = run("probe", "--members", "run0", "--cat", 1, "--dataset", "fashion-mnist", env=env)
     assert result.exit_code == 2 and "either --members, or --cat N with --from POOL" in result.output
     result = run("report", "--layout", "table2", env=env)
-    assert result.exit_code == 0 and result.output.splitlines()[0].split()[:2] == ["method", "params"], result.output
+    assert result.exit_code == 0 and result.stdout.splitlines()[0].split()[:2] == ["method", "params"], result.output
     assert "Cat2 x small-resnet" in result.output
     result = run("report", env=env)
-    assert result.exit_code == 0 and result.output.splitlines()[0].split()[:3] == ["method", "steps/member", "total"]
+    assert result.exit_code == 0 and result.stdout.splitlines()[0].split()[:3] == ["method", "steps/member", "total"]
     assert (tmp_path / "results/catn.png").is_file()
     data_json = json.loads(run("report", "--json", env=env).stdout)
     assert [r["method"] for r in data_json["rows"]] == ["Cat1", "Cat2"]
@@ -72,7 +72,10 @@ def test_prepare_pretrain_extract_probe_report(tmp_path):
 def test_errors_are_one_clean_line(tmp_path):
     env = {"TIMECAT_DATA": str(tmp_path), "TIMECAT_CACHE": str(tmp_path / "none.zarr")}
     result = run("prepare", "cifar10", env=env)
-    assert result.exit_code == 1 and result.output.startswith("Error: cifar10: folder cifar-10-batches-py/")
+    assert result.exit_code == 1 and result.stderr.splitlines()[-1].startswith(
+        "Error: cifar10: folder cifar-10-batches-py/"
+    )
+    assert result.stdout == "" and "Traceback" not in result.output  # the log's INFO line, then one error line
     result = run("prepare", "mnist", env=env)
     assert "unknown dataset 'mnist'; choose one of" in result.output
     result = run("prepare", "imagenet", env=env)
@@ -99,9 +102,13 @@ def test_prepare_skips_and_lists_a_corrupt_image_when_asked(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path):
     data = make_fashion_root(tmp_path / "data", n_train=256, n_test=64)
-    result = run("demo", "--workdir", tmp_path / "demo", "--data-root", data, "--total-steps", 4, "--json")
+    result = run(
+        "demo", "--workdir", tmp_path / "demo", "--data-root", data, "--total-steps", 4, "--precision", "fp32", "--json"
+    )
     assert result.exit_code == 0, result.output
     outcome = json.loads(result.stdout)
+    records = [json.loads(line) for line in (tmp_path / "demo/results/probes.jsonl").read_text().splitlines()]
+    assert {r["precision"] for r in records} == {"fp32"}  # the demo's --precision reaches every probe
     rows = {r["method"]: r for r in outcome["table"]["rows"]}
     assert set(rows) == {"Cat1", "Cat2", "Cat4"}
     assert (rows["Cat1"]["steps_per_member"], rows["Cat4"]["steps_per_member"]) == (4, 1)
@@ -127,6 +134,10 @@ def test_demo_runs_end_to_end_on_a_small_fashion_mnist(tmp_path):
     assert rerun.exit_code == 0 and "Cat2 - Cat1 on digits:" in rerun.output and "[95% CI" in rerun.output
     assert (tmp_path / "demo/runs/run0/checkpoint.pt").stat().st_mtime_ns == before
     assert f"timecat results --workdir {tmp_path / 'demo'}" in rerun.output  # what to type next, for this workspace
+    # The overall progress, stage by stage, with the time left; each probe's result line with its counter.
+    assert "demo: stage 1 of 4 (prepare)" in rerun.stderr and "demo: stage 4 of 4 (probe" in rerun.stderr
+    assert "about " in rerun.stderr and " left" in rerun.stderr
+    assert "INFO 6/6 probe run3,run4,run5,run6 on digits: top-1" in rerun.stderr
     assert zombie_children() == []  # FFCV's writer processes were waited for
 
 

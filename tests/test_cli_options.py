@@ -88,6 +88,7 @@ def test_a_config_field_reaches_the_stage_from_the_command_line(tmp_path, monkey
         raise SystemExit(0)
 
     monkeypatch.setattr("pipeline.probe.probe", fake_probe)
+    monkeypatch.setattr(cli, "_require_cached", lambda *args: None)  # no cache here: only the config is looked at
     args = ["probe", "--members", "a,b", "--dataset", "d", "--holdout", "0.3", "--c-grid", "0.1,1", "--bootstrap"]
     CliRunner().invoke(cli.main, [*args, "2000", "--search-rows", "500", "--results", str(tmp_path)])
     config = seen["config"]

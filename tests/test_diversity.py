@@ -52,5 +52,7 @@ def test_bad_member_lists_are_refused_by_name(pipeline_run):
         DiversityConfig("digits", ("run0",))
     with pytest.raises(TimecatError, match="a member is named twice"):
         DiversityConfig("digits", ("run0", "run0"))
-    with pytest.raises(TimecatError, match=r"unknown member\(s\) \['run9'\] for digits/test; available"):
+    with pytest.raises(
+        TimecatError, match=r"unknown member\(s\) \['run9'\] \(did you mean 'run\d'\?\) for digits/test; available"
+    ):
         run(DiversityConfig("digits", ("run0", "run9"), probe=False), pipeline_run["cache"])

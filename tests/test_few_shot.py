@@ -68,12 +68,12 @@ def test_the_cli_prints_every_draw_and_report_plots_shots_per_catn(digits, tmp_p
         args = ["probe", "--cat", "2", "--from", ",".join(names[:3]), "--dataset", "digits", "--shots", str(shots)]
         result = runner.invoke(cli.main, [*args, "--draws", "2", "--cache", path, "--results", str(tmp_path)])
         assert result.exit_code == 0, result.output
-        assert f"{shots}-shot Cat2 over 6 record(s) on digits" in result.output
+        assert f"{shots}-shot Cat2 over 6 records on digits" in result.output
         assert "(mean ± sample std over 3 subsets x 2 draws)" in result.output
     single = ["probe", "--members", names[0], "--dataset", "digits", "--shots", "5", "--draws", "2", "--json"]
     result = runner.invoke(cli.main, [*single, "--cache", path, "--results", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["summary"]["count"] == 2
+    assert json.loads(result.stdout)["summary"]["count"] == 2
 
     records = results.load(tmp_path)
     data = report.shots_table(records)

@@ -114,7 +114,7 @@ def test_the_readmes_notebook_walk_through_runs_as_written(digits_workspace, mon
     assert cat4 == ["run0", "run1", "run2"] and list(f.columns) == cat4
     assert namespace["X"].shape[0] == namespace["y"].shape[0] == min(2000, len(namespace["y"]))
     assert namespace["per_member"].dims == ("class_name", "member") and namespace["per_member"].shape == (10, 3)
-    assert set(namespace["ds"].data_vars) == {"run0", "run1", "run2"}
+    assert set(namespace["ds"].data_vars) == {"run0", "run1", "run2"} and list(namespace["ds_cat4"].data_vars) == cat4
     table = namespace["table"]
     assert list(table.columns) == ["digits", "fashion-mnist"] and list(table.index) == ["run0", "run0,run1,run2"]
     head, top5 = namespace["head"], namespace["top5"]

@@ -26,9 +26,9 @@ def test_a_loop_logs_its_start_each_step_with_rate_and_eta_and_its_end(logged):
     for _ in progress(range(4), desc="train x", unit="step"):
         pass
     lines = messages(logged)
-    assert lines[0] == "train x: started (4 step)"
-    assert lines[1].startswith("train x: 1/4 step (25%), ") and "step/s" in lines[1] and ", ETA " in lines[1]
-    assert lines[-1].startswith("train x: 4/4 step (100%)")
+    assert lines[0] == "train x: started (4 steps)"
+    assert lines[1].startswith("train x: 1/4 steps (25%), ") and "step/s" in lines[1] and ", ETA " in lines[1]
+    assert lines[-1].startswith("train x: 4/4 steps (100%)")
     assert len(lines) == 5  # nothing twice
 
 
@@ -49,7 +49,7 @@ def test_pretraining_and_the_probes_refit_show_in_the_log_and_results_print_once
     )
     lines = messages(logged)
     assert "pretrain p: small-resnet on digits, seed 0, 4 steps" in lines
-    assert "p: started (4 step)" in lines and any(line.startswith("p: 4/4 step (100%)") for line in lines)
+    assert "p: started (4 steps)" in lines and any(line.startswith("p: 4/4 steps (100%)") for line in lines)
     assert not any("test top-1" in line for line in lines)  # the command prints the result; the log does not repeat it
     assert result["step"] == 4
     logged.clear()

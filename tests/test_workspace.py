@@ -90,7 +90,10 @@ def test_cache_ls_and_verify_take_the_cache_either_way(pipeline_run):
 
 def test_a_typo_in_the_dataset_or_split_is_named_before_the_members(workdir):
     result = run("probe", "--workdir", workdir, "--members", "run0", "--dataset", "digitz")
-    assert result.exit_code == 1 and "dataset 'digitz' is not in the cache; cached: ['digits'" in result.output
+    assert (
+        result.exit_code == 1
+        and "dataset 'digitz' is not in the cache (did you mean 'digits'?); cached: ['digits'" in result.output
+    )
     result = run("probe", "--workdir", workdir, "--members", "run0", "--dataset", "digits", "--eval-split", "tset")
     assert result.exit_code == 1 and "split 'tset' of digits is not cached; cached: ['test', 'train']" in result.output
 
@@ -139,11 +142,25 @@ def test_plan_picks_the_architecture_by_dataset_or_asks_for_it(tmp_path):
     assert not (tmp_path / "p.json").exists()
 
 
-def test_the_demo_ends_with_the_next_commands_for_its_workspace():
+def test_the_demo_ends_with_the_next_commands_for_its_workspace(monkeypatch, tmp_path):
+    import sys
+
     from pipeline.configs import DemoConfig
     from pipeline.experiments.demo import next_commands, plan
 
     config = DemoConfig(workdir=Path("my demo"))
+    # After `make demo` timecat is in the venv, not on PATH: the commands name the script as it is reached here.
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "timecat").write_text("#!/bin/sh\n")
+    (venv / "timecat").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    commands = next_commands(config, plan(config))
+    assert commands[0] == "venv/bin/timecat results --workdir 'my demo'"
+    # On PATH (an activated venv): plain timecat.
+    monkeypatch.setenv("PATH", f"{venv}:/usr/bin:/bin")
     commands = next_commands(config, plan(config))
     assert commands[0] == "timecat results --workdir 'my demo'"
     assert "timecat diversity --workdir 'my demo' --members run3,run4,run5,run6 --dataset fashion-mnist" in commands

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import __version__, files, report
 from pipeline.configs import DemoConfig
-from pipeline.progress import get_logger
+from pipeline.progress import get_logger, plural
 
 log = get_logger(__name__)
 
@@ -46,12 +46,13 @@ def probe_and_compare(config: DemoConfig, groups: dict) -> list[dict]:
     """Probe each CatN on every transfer dataset; each against Cat1 on the same eval rows (paired intervals)."""
     from pipeline.probe import ProbeConfig, probe
 
-    differences = []
+    differences, done, total = [], 0, len(config.transfer_datasets) * len(groups)
     for dataset in config.transfer_datasets:
         ids = {}
         for n, group in groups.items():
-            config_n = ProbeConfig(dataset=dataset, members=tuple(m.name for m in group))
-            ids[n] = probe(config_n, config.cache, config.results)["id"]
+            config_n = ProbeConfig(dataset=dataset, members=tuple(m.name for m in group), precision=config.precision)
+            done += 1
+            ids[n] = probe(config_n, config.cache, config.results, counter=f"{done}/{total}")["id"]
         # Each CatN against Cat1 on the same eval rows: is the gain more than resampling noise?
         base = min(ids)
         for n in sorted(ids):
@@ -61,35 +62,83 @@ def probe_and_compare(config: DemoConfig, groups: dict) -> list[dict]:
     return differences
 
 
+# Each stage's share of the demo's time, from `make demo` on the 2-vCPU Xeon, 2026-12-07 (results/demo.json:
+# prepare 9.9 s, pretrain 217.5 s, extract 76.4 s, probe and report 11.1 s of 316 s). Only the ratios are used:
+# the overall ETA scales them by the time the stages done so far took on this machine.
+STAGE_SHARES = {"prepare": 0.03, "pretrain": 0.69, "extract": 0.24, "probe": 0.04}
+
+
+class Overall:
+    """The demo's overall progress: ``demo: stage 2 of 4 (pretrain, 3 of 7 members trained), 31% done, elapsed
+    01:40, about 03:40 left`` at every stage and member, from STAGE_SHARES and the time spent so far."""
+
+    def __init__(self):
+        self.started, self.stages = time.perf_counter(), list(STAGE_SHARES)
+
+    def at(self, stage: str, done: float = 0.0, detail: str = "") -> None:
+        """Log the line for ``stage``, ``done`` (0-1) of the way through it."""
+        k = self.stages.index(stage)
+        fraction = sum(STAGE_SHARES[s] for s in self.stages[:k]) + STAGE_SHARES[stage] * done
+        elapsed = time.perf_counter() - self.started
+        left = f", about {_clock(elapsed / fraction - elapsed)} left" if fraction > 0.02 else ""
+        where = f"{stage}, {detail}" if detail else stage
+        log.info(
+            "demo: stage %d of %d (%s), %.0f%% done, elapsed %s%s",
+            k + 1,
+            len(self.stages),
+            where,
+            100 * fraction,
+            _clock(elapsed),
+            left,
+        )
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes:02d}:{seconds:02d}"
+
+
 def run_demo(config: DemoConfig) -> dict:
     """Prepare, pretrain, extract, probe and report; completed steps are kept on a rerun."""
     from pipeline.extract import ExtractConfig, extract
     from pipeline.prepare import PrepareConfig, prepare
     from pipeline.pretrain import pretrain
 
-    timings = {}
+    timings, overall = {}, Overall()
     started = time.perf_counter()
+    overall.at("prepare")
     for dataset in dict.fromkeys((config.pretrain_dataset, *config.transfer_datasets)):
         prepare(PrepareConfig(kind=dataset, data_root=config.data))
     timings["prepare_s"] = time.perf_counter() - started
 
     groups = plan(config)
     members = [m for group in groups.values() for m in group]
-    mark = time.perf_counter()
+    mark, steps, steps_done = time.perf_counter(), sum(m.steps for m in members), 0
     for i, member in enumerate(members, 1):
-        log.info("pretraining %s (%d/%d): seed %d, %d steps", member.name, i, len(members), member.seed, member.steps)
+        overall.at("pretrain", steps_done / steps, f"{i - 1} of {plural(len(members), 'member')} trained")
+        log.info(
+            "pretraining %s (%d/%d): seed %d, %s",
+            member.name,
+            i,
+            len(members),
+            member.seed,
+            plural(member.steps, "step"),
+        )
         trained = pretrain(member, config.data, config.runs)
+        steps_done += member.steps
         # The demo prints no per-member line itself, so its log keeps each member's own accuracy.
-        log.info("%s: test top-1 %.2f%% after %d steps", member.name, trained["test_top1"], trained["step"])
+        log.info("%s: test top-1 %.2f%% after %s", member.name, trained["test_top1"], plural(trained["step"], "step"))
     timings["pretrain_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     names = tuple(m.name for m in members)
-    for dataset in config.transfer_datasets:
+    for i, dataset in enumerate(config.transfer_datasets):
+        overall.at("extract", i / len(config.transfer_datasets), f"{dataset}, {plural(len(names), 'member')}")
         extract(ExtractConfig(dataset=dataset, members=names), config.data, config.runs, config.cache)
     timings["extract_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
+    overall.at("probe", 0.0, f"{plural(len(groups) * len(config.transfer_datasets), 'probe')}, then the report")
     differences = probe_and_compare(config, groups)
     timings["probe_s"] = time.perf_counter() - mark
 
@@ -111,18 +160,20 @@ def run_demo(config: DemoConfig) -> dict:
 
 def next_commands(config: DemoConfig, groups: dict) -> list[str]:
     """What a user types after the demo, each pointed at the demo's workspace (``--workdir``)."""
-    w = shlex.quote(str(config.workdir))
+    from pipeline.hints import program
+
+    w, timecat = shlex.quote(str(config.workdir)), program()  # .venv/bin/timecat after make demo: not on PATH
     largest = ",".join(m.name for m in groups[max(groups)])
     mixed = ",".join(group[0].name for group in groups.values())  # one member of each CatN: a new combination
     pretrained = config.pretrain_dataset
     commands = [
-        f"timecat results --workdir {w}",
-        f"timecat report --workdir {w}",
-        f"timecat cache ls --workdir {w}",
-        f"timecat probe --workdir {w} --members {mixed} --dataset {config.transfer_datasets[-1]}",
+        f"{timecat} results --workdir {w}",
+        f"{timecat} report --workdir {w}",
+        f"{timecat} cache ls --workdir {w}",
+        f"{timecat} probe --workdir {w} --members {mixed} --dataset {config.transfer_datasets[-1]}",
     ]
     if max(groups) > 1:  # diversity compares two members or more
-        commands.append(f"timecat diversity --workdir {w} --members {largest} --dataset {pretrained}")
+        commands.append(f"{timecat} diversity --workdir {w} --members {largest} --dataset {pretrained}")
     return commands
 
 

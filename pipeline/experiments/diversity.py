@@ -17,7 +17,7 @@ import numpy as np
 import cache
 from pipeline.configs import DiversityConfig
 from pipeline.errors import TimecatError
-from pipeline.progress import get_logger
+from pipeline.progress import get_logger, plural
 
 log = get_logger(__name__)
 
@@ -51,7 +51,7 @@ def run(config: DiversityConfig, cache_path: str, results_root=None) -> tuple[di
 
     Returns the summary and the probe records (saved to ``results_root`` when given).
     """
-    from pipeline.probe import ProbeConfig, probe
+    from pipeline.probe import ProbeConfig, probe, reusable
 
     store = cache.open(cache_path)
     try:
@@ -63,12 +63,26 @@ def run(config: DiversityConfig, cache_path: str, results_root=None) -> tuple[di
             features.append(X if len(rows) == n else X[rows])  # no copy when every row is used
     except cache.CacheError as e:
         raise TimecatError(str(e)) from None
-    log.info("CKA of %d members on %s/%s: %d rows", len(config.members), config.dataset, config.split, len(rows))
+    log.info(
+        "CKA of %s on %s/%s: %s",
+        plural(len(config.members), "member"),
+        config.dataset,
+        config.split,
+        plural(len(rows), "row"),
+    )
     cka = cka_matrix(features)
-    records = []
+    records, reused = [], []
     if config.probe:
         for members in [(m,) for m in config.members] + [config.members]:
-            records.append(probe(ProbeConfig(config.dataset, members), cache_path, results_root))
+            probe_config = ProbeConfig(config.dataset, members)
+            # The same probe already in the results (the demo's Cat4, say): its record, not minutes of refitting.
+            record = reusable(probe_config, cache_path, results_root)
+            if record is None:
+                record = probe(probe_config, cache_path, results_root)
+            else:
+                log.info("probe %s on %s: reusing record %s", ",".join(members), config.dataset, record["id"])
+                reused.append(record["id"])
+            records.append(record)
     off_diagonal = cka[~np.eye(len(cka), dtype=bool)]
     summary = {
         "config": asdict(config),
@@ -77,6 +91,9 @@ def run(config: DiversityConfig, cache_path: str, results_root=None) -> tuple[di
         "cka": cka.round(4).tolist(),
         "mean_pairwise_cka": round(float(off_diagonal.mean()), 4),
         "top1": {"+".join(r["members"]): r["top1"] for r in records},
+        "top1_ci95": {"+".join(r["members"]): r["top1_ci95"] for r in records},
+        "probe_ids": {"+".join(r["members"]): r["id"] for r in records},
+        "reused": reused,
     }
     return summary, records
 
@@ -123,5 +140,11 @@ def format_summary(summary: dict) -> list[str]:
     for name, row in zip(names, summary["cka"], strict=True):
         lines.append(f"{name:<{width}}" + "".join(f"{v:>{width}.3f}" for v in row))
     lines.append(f"mean pairwise CKA: {summary['mean_pairwise_cka']:.3f}")
-    lines += [f"probe top-1 {subset}: {top1:.2f}%" for subset, top1 in summary["top1"].items()]
+    for subset, top1 in summary["top1"].items():
+        lo, hi = summary["top1_ci95"][subset]
+        again = " (reused)" if summary["probe_ids"][subset] in summary["reused"] else ""
+        lines.append(
+            f"probe top-1 {subset}: {top1:.2f}% [95% CI {lo:.2f}, {hi:.2f}], record {summary['probe_ids'][subset]}"
+            + again
+        )
     return [*lines, f"plot: {summary['plot']}"]
