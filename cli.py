@@ -287,7 +287,7 @@ def probe(members, cat, pool, max_subsets, cache_path, results, runs, as_json, *
         raise click.UsageError("--cat N needs --from POOL (comma-separated members)")
     _require(params, "dataset")
     config = options.make_config(ProbeConfig, params, members=members or pool)
-    _require_cached(cache_path, config.dataset, config.members, runs)
+    _require_cached(cache_path, config.dataset, config.members, runs, config.train_split)
     shots, draws = config.shots, config.draws
     path = results_path(results)
     if cat is None and shots is not None:
@@ -310,13 +310,13 @@ def probe(members, cat, pool, max_subsets, cache_path, results, runs, as_json, *
     _print_many(records, summary, what, over, path, as_json)
 
 
-def _require_cached(cache_path, dataset: str, members, runs) -> None:
+def _require_cached(cache_path, dataset: str, members, runs, split: str) -> None:
     """Members or a dataset missing from the cache: one error with the `timecat extract` line that caches them."""
     import cache
     from pipeline.hints import require_cached
 
     where = options.location_flags(click.get_current_context())
-    require_cached(cache.open(cache_path), dataset, members, runs, where)
+    require_cached(cache.open(cache_path), dataset, members, runs, where, split)
 
 
 def _print_many(records: list[dict], summary: dict, what: str, over: str, path, as_json: bool) -> None:

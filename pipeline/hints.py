@@ -29,13 +29,13 @@ def program() -> str:
     return f"{shlex.quote(sys.executable)} -m cli"
 
 
-def require_cached(store, dataset: str, members, runs: Path, where: str = "") -> None:
+def require_cached(store, dataset: str, members, runs: Path, where: str = "", split: str = "train") -> None:
     """Refuse members or a dataset missing from the cache with the command that caches them.
 
     ``store`` is an open cache; ``where`` the location flags to repeat in the
     command (e.g. ``--workdir demo``). A member with a checkpoint in ``runs`` is
     trained but not extracted; any other missing name gets the closest cached or
-    trained one.
+    trained one. Members are looked for in ``split``, the split the probe fits on.
     """
     trained = sorted(p.parent.name for p in Path(runs).glob("*/checkpoint.pt"))
     tail = f" {where}" if where else ""
@@ -48,7 +48,7 @@ def require_cached(store, dataset: str, members, runs: Path, where: str = "") ->
             f"dataset {dataset!r} is not in the cache{guess}; cached: {cached_sets or 'none'} (in {store.path})"
             + ("" if guess else f"; {fix}")
         )
-    cached = store.members(dataset, "train") if "train" in store.splits(dataset) else []
+    cached = store.members(dataset, split) if split in store.splits(dataset) else []
     missing = [m for m in members if m not in cached]
     if not missing:
         return

@@ -360,9 +360,14 @@ def select(records: list[dict], patterns: list[str]) -> list[dict]:
 # --- text for the command line ---------------------------------------------------
 
 
+def chosen_text(record: dict, keys=("C", "weight_decay")) -> str:
+    """What a probe chose, as ``C=0.316`` (or ``weight_decay=...``, ``k=...``)."""
+    return ", ".join(f"{k}={v:.3g}" for k, v in record["chosen"].items() if k in keys)
+
+
 def format_record(record: dict, path) -> str:
     """One probe record as the line ``timecat probe`` prints (with the paper's optimistic figure, if any)."""
-    chosen = ", ".join(f"{k}={v:.3g}" for k, v in record["chosen"].items() if k in ("C", "weight_decay"))
+    chosen = chosen_text(record)
     lo, hi = record["top1_ci95"]
     held = record["holdout"]
     precision = " " + record["precision"] if "precision" in record else ""
