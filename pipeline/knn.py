@@ -1,7 +1,8 @@
 """Weighted k-NN on L2-normalised features: the DINO recipe, read from the cache.
 
 A query's k nearest train rows by cosine similarity s vote for their class with
-weight exp(s / T), T = 0.07 (Caron et al. 2021, DINO's eval_knn.py). Both
+weight exp(s / T), T = 0.07 (Caron et al. 2021, DINO's eval_knn.py), computed
+relative to the nearest neighbour so that no T overflows (``votes``). Both
 sides are L2-normalised after concatenating the members. The similarity
 matrix is never built whole: queries go in blocks, and each block walks the
 train rows in blocks, keeping a running top-k, so memory is
@@ -58,9 +59,15 @@ def neighbours(bank: torch.Tensor, queries: torch.Tensor, k: int, rows=None, que
 
 
 def votes(sims, index, labels: np.ndarray, k: int, n_classes: int, temperature: float) -> torch.Tensor:
-    """(n, classes) float64: the summed exp(s / T) of each class among the first k neighbours."""
+    """(n, classes) float64: the summed exp((s - s_1) / T) of each class among the first k neighbours.
+
+    Each row is DINO's exp(s / T) vote scaled by exp(-s_1 / T), s_1 the nearest neighbour's similarity: the same
+    ranking of classes, but the largest weight is 1, so a small T cannot overflow to inf (exp(1 / 0.001) does, and
+    inf - inf ties every class); far neighbours underflow to 0, the limit of the vote.
+    """
     out = torch.zeros(len(sims), n_classes, dtype=torch.float64)
-    weights = torch.exp(sims[:, :k].double() / temperature)
+    s = sims[:, :k].double()  # (n, k), nearest first
+    weights = torch.exp((s - s[:, :1]) / temperature)
     return out.scatter_add_(1, torch.from_numpy(labels)[index[:, :k]], weights)
 
 

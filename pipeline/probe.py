@@ -340,7 +340,7 @@ def reusable(config: ProbeConfig, cache_path: str, results_root) -> dict | None:
 def log_result(record: dict, counter: str = "") -> None:
     """One INFO line per finished probe (``3/15`` first in a sweep): the command prints the whole record at the
     end; the log shows each as it comes."""
-    chosen = results.chosen_text(record, ("C", "weight_decay", "k"))
+    chosen = results.chosen_text(record)
     log.info(
         "%sprobe %s on %s: top-1 %.2f%% [95%% CI %.2f, %.2f]%s, %.1f s",
         f"{counter} " if counter else "",

@@ -360,20 +360,20 @@ def select(records: list[dict], patterns: list[str]) -> list[dict]:
 # --- text for the command line ---------------------------------------------------
 
 
-def chosen_text(record: dict, keys=("C", "weight_decay")) -> str:
-    """What a probe chose, as ``C=0.316`` (or ``weight_decay=...``, ``k=...``)."""
+def chosen_text(record: dict, keys=("C", "weight_decay", "k", "temperature")) -> str:
+    """What a probe chose, as ``C=0.316`` (or ``weight_decay=...``, ``k=10, temperature=0.07``)."""
     return ", ".join(f"{k}={v:.3g}" for k, v in record["chosen"].items() if k in keys)
 
 
 def format_record(record: dict, path) -> str:
     """One probe record as the line ``timecat probe`` prints (with the paper's optimistic figure, if any)."""
-    chosen = chosen_text(record)
+    how = ", ".join(filter(None, [record["protocol"], chosen_text(record)]))  # "knn, k=10, temperature=0.07"
     lo, hi = record["top1_ci95"]
     held = record["holdout"]
     precision = " " + record["precision"] if "precision" in record else ""
     line = (
         f"{record['id']}  {','.join(record['members'])} on {record['dataset']}: top-1 {record['top1']:.2f}% "
-        f"[95% CI {lo:.2f}, {hi:.2f}], top-5 {record['top5']:.2f}% ({record['protocol']}, {chosen}, "
+        f"[95% CI {lo:.2f}, {hi:.2f}], top-5 {record['top5']:.2f}% ({how}, "
         f"{record['dim']} dims, held out {held['held_out_rows']:,} rows of {held['held_out_classes']:,} / "
         f"{held['classes']:,} classes, {record['backend']}{precision}) -> {path}"
     )
