@@ -230,6 +230,7 @@ class ExtractConfig:
         check_seed(self.view_seed, "view seed")
         for split in self.splits:
             check_name("split", split)
+        _check_view_splits(self.view_splits, self.splits, self.views)
         names = [member_name(m) for m in self.members]
         for name in names:
             check_name("member", name)
@@ -250,6 +251,24 @@ class ExtractConfig:
         if self.precision is not None:
             _choose("precision", self.precision, EXTRACT_PRECISIONS)
         _choose("compression", self.compression, COMPRESSIONS)
+
+
+def _check_view_splits(view_splits: tuple[str, ...], splits: tuple[str, ...], views: int) -> None:
+    """Refuse a --view-splits name that is not a split (a typo made no views, silently), and views asked of splits
+    this run does not extract."""
+    from cache.errors import did_you_mean  # here: this module imports no zarr (cache/__init__ does)
+
+    for split in view_splits:
+        if split not in SPLITS:
+            raise TimecatError(
+                f"unknown view split {split!r}{did_you_mean(split, SPLITS)} in --view-splits; choose among "
+                f"{list(SPLITS)}"
+            )
+    if views and not set(view_splits) & set(splits):
+        raise TimecatError(
+            f"--views {views} makes views of --view-splits {','.join(view_splits)}, but --splits "
+            f"{','.join(splits)} extracts none of them: add the split to --splits, or name it in --view-splits"
+        )
 
 
 # --- probe --------------------------------------------------------------------

@@ -7,7 +7,6 @@ before, that nothing already written is lost.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -67,3 +66,15 @@ def test_knn_at_a_small_temperature_scores_like_the_default_and_names_its_k(digi
         top1[temperature] = record["top1"]
     # exp(s / 0.001) overflowed to inf and tied every class: k = 200 scored chance, the probe 91% (98.5% at 0.07).
     assert math.isfinite(top1["0.001"]) and abs(top1["0.001"] - top1["0.07"]) < 2.0, top1
+
+
+# -- item 7: --view-splits is checked like every other name ----------------------------------
+
+
+def test_a_view_split_typo_is_refused_before_anything_is_written(tmp_path):
+    store = tmp_path / "features.zarr"  # the check comes first: no data, runs or cache needed
+    args = ["extract", "--members", "run0", "--dataset", "digits", "--views", 2, "--cache", store]
+    args += ["--data-root", tmp_path / "data", "--runs", tmp_path / "runs"]
+    one_error(run(*args, "--view-splits", "trian"), "unknown view split 'trian'", "did you mean 'train'", "test")
+    one_error(run(*args, "--splits", "test"), "--views 2", "--view-splits train", "--splits test")
+    assert not list(tmp_path.iterdir())
