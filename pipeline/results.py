@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 import zipfile
 from dataclasses import dataclass
@@ -200,22 +201,109 @@ def load(results_root: Path) -> list[dict]:
     A record holds what was probed (``dataset``, ``members``, ``protocol``, ``backend``,
     the splits), what it scored (``top1``, ``top5``, ``top1_ci95``), what was chosen and
     how (``chosen``, ``search``, ``holdout``), and each member's provenance. A line that
-    is not a JSON record (torn by a crash mid-write, or edited) is skipped with a warning
-    naming its number, so one bad line never hides the others. ``to_dataframe`` makes a
-    table of them.
+    is not a probe record (torn by a crash mid-write, edited, or of another schema:
+    ``record_problem``) is skipped with a warning naming its number and what is wrong,
+    so one bad line never hides the others. ``to_dataframe`` makes a table of them.
     """
     path = results_path(results_root)
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            raise TimecatError(
+                f"no probe records at {shown(path)}: run `timecat probe` first, or name another folder "
+                f"({elsewhere('results')})"
+            )
+        lines, torn = files.read_jsonl(path)
+    except OSError as e:  # unreadable (permissions): not a torn line, so not something to skip
         raise TimecatError(
-            f"no probe records at {shown(path)}: run `timecat probe` first, or name another folder "
-            f"({elsewhere('results')})"
+            f"cannot read the probe records {shown(path)} ({e.strerror or e}): give yourself read access "
+            f"(chmod u+r), or name another folder ({elsewhere('results')})"
+        ) from None
+    problems = {n: "not a JSON object (torn by a crash, or edited)" for n in torn}
+    problems.update({n: why for n, r in lines if (why := record_problem(r))})
+    if problems:
+        bad = sorted(problems)
+        why = "; ".join(f"line {n}: {problems[n]}" for n in bad[:5])
+        log.warning(
+            "%s: skipped %d line(s) that are not probe records (torn or edited): %s (%s)", path, len(bad), bad[:10], why
         )
-    lines, bad = files.read_jsonl(path)
-    records = [r for _, r in lines if "members" in r and "dataset" in r]
-    bad = sorted(bad + [n for n, r in lines if "members" not in r or "dataset" not in r])
-    if bad:
-        log.warning("%s: skipped %d line(s) that are not probe records (torn or edited): %s", path, len(bad), bad[:10])
-    return records
+    return [r for n, r in lines if n not in problems]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _names(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _provenance(value) -> bool:
+    """Each member's provenance: a dict whose fields the report reads have their types (or are null)."""
+    fields = {"steps": _optional(_number), "params": _optional(_number), "arch": _optional(_is(str))}
+    fields["pretrain_dataset"] = _optional(_is(str))
+    return isinstance(value, dict) and all(
+        isinstance(p, dict) and all(check(p.get(key)) for key, check in fields.items()) for p in value.values()
+    )
+
+
+def _is(kind):
+    return lambda value: isinstance(value, kind)
+
+
+def _shots(value) -> bool:
+    return value is None or (
+        isinstance(value, dict) and all(isinstance(value.get(k), int) for k in ("per_class", "draw"))
+    )
+
+
+# What the readers (results, report, compare, predict, a probe's reuse) index in a record: field -> (required,
+# check, what it must be). A line of another schema fails one of these and is skipped, not a traceback for all.
+RECORD_FIELDS = {
+    "dataset": (True, _is(str), "a name"),
+    "members": (True, _names, "a list of member names"),
+    "protocol": (True, _is(str), "a name"),
+    "top1": (True, _number, "a finite number"),
+    "n_members": (True, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "train_split": (True, _is(str), "a split name"),
+    "eval_split": (True, _is(str), "a split name"),
+    "member_provenance": (True, _provenance, "a dict of each member's provenance (dicts)"),
+    "id": (False, _is(str), "a string"),
+    "time": (False, _is(str), "a string"),
+    "backend": (False, _is(str), "a name"),
+    "top5": (False, _number, "a finite number"),
+    "top1_eval_selected": (False, _number, "a finite number"),
+    "wall_s": (False, _number, "a finite number"),
+    "top1_ci95": (False, lambda v: isinstance(v, list) and len(v) == 2 and all(map(_number, v)), "[low, high]"),
+    "chosen": (False, _is(dict), "a dict"),
+    "holdout": (False, _is(dict), "a dict"),
+    "eval_rows": (False, _is(dict), "a dict"),
+    "config": (False, _is(dict), "a dict"),
+    "sweep": (False, _is(dict), "a dict"),
+    "shots": (False, _shots, "null or a dict with integer per_class and draw"),
+    "search": (False, _is(list), "a list"),
+    "predictions": (False, _is(str), "a path"),
+    "head": (False, _is(str), "a path"),
+}
+
+
+def record_problem(record: dict) -> str | None:
+    """What makes a parsed line unusable as a probe record (a field missing, or of the wrong type), or None."""
+    for field, (required, check, what) in RECORD_FIELDS.items():
+        if field not in record:
+            if required:
+                return f"no {field!r}"
+        elif not check(record[field]):
+            return f"{field} is {_clipped(record[field])}, not {what}"
+    return None
+
+
+def _clipped(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def augmented(record: dict) -> bool | None:
@@ -394,7 +482,9 @@ def format_many(records: list[dict], summary: dict, what: str, over: str, path) 
 def format_row(r: dict) -> str:
     """One record as ``timecat results`` lists it."""
     ci = "[{:.2f}, {:.2f}]  ".format(*r["top1_ci95"]) if r.get("top1_ci95") else ""
+    # id, time, top5 and wall_s are optional (record_problem): a hand-made record shows "?" for them.
+    top5, wall_s = (f"{r[k]:{f}}" if k in r else "?" for k, f in (("top5", ".2f"), ("wall_s", ".1f")))
     return (
-        f"{r['id']}  {r['time'][:19]}  {r['dataset']}  {r['protocol']}/{r.get('backend', '?')}  "
-        f"{','.join(r['members'])}  top-1 {r['top1']:.2f} {ci} top-5 {r['top5']:.2f}  {r['wall_s']:.1f} s"
+        f"{r.get('id', '?')}  {r.get('time', '?')[:19]}  {r['dataset']}  {r['protocol']}/{r.get('backend', '?')}  "
+        f"{','.join(r['members'])}  top-1 {r['top1']:.2f} {ci} top-5 {top5}  {wall_s} s"
     )

@@ -7,7 +7,10 @@ before, that nothing already written is lost.
 
 from __future__ import annotations
 
+import errno
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,85 @@ def test_a_view_split_typo_is_refused_before_anything_is_written(tmp_path):
     one_error(run(*args, "--view-splits", "trian"), "unknown view split 'trian'", "did you mean 'train'", "test")
     one_error(run(*args, "--splits", "test"), "--views 2", "--view-splits train", "--splits test")
     assert not list(tmp_path.iterdir())
+
+
+# -- item 17: foreign or unreadable probes.jsonl, misplaced workspace folders ---------------------
+
+
+@pytest.fixture(scope="module")
+def two_records(digits, tmp_path_factory):
+    """A results folder with two logreg records of digits (and their predictions): what compare needs."""
+    store, names = digits
+    folder = tmp_path_factory.mktemp("results")
+    for members in (names[:2], names[2:]):
+        args = ["probe", "--members", ",".join(members), "--dataset", "digits", "--cache", store]
+        assert run(*args, "--results", folder).exit_code == 0
+    return folder, [r["id"] for r in results.load(folder)]
+
+
+def _edited(record: dict, **fields) -> str:
+    return json.dumps({**record, **fields})
+
+
+def _without(record: dict, field: str) -> str:
+    return json.dumps({k: v for k, v in record.items() if k != field})
+
+
+FOREIGN = {  # name: (line from the first record, what the warning says is wrong)
+    "no protocol": (lambda r: _without(r, "protocol"), "no 'protocol'"),
+    "no top1": (lambda r: _without(r, "top1"), "no 'top1'"),
+    "string top1": (lambda r: _edited(r, top1="97.1"), "top1 is '97.1', not a finite number"),
+    "1e400": (lambda r: _edited(r, top1=1.5).replace('"top1": 1.5', '"top1": 1e400'), "top1 is inf, not a finite"),
+    "list top1": (lambda r: _edited(r, top1=[97.1]), "top1 is [97.1], not a finite number"),
+    "members a string": (lambda r: _edited(r, members="m0"), "members is 'm0', not a list of member names"),
+    "an array": (lambda r: "[1, 2]", "not a JSON object"),
+    "null": (lambda r: "null", "not a JSON object"),
+    "provenance not a dict": (lambda r: _edited(r, member_provenance={"m0": "x"}), "member_provenance is {'m0': 'x'}"),
+    "nested wrong type": (
+        lambda r: _edited(r, member_provenance={"m0": {"steps": "many"}}),
+        "member_provenance is {'m0': {'steps': 'many'}}",
+    ),
+    "interval a string": (lambda r: _edited(r, top1_ci95="a"), "top1_ci95 is 'a', not [low, high]"),
+}
+
+
+@pytest.mark.parametrize("variant", FOREIGN)
+def test_a_foreign_line_in_probes_jsonl_is_skipped_with_its_number_and_fault(two_records, tmp_path, caplog, variant):
+    source, ids = two_records
+    folder = shutil.copytree(source, tmp_path / "results")
+    path = folder / "probes.jsonl"
+    make, fault = FOREIGN[variant]
+    with open(path, "a") as f:
+        f.write(make(json.loads(path.read_text().splitlines()[0])) + "\n")
+    before = path.read_bytes()
+    listed = run("results", "--results", folder)
+    assert listed.exit_code == 0, listed.output
+    assert all(i in listed.output for i in ids)  # one bad line hides nothing else
+    for command in (["report"], ["compare", *ids]):
+        result = run(*command, "--results", folder)
+        assert result.exit_code == 0, result.output
+    assert f"skipped 1 line(s) that are not probe records (torn or edited): [3] (line 3: {fault}" in caplog.text
+    assert path.read_bytes() == before  # skipped, never rewritten
+
+
+def test_a_record_without_time_is_listed_with_a_question_mark(two_records, tmp_path):
+    # id, time, top5 and wall_s are only shown: a hand-made record without them is still a record.
+    folder = shutil.copytree(two_records[0], tmp_path / "results")
+    path = folder / "probes.jsonl"
+    record = json.loads(path.read_text().splitlines()[0])
+    with open(path, "a") as f:
+        f.write(json.dumps({k: v for k, v in record.items() if k not in ("id", "time", "top5", "wall_s")}) + "\n")
+    listed = run("results", "--results", folder)
+    assert listed.exit_code == 0, listed.output
+    assert "?  ?  digits  logreg/batched" in listed.output and "top-5 ?  ? s" in listed.output
+
+
+def test_an_unreadable_probes_jsonl_is_one_error_naming_the_file_and_the_fix(two_records, monkeypatch):
+    folder = two_records[0]
+
+    def denied(path):  # tests run as root, which chmod cannot lock out
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(results.files, "read_jsonl", denied)
+    for command in (["results"], ["report"], ["compare", *two_records[1]]):
+        one_error(run(*command, "--results", folder), "probes.jsonl", "Permission denied", "chmod u+r", "--results")
