@@ -42,6 +42,10 @@ def check_writable(folder: Path, what: str) -> None:
     existing = Path(folder)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    if not existing.is_dir():  # a file is "writable", yet no folder can be made in it
+        raise TimecatError(
+            f"{what} {folder} is not a folder ({existing} is a file): name a folder, or move the file away"
+        )
     if not os.access(existing, os.W_OK):
         raise TimecatError(
             f"{what} {folder} is not writable ({existing} refuses writes): fix its permissions or choose another"

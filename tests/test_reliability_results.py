@@ -18,7 +18,10 @@ from click.testing import CliRunner
 from conftest import digits_cache
 
 import cli
+from pipeline import probe as probe_stage
 from pipeline import results
+from pipeline.errors import TimecatError
+from pipeline.probe import ProbeConfig
 
 
 def run(*args, env=None):
@@ -163,3 +166,21 @@ def test_an_unreadable_probes_jsonl_is_one_error_naming_the_file_and_the_fix(two
     monkeypatch.setattr(results.files, "read_jsonl", denied)
     for command in (["results"], ["report"], ["compare", *two_records[1]]):
         one_error(run(*command, "--results", folder), "probes.jsonl", "Permission denied", "chmod u+r", "--results")
+
+
+@pytest.mark.parametrize("protocol", ["logreg", "knn"])  # the batched solver's path and the single-process one
+def test_a_results_path_that_is_a_file_is_refused_before_the_fit(digits, tmp_path, monkeypatch, protocol):
+    store, names = digits
+    taken = tmp_path / "results"
+    taken.write_text("someone's notes\n")
+
+    def fit_started(*args, **kwargs):
+        raise AssertionError("the fit started before the results folder was checked")
+
+    monkeypatch.setattr(probe_stage, "_fit_subsets", fit_started)
+    monkeypatch.setattr(probe_stage, "probe_knn", fit_started)
+    config = ProbeConfig("digits", names[:2], protocol=protocol)
+    for root in (taken, taken / "sub"):
+        with pytest.raises(TimecatError, match=r"results folder .* is not a folder \(.*results is a file\)"):
+            probe_stage.probe(config, str(store), root)
+    assert taken.read_text() == "someone's notes\n"
