@@ -224,7 +224,54 @@ class WorkspaceCommand(click.Command):
         for name, folder in WORKSPACE.items():
             if name in ctx.params and ctx.params[name] is None:
                 ctx.params[name] = str(workdir / folder) if name == "cache_path" else workdir / folder
+        check_folders(ctx, {"workdir": workdir, **{name: ctx.params[name] for name in WORKSPACE if name in ctx.params}})
         return super().invoke(ctx)
+
+
+def check_folders(ctx: click.Context, paths: dict) -> None:
+    """Refuse, before any work, a location that is a file or lies under one: every stage makes or reads a folder
+    there, and would fail deep inside (a traceback) or say a misleading "not found"."""
+    from pipeline.errors import TimecatError
+
+    for name, path in paths.items():
+        if path is None or "://" in str(path):  # a URL cache is not a local folder
+            continue
+        blocker = _file_in_the_way(Path(path))
+        if blocker is not None:
+            what = "is a file" if blocker == Path(path) else f"lies under the file {blocker}"
+            raise TimecatError(
+                f"{path} ({_named_by(ctx, name)}) {what}, not a folder: name a folder (timecat makes it if absent), "
+                "or move the file away"
+            )
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """``path`` or its nearest existing parent, if that is not a folder; None otherwise (or when it cannot be
+    looked at: the command's own errors say why)."""
+    import stat
+
+    for candidate in (path, *path.parents):
+        try:
+            mode = candidate.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):  # absent, or under a file: look further up
+            continue
+        except OSError:
+            return None
+        return None if stat.S_ISDIR(mode) else candidate
+    return None
+
+
+def _named_by(ctx: click.Context, name: str) -> str:
+    """Where a location came from: its flag, its environment variable, or WORKDIR's folder."""
+    from click.core import ParameterSource
+
+    flag, env, folder = ("--workdir", "TIMECAT_WORKDIR", ".") if name == "workdir" else LOCATIONS[PARAMS[name]]
+    source = ctx.get_parameter_source(name)
+    if source == ParameterSource.ENVIRONMENT:
+        return f"from the environment variable {env}"
+    if source == ParameterSource.COMMANDLINE:
+        return f"from {flag}"
+    return f"the workspace's {folder}, the default of {flag}" if name != "workdir" else "the workspace"
 
 
 def location_flags(ctx: click.Context, names=("workdir", "data_root", "runs", "cache_path")) -> str:

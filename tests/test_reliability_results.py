@@ -184,3 +184,24 @@ def test_a_results_path_that_is_a_file_is_refused_before_the_fit(digits, tmp_pat
         with pytest.raises(TimecatError, match=r"results folder .* is not a folder \(.*results is a file\)"):
             probe_stage.probe(config, str(store), root)
     assert taken.read_text() == "someone's notes\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "variable"),
+    [
+        (["prepare", "digits"], "TIMECAT_DATA"),
+        (["pretrain", "--name", "run0", "--dataset", "digits", "--seed", 0, "--steps", 1], "TIMECAT_RUNS"),
+        (["extract", "--members", "run0", "--dataset", "digits"], "TIMECAT_CACHE"),
+        (["probe", "--members", "run0", "--dataset", "digits"], "TIMECAT_RESULTS"),
+        (["results"], "TIMECAT_WORKDIR"),
+    ],
+)
+def test_a_location_that_is_a_file_is_one_error_naming_where_it_came_from(tmp_path, monkeypatch, command, variable):
+    monkeypatch.chdir(tmp_path)  # the other locations default to folders here, which stay unmade
+    taken = tmp_path / "notes.txt"
+    taken.write_text("someone's notes\n")
+    one_error(run(*command, env={variable: str(taken)}), f"{taken} (from the environment variable {variable})")
+    flag = {"TIMECAT_WORKDIR": "--workdir"}.get(variable)
+    if flag:  # the same from the command line, and a path under the file
+        one_error(run(*command, flag, taken / "sub"), f"(from {flag}) lies under the file {taken}")
+    assert tree(tmp_path) == {"notes.txt": b"someone's notes\n"}
