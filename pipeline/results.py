@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import locks
-from cache.errors import CacheError, elsewhere, shown
+from cache.errors import CacheError, did_you_mean, elsewhere, shown
 from pipeline import files
 from pipeline.errors import TimecatError
 from pipeline.progress import get_logger
@@ -442,7 +442,51 @@ def select(records: list[dict], patterns: list[str]) -> list[dict]:
             close = difflib.get_close_matches(top, known, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TimecatError(f"pattern {pattern!r}: no record has a field {top!r}{hint}; fields: {known}")
+        if parsed:
+            _check_nested(pattern, parsed[0], records)
+            _check_bound(pattern, *parsed)
     return [r for r in records if all(matches(r, p) for p in patterns)]
+
+
+def _dotted(value: dict, prefix: str = "") -> set[str]:
+    """Every dotted path into nested dicts: ``chosen``, ``chosen.C``, ``member_provenance.run0.steps``."""
+    paths = set()
+    for key, inner in value.items():
+        paths.add(prefix + key)
+        if isinstance(inner, dict):
+            paths |= _dotted(inner, f"{prefix}{key}.")
+    return paths
+
+
+def _check_nested(pattern: str, field: str, records: list[dict]) -> None:
+    """Refuse a dotted field no record has (``chosen.nosuch`` silently matched nothing), naming its siblings."""
+    if "." not in field or field in DERIVED:
+        return
+    known = set().union(*(_dotted(r) for r in records))
+    if field in known:
+        return
+    parent = field.rsplit(".", 1)[0]
+    while parent not in known and "." in parent:
+        parent = parent.rsplit(".", 1)[0]
+    siblings = sorted(p for p in known if "." in p and p.rsplit(".", 1)[0] == parent)
+    shown_ones = ", ".join(siblings[:20]) + (f", ... ({len(siblings)} in all)" if len(siblings) > 20 else "")
+    raise TimecatError(
+        f"pattern {pattern!r}: no record has a field {field!r}{did_you_mean(field, siblings)}; "
+        f"fields of {parent}: {shown_ones or 'none (it is not a dict)'}"
+    )
+
+
+def _check_bound(pattern: str, field: str, op: str, wanted: str) -> None:
+    """A comparison's bound must be a number: ``top1>=abc`` is the pattern's fault, not the records'."""
+    if op == "=":
+        return
+    try:
+        float(wanted)
+    except ValueError:
+        raise TimecatError(
+            f"pattern {pattern!r}: the bound {wanted!r} is not a number; compare {field} with a number, e.g. "
+            f"'{field}>=90' or {field}=ge:90"
+        ) from None
 
 
 # --- text for the command line ---------------------------------------------------

@@ -205,3 +205,22 @@ def test_a_location_that_is_a_file_is_one_error_naming_where_it_came_from(tmp_pa
     if flag:  # the same from the command line, and a path under the file
         one_error(run(*command, flag, taken / "sub"), f"(from {flag}) lies under the file {taken}")
     assert tree(tmp_path) == {"notes.txt": b"someone's notes\n"}
+
+
+# -- item 18: messages that name the real cause -----------------------------------------------
+
+
+def test_a_filter_blames_a_bound_that_is_not_a_number_and_refuses_an_unknown_nested_field(two_records):
+    folder = two_records[0]
+    one_error(run("results", "top1>=abc", "--results", folder), "the bound 'abc' is not a number", "top1=ge:90")
+    one_error(run("report", "top1=ge:abc", "--results", folder), "the bound 'abc' is not a number")
+    error = one_error(run("results", "chosen.nosuch>1", "--results", folder), "no record has a field 'chosen.nosuch'")
+    assert "fields of chosen: chosen.C, chosen.converged" in error
+    one_error(run("results", "chosen.c>1", "--results", folder), "(did you mean 'chosen.C'?)")
+    one_error(run("results", "chosen.C.x=1", "--results", folder), "fields of chosen.C: none (it is not a dict)")
+    stepz = one_error(run("results", "member_provenance.m0.stepz=1", "--results", folder))
+    assert "did you mean 'member_provenance.m0.steps'" in stepz
+    # What still works: a known nested field, a derived one, a record's own value that is not a number.
+    assert run("results", "chosen.C>0", "--results", folder).exit_code == 0
+    assert run("results", "total_steps>1", "--results", folder).exit_code == 0
+    one_error(run("results", "dataset>1", "--results", folder), "dataset is 'digits', not a number")
