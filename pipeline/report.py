@@ -518,6 +518,8 @@ def write(
     """
     from pipeline.results import select
 
+    first = Path(plot_path) if plot_path else Path(results_root) / plot_name(PLOT_FILE, layout)
+    _check_plot_folder(first.parent, plot_path is not None)
     records = load(results_root)
     if patterns:
         records = select(records, list(patterns))
@@ -528,7 +530,6 @@ def write(
     whole = [r for r in records if shots_key(r) is None]
     # Few-shot records only: their plot alone. Any other refusal of the table is the user's to see.
     data = None if shots is not None and not whole else table(records, layout=layout, protocol=protocol, metric=metric)
-    first = Path(plot_path) if plot_path else Path(results_root) / plot_name(PLOT_FILE, layout)
     id_ood, shots_path = first.with_name(plot_name(ID_OOD_FILE, layout)), first.with_name(SHOTS_FILE)
     saved, not_drawn = [], {}
     if data is None:
@@ -554,6 +555,16 @@ def write(
         "plots": [str(p) for p in saved],
         "not_drawn": {str(p): why for p, why in not_drawn.items()},
     }
+
+
+def _check_plot_folder(folder: Path, chosen: bool) -> None:
+    """Refuse, before any work, a plot folder that cannot be written (a read-only results folder failed on
+    catn.png after the work, without the table): the fix is another folder, through --plot."""
+    try:
+        files.check_writable(folder, "the plots' folder")
+    except TimecatError as e:
+        where = "another --plot PATH" if chosen else "--plot PATH"
+        raise TimecatError(f"{e}: {where} writes the plots elsewhere (id_vs_ood.png and shots.png beside it)") from None
 
 
 def _remove_stale(path: Path, results_root: Path) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -224,3 +225,20 @@ def test_a_filter_blames_a_bound_that_is_not_a_number_and_refuses_an_unknown_nes
     assert run("results", "chosen.C>0", "--results", folder).exit_code == 0
     assert run("results", "total_steps>1", "--results", folder).exit_code == 0
     one_error(run("results", "dataset>1", "--results", folder), "dataset is 'digits', not a number")
+
+
+def test_report_into_a_read_only_results_folder_names_plot_before_any_work(two_records, tmp_path, monkeypatch):
+    folder = shutil.copytree(two_records[0], tmp_path / "results")
+    before = tree(folder)
+    real_access = os.access
+
+    def read_only(path, mode):  # as a read-only mount answers (root ignores a folder's mode bits)
+        return False if Path(path) == folder and mode & os.W_OK else real_access(path, mode)
+
+    monkeypatch.setattr(os, "access", read_only)
+    one_error(run("report", "--results", folder), f"the plots' folder {folder} is not writable", "--plot PATH")
+    assert tree(folder) == before
+    elsewhere = tmp_path / "plots/catn.png"
+    result = run("report", "--results", folder, "--plot", elsewhere)
+    assert result.exit_code == 0, result.output
+    assert "Cat2" in result.output and elsewhere.is_file() and tree(folder) == before
