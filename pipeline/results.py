@@ -145,20 +145,21 @@ def head(results_root: Path, record_id: str) -> Head:
             "heads; rerun the probe to get it"
         )
     path = root / relative
+    keys = ("members", "dims", "mean", "scale", "coef", "intercept", "C", "classes")
+    data = read_npz(path, keys, f"record {record_id}: its head file")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return Head(
-                members=tuple(str(m) for m in data["members"]),
-                dims=tuple(int(d) for d in data["dims"]),
-                mean=data["mean"],
-                scale=data["scale"],
-                coef=data["coef"],
-                intercept=data["intercept"],
-                C=float(data["C"]),
-                classes=tuple(str(c) for c in data["classes"]),
-            )
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:  # missing, truncated or foreign file
-        raise TimecatError(f"record {record_id}: cannot read its head {path} ({e})") from None
+        return Head(
+            members=tuple(str(m) for m in data["members"]),
+            dims=tuple(int(d) for d in data["dims"]),
+            mean=data["mean"],
+            scale=data["scale"],
+            coef=data["coef"],
+            intercept=data["intercept"],
+            C=float(data["C"]),
+            classes=tuple(str(c) for c in data["classes"]),
+        )
+    except (TypeError, ValueError) as e:  # arrays of the wrong shape or kind: another program's file
+        raise TimecatError(f"record {record_id}: its head file {path} is not a timecat head ({e}); {RERUN}") from None
 
 
 def load_predictions(results_root: Path, record: dict) -> dict[str, np.ndarray]:
@@ -167,11 +168,46 @@ def load_predictions(results_root: Path, record: dict) -> dict[str, np.ndarray]:
     if not relative:
         raise TimecatError(f"record {record.get('id')} has no saved predictions (made before timecat saved them)")
     path = Path(results_root) / relative
+    what = f"record {record['id']}: its predictions file"
+    data = read_npz(path, ("top5", "labels"), what)
+    top5, labels = data["top5"], data["labels"]
+    shapes_ok = top5.ndim == 2 and labels.ndim == 1 and len(top5) == len(labels) and top5.shape[1] >= 1
+    if not shapes_ok or not all(np.issubdtype(a.dtype, np.integer) for a in (top5, labels)):
+        raise TimecatError(
+            f"{what} {path} is not timecat's (top5 {top5.dtype} {top5.shape}, labels {labels.dtype} "
+            f"{labels.shape}; expected integer (n, <=5) and (n,)); {RERUN}"
+        )
+    return {"top5": top5, "labels": labels}
+
+
+RERUN = "run the probe again to write it anew"
+
+
+def read_npz(path: Path, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an .npz timecat wrote, or one error naming ``what`` and the file: missing, truncated,
+    another format, pickled objects (never loaded: numpy's advice to allow them is not for a results file)."""
     try:
-        with np.load(path) as data:
-            return {"top5": data["top5"], "labels": data["labels"]}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:  # missing, truncated or foreign file
-        raise TimecatError(f"record {record['id']}: cannot read its predictions {path} ({e})") from None
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise TimecatError(f"{what} {path} is a single .npy array, not an .npz of {list(keys)}; {RERUN}")
+        with data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise TimecatError(f"{what} {path} lacks {missing} (it holds {data.files[:10]}); {RERUN}")
+            return {k: data[k] for k in keys}
+    except FileNotFoundError:
+        raise TimecatError(f"{what} {path} is missing (moved or deleted); {RERUN}") from None
+    except PermissionError as e:
+        raise TimecatError(f"{what} {path} cannot be read ({e.strerror}): check its permissions") from None
+    except OSError as e:
+        raise TimecatError(f"{what} {path} cannot be read ({e.strerror or e}); {RERUN}") from None
+    except ValueError as e:
+        # numpy's own text advises allow_pickle=True: wrong for a results file, which holds plain arrays.
+        pickled = "pickle" in str(e)
+        why = "is not an .npz of plain arrays (numpy would read it as a pickle, which timecat never loads)"
+        raise TimecatError(f"{what} {path} {why if pickled else f'is damaged ({e})'}; {RERUN}") from None
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise TimecatError(f"{what} {path} is damaged ({e}); {RERUN}") from None
 
 
 ID_PREFIX = 4  # the shortest id prefix accepted in place of a whole id (as git accepts short hashes)

@@ -8,12 +8,15 @@ before, that nothing already written is lost.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import os
+import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import digits_cache
@@ -242,3 +245,44 @@ def test_report_into_a_read_only_results_folder_names_plot_before_any_work(two_r
     result = run("report", "--results", folder, "--plot", elsewhere)
     assert result.exit_code == 0, result.output
     assert "Cat2" in result.output and elsewhere.is_file() and tree(folder) == before
+
+
+def _pickled(path: Path) -> None:
+    np.savez(path, top5=np.array([{"a": 1}], dtype=object), labels=np.arange(3))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)  # a path would get .npy appended
+    return buffer.getvalue()
+
+
+FOREIGN_NPZ = {  # how the file is replaced: what the error says
+    "object arrays": (_pickled, "not an .npz of plain arrays"),
+    "a pickle": (lambda p: p.write_bytes(pickle.dumps({"top5": 1})), "not an .npz of plain arrays"),
+    "an .npy": (lambda p: p.write_bytes(_npy(np.arange(4))), "a single .npy array, not an .npz"),
+    "other keys": (lambda p: np.savez(p, x=np.arange(3)), "lacks ['top5', 'labels'] (it holds ['x'])"),
+    "wrong shapes": (lambda p: np.savez(p, top5=np.arange(397), labels=np.arange(397)), "top5 int64 (397,)"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:100]), "is damaged"),
+}
+
+
+@pytest.mark.parametrize("variant", FOREIGN_NPZ)
+def test_a_foreign_predictions_or_head_file_is_one_clean_error(two_records, tmp_path, variant):
+    folder = shutil.copytree(two_records[0], tmp_path / "results")
+    (a, b), (make, words) = two_records[1], FOREIGN_NPZ[variant]
+    target = folder / f"predictions/{a}.npz"
+    make(target)
+    error = one_error(run("compare", a, b, "--results", folder), f"record {a}: its predictions file {target}", words)
+    assert "allow_pickle" not in error and "unsafely" not in error  # numpy's advice is not for a results file
+    assert "run the probe again" in error
+
+
+def test_a_pickled_head_file_is_one_clean_error(two_records, tmp_path):
+    folder = shutil.copytree(two_records[0], tmp_path / "results")
+    record_id = two_records[1][0]
+    (folder / f"heads/{record_id}.npz").write_bytes(pickle.dumps({"coef": 1}))
+    with pytest.raises(TimecatError) as caught:
+        results.head(folder, record_id)
+    assert "its head file" in str(caught.value) and "not an .npz of plain arrays" in str(caught.value)
+    assert "allow_pickle" not in str(caught.value)
