@@ -95,11 +95,12 @@ def test_a_view_split_typo_is_refused_before_anything_is_written(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_records(digits, tmp_path_factory):
-    """A results folder with two logreg records of digits (and their predictions): what compare needs."""
+    """A results folder with a logreg and a knn record of digits (predictions, a head): what compare needs."""
     store, names = digits
     folder = tmp_path_factory.mktemp("results")
-    for members in (names[:2], names[2:]):
-        args = ["probe", "--members", ",".join(members), "--dataset", "digits", "--cache", store]
+    quick = (["--c-grid", 1, "--refine", 1], ["--protocol", "knn"])  # one C: the search is not under test here
+    for members, protocol in zip((names[:2], names[2:]), quick, strict=True):
+        args = ["probe", "--members", ",".join(members), "--dataset", "digits", "--cache", store, *protocol]
         assert run(*args, "--results", folder).exit_code == 0
     return folder, [r["id"] for r in results.load(folder)]
 
@@ -220,7 +221,7 @@ def test_a_filter_blames_a_bound_that_is_not_a_number_and_refuses_an_unknown_nes
     one_error(run("report", "top1=ge:abc", "--results", folder), "the bound 'abc' is not a number")
     error = one_error(run("results", "chosen.nosuch>1", "--results", folder), "no record has a field 'chosen.nosuch'")
     assert "fields of chosen: chosen.C, chosen.converged" in error
-    one_error(run("results", "chosen.c>1", "--results", folder), "(did you mean 'chosen.C'?)")
+    one_error(run("results", "chosen.CX>1", "--results", folder), "(did you mean 'chosen.C'?)")
     one_error(run("results", "chosen.C.x=1", "--results", folder), "fields of chosen.C: none (it is not a dict)")
     stepz = one_error(run("results", "member_provenance.m0.stepz=1", "--results", folder))
     assert "did you mean 'member_provenance.m0.steps'" in stepz
