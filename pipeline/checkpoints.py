@@ -42,6 +42,7 @@ def lock_path(runs_root: Path, name: str) -> Path:
 @contextlib.contextmanager
 def hold_run(runs_root: Path, name: str):
     """Hold the member's folder for one training job; a second job is refused with the holder's pid and host."""
+    files.check_real_folders(runs_root, name, f"member {name}'s folder")  # before the lock is created in it
     held = contextlib.ExitStack()
     try:  # only taking the lock is translated: an error of the training itself passes as it is
         held.enter_context(locks.hold(str(lock_path(runs_root, name))))
