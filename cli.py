@@ -455,7 +455,10 @@ def export(member, out, runs):
     """Write MEMBER as a plain state dict that torchvision's resnet50 loads.
 
     MEMBER is a run name under RUNS, or a foreign checkpoint file (the paper's,
-    AlgoPerf's or torchvision's), which this converts to torchvision's names.
+    AlgoPerf's or torchvision's), which this converts to torchvision's names. A
+    foreign file's own fc is kept; a file without one exports its backbone only.
+    The output line and the file's metadata (torch.load(OUT)._metadata["timecat"])
+    say which.
 
     \b
     Example: timecat export run0 --out run0_resnet50.pth
@@ -465,8 +468,9 @@ def export(member, out, runs):
 
     files.check_destination(out)  # before loading: a rename would replace a device or FIFO there
     payload = checkpoints.load_member(runs, member, finished=False).payload
-    path = interop.export_torchvision(payload, out)
-    click.echo(f"{member} -> {path} (torchvision resnet50, num_classes={payload['num_classes']})")
+    path, head = interop.export_torchvision(payload, out)
+    classes = "" if payload.get("head") == "none" else f", num_classes={payload['num_classes']}"
+    click.echo(f"{member} -> {path} (torchvision resnet50{classes}; {head})")
 
 
 @main.group("cache")
