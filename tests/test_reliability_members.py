@@ -14,7 +14,9 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import cli
@@ -160,3 +162,133 @@ def test_symlinked_cache_folders_are_refused_and_a_symlinked_cache_root_is_not(c
     linked.symlink_to(root)
     rows = extract(ExtractConfig("digits", ("run1",)), copy["data"], copy["runs"], str(linked))
     assert {r["state"] for r in rows} == {"kept"}
+
+
+# -- Item 8: export keeps a foreign checkpoint's head ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet50_state():
+    """A random torchvision ResNet-50's state dict, with its (1000, 2048) fc."""
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    return resnet50(weights=None).state_dict()
+
+
+def test_export_keeps_a_foreign_head_or_says_it_exports_the_backbone_only(resnet50_state, tmp_path):
+    from torchvision.models import resnet50
+
+    torch.save({"model_params": {f"module.{k}": v for k, v in resnet50_state.items()}}, tmp_path / "paper.pt")
+    result = run("export", tmp_path / "paper.pt", "--out", tmp_path / "paper.pth")
+    assert result.exit_code == 0 and "num_classes=1000" in result.output and "head, kept" in result.output
+    exported = torch.load(tmp_path / "paper.pth", weights_only=True)
+    assert torch.equal(exported["fc.weight"], resnet50_state["fc.weight"]) and exported["fc.weight"].shape == (
+        1000,
+        2048,
+    )
+    assert exported._metadata["timecat"]["head"] == "original" and exported._metadata["timecat"]["num_classes"] == 1000
+    resnet50(weights=None).load_state_dict(exported, strict=True)
+    # Without an fc: the backbone only, said so in the output and the file.
+    torch.save({k: v for k, v in resnet50_state.items() if not k.startswith("fc.")}, tmp_path / "bare.pt")
+    result = run("export", tmp_path / "bare.pt", "--out", tmp_path / "bare.pth")
+    assert result.exit_code == 0 and "backbone only" in result.output and "num_classes" not in result.output
+    exported = torch.load(tmp_path / "bare.pth", weights_only=True)
+    assert not any(k.startswith("fc.") for k in exported) and exported._metadata["timecat"]["head"] == "none"
+
+
+# -- Item 17: damaged and foreign checkpoints, named before any allocation ---------------------
+
+
+def damage(runs: Path, change) -> dict:
+    """Rewrite run0's checkpoint with ``change(payload)`` applied; return the original payload."""
+    path = runs / "run0/checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    changed = {**payload, "member": dict(payload["member"]), "preprocess": dict(payload["preprocess"])}
+    change(changed)
+    torch.save(changed, path)
+    return payload
+
+
+BAD_FIELDS = {
+    "num_classes 0": (lambda p: p.update(num_classes=0), r"num_classes 0 \(allowed: an integer from 1 to 100,000\)"),
+    "num_classes text": (lambda p: p.update(num_classes="10"), r"num_classes '10' \(allowed: an integer"),
+    "width": (lambda p: p["member"].update(width=99), r"member.width: .*width 99; allowed: \[1\]"),
+    "resolution": (
+        lambda p: p["preprocess"].update(resolution=100_000),
+        r"preprocess.resolution 100000 \(allowed: an integer from 1 to 1024 px\)",
+    ),
+    "std": (lambda p: p["preprocess"].update(std=[0, 0, 0]), r"preprocess.std \[0, 0, 0\] \(allowed: 3 numbers"),
+    "preprocess": (lambda p: p.update(preprocess="abc"), r"preprocess is a str, not a dict"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FIELDS))
+def test_a_checkpoint_field_out_of_range_is_named_before_any_allocation(copy, monkeypatch, case):
+    change, message = BAD_FIELDS[case]
+    damage(copy["runs"], change)
+    monkeypatch.setattr(checkpoints, "build", lambda *a, **k: pytest.fail("the model was built"))
+    store = copy["tmp"] / "new.zarr"
+    with pytest.raises(TimecatError, match=rf"run0/checkpoint.pt: a damaged timecat checkpoint: {message}"):
+        extract(ExtractConfig("digits", ("run0",)), copy["data"], copy["runs"], str(store))
+    result = run("export", "run0", "--runs", copy["runs"], "--out", copy["tmp"] / "x.pth")
+    assert result.exit_code == 1 and "a damaged timecat checkpoint" in result.output
+    assert not store.exists() and not (copy["tmp"] / "x.pth").exists()
+
+
+def test_tensors_of_the_wrong_shape_are_named(copy):
+    damage(copy["runs"], lambda p: p.update(model={**p["model"], "head.weight": torch.zeros(5, 128)}))
+    with pytest.raises(TimecatError, match=r"checkpoint.pt: .*head.weight \(5, 128\), not \(10, 128\).*damaged"):
+        extract(ExtractConfig("digits", ("run0",)), copy["data"], copy["runs"], str(copy["tmp"] / "new.zarr"))
+
+
+def test_a_foreign_architecture_is_named_with_what_timecat_accepts(resnet50_state, copy):
+    from torchvision.models import wide_resnet50_2
+
+    wide = copy["tmp"] / "wide.pt"
+    torch.save(wide_resnet50_2(weights=None).state_dict(), wide)
+    gray = copy["tmp"] / "gray.pt"
+    torch.save({**resnet50_state, "conv1.weight": resnet50_state["conv1.weight"][:, :1]}, gray)
+    store = copy["tmp"] / "new.zarr"
+    for path, looks in ((wide, "wide_resnet50_2"), (gray, "resnet50, with 1 input channel")):
+        for args in (
+            ("extract", "--members", f"m={path}", "--dataset", "digits", "--data-root", copy["data"], "--cache", store),
+            ("export", path, "--out", copy["tmp"] / "x.pth"),
+        ):
+            result = run(*args)
+            assert result.exit_code == 1 and f"it looks like {looks}" in result.output, result.output
+            assert "takes foreign checkpoints of torchvision's resnet50 only" in result.output
+            assert "size mismatch" not in result.output and "Traceback" not in result.output
+    assert not store.exists() and not (copy["tmp"] / "x.pth").exists()
+
+
+# -- Item 18: status of a damaged member; a timecat checkpoint given as a file ------------------
+
+
+def test_status_shows_a_damaged_member_beside_the_others(copy):
+    from pipeline import plan
+
+    config = torch.load(copy["runs"] / "run0/checkpoint.pt", weights_only=True)["member"]
+    members = tuple(plan.PlannedMember(f"run{i}", "Cat3", i, config["steps"], config["arch"]) for i in range(3))
+    path = plan.save(plan.Plan(config["dataset"], members, config["batch_size"]), copy["tmp"] / "plan.json")
+    (copy["runs"] / "run1/checkpoint.pt").write_bytes(b"garbage, not a pickle")
+    damage(copy["runs"], lambda p: p.update(num_classes=-1))
+    result = run("status", path, "--runs", copy["runs"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert "damaged" in lines["run0"] and "num_classes -1" in lines["run0"]
+    assert "damaged" in lines["run1"] and "not a loadable checkpoint" in lines["run1"]
+    assert "--member run1" in lines["run1"] and " done " in lines["run2"]
+
+
+def test_a_timecat_checkpoint_given_as_a_file_is_taken_as_it_is(copy):
+    import cache
+
+    ckpt = copy["runs"] / "run1/checkpoint.pt"
+    store = str(copy["tmp"] / "new.zarr")
+    extract(ExtractConfig("digits", (f"other={ckpt}",), splits=("test",)), copy["data"], copy["runs"], store)
+    mine, _ = cache.open(store).features("digits", "test", ["other"])
+    cached, _ = cache.open(copy["cache"]).features("digits", "test", ["run1"])
+    np.testing.assert_allclose(mine, cached, rtol=1e-4, atol=1e-5)  # the same weights and preprocessing
+    result = run("export", ckpt, "--out", copy["tmp"] / "x.pth")
+    assert result.exit_code == 1 and "only resnet50-family members export" in result.output  # a small-resnet
