@@ -224,8 +224,13 @@ def is_timecat(obj) -> bool:
 
 
 def load_file(name: str, path: Path) -> Loaded:
-    """A member given as a file: a timecat checkpoint (another workspace's run) as it is, else a foreign one."""
+    """A member given as a file: a timecat checkpoint (another workspace's run) as it is, else a foreign one.
+
+    A run folder (``run1=/other/runs/run1``) stands for the checkpoint in it.
+    """
     path = Path(path)
+    if path.is_dir() and (path / "checkpoint.pt").is_file():
+        path = path / "checkpoint.pt"
     if not path.is_file():
         raise TimecatError(f"no checkpoint file at {path}")
     obj = read_torch(path)

@@ -290,5 +290,7 @@ def test_a_timecat_checkpoint_given_as_a_file_is_taken_as_it_is(copy):
     mine, _ = cache.open(store).features("digits", "test", ["other"])
     cached, _ = cache.open(copy["cache"]).features("digits", "test", ["run1"])
     np.testing.assert_allclose(mine, cached, rtol=1e-4, atol=1e-5)  # the same weights and preprocessing
+    loaded = checkpoints.load_member(copy["runs"], f"other={ckpt.parent}")  # its run folder stands for it
+    assert loaded.path == ckpt and not loaded.foreign
     result = run("export", ckpt, "--out", copy["tmp"] / "x.pth")
     assert result.exit_code == 1 and "only resnet50-family members export" in result.output  # a small-resnet
