@@ -190,8 +190,10 @@ def plan(out, as_json, **params):
     Example: timecat plan --dataset imagenet --preset paper-table3 --out table3.json
     """
 
+    from pipeline import files
     from pipeline import plan as plans
 
+    files.check_destination(out)  # before the work: a rename would replace a device or FIFO there
     _require(params, "dataset")
     made = plans.make_plan(**asdict(options.make_config(PlanConfig, params)))
     path = plans.save(made, out)
@@ -435,8 +437,11 @@ def report(patterns, results, plot_path, as_json, **params):
     Example: timecat report --layout table2 --protocol tc
     Example: timecat report --protocol tc --metric top1_eval_selected   # the paper's optimistic selection
     """
+    from pipeline import files
     from pipeline import report as rep
 
+    if plot_path is not None:
+        files.check_destination(plot_path)  # before the work: a rename would replace a device or FIFO there
     written = rep.write(results, **params, plot_path=plot_path, patterns=patterns)
     shown = {**(written["table"] or {}), **{k: written[k] for k in ("shots", "plots", "not_drawn")}}
     _out(shown, as_json, lambda _: rep.format_written(written))
@@ -450,17 +455,22 @@ def export(member, out, runs):
     """Write MEMBER as a plain state dict that torchvision's resnet50 loads.
 
     MEMBER is a run name under RUNS, or a foreign checkpoint file (the paper's,
-    AlgoPerf's or torchvision's), which this converts to torchvision's names.
+    AlgoPerf's or torchvision's), which this converts to torchvision's names. A
+    foreign file's own fc is kept; a file without one exports its backbone only.
+    The output line and the file's metadata (torch.load(OUT)._metadata["timecat"])
+    say which.
 
     \b
     Example: timecat export run0 --out run0_resnet50.pth
     Example: timecat export algoperf/seed2/checkpoint.pt --out seed2.pth
     """
-    from pipeline import checkpoints, interop
+    from pipeline import checkpoints, files, interop
 
+    files.check_destination(out)  # before loading: a rename would replace a device or FIFO there
     payload = checkpoints.load_member(runs, member, finished=False).payload
-    path = interop.export_torchvision(payload, out)
-    click.echo(f"{member} -> {path} (torchvision resnet50, num_classes={payload['num_classes']})")
+    path, head = interop.export_torchvision(payload, out)
+    classes = "" if payload.get("head") == "none" else f", num_classes={payload['num_classes']}"
+    click.echo(f"{member} -> {path} (torchvision resnet50{classes}; {head})")
 
 
 @main.group("cache")

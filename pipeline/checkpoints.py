@@ -12,15 +12,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 from cache import locks
 from cache.errors import CacheError, elsewhere, shown
 from pipeline import files, interop
 from pipeline.errors import TimecatError
-from pipeline.models import Classifier, build
+from pipeline.models import ARCHS, MAX_CLASSES, Classifier, build, width_problem
 from pipeline.names import check_name, foreign_name_and_path, is_foreign
+from pipeline.splits import Preprocess
 from pipeline.torch_io import load_state_strict, read_torch, write_torch
 
 
@@ -42,6 +43,7 @@ def lock_path(runs_root: Path, name: str) -> Path:
 @contextlib.contextmanager
 def hold_run(runs_root: Path, name: str):
     """Hold the member's folder for one training job; a second job is refused with the holder's pid and host."""
+    files.check_real_folders(runs_root, name, f"member {name}'s folder")  # before the lock is created in it
     held = contextlib.ExitStack()
     try:  # only taking the lock is translated: an error of the training itself passes as it is
         held.enter_context(locks.hold(str(lock_path(runs_root, name))))
@@ -100,10 +102,76 @@ def load(path: Path, mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise TimecatError(f"no checkpoint at {path}")
-    return require(read_torch(path, mmap), REQUIRED, path)
+    return check_fields(require(read_torch(path, mmap), REQUIRED, path), path)
 
 
 REQUIRED = ("model", "member", "num_classes", "member.arch")  # what rebuilding the model reads
+
+# px: the paper trains at 160-224 and evaluates at 224; a larger side is a damaged field (100,000 px
+# asked a 76 TB batch buffer of extract).
+MAX_RESOLUTION = 1024
+
+
+def check_fields(payload: dict, path: Path) -> dict:
+    """``payload`` if the fields that size the model and its inputs are in range, else one error naming each.
+
+    Checked before anything is built: a damaged ``num_classes``, ``width`` or ``resolution``
+    would otherwise be allocated (or fail deep in torch) first.
+    """
+    problems = []
+    n = payload["num_classes"]
+    if not _is_int(n) or not 1 <= n <= MAX_CLASSES:
+        problems.append(f"num_classes {n!r} (allowed: an integer from 1 to {MAX_CLASSES:,})")
+    arch = payload["member"]["arch"]
+    if not isinstance(arch, str) or arch not in ARCHS:
+        problems.append(f"member.arch {arch!r} (allowed: {sorted(ARCHS)})")
+    elif payload["member"].get("width") is not None:
+        problem = width_problem(arch, payload["member"]["width"])
+        problems += [f"member.width: {problem}"] if problem else []
+    if "preprocess" in payload:
+        problems += preprocess_problems(payload["preprocess"])
+    if problems:
+        raise TimecatError(f"{path}: a damaged timecat checkpoint: {'; '.join(problems)}; train it again")
+    return payload
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(value, count: int, low: float, high: float) -> bool:
+    """``value`` is a list of ``count`` numbers, each in [low, high]."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == count
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high for v in value)
+    )
+
+
+def preprocess_problems(pre) -> list[str]:
+    """What is wrong with a checkpoint's preprocessing fields (``splits.Preprocess``), each with its allowed range."""
+    if not isinstance(pre, dict):
+        return [f"preprocess is a {type(pre).__name__}, not a dict of Preprocess fields"]
+    fields = set(Preprocess.__dataclass_fields__)
+    required = {f for f, v in Preprocess.__dataclass_fields__.items() if v.default is MISSING}
+    if not required <= pre.keys() <= fields:
+        return [f"preprocess keys {sorted(pre)} (allowed: {sorted(fields)}, with {sorted(required)})"]
+    problems = []
+    resolution = pre["resolution"]
+    if not _is_int(resolution) or not 1 <= resolution <= MAX_RESOLUTION:
+        problems.append(f"preprocess.resolution {resolution!r} (allowed: an integer from 1 to {MAX_RESOLUTION} px)")
+    if not _numbers(pre["mean"], 3, 0, 255):
+        problems.append(f"preprocess.mean {pre['mean']!r} (allowed: 3 numbers from 0 to 255)")
+    if not _numbers(pre["std"], 3, 1e-3, 255):
+        problems.append(f"preprocess.std {pre['std']!r} (allowed: 3 numbers from 0.001 to 255)")
+    if "crop_ratio" in pre and not _numbers([pre["crop_ratio"]], 1, 1e-3, 1):
+        problems.append(f"preprocess.crop_ratio {pre['crop_ratio']!r} (allowed: a number from 0.001 to 1)")
+    scale = pre.get("crop_scale", (0.5, 1))
+    if not _numbers(scale, 2, 1e-3, 1) or scale[0] > scale[1]:
+        problems.append(f"preprocess.crop_scale {scale!r} (allowed: 2 increasing numbers from 0.001 to 1)")
+    if not isinstance(pre.get("flip", True), bool):
+        problems.append(f"preprocess.flip {pre['flip']!r} (allowed: true or false)")
+    return problems
 
 
 def require(payload, keys: tuple[str, ...], path: Path) -> dict:
@@ -131,8 +199,12 @@ def sha256(path: Path, block: int = 1 << 20) -> str:
 
 def load_model(payload: dict, source: str) -> Classifier:
     """Rebuild a member's classifier from its checkpoint (architecture from the checkpoint, not flags)."""
-    model = build(payload["member"]["arch"], payload["num_classes"], payload["member"].get("width"))
-    load_state_strict(model, payload["model"], source)
+    arch, width, n = payload["member"]["arch"], payload["member"].get("width"), payload["num_classes"]
+    model = build(arch, n, width)
+    if not isinstance(payload["model"], dict):
+        raise TimecatError(f"{source}: its model is a {type(payload['model']).__name__}, not a state dict")
+    fix = f"they do not match its own fields (arch {arch}, width {width}, num_classes {n}): it is damaged"
+    load_state_strict(model, payload["model"], source, fix)
     return model
 
 
@@ -146,6 +218,27 @@ class Loaded:
     foreign: bool
 
 
+def is_timecat(obj) -> bool:
+    """Whether a loaded file is one of timecat's own checkpoints (a dict with its model and member config)."""
+    return isinstance(obj, dict) and "model" in obj and isinstance(obj.get("member"), dict)
+
+
+def load_file(name: str, path: Path) -> Loaded:
+    """A member given as a file: a timecat checkpoint (another workspace's run) as it is, else a foreign one.
+
+    A run folder (``run1=/other/runs/run1``) stands for the checkpoint in it.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoint.pt").is_file():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise TimecatError(f"no checkpoint file at {path}")
+    obj = read_torch(path)
+    if is_timecat(obj):
+        return Loaded(name, path, check_fields(require(obj, REQUIRED, path), path), False)
+    return Loaded(name, path, interop.from_foreign(obj, path), True)
+
+
 def load_member(runs_root: Path, member: str, *, finished: bool = True) -> Loaded:
     """Find and load a member: a run under ``runs_root``, or a checkpoint file trained elsewhere.
 
@@ -156,7 +249,7 @@ def load_member(runs_root: Path, member: str, *, finished: bool = True) -> Loade
     if is_foreign(member):
         name, path = foreign_name_and_path(member)
         check_name("member", name)
-        loaded = Loaded(name, path, interop.load_foreign(path), True)
+        loaded = load_file(name, path)
     else:
         path = checkpoint_path(runs_root, check_name("member", member))
         if not path.is_file():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import cache
-from pipeline import __version__, checkpoints, distributed, recipes
+from pipeline import __version__, checkpoints, distributed, files, recipes
 from pipeline.configs import ExtractConfig
 from pipeline.errors import TimecatError
 from pipeline.models import FEATURE_LAYER, Classifier
@@ -308,6 +308,24 @@ def extract_split(
     return todo
 
 
+def refuse_linked_folders(cache_path: str, config: ExtractConfig, members: list[Member]) -> None:
+    """Refuse, before anything is written, a dataset, split or member folder of a local cache that is a symlink.
+
+    zarr writes through such a link, into whatever it points at; the cache root (and its
+    lock folder) may be a link, as the user chose it.
+    """
+    if "://" in cache_path and not cache_path.startswith("file://"):
+        return  # remote stores have no symlinks
+    root = Path(cache_path.removeprefix("file://"))
+    for split in config.splits:
+        files.check_real_folders(Path(f"{root}.locks"), f"{config.dataset}/{split}", "the cache's lock folder")
+        files.check_real_folders(root, cache.layout.labels_path(config.dataset, split), "the cache folder")
+        for m in members:
+            for view in targets(config, split):
+                relative = cache.layout.features_path(config.dataset, split, m.name, view)
+                files.check_real_folders(root, relative, f"the cache folder of member {m.name}")
+
+
 def extract(config: ExtractConfig, data_root: Path, runs_root: Path, cache_path: str) -> list[dict]:
     """Cache every member's features for every split; already-cached members are kept.
 
@@ -331,6 +349,7 @@ def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> l
     with contextlib.ExitStack() as locks:
         store = None
         if d.is_main:
+            refuse_linked_folders(cache_path, config, members)
             store = cache.open(cache_path, mode="a")  # creates the root group once
             for split in config.splits:
                 for m in members:

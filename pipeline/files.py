@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -52,13 +53,68 @@ def check_writable(folder: Path, what: str) -> None:
         )
 
 
+# What a destination other than a regular file is, for the refusal: os.replace would put a file in its place.
+NOT_REGULAR = (
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISFIFO, "FIFO (named pipe)"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISDIR, "folder"),
+)
+
+
+def check_destination(path: Path) -> Path:
+    """Refuse a destination that exists and is not a regular file, or is a symlink to one that is not.
+
+    A rename onto a device node or a FIFO replaces it (as root, ``/dev/null`` became a PNG).
+    A symlink to a regular file, or to nothing, is fine: the rename replaces the link, never
+    the file it names. Commands call this before their work; ``replace`` calls it again.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode  # follows a symlink: what a reader of ``path`` would reach
+    except FileNotFoundError:
+        return path  # nothing there, or a dangling symlink: the rename replaces it
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink loop names no file: the rename replaces the link
+            return path
+        raise disk_error(e, str(path)) from e
+    for test, kind in NOT_REGULAR:
+        if test(mode):
+            link = f" (a symbolic link to {os.path.realpath(path)})" if path.is_symlink() else ""
+            raise TimecatError(
+                f"{path} is a {kind}{link}, not a regular file: timecat writes only regular files, "
+                "and would replace it; choose another path"
+            )
+    return path
+
+
+def check_real_folders(root: Path, relative: str, what: str) -> Path:
+    """Refuse when a folder from below ``root`` down to ``root/relative`` is a symbolic link; return that path.
+
+    timecat's own folders (a member's, a dataset's, a split's) are written into: a link planted
+    there (``runs/evil -> ~/victim``) would have training replace the files it points at. The
+    roots themselves (runs, data, results, a cache) may be links: the user chose them.
+    """
+    current = Path(root)
+    for part in Path(relative).parts:
+        current = current / part
+        if current.is_symlink():
+            raise TimecatError(
+                f"{what} {current} is a symbolic link (to {os.readlink(current)}): timecat writes only into real "
+                f"folders below {root}, never through a link; remove the link and run again"
+            )
+    return current
+
+
 def replace(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it onto ``path``.
 
-    A symlink at ``path`` is replaced, never followed; on any error ``path`` is untouched
-    and the temporary file is removed.
+    A symlink at ``path`` is replaced, never followed; a device, FIFO, socket or folder there
+    (or a symlink to one) is refused. On any error ``path`` is untouched and the temporary
+    file is removed.
     """
-    path = Path(path)
+    path = check_destination(Path(path))
     tmp = None
     try:
         tmp = temporary(path)

@@ -134,7 +134,15 @@ class Arch:
     build_backbone: Callable[[int], nn.Module]
     description: str
     default_width: int = 1
-    widths: tuple[int, ...] | None = (1,)  # the widths it accepts; None: any positive width
+    widths: tuple[int, ...] | None = (1,)  # the widths it accepts; None: 1 to MAX_WIDTH
+
+
+# Widest ResNet-50 built: x8 is about 1.5B parameters (6 GB of float32), past what any
+# published wide ResNet-50 used (SimCLR's x4); a wider one is a typo or a damaged checkpoint.
+MAX_WIDTH = 8
+# A head row per class: iNat2018 has 8,142 classes, ImageNet-21k 21,841. More is a damaged
+# checkpoint field, refused before the head is allocated.
+MAX_CLASSES = 100_000
 
 
 ARCHS: dict[str, Arch] = {
@@ -144,16 +152,26 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+def width_problem(arch: str, width) -> str | None:
+    """Why ``width`` is not a width of the registered ``arch`` (naming the allowed ones), or None."""
+    spec = ARCHS[arch]
+    allowed = range(1, MAX_WIDTH + 1) if spec.widths is None else spec.widths
+    if isinstance(width, int) and not isinstance(width, bool) and width in allowed:
+        return None
+    shown = f"an integer from 1 to {MAX_WIDTH}" if spec.widths is None else list(spec.widths)
+    return f"architecture {arch} does not take width {width!r}; allowed: {shown}"
+
+
 def build(arch: str, num_classes: int, width: int | None = None) -> Classifier:
     """A freshly initialised classifier of a registered architecture (width: its multiplier, if it takes one)."""
     try:
         spec = ARCHS[arch]
-    except KeyError:
+    except (KeyError, TypeError):
         raise TimecatError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}") from None
     width = spec.default_width if width is None else width
-    if width < 1 or (spec.widths is not None and width not in spec.widths):
-        allowed = "any positive integer" if spec.widths is None else list(spec.widths)
-        raise TimecatError(f"architecture {arch} does not take width {width}; allowed: {allowed}")
+    problem = width_problem(arch, width)
+    if problem:
+        raise TimecatError(problem)
     return Classifier(spec.build_backbone(width), num_classes)
 
 

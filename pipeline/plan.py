@@ -183,6 +183,8 @@ def status(plan: Plan, runs_root: Path) -> list[dict]:
     its last checkpoint. ``missing``: never started. ``other``: the folder holds a
     member of another recipe under this name (``differs`` lists each field as
     [found, planned]), so it is not this plan's member whatever its steps.
+    ``damaged``: its checkpoint cannot be read (``damage`` says why); the other members
+    are shown as they are.
     ``step`` is the last logged step; ``checkpoint_step`` the step a restart resumes from.
     """
     from pipeline import checkpoints
@@ -191,12 +193,14 @@ def status(plan: Plan, runs_root: Path) -> list[dict]:
     rows = []
     for m in plan.members:
         folder, ckpt = run_dir(runs_root, m.name), checkpoint_path(runs_root, m.name)
-        payload = checkpoints.load(ckpt, mmap=True) if ckpt.is_file() else None  # metadata only
+        payload, damage = _read_checkpoint(ckpt)
         saved = payload["step"] if payload is not None else 0
         logged = _last_logged_step(folder / "log.jsonl")
         holder = checkpoints.holder(runs_root, m.name)
         differs = _differs(plan, m, payload["member"] if payload is not None else _logged_config(folder))
-        if differs:
+        if damage:
+            state = "damaged"
+        elif differs:
             state = "other"
         elif payload is not None and payload.get("complete"):
             state = "done"
@@ -207,8 +211,26 @@ def status(plan: Plan, runs_root: Path) -> list[dict]:
         else:
             state = "missing"
         row = {"member": m.name, "group": m.group, "state": state, "step": max(saved, logged), "steps": m.steps}
-        rows.append({**row, "checkpoint_step": saved, "holder": holder, "differs": differs})
+        rows.append({**row, "checkpoint_step": saved, "holder": holder, "differs": differs, "damage": damage})
     return rows
+
+
+def _read_checkpoint(ckpt: Path) -> tuple[dict | None, str | None]:
+    """A member's checkpoint (metadata only; None if there is none), or why it cannot be read.
+
+    One damaged member must not hide the state of the others.
+    """
+    from pipeline import checkpoints
+
+    if not ckpt.is_file():
+        return None, None
+    try:
+        payload = checkpoints.require(checkpoints.load(ckpt, mmap=True), ("step",), ckpt)
+    except TimecatError as e:
+        return None, str(e)
+    if not isinstance(payload["step"], int) or isinstance(payload["step"], bool):
+        return None, f"{ckpt}: a damaged timecat checkpoint: step {payload['step']!r} is not an integer"
+    return payload, None
 
 
 def _differs(plan: Plan, member: PlannedMember, found: dict | None) -> dict:
@@ -289,6 +311,11 @@ def format_status(rows: list[dict]) -> list[str]:
             line += f"  (checkpoint at step {r['checkpoint_step']:,})"
         if r["holder"]:
             line += f"  pid {r['holder'].get('pid')} on {r['holder'].get('host')}"
+        if r.get("damage"):
+            line += (
+                f"  damaged: {r['damage']} (move that file away, then `timecat pretrain --plan PLAN "
+                f"--member {r['member']}` trains it again)"
+            )
         if r["differs"]:
             shown = ", ".join(f"{k} {found} (plan {planned})" for k, (found, planned) in r["differs"].items())
             line += f"  another recipe under this name: {shown}; train the plan's with another --runs"

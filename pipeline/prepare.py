@@ -150,7 +150,9 @@ def prepare(config: PrepareConfig) -> list[dict]:
     if all(is_complete(config.data_root, name, s) for s in SPLITS):
         log.info("%s is already prepared under %s", name, Path(config.data_root) / name)
         return [read_manifest(config.data_root, name, s) for s in SPLITS]
-    files.check_writable(Path(config.data_root) / name, "the data folder")  # before reading every image
+    # Before reading every image: a link there would have the .beton files written wherever it points.
+    files.check_real_folders(config.data_root, name, f"dataset {name}'s folder")
+    files.check_writable(Path(config.data_root) / name, "the data folder")
     options = SourceOptions(config.train_dir, config.test_dir, config.download)
     splits = spec.read(Path(config.data_root), options)
     for split_name in SPLITS:  # everything that can refuse, before anything is written

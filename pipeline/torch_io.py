@@ -43,12 +43,32 @@ def read_torch(path: Path, mmap: bool = False):
         ) from None
 
 
-def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
-    """``load_state_dict`` that names every missing and unexpected key on failure."""
-    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+def load_state_strict(model: torch.nn.Module, state: dict, source: str, fix: str = "") -> None:
+    """``load_state_dict`` that names every missing, unexpected and misshapen key on failure, before copying any.
+
+    ``fix`` ends the message: what the weights look like and what to do (the caller knows).
+    """
+    expected = model.state_dict()
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    ending = f"; {fix}" if fix else ""
     if missing or unexpected:
         raise TimecatError(
             f"{source}: weights do not fit the architecture; missing {sorted(missing)[:10]} "
-            f"({len(missing)} in all), unexpected {sorted(unexpected)[:10]} ({len(unexpected)} in all)"
+            f"({len(missing)} in all), unexpected {sorted(unexpected)[:10]} ({len(unexpected)} in all){ending}"
+        )
+    # torch's own size-mismatch error is a traceback that names no file: name the tensors here instead.
+    wrong = [
+        f"{key} {_shape(value)}, not {tuple(expected[key].shape)}"
+        for key, value in state.items()
+        if not isinstance(value, torch.Tensor) or value.shape != expected[key].shape
+    ]
+    if wrong:
+        raise TimecatError(
+            f"{source}: weights do not fit the architecture; {len(wrong)} tensor(s) of another shape, "
+            f"e.g. {wrong[:3]}{ending}"
         )
     model.load_state_dict(state, strict=True)
+
+
+def _shape(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else f"(a {type(value).__name__})"

@@ -75,7 +75,7 @@ def test_export_loads_into_torchvision_strictly(reference, tmp_path):
     state, x, expected = reference
     torch.save(state, tmp_path / "tv.pt")
     payload = interop.load_foreign(tmp_path / "tv.pt")
-    out = interop.export_torchvision(payload, tmp_path / "export" / "member.pth")
+    out, _ = interop.export_torchvision(payload, tmp_path / "export" / "member.pth")
     net = resnet50(weights=None, num_classes=payload["num_classes"])
     net.load_state_dict(torch.load(out, weights_only=True), strict=True)
     net.fc = torch.nn.Identity()
@@ -115,6 +115,6 @@ def test_export_command_writes_a_torchvision_file(reference, tmp_path):
     args = ["export", str(tmp_path / "c.pt"), "--out", str(tmp_path / "tv.pth")]
     result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
     assert result.exit_code == 0 and "torchvision resnet50" in result.output
-    resnet50(weights=None, num_classes=1).load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True))
+    resnet50(weights=None).load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True))  # its own fc, kept
     result = CliRunner().invoke(cli.main, ["export", "run9", "--out", str(tmp_path / "x.pth"), "--runs", str(tmp_path)])
     assert result.exit_code == 1 and "unknown member 'run9': no " in result.output
