@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
+from zarr.errors import ArrayNotFoundError
 
 from cache import checks, layout
 from cache.errors import CacheError, did_you_mean
@@ -386,9 +387,16 @@ class Cache:
         return array
 
     def _node(self, path: str, what: str, fix: str) -> zarr.Array | None:
-        """The array at ``path``, None if absent, or a clean error when its own metadata is garbage."""
+        """The array at ``path`` read through its own metadata, None if absent, or a clean error when that is garbage.
+
+        Never through the consolidated copy: an ``extract --overwrite`` killed before it rewrote
+        that copy leaves it naming the old status and checkpoint, and a probe that trusted it
+        read new features as old ones. One small read per array; listing still uses the copy.
+        """
         try:
-            return self.group.get(path)  # None when absent (KeyError); garbage metadata raises
+            return zarr.open_array(store=self.group.store, path=path, mode="r" if self.mode == "r" else "r+")
+        except ArrayNotFoundError:
+            return None
         except Exception as e:  # zarr raises several types for metadata that is garbage
             raise CacheError(f"the metadata of {what} is unreadable ({type(e).__name__}): {fix}") from None
 
