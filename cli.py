@@ -475,7 +475,7 @@ def export(member, out, runs):
 
 @main.group("cache")
 def cache_group() -> None:
-    """Inspect and check a feature cache.
+    """Inspect, check and prune a feature cache.
 
     Example: timecat cache ls --workdir demo
     """
@@ -517,7 +517,7 @@ def cache_ls(path, cache_path, as_json):
 
     def line(r: dict) -> str:
         sha, steps = (r["provenance"].get("checkpoint_sha256") or "?")[:12], r["provenance"].get("steps", "?")
-        shape = f"{r['rows']:,} x {r['dim']:,} {r['dtype']}"
+        shape = " x ".join(f"{n:,}" if n is not None else "?" for n in (r["rows"], r["dim"])) + f" {r['dtype']}"
         return f"{_where(r)} {r['member']}: {shape}, {r['status']}, checkpoint {sha}, steps {steps}"
 
     _out(cache.open(cache_path).summary(), as_json, lambda rows: [line(r) for r in rows])
@@ -551,6 +551,36 @@ def cache_verify(path, cache_path, as_json):
     bad = sum(not r["ok"] for r in rows)
     if bad:
         raise click.ClickException(f"{bad} of {len(rows)} arrays have problems")
+
+
+@cache_group.command("rm")
+@click.argument("path", required=False)
+@click.option("--dataset", required=True, help="Dataset whose arrays to remove.")
+@click.option("--members", type=NAMES, required=True, help="Comma-separated members whose arrays to remove.")
+@click.option("--splits", type=NAMES, help="Comma-separated splits (default: every cached split of DATASET).")
+@click.option("--views", "views_only", is_flag=True, help="Remove only their augmented views (extract --views K).")
+@CACHE
+@JSON
+def cache_rm(path, dataset, members, splits, views_only, cache_path, as_json):
+    """Remove members' feature arrays (or only their augmented views) from a cache.
+
+    The cache is PATH, or --cache PATH, or WORKDIR/features.zarr. A member that
+    a live `timecat extract` is writing is refused. Other members are untouched;
+    `timecat extract` caches a removed member again.
+
+    \b
+    Example: timecat cache rm --workdir demo --dataset digits --members run0 --views
+    Example: timecat cache rm demo/features.zarr --dataset digits --members run0,run1 --splits train
+    """
+    import cache
+
+    store = cache.open(_cache_path(path, cache_path), mode="a")
+    removed = [
+        {"dataset": dataset, "split": split, "view": view, "member": member}
+        for member in members
+        for split, view in store.remove(dataset, member, list(splits) if splits else None, views_only=views_only)
+    ]
+    _out(removed, as_json, lambda rows: [f"{_where(r)} {r['member']}: removed" for r in rows])
 
 
 @main.command()

@@ -15,6 +15,7 @@ import zarr
 from zarr.core.sync import sync
 
 from cache import layout
+from cache.errors import CacheError, not_readable
 
 
 def labels_digest(labels: np.ndarray) -> str:
@@ -29,11 +30,52 @@ def first_bad_row(array: zarr.Array, start: int = 0, stop: int | None = None) ->
     for row in range(start, stop, step):
         try:
             block = array[row : min(stop, row + step)]
+        except PermissionError as e:  # not damage: writing it again would not help, and must not be tried
+            raise CacheError(not_readable(array.path, e)) from None
         except Exception:  # zarr/numcodecs raise several types for a damaged chunk
             return row
         if not np.isfinite(block).all():  # NaN: never written; inf: damaged (writers refuse both)
             return row
     return stop
+
+
+def provenance(array: zarr.Array) -> dict:
+    """An array's provenance record, or ``{}`` when it is absent or not a record (``metadata_problems`` names that)."""
+    prov = array.attrs.get("provenance", {})
+    return dict(prov) if isinstance(prov, dict) else {}
+
+
+def metadata_problems(
+    array: zarr.Array, member: str, where: str, rows: int | None, dim: int | None = None
+) -> list[str]:
+    """What no resume can mend: own metadata that is not what timecat wrote (shape, width, dtype, provenance).
+
+    ``rows`` is the split's; ``dim`` the width expected (default: the one its provenance records).
+    Such an array is refused by every read and verify, and written anew only by
+    ``extract --overwrite`` or ``--repair``: rows kept under a changed shape or dtype
+    would be read as other values.
+    """
+    prov = array.attrs.get("provenance", {})
+    if not isinstance(prov, dict):
+        return [f"member {member}'s provenance in {where} is a {type(prov).__name__}, not a record"]
+    if array.ndim != 2:
+        return [f"member {member} of {where} has shape {tuple(array.shape)}, not (rows, features)"]
+    problems = []
+    if rows is not None and array.shape[0] != rows:
+        problems.append(f"member {member} has {array.shape[0]} rows, the split has {rows}")
+    dim = prov.get("feature_dim") if dim is None else dim
+    if dim is not None and array.shape[1] != dim:
+        problems.append(f"member {member} of {where} has {array.shape[1]} features, its model gives {dim}")
+    # The dtype timecat wrote is the one its provenance records (older arrays: one of layout.DTYPES).
+    # Another dtype means edited metadata: its chunks would decode as other numbers.
+    wrote = prov.get("dtype")
+    allowed = [wrote] if wrote is not None else list(layout.DTYPES)
+    if str(array.dtype) not in allowed:
+        problems.append(
+            f"member {member} of {where} is stored as {array.dtype}, not {' or '.join(allowed)} "
+            "as timecat wrote it (its metadata was changed)"
+        )
+    return problems
 
 
 def member_problems(array: zarr.Array, member: str, where: str, split_attrs: dict, *, scan: bool) -> list[str]:
@@ -42,13 +84,14 @@ def member_problems(array: zarr.Array, member: str, where: str, split_attrs: dic
     ``scan=False`` (a read) counts the chunks present, a listing; ``scan=True`` (verify)
     decodes every chunk and finds the first missing, unreadable or non-finite row.
     """
+    damaged = metadata_problems(array, member, where, split_attrs.get("rows"))
+    if damaged:  # the checks below would read its rows under the wrong shape or dtype
+        return damaged
     problems = []
     status = array.attrs.get("status")
     if status != layout.STATUS_COMPLETE:
         problems.append(f"member {member} is {status!r}, not 'complete', for {where}")
-    rows, prov = split_attrs.get("rows"), array.attrs.get("provenance", {})
-    if rows is not None and array.shape[0] != rows:
-        problems.append(f"member {member} has {array.shape[0]} rows, the split has {rows}")
+    prov = provenance(array)
     if split_attrs and prov.get("labels_sha256") != split_attrs.get("labels_sha256"):
         problems.append(f"member {member} was extracted with other labels than {where}")
     if split_attrs and prov.get("dataset_fingerprint") != split_attrs.get("fingerprint"):
@@ -57,7 +100,10 @@ def member_problems(array: zarr.Array, member: str, where: str, split_attrs: dic
             f"(fingerprint {prov.get('dataset_fingerprint')} vs {split_attrs.get('fingerprint')})"
         )
     if scan:
-        first = first_bad_row(array)
+        try:
+            first = first_bad_row(array)
+        except CacheError as e:  # a chunk this user may not read: verify names it and goes on
+            return [*problems, str(e)]
         if first < array.shape[0]:
             problems.append(f"member {member} has unwritten, unreadable or non-finite rows from row {first}")
     elif array.nchunks_initialized < array.nchunks:  # e.g. a cache copied in part
@@ -106,7 +152,9 @@ def cross_problems(rows: list[dict]) -> None:
     shas, seeds = {}, {}
     for row in rows:
         where = layout.describe(row["dataset"], row["split"], row["view"])
-        if row["shape"] is not None:  # an array whose metadata is unreadable has its own problem already
+        # An array whose metadata is unreadable, or that records no checkpoint (a provenance that is
+        # not a record), has its own problem already; nor did `timecat extract` write it as it is.
+        if row["shape"] is not None and row["checkpoint_sha256"] is not None:
             shas.setdefault((row["dataset"], row["member"]), {})[where] = row["checkpoint_sha256"]
         if row["view"] is not None:
             seeds.setdefault((row["dataset"], row["split"], row["view"]), {})[row["member"]] = row["view_seed"]
@@ -174,7 +222,7 @@ def verify(root: zarr.Group, path: str) -> list[dict]:
             where = layout.features_path(dataset, split, member, view)
             problems.append(f"array metadata unreadable ({error}): delete {path}/{where} and re-extract")
         else:
-            prov = dict(array.attrs.get("provenance", {}))
+            prov = provenance(array)
             problems += member_problems(array, member, layout.describe(dataset, split, view), attrs, scan=True)
         shape = list(array.shape) if error is None else None
         rows.append(_row(dataset, split, view, member, shape, prov, problems))

@@ -18,6 +18,19 @@ def disk_full(what: str, strerror: str) -> str:
     )
 
 
+def not_readable(path, error: OSError) -> str:
+    """The message for a file this user may not read: a permissions problem, not damage.
+
+    ``--repair`` or deleting it would not help a reader of another user's files, and must
+    not be what they are told.
+    """
+    where = getattr(error, "filename", None) or path
+    return (
+        f"{where} is not readable by this user ({error.strerror or error}): ask its owner to fix its "
+        "permissions (or fix them yourself if it is yours, e.g. chmod -R u+rX); nothing needs repairing"
+    )
+
+
 # Where each location comes from on the command line: (flag, environment variable, folder of the workspace).
 LOCATIONS = {
     "data": ("--data-root", "TIMECAT_DATA", "data"),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import zarr
 
-from cache import layout
+from cache import checks, layout, locks
 from cache.errors import CacheError, elsewhere, shown
 from cache.reader import Cache, consolidated_metadata
 from cache.writer import WritableCache
@@ -53,10 +54,51 @@ def open(  # noqa: A001
 def _open_group(path: str, mode: str, storage_options, use_consolidated) -> zarr.Group:
     if mode == "r":
         return zarr.open_group(store=path, mode="r", storage_options=storage_options, use_consolidated=use_consolidated)
-    # Writers never trust consolidated metadata: it may be stale.
-    group = zarr.open_group(store=path, mode="a", use_consolidated=False, storage_options=storage_options)
-    group.attrs.setdefault("format_version", layout.FORMAT_VERSION)
+    # Concurrent first extractions each created the store: the loser failed with ContainsGroupError.
+    # Creating (or adopting) it under one lock makes it as safe as creating a split (writer._split_lock).
+    with _store_lock(path):
+        _check_adoptable(path, storage_options)
+        # Writers never trust consolidated metadata: it may be stale.
+        group = zarr.open_group(store=path, mode="a", use_consolidated=False, storage_options=storage_options)
+        group.attrs.setdefault("format_version", layout.FORMAT_VERSION)
     return group
+
+
+def _check_adoptable(path: str, storage_options) -> None:
+    """Refuse, before writing anything, to make a timecat cache of a store or folder that holds anything else.
+
+    ``cache ls`` says "not a timecat cache" of such a store; ``extract`` used to rewrite its
+    root metadata and add groups to it. Only a new path, an empty folder or an empty group is adopted.
+    """
+    try:
+        group = zarr.open_group(store=path, mode="r", use_consolidated=False, storage_options=storage_options)
+    except FileNotFoundError:  # no zarr group there: a new path, or a folder of other files
+        local = path.removeprefix("file://")
+        entries = sorted(os.listdir(local)) if "://" not in local and os.path.isdir(local) else []
+    else:
+        if "format_version" in group.attrs:
+            return  # a timecat cache (open() checks its version)
+        entries = checks.children(group, "") or sorted(dict(group.attrs))  # the store's listing, zarr or not
+    if entries:
+        shown_entries = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise CacheError(
+            f"{path} is not a timecat cache (no format_version; it holds {shown_entries}): refusing to write "
+            "into it; give a new or empty --cache path"
+        )
+
+
+@contextlib.contextmanager
+def _store_lock(path: str):
+    """Wait for the lock that serialises creating the store itself (local stores only), beside it."""
+    if "://" in path and not path.startswith("file://"):
+        yield
+        return
+    root = path.removeprefix("file://").rstrip("/")
+    with contextlib.ExitStack() as held:
+        # No flock on this filesystem: the split and member locks that every write takes next say so.
+        with contextlib.suppress(locks.UnsupportedError):
+            held.enter_context(locks.hold(os.path.join(f"{root}.locks", ".store.lock"), wait=True))
+        yield
 
 
 def _check_writable(path: str) -> None:

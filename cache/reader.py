@@ -13,9 +13,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
+from zarr.errors import ArrayNotFoundError
 
 from cache import checks, layout
-from cache.errors import CacheError, did_you_mean
+from cache.errors import CacheError, did_you_mean, not_readable
 
 Rows = slice | Sequence[int] | np.ndarray | None  # a row subset: a slice, row numbers in any order, or a mask
 READ_CHUNKS = 8  # chunks decoded per read call (bounds zarr's buffers; 8 x 8 MiB chunks = 64 MiB)
@@ -111,11 +112,11 @@ class Cache:
                     "split": split,
                     "view": view,
                     "member": member,
-                    "rows": array.shape[0],
-                    "dim": array.shape[1],
+                    "rows": array.shape[0] if array.ndim else None,
+                    "dim": array.shape[1] if array.ndim == 2 else None,  # damaged metadata: `cache verify` names it
                     "dtype": str(array.dtype),
                     "status": array.attrs.get("status"),
-                    "provenance": dict(array.attrs.get("provenance", {})),
+                    "provenance": checks.provenance(array),
                 }
             )
         return rows
@@ -157,6 +158,8 @@ class Cache:
         array = self._labels_array(dataset, split)
         try:
             labels = array[:]
+        except PermissionError as e:
+            raise CacheError(not_readable(array.path, e)) from None
         except Exception as e:  # zarr/numcodecs raise several types for a damaged chunk
             raise CacheError(
                 f"labels of {dataset}/{split} are unreadable ({type(e).__name__}): {_relabel(self)}"
@@ -175,7 +178,7 @@ class Cache:
 
     def provenance(self, dataset: str, split: str, member: str, *, view: int | None = None) -> dict:
         """Where a member's features came from: checkpoint sha256, arch, preprocessing..."""
-        return dict(self._features_array(dataset, split, member, view).attrs.get("provenance", {}))
+        return checks.provenance(self._features_array(dataset, split, member, view))
 
     def dim(self, dataset: str, split: str, member: str, *, view: int | None = None) -> int:
         """Feature width of one member."""
@@ -213,11 +216,14 @@ class Cache:
             )
         arrays = [self._features_array(dataset, split, m, view) for m in members]
         for m, array in zip(members, arrays, strict=True):
+            damaged = checks.metadata_problems(array, m, where, split_attrs.get("rows"))
+            if damaged:
+                raise CacheError(f"{'; '.join(damaged)}: rerun `timecat extract --repair` for it (it writes it anew)")
             problems = checks.member_problems(array, m, where, split_attrs, scan=False)
             if problems:
                 raise CacheError(f"{'; '.join(problems)}: rerun `timecat extract` for it (--overwrite if it changed)")
         if view is not None:  # view k must be the same crops of the same images for every member
-            seeds = {m: a.attrs.get("provenance", {}).get("view_seed") for m, a in zip(members, arrays, strict=True)}
+            seeds = {m: checks.provenance(a).get("view_seed") for m, a in zip(members, arrays, strict=True)}
             problem = checks.view_seed_problem(where, seeds)
             if problem:
                 raise CacheError(problem)
@@ -386,9 +392,16 @@ class Cache:
         return array
 
     def _node(self, path: str, what: str, fix: str) -> zarr.Array | None:
-        """The array at ``path``, None if absent, or a clean error when its own metadata is garbage."""
+        """The array at ``path`` read through its own metadata, None if absent, or a clean error when that is garbage.
+
+        Never through the consolidated copy: an ``extract --overwrite`` killed before it rewrote
+        that copy leaves it naming the old status and checkpoint, and a probe that trusted it
+        read new features as old ones. One small read per array; listing still uses the copy.
+        """
         try:
-            return self.group.get(path)  # None when absent (KeyError); garbage metadata raises
+            return zarr.open_array(store=self.group.store, path=path, mode="r" if self.mode == "r" else "r+")
+        except ArrayNotFoundError:
+            return None
         except Exception as e:  # zarr raises several types for metadata that is garbage
             raise CacheError(f"the metadata of {what} is unreadable ({type(e).__name__}): {fix}") from None
 
@@ -403,10 +416,17 @@ def _read_into(array: zarr.Array, rows: slice, out: np.ndarray) -> None:
         buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
         array.get_basic_selection((rows, slice(None)), out=buffer)
     except Exception as e:  # zarr/numcodecs raise several types for a garbled chunk
-        raise CacheError(
-            f"{array.path} has an unreadable chunk in rows {rows.start}-{rows.stop - 1} ({type(e).__name__}): "
-            "rerun `timecat extract --repair` for it (it writes again from the first damaged chunk)"
-        ) from None
+        raise _unreadable(array, f"in rows {rows.start}-{rows.stop - 1}", e) from None
+
+
+def _unreadable(array: zarr.Array, rows: str, error: Exception) -> CacheError:
+    """A chunk that cannot be read: damage (``--repair`` writes it again) or a permissions problem (it would not)."""
+    if isinstance(error, PermissionError):
+        return CacheError(not_readable(array.path, error))
+    return CacheError(
+        f"{array.path} has an unreadable chunk {rows} ({type(error).__name__}): "
+        "rerun `timecat extract --repair` for it (it writes again from the first damaged chunk)"
+    )
 
 
 def _relabel(store: Cache) -> str:
@@ -483,7 +503,4 @@ def _read_rows(array: zarr.Array, selection: slice | np.ndarray, out: np.ndarray
         try:
             out[start : start + len(part)] = array.get_orthogonal_selection((part, slice(None)))
         except Exception as e:  # zarr/numcodecs raise several types for a garbled chunk
-            raise CacheError(
-                f"{array.path} has an unreadable chunk among rows {part.min()}-{part.max()} ({type(e).__name__}): "
-                "rerun `timecat extract --repair` for it (it writes again from the first damaged chunk)"
-            ) from None
+            raise _unreadable(array, f"among rows {part.min()}-{part.max()}", e) from None

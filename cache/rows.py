@@ -73,7 +73,7 @@ class FeatureWriter:
                 self.array[self.next_row : self.next_row + take] = rows[:take]
             except OSError as e:
                 if e.errno not in NO_SPACE:
-                    raise
+                    raise CacheError(_write_failed(self.array.path, self.next_row, self.next_row + take, e)) from e
                 # next_row stays put: nothing from this write counts as written, and a
                 # rerun's resume scan treats any partly written chunk as missing.
                 raise CacheError(
@@ -152,3 +152,15 @@ def _check_float16_range(block: np.ndarray) -> None:
     peak = float(np.abs(block).max(initial=0.0))
     if peak > FLOAT16_MAX:
         raise CacheError(f"feature value {peak:.4g} exceeds float16's range ({FLOAT16_MAX}); use dtype float32")
+
+
+def _write_failed(path: str, start: int, stop: int, error: OSError) -> str:
+    """The message for a chunk write the filesystem refused: what stood in the way, and the fix."""
+    where = error.filename2 or error.filename or path  # os.replace names the chunk it could not replace second
+    if isinstance(error, PermissionError):
+        fix = "it is not writable by this user: ask its owner to fix its permissions, or use another --cache"
+    elif isinstance(error, IsADirectoryError):
+        fix = "a folder stands where a chunk belongs: rerun with --overwrite, which writes the array anew"
+    else:
+        fix = "rerun with --overwrite, which writes the array anew"
+    return f"cannot write rows {start}-{stop - 1} of {path} to {where} ({error.strerror}); {fix}"

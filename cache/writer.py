@@ -14,9 +14,10 @@ import os
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.sync import sync
 
 from cache import checks, layout, locks
-from cache.errors import NO_SPACE, CacheError, disk_full
+from cache.errors import NO_SPACE, CacheError, did_you_mean, disk_full
 from cache.provenance import first_stale
 from cache.reader import Cache, consolidated_metadata
 from cache.rows import FeatureWriter
@@ -82,11 +83,20 @@ class WritableCache(Cache):
         if current.get("fingerprint") is None:  # new, or never finished
             return False
         fingerprint, kind = attrs["fingerprint"], attrs["kind"]
-        if (current["fingerprint"], current.get("labels_sha256")) != (fingerprint, attrs["labels_sha256"]):
+        if current["fingerprint"] != fingerprint:
             raise CacheError(
                 f"{dataset}/{split} is cached from a different dataset (fingerprint "
                 f"{current.get('fingerprint')}, now {fingerprint}); use a new cache path or delete "
                 f"{self.path}/{dataset}/{split}"
+            )
+        if current.get("labels_sha256") != attrs["labels_sha256"]:
+            # The fingerprint hashes the labels too, so equal fingerprints with other labels mean the
+            # split's labels were changed after `timecat prepare` recorded its fingerprint (relabelled).
+            raise CacheError(
+                f"{dataset}/{split} is cached with other labels than the data now has, under the same fingerprint "
+                f"{fingerprint} (labels sha256 {str(current.get('labels_sha256'))[:12]} cached, "
+                f"{attrs['labels_sha256'][:12]} now): its labels were changed without `timecat prepare`; prepare "
+                f"it again, then use a new cache path or delete {self.path}/{dataset}/{split}"
             )
         if kind is not None and current.get("kind") not in (None, kind):
             raise CacheError(f"{dataset}/{split} is cached as kind {current['kind']!r}, not {kind!r}")
@@ -141,6 +151,7 @@ class WritableCache(Cache):
         )
         prov = dict(provenance)
         prov["labels_sha256"] = self.split_attrs(dataset, split)["labels_sha256"]
+        prov["dtype"] = dtype  # what reads and repairs hold its metadata to (checks.metadata_problems)
         array.attrs.update({"status": layout.STATUS_WRITING, "provenance": prov})
         return FeatureWriter(array)
 
@@ -157,29 +168,36 @@ class WritableCache(Cache):
     ) -> str:
         """What to do with one array about to be extracted: ``keep`` it, ``resume`` it, or write it ``new``.
 
-        An array from another checkpoint, recipe, precision or view seed (``cache.provenance``)
-        is refused unless ``overwrite``. ``repair`` decodes a complete array to find a garbled
-        chunk, which a listing of missing chunks cannot see.
+        ``overwrite`` writes it anew whatever it holds. Without it, an array from another
+        checkpoint, recipe, precision or view seed (``cache.provenance``) is refused, and so is
+        one whose metadata no resume can mend (``checks.metadata_problems``: shape, width,
+        dtype, provenance) unless ``repair``, which writes it anew in this run's dtype (the one
+        its new provenance records), never in the edited one. ``repair`` also decodes a
+        complete array to find a garbled chunk, which a listing of missing chunks cannot see.
         """
         if member not in self.members(dataset, split, view=view):
             return "new"
-        try:
-            cached = self.provenance(dataset, split, member, view=view)
-        except CacheError:  # its metadata is garbage: written anew with overwrite, else that message
-            if overwrite:
-                return "new"
-            raise
-        stale = first_stale(cached, provenance)
-        if stale and not overwrite:
+        if overwrite:
+            return "new"
+        where = layout.describe(dataset, split, view)
+        array = self._features_array(dataset, split, member, view)  # garbage metadata: an error naming --overwrite
+        cached = checks.provenance(array)
+        stale = first_stale(cached, provenance) if cached else None
+        if stale:
             what, field, old, new = stale
             raise CacheError(
-                f"member {member} is cached for {layout.describe(dataset, split, view)} from another {what} "
+                f"member {member} is cached for {where} from another {what} "
                 f"({field} {str(old)[:64]}, now {str(new)[:64]}); "
                 "pass --overwrite to re-extract it, or rename the member"
             )
-        if stale:
+        rows = self.split_attrs(dataset, split).get("rows")
+        damaged = checks.metadata_problems(array, member, where, rows, provenance.get("feature_dim"))
+        if damaged and not repair:
+            raise CacheError(f"{'; '.join(damaged)}: pass --repair (or --overwrite) to extract it again")
+        if damaged:
+            log.warning("%s %s: %s; writing it anew", where, member, "; ".join(damaged))
             return "new"
-        if self.status(dataset, split, member, view=view) == layout.STATUS_COMPLETE:
+        if array.attrs.get("status") == layout.STATUS_COMPLETE:
             return self._keep_or_repair(dataset, split, member, view, repair)
         return "resume" if cached.get("dataset_fingerprint") == provenance["dataset_fingerprint"] else "new"
 
@@ -251,6 +269,48 @@ class WritableCache(Cache):
             )
         array.attrs["status"] = layout.STATUS_COMPLETE
 
+    def remove(
+        self, dataset: str, member: str, splits: list[str] | None = None, *, views_only: bool = False
+    ) -> list[tuple[str, int | None]]:
+        """Delete a member's arrays of ``splits`` (default: every cached split), or only its augmented views.
+
+        Each split is done under the member's lock, so an array a live ``extract`` is writing is
+        refused, never pulled from under it. Arrays are found by the store's own listing, so
+        ones whose metadata is garbage go too, and a view left with no member is deleted whole
+        (probes expect views 0..K-1). Returns the ``(split, view)`` removed; view None is the plain features.
+        """
+        layout.check_name("dataset", dataset)
+        layout.check_name("member", member)
+        cached = self.splits(dataset)
+        unknown = [s for s in splits or [] if s not in cached]
+        if unknown:
+            raise CacheError(f"split(s) {unknown} of {dataset} are not cached; cached: {cached}")
+        removed = []
+        for split in splits or cached:
+            with self.lock(dataset, split, member):
+                removed += [(split, view) for view in self._remove_arrays(dataset, split, member, views_only)]
+        if not removed:
+            what = "augmented views" if views_only else "arrays"
+            known = sorted({found[3] for found in checks.walk(self.group) if found[0] == dataset})
+            hint = "" if member in known else did_you_mean(member, known)
+            raise CacheError(f"member {member!r} has no {what} in {dataset}{hint}; cached members: {known}")
+        self.consolidate()
+        return removed
+
+    def _remove_arrays(self, dataset: str, split: str, member: str, views_only: bool) -> list[int | None]:
+        views = sorted(int(v) for v in checks.children(self.group, layout.views_group(dataset, split)) if v.isdigit())
+        removed = []
+        for view in ([] if views_only else [None]) + views:
+            group = layout.features_group(dataset, split, view)
+            if member in checks.children(self.group, group):
+                _delete(self.group, layout.features_path(dataset, split, member, view))
+                removed.append(view)
+            if view is not None and not checks.children(self.group, group):
+                _delete(self.group, group)  # a view no member has any more
+        if views and not checks.children(self.group, layout.views_group(dataset, split)):
+            _delete(self.group, layout.views_group(dataset, split))
+        return removed
+
     def consolidate(self) -> None:
         """Rewrite consolidated metadata so readers see every array added since."""
         try:
@@ -278,6 +338,11 @@ def _member_lock(path: str, dataset: str, split: str, member: str):
             f"member {member} of {dataset}/{split} is being written by another process ({json.dumps(e.holder)}); "
             f"wait for it to finish (or stop it), then run again: finished chunks are kept"
         ) from None
+
+
+def _delete(group: zarr.Group, prefix: str) -> None:
+    """Delete everything under ``prefix`` from the store, whatever its metadata holds."""
+    sync(group.store.delete_dir(prefix))  # zarr's stores delete asynchronously; sync() is how zarr waits
 
 
 def _disk_error(error: OSError, what: str) -> CacheError:

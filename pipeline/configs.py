@@ -191,6 +191,13 @@ DTYPES = ("float32", "float16")
 COMPRESSIONS = ("zstd", "none")  # cache.Compression's values
 
 
+# The most augmented views extract caches per image. Protocol tc trains its head for 28 epochs
+# (bn_linear_head.TcRecipe.epochs, a test keeps the two equal), epoch e on view e mod K, so views
+# beyond 28 are never read; each one costs a full copy of the split's features. Unbounded, a typo
+# (--views 10000) created thousands of empty arrays before any work.
+MAX_VIEWS = 28
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Which members to run over which dataset, and how features are stored."""
@@ -204,9 +211,9 @@ class ExtractConfig:
     num_workers: int = param(2, "Loader threads.", flag="--workers")
     dtype: str = param("float32", "Stored dtype (float16: half the disk, refuses values out of range).", choices=DTYPES)
     compression: str = param("zstd", "Chunk compression.", choices=COMPRESSIONS)
-    overwrite: bool = param(False, "Re-extract members cached from another checkpoint.")
+    overwrite: bool = param(False, "Write the members' arrays anew even when cached (e.g. from another checkpoint).")
     chunk_rows: int | None = param(None, "Rows per Zarr chunk, a multiple of the batch size (default ~8 MiB).")
-    views: int = param(0, "Also cache K augmented views of each image of --view-splits.")
+    views: int = param(0, f"Also cache K augmented views (at most {MAX_VIEWS}) of each image of --view-splits.")
     view_splits: tuple[str, ...] = param(
         ("train",), "Comma-separated splits that get views (the ones a probe fits on)."
     )
@@ -244,8 +251,11 @@ class ExtractConfig:
             raise TimecatError(
                 f"chunk rows ({self.chunk_rows}) must be a multiple of the batch size ({self.batch_size})"
             )
-        if self.views < 0:
-            raise TimecatError(f"views must be 0 or more, not {self.views}")
+        if not 0 <= self.views <= MAX_VIEWS:
+            raise TimecatError(
+                f"views must be 0 to {MAX_VIEWS}, not {self.views}: protocol tc trains {MAX_VIEWS} epochs on "
+                "one view each, so more views would never be read"
+            )
         if self.threads is not None and self.threads < 1:
             raise TimecatError(f"threads must be at least 1, got {self.threads}")
         if self.precision is not None:

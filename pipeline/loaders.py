@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache.errors import not_readable
 from pipeline.datasets import BetonFormat
 from pipeline.errors import TimecatError
 from pipeline.progress import progress
@@ -356,6 +357,8 @@ def open_reader(beton: Path):
     fix = f"delete it and run `timecat prepare` again for {Path(beton).parent.name}"
     try:
         reader = Reader(str(beton))
+    except PermissionError as e:  # another user's file: not damaged, and not ours to delete
+        raise TimecatError(not_readable(beton, e)) from None
     except Exception as e:  # FFCV asserts, or numpy fails, on a header it cannot parse
         raise TimecatError(f"{beton} is damaged ({type(e).__name__}: {str(e)[:120]}); {fix}") from None
     size = Path(beton).stat().st_size

@@ -90,7 +90,7 @@ def test_labels_must_agree(tmp_path):
     make_cache(tmp_path / "c.zarr")
     store = cache.open(str(tmp_path / "c.zarr"), mode="a")
     store.write_labels("toy", "train", np.arange(50) % 5, "fp0", [])  # same: accepted
-    with pytest.raises(cache.CacheError, match="cached from a different dataset"):
+    with pytest.raises(cache.CacheError, match="cached with other labels .*same fingerprint fp0"):
         store.write_labels("toy", "train", np.zeros(50, dtype=int), "fp0", [])
 
 
