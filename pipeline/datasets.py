@@ -94,6 +94,19 @@ class FileImages:
         return np.asarray(stats)
 
 
+def check_labels(labels: np.ndarray, num_classes: int, where: str, fix: str) -> None:
+    """Refuse a label that is not a class index 0..num_classes-1: training would fail on it with a traceback
+    (or only at the final evaluation), and a probe would score it as always wrong."""
+    labels = np.asarray(labels)
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        raise TimecatError(
+            f"{where}: label {int(labels[first])} (row {first}; {int(outside.sum())} such row(s)) is not one of the "
+            f"{num_classes} classes, which are numbered 0 to {num_classes - 1}; {fix}"
+        )
+
+
 @dataclass(frozen=True)
 class Split:
     """One split of a dataset: images, integer labels and the class names they index."""
@@ -106,6 +119,7 @@ class Split:
     def __post_init__(self):
         if len(self.images) != len(self.labels):
             raise TimecatError(f"{self.source}: {len(self.images)} images but {len(self.labels)} labels")
+        check_labels(self.labels, len(self.classes), self.source, "fix the labels or the class list")
 
     def fingerprint(self) -> str:
         """Content identity of this split: images (or file list) and labels."""
@@ -190,6 +204,7 @@ def read_fashion_mnist(data_root: Path, options: SourceOptions) -> dict[str, Spl
         images, labels = read_idx(images_file), read_idx(labels_file)
         if images.ndim != 3 or labels.ndim != 1:
             raise TimecatError(f"{images_file}: expected (n, 28, 28) images and (n,) labels")
+        check_labels(labels, len(classes), str(labels_file), "restore the original file")
         splits[split] = Split(ArrayImages(images), labels.astype(np.int64), classes, str(images_file))
     return splits
 
@@ -265,6 +280,8 @@ def _read_cifar(
     images = np.concatenate([t[0] for t in train])
     labels = np.concatenate([t[1] for t in train])
     test_images, test_labels = _cifar_batch(base / test_file, label_key)
+    for f, batch_labels in zip((*train_files, test_file), [*(t[1] for t in train), test_labels], strict=True):
+        check_labels(batch_labels, len(classes), str(base / f), f"restore the original {f}")  # names the batch
     return {
         "train": Split(ArrayImages(images), labels, classes, str(base)),
         "test": Split(ArrayImages(test_images), test_labels, classes, str(base / test_file)),

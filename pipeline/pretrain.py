@@ -215,6 +215,20 @@ class Run:
         return self._eval_loaders[split]
 
 
+def check_splits(data_root: Path, dataset: str, manifest: dict) -> None:
+    """Refuse, before training, a train or test .beton that disagrees with its manifest (rows, labels
+    within the classes): a bad test label would otherwise fail only at the final evaluation."""
+    from pipeline.loaders import read_labels
+
+    test = read_manifest(data_root, dataset, "test")
+    if test["classes"] != manifest["classes"]:
+        raise TimecatError(
+            f"{dataset}: the test split's classes differ from the train split's; run `timecat prepare` again"
+        )
+    for split, split_manifest in (("train", manifest), ("test", test)):
+        read_labels(beton_path(data_root, dataset, split), split_manifest)
+
+
 def build_run(config: PretrainConfig, data_root: Path, d: distributed.Dist) -> Run:
     """Model (seeded), optimizer, schedule and this rank's loader for ``config``."""
     from pipeline.loaders import train_loader
@@ -482,7 +496,8 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path, d: distri
         config.seed,
         plural(config.steps, "step"),
     )
-    read_manifest(data_root, config.dataset, "train")  # an unprepared dataset is refused before the lock is made
+    # An unprepared dataset, or a .beton that disagrees with its manifest, is refused before the lock is made.
+    check_splits(data_root, config.dataset, read_manifest(data_root, config.dataset, "train"))
     with contextlib.ExitStack() as stack:
         claimed = None
         if d.is_main:
