@@ -185,6 +185,7 @@ def prepare(config: PrepareConfig) -> list[dict]:
             "skipped": skipped,  # unreadable files left out with --on-corrupt skip: path and error
             "timecat_version": __version__,
         }
-        files.write_text(manifest_path(config.data_root, name, split_name), json.dumps(manifest, indent=1))
+        text = json.dumps(manifest, indent=1, allow_nan=False)  # statistics are finite: strict JSON
+        files.write_text(manifest_path(config.data_root, name, split_name), text)
         manifests.append(manifest)
     return manifests
