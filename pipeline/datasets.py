@@ -14,6 +14,7 @@ import hashlib
 import os
 import pickle
 import struct
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,28 @@ class ArrayImages:
         return np.stack([self[int(i)] for i in indices]).astype(np.float64)
 
 
+# px per image file (8192 x 8192; a 50 MP photo fits): decoded as RGB it takes 192 MB per worker thread.
+# Beyond it, a decompression bomb or a damaged header is far likelier than a photo, and it is refused as
+# an unreadable file (prepare --on-corrupt skip leaves it out), before anything is decoded.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# Pillow warns from 89 MP on; the bound above refuses those files itself, with the file's name.
+warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", module=r"PIL\.Image")
+
+
+class ImageTooLargeError(ValueError):
+    """An image file whose header claims more pixels than MAX_IMAGE_PIXELS (prepare counts it as corrupt)."""
+
+
+def check_image_size(size: tuple[int, int]) -> None:
+    """Refuse, from its header's (width, height), an image above MAX_IMAGE_PIXELS."""
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(
+            f"{width} x {height} px is above timecat's bound of {MAX_IMAGE_PIXELS:,} px per image "
+            "(a decompression bomb, a damaged header, or a photo to shrink first)"
+        )
+
+
 class FileImages:
     """Images stored as files; decoded to RGB (H, W, 3) uint8 on access."""
 
@@ -75,8 +98,12 @@ class FileImages:
     def __getitem__(self, i: int) -> np.ndarray:
         from PIL import Image  # Pillow comes with torchvision
 
-        with Image.open(self.paths[i]) as image:
-            return np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(self.paths[i]) as image:  # reads the header only
+                check_image_size(image.size)  # before decoding, so decode memory is bounded
+                return np.asarray(image.convert("RGB"))
+        except Image.DecompressionBombError as e:  # Pillow's own refusal (at twice its limit) comes first
+            raise ImageTooLargeError(f"{e} timecat decodes at most {MAX_IMAGE_PIXELS:,} px") from None
 
     def digest(self) -> str:
         """sha256 over relative paths and file sizes: cheap at ImageNet scale, changes when files do."""
