@@ -178,6 +178,21 @@ class DatasetSpec:
     crop_ratio: float = 1.0  # eval centre crop side / image side (224/256 for ImageNet-size images)
 
 
+def download(fetch: Callable[[], object], what: str, url: str, by_hand: str) -> None:
+    """Run a torchvision download; a failure (offline, a proxy, a bad checksum) is one error that names
+    the address and how to place the files by hand."""
+    from urllib.parse import urlsplit
+
+    try:
+        fetch()
+    except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError; torchvision wraps some in RuntimeError
+        reason = " ".join(str(getattr(e, "reason", e)).split())[:160]
+        raise TimecatError(
+            f"--download of {what} failed: cannot fetch {url} from {urlsplit(url).hostname} ({reason}); "
+            f"this machine may be offline. Download it elsewhere, {by_hand}, and run again without --download"
+        ) from None
+
+
 # -- IDX (MNIST-style) ---------------------------------------------------------
 
 
@@ -214,8 +229,12 @@ def read_fashion_mnist(data_root: Path, options: SourceOptions) -> dict[str, Spl
     if options.download and _find_file("train-images-idx3-ubyte", folders) is None:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(home), train=True, download=True)
-        FashionMNIST(str(home), train=False, download=True)
+        def fetch():
+            FashionMNIST(str(home), train=True, download=True)
+            FashionMNIST(str(home), train=False, download=True)
+
+        where = "the four *-ubyte.gz files (train-images, train-labels, t10k-images, t10k-labels)"
+        download(fetch, "Fashion-MNIST", FashionMNIST.mirrors[0], f"put {where} in {home}")
     classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -292,7 +311,9 @@ def _read_cifar(
     if base is None and options.download:
         from torchvision import datasets as tvd
 
-        (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(str(data_root / name), download=True)
+        source = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        by_hand = f"unpack {source.filename} (the python version) so that {candidates[0]} holds its batches"
+        download(lambda: source(str(data_root / name), download=True), name, source.url, by_hand)
         base = candidates[0]
     if base is None:
         raise TimecatError(
