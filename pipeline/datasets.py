@@ -14,7 +14,6 @@ import hashlib
 import os
 import pickle
 import struct
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +66,6 @@ class ArrayImages:
 # Beyond it, a decompression bomb or a damaged header is far likelier than a photo, and it is refused as
 # an unreadable file (prepare --on-corrupt skip leaves it out), before anything is decoded.
 MAX_IMAGE_PIXELS = 8192 * 8192
-# Pillow warns from 89 MP on; the bound above refuses those files itself, with the file's name.
-warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", module=r"PIL\.Image")
 
 
 class ImageTooLargeError(ValueError):

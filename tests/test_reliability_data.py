@@ -18,6 +18,7 @@ import struct
 import threading
 import urllib.error
 import urllib.request
+import warnings
 import zlib
 from pathlib import Path
 
@@ -319,8 +320,13 @@ def test_decompression_bombs_are_unreadable_files_skipped_or_named(tmp_path):
     (train / "dog" / "big.png").write_bytes(png_header(12000, 12000))  # 144 MP: Pillow only warns
     data = tmp_path / "data"
     config = PrepareConfig("imagefolder", data, "pets", train, test)
-    with pytest.raises(TimecatError, match=r"2 unreadable image\(s\) in pets/train") as e:
+    with (
+        pytest.raises(TimecatError, match=r"2 unreadable image\(s\) in pets/train") as e,
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
         prepare(config)
+    assert not [w for w in caught if "decompression bomb" in str(w.message)]  # the error alone says it
     assert "bomb.png (ImageTooLargeError: Image size (1600000000 pixels) exceeds limit" in str(e.value)
     assert "big.png (ImageTooLargeError: 12000 x 12000 px is above timecat's bound of 67,108,864 px" in str(e.value)
     assert not (data / "pets").exists() or not any((data / "pets").iterdir())
