@@ -96,6 +96,12 @@ SCHEDULES = ("cosine", "step")
 PRESETS = ("paper-table3", "paper-table2")  # pipeline.plan.PRESETS: the paper's experiments
 
 
+# px, the input side a member trains at: 8 is the smallest dataset's (digits); 1024 is 4.6x ImageNet's
+# 224, where one batch of 128 float32 inputs alone is 1.6 GB. Larger sides (4096) failed deep inside FFCV
+# or torch with a traceback, after the member's folder was made.
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 1024
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """One member: its name, seed, budget, architecture and dataset, and the SGD recipe."""
@@ -158,8 +164,12 @@ class PretrainConfig:
                 raise TimecatError(f"{name} must be at least 1, got {getattr(self, name)}")
         self._check_rates()
         for name in ("resolution", "min_resolution"):
-            if getattr(self, name) is not None and getattr(self, name) < 8:
-                raise TimecatError(f"{name} must be at least 8 px, got {getattr(self, name)}")
+            side = getattr(self, name)
+            if side is not None and not MIN_RESOLUTION <= side <= MAX_RESOLUTION:
+                raise TimecatError(
+                    f"{name} must be at least {MIN_RESOLUTION} px and at most {MAX_RESOLUTION} px "
+                    f"(the input side), got {side}"
+                )
         if not (len(self.ramp) == 2 and 0 <= self.ramp[0] <= self.ramp[1] <= 1):
             raise TimecatError(f"ramp is two budget fractions START,END with 0 <= START <= END <= 1, got {self.ramp}")
         if self.optimizer == "schedulefree" and self.lr > 0.05:

@@ -62,6 +62,26 @@ class ArrayImages:
         return np.stack([self[int(i)] for i in indices]).astype(np.float64)
 
 
+# px per image file (8192 x 8192; a 50 MP photo fits): decoded as RGB it takes 192 MB per worker thread.
+# Beyond it, a decompression bomb or a damaged header is far likelier than a photo, and it is refused as
+# an unreadable file (prepare --on-corrupt skip leaves it out), before anything is decoded.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class ImageTooLargeError(ValueError):
+    """An image file whose header claims more pixels than MAX_IMAGE_PIXELS (prepare counts it as corrupt)."""
+
+
+def check_image_size(size: tuple[int, int]) -> None:
+    """Refuse, from its header's (width, height), an image above MAX_IMAGE_PIXELS."""
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(
+            f"{width} x {height} px is above timecat's bound of {MAX_IMAGE_PIXELS:,} px per image "
+            "(a decompression bomb, a damaged header, or a photo to shrink first)"
+        )
+
+
 class FileImages:
     """Images stored as files; decoded to RGB (H, W, 3) uint8 on access."""
 
@@ -75,8 +95,12 @@ class FileImages:
     def __getitem__(self, i: int) -> np.ndarray:
         from PIL import Image  # Pillow comes with torchvision
 
-        with Image.open(self.paths[i]) as image:
-            return np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(self.paths[i]) as image:  # reads the header only
+                check_image_size(image.size)  # before decoding, so decode memory is bounded
+                return np.asarray(image.convert("RGB"))
+        except Image.DecompressionBombError as e:  # Pillow's own refusal (at twice its limit) comes first
+            raise ImageTooLargeError(f"{e} timecat decodes at most {MAX_IMAGE_PIXELS:,} px") from None
 
     def digest(self) -> str:
         """sha256 over relative paths and file sizes: cheap at ImageNet scale, changes when files do."""
@@ -94,6 +118,19 @@ class FileImages:
         return np.asarray(stats)
 
 
+def check_labels(labels: np.ndarray, num_classes: int, where: str, fix: str) -> None:
+    """Refuse a label that is not a class index 0..num_classes-1: training would fail on it with a traceback
+    (or only at the final evaluation), and a probe would score it as always wrong."""
+    labels = np.asarray(labels)
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        raise TimecatError(
+            f"{where}: label {int(labels[first])} (row {first}; {int(outside.sum())} such row(s)) is not one of the "
+            f"{num_classes} classes, which are numbered 0 to {num_classes - 1}; {fix}"
+        )
+
+
 @dataclass(frozen=True)
 class Split:
     """One split of a dataset: images, integer labels and the class names they index."""
@@ -106,6 +143,7 @@ class Split:
     def __post_init__(self):
         if len(self.images) != len(self.labels):
             raise TimecatError(f"{self.source}: {len(self.images)} images but {len(self.labels)} labels")
+        check_labels(self.labels, len(self.classes), self.source, "fix the labels or the class list")
 
     def fingerprint(self) -> str:
         """Content identity of this split: images (or file list) and labels."""
@@ -135,6 +173,21 @@ class DatasetSpec:
     beton: BetonFormat
     description: str
     crop_ratio: float = 1.0  # eval centre crop side / image side (224/256 for ImageNet-size images)
+
+
+def download(fetch: Callable[[], object], what: str, url: str, by_hand: str) -> None:
+    """Run a torchvision download; a failure (offline, a proxy, a bad checksum) is one error that names
+    the address and how to place the files by hand."""
+    from urllib.parse import urlsplit
+
+    try:
+        fetch()
+    except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError; torchvision wraps some in RuntimeError
+        reason = " ".join(str(getattr(e, "reason", e)).split())[:160]
+        raise TimecatError(
+            f"--download of {what} failed: cannot fetch {url} from {urlsplit(url).hostname} ({reason}); "
+            f"this machine may be offline. Download it elsewhere, {by_hand}, and run again without --download"
+        ) from None
 
 
 # -- IDX (MNIST-style) ---------------------------------------------------------
@@ -173,8 +226,12 @@ def read_fashion_mnist(data_root: Path, options: SourceOptions) -> dict[str, Spl
     if options.download and _find_file("train-images-idx3-ubyte", folders) is None:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(home), train=True, download=True)
-        FashionMNIST(str(home), train=False, download=True)
+        def fetch():
+            FashionMNIST(str(home), train=True, download=True)
+            FashionMNIST(str(home), train=False, download=True)
+
+        where = "the four *-ubyte.gz files (train-images, train-labels, t10k-images, t10k-labels)"
+        download(fetch, "Fashion-MNIST", FashionMNIST.mirrors[0], f"put {where} in {home}")
     classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -190,6 +247,7 @@ def read_fashion_mnist(data_root: Path, options: SourceOptions) -> dict[str, Spl
         images, labels = read_idx(images_file), read_idx(labels_file)
         if images.ndim != 3 or labels.ndim != 1:
             raise TimecatError(f"{images_file}: expected (n, 28, 28) images and (n,) labels")
+        check_labels(labels, len(classes), str(labels_file), "restore the original file")
         splits[split] = Split(ArrayImages(images), labels.astype(np.int64), classes, str(images_file))
     return splits
 
@@ -250,7 +308,9 @@ def _read_cifar(
     if base is None and options.download:
         from torchvision import datasets as tvd
 
-        (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(str(data_root / name), download=True)
+        source = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        by_hand = f"unpack {source.filename} (the python version) so that {candidates[0]} holds its batches"
+        download(lambda: source(str(data_root / name), download=True), name, source.url, by_hand)
         base = candidates[0]
     if base is None:
         raise TimecatError(
@@ -265,6 +325,8 @@ def _read_cifar(
     images = np.concatenate([t[0] for t in train])
     labels = np.concatenate([t[1] for t in train])
     test_images, test_labels = _cifar_batch(base / test_file, label_key)
+    for f, batch_labels in zip((*train_files, test_file), [*(t[1] for t in train), test_labels], strict=True):
+        check_labels(batch_labels, len(classes), str(base / f), f"restore the original {f}")  # names the batch
     return {
         "train": Split(ArrayImages(images), labels, classes, str(base)),
         "test": Split(ArrayImages(test_images), test_labels, classes, str(base / test_file)),

@@ -295,7 +295,7 @@ def extract_split(
     from pipeline.loaders import read_labels
 
     manifest = read_manifest(data_root, config.dataset, split)
-    labels = read_labels(beton_path(data_root, config.dataset, split))
+    labels = read_labels(beton_path(data_root, config.dataset, split), manifest)
     todo = prepare_arrays(store, config, setting, split, members, manifest, labels) if d.is_main else None
     todo = d.broadcast(todo)  # every rank waits here until rank 0 has created the arrays
     by_name = {m.name: m for m in members}
@@ -343,6 +343,10 @@ def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> l
     distributed.use_threads(config.threads)
     log.info("extract %s on %s into %s", ",".join(config.members), config.dataset, cache_path)
     setting = resolve(config, data_root, d.device)
+    from pipeline.loaders import read_labels
+
+    for split in config.splits:  # a .beton that disagrees with its manifest is refused before the cache is opened
+        read_labels(beton_path(data_root, config.dataset, split), read_manifest(data_root, config.dataset, split))
     members = [frozen_member(runs_root, name, d.device) for name in config.members]
     for m in members:
         m.use_recipe(setting.recipe)

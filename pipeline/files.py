@@ -119,6 +119,7 @@ def replace(path: Path, write: Callable[[Path], None]) -> Path:
     try:
         tmp = temporary(path)
         write(tmp)
+        fsync(tmp)  # the bytes reach the disk before the name: a crash never leaves a whole-sized file of zeros
         os.replace(tmp, path)
     except OSError as e:
         raise disk_error(e, str(path)) from e
@@ -127,6 +128,15 @@ def replace(path: Path, write: Callable[[Path], None]) -> Path:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
     return path
+
+
+def fsync(path: Path) -> None:
+    """Flush a written file's data to the disk (os.fsync; a read-only descriptor suffices on Linux)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def temporary(path: Path) -> Path:

@@ -6,7 +6,9 @@ probe and the report work without FFCV installed.
 What it changes outside itself, and when:
 
 - at import, once: FFCV's ``Compiler.set_num_threads`` no longer sets torch's
-  thread count (timecat's ``--threads`` does; ``_keep_torch_threads``);
+  thread count (timecat's ``--threads`` does; ``_keep_torch_threads``), and a
+  loader whose producer thread died raises instead of waiting forever
+  (``EpochIterator.run`` and ``__next__``: ``_keep_error``, ``_fail_when_dead``);
 - when the first loader is built: ``sys.unraisablehook`` drops one harmless
   numba finalizer message (``quiet_numba_finalizers``), and passes every other
   unraisable exception on;
@@ -45,6 +47,7 @@ try:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
+    from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.pipeline.compiler import Compiler
     from ffcv.transforms import NormalizeImage, ToTensor, ToTorchImage
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -103,8 +106,50 @@ def _keep_torch_threads(set_num_threads):
     return classmethod(numba_only)
 
 
+def _keep_error(run):
+    """FFCV's ``EpochIterator.run``, keeping the exception that ends it (for ``_fail_when_dead``)
+    instead of letting the dying thread print a traceback."""
+
+    def run_and_keep(self):
+        try:
+            run(self)
+        except BaseException as e:  # anything: the reader must hear of it, or it waits forever
+            self.timecat_error = e
+
+    return run_and_keep
+
+
+def _fail_when_dead(next_batch):
+    """FFCV's ``EpochIterator.__next__``, which fails instead of waiting forever once the thread that
+    produces batches has died (a damaged file, a failed decode): FFCV's own waits on a queue with no
+    timeout. Waiting costs nothing more: a batch put in the queue wakes it at once."""
+
+    def next_or_fail(self):
+        ready = self.output_queue.not_empty  # the queue's condition; holding it, nothing is put meanwhile
+        with ready:
+            while not self.output_queue._qsize():
+                if not self.is_alive():
+                    raise _producer_died(self)
+                ready.wait(0.5)
+        return next_batch(self)
+
+    return next_or_fail
+
+
+def _producer_died(iterator) -> TimecatError:
+    beton = Path(iterator.loader.reader.file_name)
+    error = getattr(iterator, "timecat_error", None)
+    cause = f"{type(error).__name__}: {str(error)[:160]}" if error is not None else "it stopped"
+    return TimecatError(
+        f"{beton} could not be read: FFCV's loader thread failed on it ({cause}); the file is probably damaged, "
+        f"{_remedy(beton)}"
+    )
+
+
 # Explicit, once, at import: every FFCV loader timecat builds goes through this module.
 Compiler.set_num_threads = _keep_torch_threads(Compiler.set_num_threads)
+EpochIterator.run = _keep_error(EpochIterator.run)
+EpochIterator.__next__ = _fail_when_dead(EpochIterator.__next__)
 
 
 class _Labelled:
@@ -350,17 +395,21 @@ def _row_indices(total: int, start_row: int, stop_row: int | None) -> np.ndarray
 MAX_SIDE = 16384  # px: a stored image side beyond this is a damaged header, not an image
 
 
+def _remedy(beton: Path) -> str:
+    return f"delete it and run `timecat prepare` again for {Path(beton).parent.name}"
+
+
 def open_reader(beton: Path):
-    """FFCV's reader of a .beton, checked: a damaged header or metadata is an error, never a crash or a huge buffer."""
+    """FFCV's reader of a .beton, checked: a damaged header, metadata or allocation table is an error,
+    never a crash, a hang or a huge buffer."""
     from ffcv.reader import Reader
 
-    fix = f"delete it and run `timecat prepare` again for {Path(beton).parent.name}"
     try:
         reader = Reader(str(beton))
     except PermissionError as e:  # another user's file: not damaged, and not ours to delete
         raise TimecatError(not_readable(beton, e)) from None
     except Exception as e:  # FFCV asserts, or numpy fails, on a header it cannot parse
-        raise TimecatError(f"{beton} is damaged ({type(e).__name__}: {str(e)[:120]}); {fix}") from None
+        raise TimecatError(f"{beton} is damaged ({type(e).__name__}: {str(e)[:120]}); {_remedy(beton)}") from None
     size = Path(beton).stat().st_size
     image = reader.metadata["f0"]  # timecat writes the image field first, then the label
     if len(image) and (
@@ -368,13 +417,62 @@ def open_reader(beton: Path):
     ):
         raise TimecatError(
             f"{beton} is damaged: its metadata names images up to {image['width'].max()} x {image['height'].max()} "
-            f"px or data beyond the file's {size:,} bytes; {fix}"
+            f"px or data beyond the file's {size:,} bytes; {_remedy(beton)}"
         )
+    _check_allocations(beton, reader, size)
     return reader
+
+
+def _check_allocations(beton: Path, reader, size: int) -> None:
+    """Refuse an allocation table that does not hold every image: FFCV's loader threads die on it, and
+    the caller then waits forever (a crash leaves zeros at the end of the file, where the table is)."""
+    table_at = int(reader.header["alloc_table_ptr"])
+    table = reader.alloc_table
+    data_start = reader.header.nbytes + reader.field_descriptors.nbytes + reader.metadata.nbytes
+    whole = (size - table_at) % table.itemsize == 0
+    bad = (
+        (table["size"] == 0)
+        | (table["ptr"] < data_start)
+        | (table["ptr"] + table["size"] > table_at)
+        | (table["sample_id"] >= reader.num_samples)
+    )
+    image = reader.metadata["f0"]
+    if not whole or bad.any() or not np.isin(image["data_ptr"], table["ptr"]).all():
+        raise TimecatError(
+            f"{beton} is damaged: its allocation table (the last {size - table_at:,} bytes) does not hold every "
+            f"image ({int(bad.sum())} bad entries), as a crash or a copy cut short leaves it; {_remedy(beton)}"
+        )
 
 
 def _row_count(beton: Path) -> int:
     return open_reader(beton).num_samples
+
+
+def read_labels(beton: Path, manifest: dict) -> np.ndarray:
+    """The (n,) int64 labels of a .beton in dataset order, checked against its manifest: the number of rows, every label
+    one of the manifest's classes, and the per-class counts prepare recorded.
+
+    Labels are read from the file's metadata (FFCV's int field keeps the value there), no image decoded.
+    A .beton swapped for another split's, or a manifest edited by hand, is refused here.
+    """
+    from pipeline.datasets import check_labels
+
+    reader = open_reader(beton)
+    labels = np.asarray(reader.metadata["f1"], dtype=np.int64)  # the label field, written second
+    fix = _remedy(beton)
+    if len(labels) != manifest["rows"]:
+        raise TimecatError(
+            f"{beton} holds {len(labels)} rows but its manifest says {manifest['rows']}: the file was replaced "
+            f"(another split's?) or the manifest edited; {fix}"
+        )
+    check_labels(labels, len(manifest["classes"]), str(beton), fix)
+    counts = manifest.get("class_counts")
+    if counts is not None and np.bincount(labels, minlength=len(manifest["classes"])).tolist() != counts:
+        raise TimecatError(
+            f"{beton}: its labels do not match the class counts of its manifest: the file was replaced "
+            f"(another split's?) or the manifest edited; {fix}"
+        )
+    return labels
 
 
 @contextlib.contextmanager
@@ -408,17 +506,3 @@ def to_model_input(
     """Move a loader batch to ``device``: images channels_last float32, labels (B,) int64."""
     images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True).view(-1).long()
-
-
-def read_labels(beton: Path) -> np.ndarray:
-    """All labels of a .beton in dataset order, (n,) int64, without decoding any image."""
-    open_reader(beton)  # a damaged file is an error here, before any work
-    loader = Loader(
-        str(beton),
-        batch_size=65536,
-        num_workers=1,
-        order=OrderOption.SEQUENTIAL,
-        drop_last=False,
-        pipelines={"image": None, "label": _label_pipeline()},
-    )
-    return np.concatenate([labels.view(-1).numpy() for (labels,) in loader]).astype(np.int64)

@@ -11,6 +11,7 @@ looks complete.
 from __future__ import annotations
 
 import json
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -68,7 +69,10 @@ def find_corrupt(split: Split, name: str, num_workers: int) -> list[dict]:
     if not isinstance(split.images, FileImages):
         return []
     images = split.images
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+    with ThreadPoolExecutor(max(1, num_workers)) as pool, warnings.catch_warnings():
+        # Pillow warns of images above 89 MP; MAX_IMAGE_PIXELS refuses them itself, naming the file.
+        # Scoped here, in the thread that starts the pool: nothing global changes for a caller.
+        warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", module=r"PIL\.Image")
         errors = pool.map(lambda i: _decode_error(images, i), range(len(images)), chunksize=64)
         bar = progress(errors, total=len(images), desc=f"check {name} images", unit="img")
         return [{"path": str(images.paths[i]), "error": e} for i, e in enumerate(bar) if e is not None]
@@ -187,6 +191,7 @@ def prepare(config: PrepareConfig) -> list[dict]:
             "skipped": skipped,  # unreadable files left out with --on-corrupt skip: path and error
             "timecat_version": __version__,
         }
-        files.write_text(manifest_path(config.data_root, name, split_name), json.dumps(manifest, indent=1))
+        text = json.dumps(manifest, indent=1, allow_nan=False)  # statistics are finite: strict JSON
+        files.write_text(manifest_path(config.data_root, name, split_name), text)
         manifests.append(manifest)
     return manifests

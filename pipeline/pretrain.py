@@ -201,6 +201,7 @@ class Run:
     loader: object  # this rank's FFCV train loader
     order: object  # its pipeline.seeded.StepOrder
     threads: int = 1  # torch CPU threads
+    saved_step: int | None = None  # the step of the resumable checkpoint on disk, if any
     _eval_loaders: dict | None = None
 
     def eval_loader(self, split: str):
@@ -213,6 +214,20 @@ class Run:
             beton = beton_path(self.data_root, self.config.dataset, split)
             self._eval_loaders[split] = eval_loader(beton, self.pre, 256, self.config.num_workers)
         return self._eval_loaders[split]
+
+
+def check_splits(data_root: Path, dataset: str, manifest: dict) -> None:
+    """Refuse, before training, a train or test .beton that disagrees with its manifest (rows, labels
+    within the classes): a bad test label would otherwise fail only at the final evaluation."""
+    from pipeline.loaders import read_labels
+
+    test = read_manifest(data_root, dataset, "test")
+    if test["classes"] != manifest["classes"]:
+        raise TimecatError(
+            f"{dataset}: the test split's classes differ from the train split's; run `timecat prepare` again"
+        )
+    for split, split_manifest in (("train", manifest), ("test", test)):
+        read_labels(beton_path(data_root, dataset, split), split_manifest)
 
 
 def build_run(config: PretrainConfig, data_root: Path, d: distributed.Dist) -> Run:
@@ -343,6 +358,13 @@ def restore(run: Run, payload: dict) -> int:
     return payload["step"]
 
 
+def json_line(record: dict) -> str:
+    """One JSON line; a non-finite number is written as null, never as the bare NaN or Infinity
+    that Python's json writes by default and no JSON reader accepts."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
 @contextlib.contextmanager
 def metrics_log(path: Path, active: bool, resume_step: int | None, tensorboard: Path | None = None):
     """A function that appends one JSON record to log.jsonl (rank 0; a no-op elsewhere).
@@ -364,12 +386,12 @@ def metrics_log(path: Path, active: bool, resume_step: int | None, tensorboard: 
             if torn:
                 log.warning("%s: dropped %d torn line(s) %s", path, len(torn), torn[:5])
             kept = [record for _, record in lines if record.get("step", 0) <= resume_step]
-        files.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+        files.write_text(path, "".join(json_line(record) for record in kept))
         with files.open_append(path) as fd:
 
             def write(record: dict) -> None:
                 # One write() per record: readable while training runs (timecat status, tail -f).
-                files.append_all_or_nothing(fd, (json.dumps(record) + "\n").encode(), f"the log {path}")
+                files.append_all_or_nothing(fd, json_line(record).encode(), f"the log {path}")
                 if board is not None:
                     group = record.get("event", "train")
                     for key, value in record.items():
@@ -414,6 +436,7 @@ def train(run: Run, start: int, ckpt: Path, write, bar) -> None:
     run.loader.next_epoch = epoch  # the loader's epoch counter, which seeds its order and crops
     run.order.resume_at(epoch, offset)
     step, window_start, window_loss, window_steps = start, time.perf_counter(), 0.0, 0
+    window = []  # the window's 0-d losses, kept to name the first non-finite one
     run.model.train()
     while step < config.steps:
         resolution = resolution_at(run.loader.next_epoch * run.order.steps_per_epoch, config, run.pre.resolution)
@@ -423,10 +446,11 @@ def train(run: Run, start: int, ckpt: Path, write, bar) -> None:
                 images, labels = to_model_input(images, labels, d.device)
                 result = train_one_step(run.net, images, labels, run.criterion, run.optimizer, run.scheduler)
                 step, window_loss, window_steps = step + 1, window_loss + result["loss"], window_steps + 1
+                window.append(result["loss"])
                 bar.update(1)
                 if step % config.log_every == 0 or step == config.steps:
                     now = time.perf_counter()
-                    loss = _mean_over_ranks(window_loss / window_steps, d)  # mean over the window and the ranks
+                    loss = checked_loss(run, window_loss / window_steps, window, step)  # the window's and ranks' mean
                     write(
                         {
                             "step": step,
@@ -438,26 +462,75 @@ def train(run: Run, start: int, ckpt: Path, write, bar) -> None:
                         }
                     )
                     bar.set_postfix(loss=f"{loss:.3f}")
-                    window_start, window_loss, window_steps = now, 0.0, 0
+                    window_start, window_loss, window_steps, window = now, 0.0, 0, []
                 if step < config.steps:
-                    _periodic(run, step, ckpt, write)
+                    _periodic(run, step, ckpt, write, window_loss / max(1, window_steps), window)
                 if step == config.steps:
                     break
 
 
-def _periodic(run: Run, step: int, ckpt: Path, write) -> None:
-    """Test evaluation and resumable checkpoint when their intervals come round (rank 0 works, all wait)."""
+def checked_loss(run: Run, mean: torch.Tensor, window: list[torch.Tensor], step: int) -> float:
+    """The window's mean loss over the ranks, or a Diverged error at its first non-finite loss.
+
+    Read where the log reads it anyway: the loss only becomes a number here (one GPU sync per
+    logged step, as before), and every rank sees the same mean, so all stop together.
+    """
+    loss = _mean_over_ranks(mean, run.d)
+    if math.isfinite(loss):
+        return loss
+    losses = torch.stack(window).float().cpu()  # only once, on the way out
+    bad = torch.nonzero(~torch.isfinite(losses)).flatten()
+    first, value = (step - len(window) + 1 + int(bad[0]), losses[bad[0]].item()) if len(bad) else (step, loss)
+    raise diverged(run, first, f"the training loss was {value}")
+
+
+def diverged(run: Run, step: int, what: str) -> TimecatError:
+    """Training that left finite numbers: nothing after it is saved, the member is never marked complete."""
+    config = run.config
+    if run.saved_step is None:
+        kept = "no checkpoint was saved"
+    else:
+        kept = f"its checkpoint at step {run.saved_step} is kept, not marked complete"
+    return TimecatError(
+        f"member {config.name} diverged: {what} at step {step} (--lr {config.lr:g}); training stopped and "
+        f"{kept}. Train it with a lower --lr (e.g. {config.lr / 10:g}) under another --name, or delete the "
+        "member's folder first"
+    )
+
+
+def check_weights(run: Run, step: int) -> None:
+    """Refuse to evaluate or save non-finite weights (one GPU sync, only when a checkpoint or evaluation is due).
+
+    Each rank checks its own copy (DDP keeps them equal), so all ranks stop together.
+    """
+    state = run.model.state_dict().values()
+    finite = torch.stack([torch.isfinite(t).all() for t in state if t.is_floating_point()]).all()
+    if not bool(finite):
+        raise diverged(run, step, "the weights or BatchNorm statistics became non-finite")
+
+
+def _periodic(run: Run, step: int, ckpt: Path, write, mean: torch.Tensor, window: list) -> None:
+    """Test evaluation and resumable checkpoint when their intervals come round (rank 0 works, all wait).
+
+    The losses since the last log record and the weights are checked first, so a diverged member
+    never overwrites its last good checkpoint.
+    """
     config, d = run.config, run.d
     evaluate_now = config.eval_every and step % config.eval_every == 0
     save_now = config.checkpoint_every and step % config.checkpoint_every == 0
     if not (evaluate_now or save_now):
         return
+    if window:
+        checked_loss(run, mean, window, step)
+    check_weights(run, step)
     if d.is_main:
         weights, metrics = weights_to_save(run, test=bool(evaluate_now))
         if evaluate_now:
             write({"event": "eval", "step": step, **metrics})
         if save_now:
             checkpoints.save(ckpt, checkpoint_payload(run, step, weights, final=None))
+    if save_now:
+        run.saved_step = step
     d.barrier()
 
 
@@ -482,7 +555,8 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path, d: distri
         config.seed,
         plural(config.steps, "step"),
     )
-    read_manifest(data_root, config.dataset, "train")  # an unprepared dataset is refused before the lock is made
+    # An unprepared dataset, or a .beton that disagrees with its manifest, is refused before the lock is made.
+    check_splits(data_root, config.dataset, read_manifest(data_root, config.dataset, "train"))
     with contextlib.ExitStack() as stack:
         claimed = None
         if d.is_main:
@@ -502,6 +576,7 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path, d: distri
 def _train_member(config, data_root: Path, runs_root: Path, d: distributed.Dist, payload: dict | None) -> dict:
     run = build_run(config, data_root, d)
     start = restore(run, payload) if payload is not None else 0
+    run.saved_step = start or None
     out, ckpt = run_dir(runs_root, config.name), checkpoint_path(runs_root, config.name)
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -511,7 +586,8 @@ def _train_member(config, data_root: Path, runs_root: Path, d: distributed.Dist,
             "world_size": d.world_size,
             "threads": run.threads,
         }
-        files.write_text(out / "config.json", json.dumps({**resolved, "timecat_version": __version__}, indent=1))
+        config_text = json.dumps({**resolved, "timecat_version": __version__}, indent=1, allow_nan=False)
+        files.write_text(out / "config.json", config_text)
     started = time.perf_counter()
     board = out / "tensorboard" if config.tensorboard else None
     with metrics_log(out / "log.jsonl", d.is_main, start if payload is not None else None, board) as write:
@@ -521,6 +597,7 @@ def _train_member(config, data_root: Path, runs_root: Path, d: distributed.Dist,
         with progress(total=config.steps, initial=start, desc=config.name, unit="step") as bar:
             train(run, start, ckpt, write, bar)
         train_seconds = time.perf_counter() - started
+        check_weights(run, config.steps)  # the last steps' losses were checked by their log record
         final = None
         if d.is_main:
             weights, metrics = weights_to_save(run, test=True)

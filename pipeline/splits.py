@@ -8,6 +8,7 @@ and check a prepared split without the image libraries.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,12 +67,43 @@ def read_manifest(data_root: Path, name: str, split: str) -> dict:
     missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
     if missing:
         raise TimecatError(f"{path}: manifest lacks {missing}; run {prepare_command(name)} again")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise TimecatError(f"{path}: {problem}, which prepare never writes; run {prepare_command(name)} again")
     if manifest.get("bytes") != beton.stat().st_size:
         raise TimecatError(f"{beton} does not match its manifest (size changed); run {prepare_command(name)} again")
     return manifest
 
 
 MANIFEST_KEYS = ("name", "kind", "split", "rows", "classes", "mean", "std", "fingerprint", "format", "bytes")
+PIXEL_MAX = 255.0  # manifests give pixel statistics on the 0-255 scale
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What makes a manifest's values impossible (None when they are fine): a std of 0 would divide every
+    input by zero, a class list shorter than the labels would be indexed past its end."""
+    rows, classes, counts = manifest["rows"], manifest["classes"], manifest.get("class_counts")
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+        return f"rows is {rows!r}, not a positive integer"
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        return f"classes is {str(classes)[:80]}, not a list of class names"
+    for key in ("mean", "std"):
+        values = manifest[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(_is_number(v) for v in values)):
+            return f"{key} is {str(values)[:80]}, not three finite numbers (one per channel)"
+        if (key == "std" and min(values) <= 0) or not all(0 <= v <= PIXEL_MAX for v in values):
+            return f"{key} is {values}: each must be {'above' if key == 'std' else 'at least'} 0 and at most 255"
+    if counts is not None and (
+        not isinstance(counts, list) or len(counts) != len(classes) or not all(isinstance(c, int) for c in counts)
+    ):
+        return f"class_counts is {str(counts)[:80]}, not one count for each of the {len(classes)} classes"
+    if counts is not None and sum(counts) != rows:
+        return f"class_counts add up to {sum(counts)}, not the {rows} rows"
+    return None
 
 
 def prepare_command(name: str) -> str:
