@@ -18,6 +18,7 @@ from pathlib import Path
 from cache import locks
 from cache.errors import CacheError, elsewhere, shown
 from pipeline import files, interop
+from pipeline.configs import MAX_RESOLUTION, MIN_RESOLUTION
 from pipeline.errors import TimecatError
 from pipeline.models import ARCHS, MAX_CLASSES, Classifier, build, width_problem
 from pipeline.names import check_name, foreign_name_and_path, is_foreign
@@ -107,10 +108,6 @@ def load(path: Path, mmap: bool = False) -> dict:
 
 REQUIRED = ("model", "member", "num_classes", "member.arch")  # what rebuilding the model reads
 
-# px: the paper trains at 160-224 and evaluates at 224; a larger side is a damaged field (100,000 px
-# asked a 76 TB batch buffer of extract).
-MAX_RESOLUTION = 1024
-
 
 def check_fields(payload: dict, path: Path) -> dict:
     """``payload`` if the fields that size the model and its inputs are in range, else one error naming each.
@@ -158,8 +155,11 @@ def preprocess_problems(pre) -> list[str]:
         return [f"preprocess keys {sorted(pre)} (allowed: {sorted(fields)}, with {sorted(required)})"]
     problems = []
     resolution = pre["resolution"]
-    if not _is_int(resolution) or not 1 <= resolution <= MAX_RESOLUTION:
-        problems.append(f"preprocess.resolution {resolution!r} (allowed: an integer from 1 to {MAX_RESOLUTION} px)")
+    # The bounds pretrain takes: a larger side is a damaged field (100,000 px asked a 76 TB batch buffer).
+    if not _is_int(resolution) or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+        problems.append(
+            f"preprocess.resolution {resolution!r} (allowed: an integer from {MIN_RESOLUTION} to {MAX_RESOLUTION} px)"
+        )
     if not _numbers(pre["mean"], 3, 0, 255):
         problems.append(f"preprocess.mean {pre['mean']!r} (allowed: 3 numbers from 0 to 255)")
     if not _numbers(pre["std"], 3, 1e-3, 255):

@@ -216,7 +216,7 @@ BAD_FIELDS = {
     "width": (lambda p: p["member"].update(width=99), r"member.width: .*width 99; allowed: \[1\]"),
     "resolution": (
         lambda p: p["preprocess"].update(resolution=100_000),
-        r"preprocess.resolution 100000 \(allowed: an integer from 1 to 1024 px\)",
+        r"preprocess.resolution 100000 \(allowed: an integer from 8 to 1024 px\)",
     ),
     "std": (lambda p: p["preprocess"].update(std=[0, 0, 0]), r"preprocess.std \[0, 0, 0\] \(allowed: 3 numbers"),
     "preprocess": (lambda p: p.update(preprocess="abc"), r"preprocess is a str, not a dict"),
