@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import socket
 import stat
@@ -248,3 +249,15 @@ def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[int]]:
             else:
                 bad.append(number)
     return records, bad
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (at any depth) as None: JSON has no NaN or Infinity, and
+    Python's json would write them as bare tokens that no other JSON reader accepts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

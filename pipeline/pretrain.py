@@ -361,8 +361,7 @@ def restore(run: Run, payload: dict) -> int:
 def json_line(record: dict) -> str:
     """One JSON line; a non-finite number is written as null, never as the bare NaN or Infinity
     that Python's json writes by default and no JSON reader accepts."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    return json.dumps(clean, allow_nan=False) + "\n"
+    return json.dumps(files.json_safe(record), allow_nan=False) + "\n"
 
 
 @contextlib.contextmanager

@@ -86,7 +86,7 @@ def results_path(results_root: Path) -> Path:
 def append(results_root: Path, record: dict) -> Path:
     """Append one record as a single line, under an exclusive lock, all or nothing; return the file."""
     path = results_path(results_root)
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    line = (json.dumps(files.json_safe(record), sort_keys=True, allow_nan=False) + "\n").encode()
     with files.open_append(path) as fd:
         try:
             locks.lock_fd(fd, str(path))  # released when the descriptor closes
