@@ -166,6 +166,16 @@ class Cache:
             ) from None
         if checks.labels_digest(labels) != array.attrs.get("labels_sha256"):
             raise CacheError(f"labels of {dataset}/{split} do not match their recorded sha256: {_relabel(self)}")
+        # A label outside the classes would be a traceback in a fit, or silently scored wrong on eval rows.
+        classes = array.attrs.get("classes")
+        if len(labels) and isinstance(classes, list):
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= len(classes):
+                bad = low if low < 0 else high
+                raise CacheError(
+                    f"labels of {dataset}/{split} hold {bad}, outside its {len(classes)} classes (0 to "
+                    f"{len(classes) - 1}): fix the dataset's labels, rerun `timecat prepare` and `timecat extract`"
+                )
         return labels
 
     def split_attrs(self, dataset: str, split: str) -> dict:

@@ -287,3 +287,39 @@ def test_a_pickled_head_file_is_one_clean_error(two_records, tmp_path):
         results.head(folder, record_id)
     assert "its head file" in str(caught.value) and "not an .npz of plain arrays" in str(caught.value)
     assert "allow_pickle" not in str(caught.value)
+
+
+# -- item 4, the probe's side: labels in the cache are checked against the classes -----------
+
+
+@pytest.mark.parametrize(("split", "bad"), [("train", -1), ("test", 10)])
+def test_a_cached_label_outside_the_classes_is_refused_by_the_probe(tmp_path, monkeypatch, split, bad):
+    """A store written by hand or by an older timecat: a negative label was a traceback in the fit, and an eval
+    label past the classes was silently scored as wrong."""
+    import sklearn.datasets
+
+    X, y = sklearn.datasets.load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))  # as digits_cache shuffles: rows 1400+ are test
+    y[order[5 if split == "train" else 1405]] = bad
+    monkeypatch.setattr(sklearn.datasets, "load_digits", lambda return_X_y: (X, y))
+    path = tmp_path / "c.zarr"
+    names = digits_cache(path, members=2)
+    before = tree(path)
+    result = run("probe", "--members", ",".join(names), "--dataset", "digits", "--cache", path, "--results", tmp_path)
+    one_error(result, f"labels of digits/{split} hold {bad}", "outside its 10 classes", "timecat prepare")
+    assert tree(path) == before and not (tmp_path / "probes.jsonl").exists()
+
+
+# -- item 3, the probe's side: records are strict JSON ----------------------------------------
+
+
+def test_a_non_finite_number_in_a_record_is_written_as_null(tmp_path):
+    record = {"top1": 97.0, "chosen": {"objective": float("nan"), "path": [1.0, float("inf")]}, "members": ["a"]}
+    results.append(tmp_path, record)
+
+    def refuse(token):
+        raise ValueError(f"bare {token} in probes.jsonl")
+
+    line = (tmp_path / "probes.jsonl").read_text().splitlines()[-1]
+    written = json.loads(line, parse_constant=refuse)  # a strict JSON reader
+    assert written["chosen"] == {"objective": None, "path": [1.0, None]} and written["top1"] == 97.0
