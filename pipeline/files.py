@@ -90,7 +90,7 @@ def check_destination(path: Path) -> Path:
     return path
 
 
-def check_real_folders(root: Path, relative: str, what: str) -> Path:
+def check_real_folders(root: Path, relative: str, what: str, fix: str = "remove the link and run again") -> Path:
     """Refuse when a folder from below ``root`` down to ``root/relative`` is a symbolic link; return that path.
 
     timecat's own folders (a member's, a dataset's, a split's) are written into: a link planted
@@ -103,7 +103,7 @@ def check_real_folders(root: Path, relative: str, what: str) -> Path:
         if current.is_symlink():
             raise TimecatError(
                 f"{what} {current} is a symbolic link (to {os.readlink(current)}): timecat writes only into real "
-                f"folders below {root}, never through a link; remove the link and run again"
+                f"folders below {root}, never through a link; {fix}"
             )
     return current
 

@@ -132,7 +132,9 @@ def test_a_symlinked_dataset_folder_is_refused_by_prepare(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "digits").symlink_to(victim)
-    with pytest.raises(TimecatError, match=r"dataset digits's folder .*digits is a symbolic link"):
+    with pytest.raises(
+        TimecatError, match=r"dataset digits's folder .*digits is a symbolic link.*--train PATH --test PATH"
+    ):
         prepare(PrepareConfig("digits", data))
     assert tree(victim) == before
 
