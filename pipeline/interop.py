@@ -21,7 +21,10 @@ import torch
 from pipeline import __version__, files, recipes
 from pipeline.errors import TimecatError
 from pipeline.models import MAX_CLASSES, build
+from pipeline.progress import get_logger
 from pipeline.torch_io import load_state_strict, read_torch, write_torch
+
+log = get_logger(__name__)
 
 # Longest first: "module.model0." must win over "module.".
 PREFIXES = ("_orig_mod.module.", "module.model0.", "_orig_mod.", "module.")
@@ -111,8 +114,12 @@ def from_foreign(obj, path: Path, arch: str = "resnet50") -> dict:
     """``load_foreign`` of an object already read from ``path``."""
     state, fc = backbone_state(obj, str(path))
     fix = f"it looks like {looks_like(state)}; {ACCEPTED}"
-    weight = fc.get("weight")
-    num_classes = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 1
+    if fc and not _linear(fc):
+        # A self-supervised file's projection MLP (fc.0.*, fc.2.*) or a head without a bias: the features
+        # come from the backbone, so such a head is left out, as it always was, and export says so.
+        log.warning("%s: its fc (%s) is not one Linear layer; export leaves it out", path, ", ".join(sorted(fc)))
+        fc = {}
+    num_classes = fc["weight"].shape[0] if fc else 1
     if num_classes > MAX_CLASSES:  # before a head that size is allocated a second time
         raise TimecatError(f"{path}: its fc has {num_classes:,} classes (allowed: 1 to {MAX_CLASSES:,})")
     model = build(arch, num_classes=num_classes)
@@ -130,10 +137,21 @@ def from_foreign(obj, path: Path, arch: str = "resnet50") -> dict:
     }
 
 
+def _linear(fc: dict) -> bool:
+    """Whether an ``fc`` state is exactly one Linear layer: a 2-D weight and its 1-D bias."""
+    weight, bias = fc.get("weight"), fc.get("bias")
+    return (
+        fc.keys() == {"weight", "bias"} and weight.dim() == 2 and bias.dim() == 1 and bias.shape[0] == weight.shape[0]
+    )
+
+
 HEADS = {  # a payload's "head", as export says it (timecat's own checkpoints have none: their head is trained)
     "trained": "fc is the member's own trained head",
     "original": "fc is the original file's own head, kept",
-    "none": "backbone only: the original file has no fc; load with strict=False, or set fc = nn.Identity() first",
+    "none": (
+        "backbone only: the original file has no fc of one Linear layer; load with strict=False, "
+        "or set fc = nn.Identity() first"
+    ),
 }
 
 

@@ -197,6 +197,13 @@ def test_export_keeps_a_foreign_head_or_says_it_exports_the_backbone_only(resnet
     assert result.exit_code == 0 and "backbone only" in result.output and "num_classes" not in result.output
     exported = torch.load(tmp_path / "bare.pth", weights_only=True)
     assert not any(k.startswith("fc.") for k in exported) and exported._metadata["timecat"]["head"] == "none"
+    # A self-supervised file's projection MLP as fc: not a head to keep; the backbone exports as before.
+    mlp = {"fc.0.weight": torch.zeros(8, 2048), "fc.0.bias": torch.zeros(8), "fc.2.weight": torch.zeros(4, 8)}
+    backbone = {k: v for k, v in resnet50_state.items() if not k.startswith("fc.")}
+    torch.save({**backbone, **mlp}, tmp_path / "ssl.pt")
+    result = run("export", tmp_path / "ssl.pt", "--out", tmp_path / "ssl.pth")
+    assert result.exit_code == 0 and "backbone only" in result.output, result.output
+    assert torch.load(tmp_path / "ssl.pth", weights_only=True)._metadata["timecat"]["head"] == "none"
 
 
 # -- Item 17: damaged and foreign checkpoints, named before any allocation ---------------------
