@@ -285,6 +285,11 @@ class WritableCache(Cache):
         unknown = [s for s in splits or [] if s not in cached]
         if unknown:
             raise CacheError(f"split(s) {unknown} of {dataset} are not cached; cached: {cached}")
+        for split in splits or cached:  # every link refused before anything is removed
+            views = [int(v) for v in checks.children(self.group, layout.views_group(dataset, split)) if v.isdigit()]
+            for view in [None, *views]:
+                _refuse_link(self.path, layout.features_path(dataset, split, member, view))
+            _refuse_link(f"{self.path}.locks", f"{dataset}/{split}")
         removed = []
         for split in splits or cached:
             with self.lock(dataset, split, member):
@@ -338,6 +343,21 @@ def _member_lock(path: str, dataset: str, split: str, member: str):
             f"member {member} of {dataset}/{split} is being written by another process ({json.dumps(e.holder)}); "
             f"wait for it to finish (or stop it), then run again: finished chunks are kept"
         ) from None
+
+
+def _refuse_link(root: str, prefix: str) -> None:
+    """Refuse a folder from below a local store's ``root`` down to ``prefix`` that is a symbolic link:
+    deleting through it would delete whatever it points at (``files.check_real_folders``, for writes)."""
+    if "://" in root and not root.startswith("file://"):
+        return  # remote stores have no links
+    current = root.removeprefix("file://")
+    for part in prefix.split("/"):
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            raise CacheError(
+                f"{current} is a symbolic link (to {os.readlink(current)}): timecat removes only real folders "
+                "below the cache, never through a link; remove the link yourself"
+            )
 
 
 def _delete(group: zarr.Group, prefix: str) -> None:

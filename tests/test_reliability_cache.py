@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +167,7 @@ def test_a_store_that_is_not_a_timecat_cache_is_never_written(copy, tmp_path):
         paths = ["--data-root", copy["data"], "--runs", copy["runs"], "--cache", target]
         out = run("extract", "--members", "run0", "--dataset", "digits", "--splits", "test", *paths)
         one_error_line(out, "is not a timecat cache", f"holds {held}", "new or empty --cache")
-        assert tree(target) == before
+        assert tree(target) == before and not Path(f"{target}.locks").exists()  # nothing beside it either
     (tmp_path / "empty").mkdir()  # an empty folder or a new path becomes a cache
     for fresh in (tmp_path / "empty", tmp_path / "new.zarr"):
         assert cache.open(str(fresh), mode="a").datasets() == []
@@ -223,6 +224,16 @@ def test_views_are_bounded_and_cache_rm_drops_a_members_arrays_under_its_lock(tm
     assert [r["member"] for r in rows] == ["a", "b"] and all(r["ok"] for r in rows)
     one_error_line(run("cache", "rm", path, "--dataset", "toy", "--members", "a", "--views"), "has no augmented views")
     one_error_line(run("cache", "rm", path, "--dataset", "toy", "--members", "c"), "has no arrays", "'a', 'b'")
+    # A member folder that is a link: removing through it would delete what it points at.
+    victim = tmp_path / "victim"
+    features_a = path / cache.layout.features_path("toy", "train", "a", None)
+    shutil.move(features_a, victim)
+    features_a.symlink_to(victim)
+    victim_files = tree(victim)
+    one_error_line(run("cache", "rm", path, "--dataset", "toy", "--members", "a"), "symbolic link", "never through")
+    assert tree(victim) == victim_files
+    features_a.unlink()
+    shutil.move(victim, features_a)
     assert run("cache", "rm", path, "--dataset", "toy", "--members", "a").exit_code == 0
     assert cache.open(str(path)).members("toy", "train") == ["b"]
     assert {k: v for k, v in tree(path).items() if k in kept} == kept  # member b and the labels untouched
