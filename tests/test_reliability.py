@@ -504,15 +504,17 @@ def test_a_full_disk_while_writing_a_checkpoint_labels_or_a_lock_says_so(tmp_pat
         store = cache.open(str(disk / "c.zarr"), mode="a")
         with open(disk / "filler", "wb") as f, contextlib.suppress(OSError):
             f.write(b"\0" * 1_600_000)
-        labels = np.random.default_rng(0).integers(0, 2**40, 100_000)  # 800 KB that do not compress
+        # 500,000 labels of 1,024 classes: 10 random bits each, about 625 KB however well they compress.
+        classes = [f"c{i}" for i in range(1024)]
+        labels = np.random.default_rng(0).integers(0, len(classes), 500_000)
         with pytest.raises(cache.CacheError, match="no space left on the device while writing the labels of d/train"):
-            store.write_labels("d", "train", labels, "fp", ["a", "b"])
+            store.write_labels("d", "train", labels, "fp", classes)
         with pytest.raises(cache.CacheError, match="labels of d/train (are unreadable|do not match their recorded)"):
             cache.open(str(disk / "c.zarr")).labels("d", "train")  # unfinished labels are never read as good
         (row,) = cache.open(str(disk / "c.zarr")).verify()  # nor pass verify, with no member array yet
         assert row["member"] is None and not row["ok"] and "labels" in row["problems"][0]
         (disk / "filler").unlink()
-        store.write_labels("d", "train", labels, "fp", ["a", "b"])  # space freed: the same call completes them
+        store.write_labels("d", "train", labels, "fp", classes)  # space freed: the same call completes them
         assert (cache.open(str(disk / "c.zarr")).labels("d", "train") == labels).all()
     with tmpfs(tmp_path / "few", "1m,nr_inodes=4"):  # a disk with no room for one more file
         with contextlib.suppress(OSError):
