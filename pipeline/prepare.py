@@ -155,7 +155,10 @@ def prepare(config: PrepareConfig) -> list[dict]:
         log.info("%s is already prepared under %s", name, Path(config.data_root) / name)
         return [read_manifest(config.data_root, name, s) for s in SPLITS]
     # Before reading every image: a link there would have the .beton files written wherever it points.
-    fix = "remove the link, and name the raw data where it is with --train PATH --test PATH"
+    fix = (
+        "make it a real folder and link the raw files or subfolders inside it (imagefolder and imagenet also "
+        "take --train PATH --test PATH)"
+    )
     files.check_real_folders(config.data_root, name, f"dataset {name}'s folder", fix)
     files.check_writable(Path(config.data_root) / name, "the data folder")
     options = SourceOptions(config.train_dir, config.test_dir, config.download)
