@@ -437,11 +437,8 @@ def report(patterns, results, plot_path, as_json, **params):
     Example: timecat report --layout table2 --protocol tc
     Example: timecat report --protocol tc --metric top1_eval_selected   # the paper's optimistic selection
     """
-    from pipeline import files
     from pipeline import report as rep
 
-    if plot_path is not None:
-        files.check_destination(plot_path)  # before the work: a rename would replace a device or FIFO there
     written = rep.write(results, **params, plot_path=plot_path, patterns=patterns)
     shown = {**(written["table"] or {}), **{k: written[k] for k in ("shots", "plots", "not_drawn")}}
     _out(shown, as_json, lambda _: rep.format_written(written))

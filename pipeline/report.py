@@ -520,6 +520,10 @@ def write(
 
     first = Path(plot_path) if plot_path else Path(results_root) / plot_name(PLOT_FILE, layout)
     _check_plot_folder(first.parent, plot_path is not None)
+    id_ood, shots_path = first.with_name(plot_name(ID_OOD_FILE, layout)), first.with_name(SHOTS_FILE)
+    for path in (first, id_ood, shots_path):  # before the work: a rename would replace a device or FIFO there
+        files.check_destination(path)
+        files.check_destination(path.with_suffix(".json"))
     records = load(results_root)
     if patterns:
         records = select(records, list(patterns))
@@ -530,7 +534,6 @@ def write(
     whole = [r for r in records if shots_key(r) is None]
     # Few-shot records only: their plot alone. Any other refusal of the table is the user's to see.
     data = None if shots is not None and not whole else table(records, layout=layout, protocol=protocol, metric=metric)
-    id_ood, shots_path = first.with_name(plot_name(ID_OOD_FILE, layout)), first.with_name(SHOTS_FILE)
     saved, not_drawn = [], {}
     if data is None:
         not_drawn[first] = "no whole-train-split probe records (few-shot only)"
@@ -637,6 +640,7 @@ def save_figure(fig, out: Path, summary: dict | None = None) -> Path:
     read back without the picture: timecat's version and the caller's fields
     (config and summary, for the experiments).
     """
+    files.check_destination(Path(out))  # the PNG's, before its JSON is written beside it
     if summary is not None:
         record = {"timecat_version": __version__, "figure": Path(out).name, **summary}
         text = json.dumps(record, indent=1, default=str)

@@ -87,7 +87,7 @@ def test_plan_export_and_report_refuse_a_fifo_or_a_device_before_the_work(copy, 
 
     monkeypatch.setattr(plan, "make_plan", no_work)
     monkeypatch.setattr(checkpoints, "load_member", no_work)
-    monkeypatch.setattr(report, "write", no_work)
+    monkeypatch.setattr(report, "load", no_work)  # the report's first work: reading the records
     out = copy["tmp"] / "out"
     for kind, path in special_files(out).items():
         before = tree(out)
@@ -101,6 +101,12 @@ def test_plan_export_and_report_refuse_a_fifo_or_a_device_before_the_work(copy, 
             assert "not a regular file" in result.output and "Traceback" not in result.output
             assert tree(out) == before
     assert (out / "fifo.png").is_fifo() and os.readlink(out / "null.png") == os.devnull
+    # The plots a report draws beside catn.png, and the JSON beside each, are checked as well.
+    for sibling in ("id_vs_ood.png", "shots.json"):
+        os.mkfifo(out / sibling)
+        result = run("report", "--results", out)
+        assert result.exit_code == 1 and f"{sibling} is a FIFO" in result.output, result.output
+        (out / sibling).unlink()
 
 
 # -- Item 10: folder symlinks inside the workspace ---------------------------------------------
