@@ -177,7 +177,8 @@ def children(group: zarr.Group, prefix: str) -> list[str]:
 
 
 def walk(root: zarr.Group) -> Iterator[tuple[str, str, int | None, str, zarr.Array | None, str | None]]:
-    """Every member array as ``(dataset, split, view, member, array, error)``, opened from its own metadata."""
+    """Every member array as ``(dataset, split, view, member, array, error)``, opened from its own metadata;
+    ``error`` says why an array could not be opened (damaged metadata, or ``not_readable``'s permissions text)."""
     for dataset in children(root, ""):
         for split in children(root, dataset):
             groups = [(None, layout.features_group(dataset, split))]
@@ -191,8 +192,11 @@ def walk(root: zarr.Group) -> Iterator[tuple[str, str, int | None, str, zarr.Arr
                     path = f"{group}/{member}"
                     try:
                         array = zarr.open_array(store=root.store, path=path, mode="r")
+                    except PermissionError as e:  # another user's file: not damage, nothing to re-extract
+                        yield dataset, split, view, member, None, not_readable(path, e)
+                        continue
                     except Exception as e:  # missing or garbage metadata: zarr raises several types
-                        yield dataset, split, view, member, None, f"{type(e).__name__}: {e}"
+                        yield dataset, split, view, member, None, f"array metadata unreadable ({type(e).__name__}: {e})"
                         continue
                     yield dataset, split, view, member, array, None
 
@@ -220,7 +224,8 @@ def verify(root: zarr.Group, path: str) -> list[dict]:
         problems, prov = list(problems), {}
         if error is not None:
             where = layout.features_path(dataset, split, member, view)
-            problems.append(f"array metadata unreadable ({error}): delete {path}/{where} and re-extract")
+            damaged = not error.endswith("nothing needs repairing")  # not_readable's: a permissions problem
+            problems.append(f"{error}: delete {path}/{where} and re-extract" if damaged else error)
         else:
             prov = provenance(array)
             problems += member_problems(array, member, layout.describe(dataset, split, view), attrs, scan=True)

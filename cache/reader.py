@@ -412,6 +412,8 @@ class Cache:
             return zarr.open_array(store=self.group.store, path=path, mode="r" if self.mode == "r" else "r+")
         except ArrayNotFoundError:
             return None
+        except PermissionError as e:  # another user's file: not damage, and not for --overwrite
+            raise CacheError(not_readable(path, e)) from None
         except Exception as e:  # zarr raises several types for metadata that is garbage
             raise CacheError(f"the metadata of {what} is unreadable ({type(e).__name__}): {fix}") from None
 

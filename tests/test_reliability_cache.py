@@ -277,6 +277,14 @@ def test_files_this_user_may_not_read_are_named_not_called_damaged(copy, monkeyp
     with pytest.raises(cache.CacheError, match="not readable by this user"):
         extract(ExtractConfig("digits", ("run1",), repair=True), copy["data"], copy["runs"], copy["cache"])
     monkeypatch.undo()
+    _deny(monkeypatch, "digits/train/features/run1/zarr.json")  # the array's own metadata
+    key = ("digits", "train", "run1")
+    with pytest.raises(TimecatError, match=r"run1/zarr.json is not readable by this user") as e:
+        probe(ProbeConfig("digits", ("run1",)), copy["cache"])
+    assert "--overwrite" not in str(e.value) and "delete" not in str(e.value)
+    (row,) = [r for r in cache.open(copy["cache"]).verify() if (r["dataset"], r["split"], r["member"]) == key]
+    assert "not readable by this user" in row["problems"][0] and "delete" not in row["problems"][0]
+    monkeypatch.undo()
     import ffcv.reader
 
     beton = beton_path(copy["data"], "digits", "test")
