@@ -56,13 +56,24 @@ def _open_group(path: str, mode: str, storage_options, use_consolidated) -> zarr
         return zarr.open_group(store=path, mode="r", storage_options=storage_options, use_consolidated=use_consolidated)
     # Concurrent first extractions each created the store: the loser failed with ContainsGroupError.
     # Creating (or adopting) it under one lock makes it as safe as creating a split (writer._split_lock).
-    _check_adoptable(path, storage_options)  # before the lock folder is made beside someone else's store
+    try:
+        _check_adoptable(path, storage_options)  # before the lock folder is made beside someone else's store
+    except CacheError:
+        # Another timecat process may be creating the store under the lock right now (zarr's temporary files
+        # look foreign): only a path with timecat's lock folder beside it waits for the lock and looks again.
+        if not _has_lock_folder(path):
+            raise
     with _store_lock(path):
         _check_adoptable(path, storage_options)  # again, now that no other process can be creating it
         # Writers never trust consolidated metadata: it may be stale.
         group = zarr.open_group(store=path, mode="a", use_consolidated=False, storage_options=storage_options)
         group.attrs.setdefault("format_version", layout.FORMAT_VERSION)
     return group
+
+
+def _has_lock_folder(path: str) -> bool:
+    local = path.removeprefix("file://").rstrip("/")
+    return "://" not in local and os.path.isdir(f"{local}.locks")
 
 
 def _check_adoptable(path: str, storage_options) -> None:

@@ -268,3 +268,52 @@ def logreg_optimum(X: np.ndarray, y: np.ndarray, C: float) -> float:
     # trust-krylov may end saying a step cannot be predicted to improve: f is then flat to float64.
     assert found.success or np.abs(found.jac).max() < 1e-7, (found.message, np.abs(found.jac).max())
     return float(found.fun)
+
+
+# -- shared by the reliability files: the CLI as a user runs it, snapshots, one error line ----------
+
+
+def run(*args, env=None):
+    """The timecat CLI in this process, as a user would run it (arguments made strings)."""
+    from click.testing import CliRunner
+
+    import cli
+
+    return CliRunner().invoke(cli.main, [str(a) for a in args], env=env)
+
+
+def tree(root: Path) -> dict[str, bytes | str | None]:
+    """Every path under ``root``: bytes of files, a link's target, None for folders and FIFOs (a snapshot to compare,
+    never reading through a link or blocking on a FIFO)."""
+    out = {}
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_symlink():
+            out[str(path.relative_to(root))] = os.readlink(path)
+        elif path.is_file():
+            out[str(path.relative_to(root))] = path.read_bytes()
+        else:
+            out[str(path.relative_to(root))] = None
+    return out
+
+
+def one_error(result, *words: str) -> str:
+    """The single ``Error:`` line of a failed command, checked for ``words`` and for the absence of a traceback."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught error
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def copy(pipeline_run, tmp_path):
+    """A private copy of the shared tiny pipeline's runs and cache, to damage."""
+    import shutil
+
+    runs, store = tmp_path / "runs", tmp_path / "features.zarr"
+    shutil.copytree(pipeline_run["runs"], runs)
+    shutil.copytree(pipeline_run["cache"], store)
+    return {"data": pipeline_run["data"], "runs": runs, "cache": str(store), "tmp": tmp_path}

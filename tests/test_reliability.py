@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_cifar10, make_fashion_root
+from conftest import make_cifar10, make_fashion_root, run, tree
 from test_probe import blob_cache
 
 import cache
@@ -33,10 +33,6 @@ from pipeline.prepare import PrepareConfig, prepare
 from pipeline.pretrain import PretrainConfig, pretrain
 from pipeline.probe import ProbeConfig, probe
 from pipeline.splits import beton_path, manifest_path
-
-
-def run(*args, env=None):
-    return CliRunner().invoke(cli.main, [str(a) for a in args], env=env)
 
 
 @contextlib.contextmanager
@@ -54,23 +50,6 @@ def tmpfs(path: Path, size: str, read_only: bool = False):
             yield None
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-@pytest.fixture
-def copy(pipeline_run, tmp_path):
-    """A private copy of the shared tiny pipeline's runs and cache, to damage."""
-    runs, store = tmp_path / "runs", tmp_path / "features.zarr"
-    shutil.copytree(pipeline_run["runs"], runs)
-    shutil.copytree(pipeline_run["cache"], store)
-    return {"data": pipeline_run["data"], "runs": runs, "cache": str(store), "tmp": tmp_path}
-
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for folders): a snapshot to compare."""
-    out = {}
-    for path in sorted(Path(root).rglob("*")):
-        out[str(path.relative_to(root))] = None if path.is_dir() or path.is_symlink() else path.read_bytes()
-    return out
 
 
 # -- 0. Severe defects ------------------------------------------------------------------------

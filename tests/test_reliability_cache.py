@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_reliability
 import zarr
-from conftest import make_cache
-from test_reliability import run, tree
+from conftest import make_cache, one_error, run, tree
 
 import cache
 from pipeline.bn_linear_head import TcRecipe
@@ -29,19 +27,6 @@ from pipeline.errors import TimecatError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.probe import ProbeConfig, probe
 from pipeline.splits import beton_path
-
-copy = test_reliability.copy  # the fixture: a private copy of the tiny pipeline's runs and cache
-
-
-def one_error_line(out, *words: str) -> str:
-    """A CLI result that failed with one ``Error:`` line, no traceback, holding ``words``."""
-    assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.output
-    assert "Traceback" not in out.output
-    error = [line for line in out.output.splitlines() if line.startswith("Error: ")]
-    assert len(error) == 1, out.output
-    for word in words:
-        assert word in error[0], error[0]
-    return error[0]
 
 
 def cli_paths(copy) -> list:
@@ -114,9 +99,9 @@ def test_metadata_no_resume_can_mend_is_one_error_line_everywhere(copy, damage):
     before = tree(Path(copy["cache"]))
     paths = ["--cache", copy["cache"], "--runs", copy["runs"], "--results", copy["tmp"]]
     probed = run("probe", "--members", "run1", "--dataset", "digits", *paths)
-    one_error_line(probed, problem, "--repair")
+    one_error(probed, problem, "--repair")
     extracted = run("extract", "--members", "run1", "--dataset", "digits", "--splits", "train", *cli_paths(copy))
-    one_error_line(extracted, problem, "--repair", "--overwrite")
+    one_error(extracted, problem, "--repair", "--overwrite")
     verified = run("cache", "verify", copy["cache"])
     assert verified.exit_code == 1 and "Traceback" not in verified.output
     assert f"digits/train run1 {'(1347,)' if damage == '1-D' else ''}".strip() in verified.output
@@ -135,7 +120,7 @@ def test_overwrite_rewrites_any_damaged_array_and_repair_never_keeps_an_edited_d
     edit_metadata(copy["cache"], "run1", DAMAGES["width"][0])  # --overwrite failed and left it 'writing'
     chunk_folder(copy["cache"], "run2")  # a traceback in extract
     out = run("extract", "--members", "run2", "--dataset", "digits", "--splits", "train", *cli_paths(copy))
-    one_error_line(out, "a folder stands where a chunk belongs", "--overwrite")
+    one_error(out, "a folder stands where a chunk belongs", "--overwrite")
     config = ExtractConfig("digits", ("run0", "run1", "run2"), splits=("train",), overwrite=True)
     summary = extract(config, copy["data"], copy["runs"], copy["cache"])
     assert {r["state"] for r in summary} == {"written"}
@@ -166,7 +151,7 @@ def test_a_store_that_is_not_a_timecat_cache_is_never_written(copy, tmp_path):
         before = tree(target)
         paths = ["--data-root", copy["data"], "--runs", copy["runs"], "--cache", target]
         out = run("extract", "--members", "run0", "--dataset", "digits", "--splits", "test", *paths)
-        one_error_line(out, "is not a timecat cache", f"holds {held}", "new or empty --cache")
+        one_error(out, "is not a timecat cache", f"holds {held}", "new or empty --cache")
         assert tree(target) == before and not Path(f"{target}.locks").exists()  # nothing beside it either
     (tmp_path / "empty").mkdir()  # an empty folder or a new path becomes a cache
     for fresh in (tmp_path / "empty", tmp_path / "new.zarr"):
@@ -207,7 +192,7 @@ def test_views_are_bounded_and_cache_rm_drops_a_members_arrays_under_its_lock(tm
     assert TcRecipe().epochs == MAX_VIEWS  # the bound's reason: tc reads view e mod K at epoch e
     with pytest.raises(TimecatError, match=rf"views must be 0 to {MAX_VIEWS}, not 10000.*never be read"):
         ExtractConfig("digits", ("run0",), views=10000)
-    one_error_line(run("extract", "--members", "run0", "--dataset", "digits", "--views", 10000), "views must be 0")
+    one_error(run("extract", "--members", "run0", "--dataset", "digits", "--views", 10000), "views must be 0")
     path = tmp_path / "c.zarr"
     make_cache(path)
     store = cache.open(str(path), mode="a")
@@ -216,21 +201,21 @@ def test_views_are_bounded_and_cache_rm_drops_a_members_arrays_under_its_lock(tm
     assert sum(not r["ok"] for r in store.verify()) == 3
     kept = {k: v for k, v in tree(path).items() if "/b" in k or "labels" in k}
     with store.lock("toy", "train", "a"):  # a live extract of member a
-        one_error_line(run("cache", "rm", path, "--dataset", "toy", "--members", "a", "--views"), "being written")
+        one_error(run("cache", "rm", path, "--dataset", "toy", "--members", "a", "--views"), "being written")
     assert sum(not r["ok"] for r in store.verify()) == 3  # nothing removed
     out = run("cache", "rm", path, "--dataset", "toy", "--members", "a", "--views")
     assert out.exit_code == 0 and out.output.count("removed") == 3, out.output
     rows = cache.open(str(path)).verify()
     assert [r["member"] for r in rows] == ["a", "b"] and all(r["ok"] for r in rows)
-    one_error_line(run("cache", "rm", path, "--dataset", "toy", "--members", "a", "--views"), "has no augmented views")
-    one_error_line(run("cache", "rm", path, "--dataset", "toy", "--members", "c"), "has no arrays", "'a', 'b'")
+    one_error(run("cache", "rm", path, "--dataset", "toy", "--members", "a", "--views"), "has no augmented views")
+    one_error(run("cache", "rm", path, "--dataset", "toy", "--members", "c"), "has no arrays", "'a', 'b'")
     # A member folder that is a link: removing through it would delete what it points at.
     victim = tmp_path / "victim"
     features_a = path / cache.layout.features_path("toy", "train", "a", None)
     shutil.move(features_a, victim)
     features_a.symlink_to(victim)
     victim_files = tree(victim)
-    one_error_line(run("cache", "rm", path, "--dataset", "toy", "--members", "a"), "symbolic link", "never through")
+    one_error(run("cache", "rm", path, "--dataset", "toy", "--members", "a"), "symbolic link", "never through")
     assert tree(victim) == victim_files
     features_a.unlink()
     shutil.move(victim, features_a)

@@ -25,10 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import make_cifar10, make_fashion_root, make_imagefolder
+from conftest import make_cifar10, make_fashion_root, make_imagefolder, run, tree
 
-import cli
 from pipeline import checkpoints, files
 from pipeline.errors import TimecatError
 from pipeline.extract import ExtractConfig, extract
@@ -37,15 +35,6 @@ from pipeline.pretrain import PretrainConfig, json_line, pretrain
 from pipeline.splits import beton_path, manifest_path
 
 HANG_S = 120  # s: a call that has not returned by then hangs (each takes a few seconds)
-
-
-def run(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
-
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for folders): a snapshot to compare."""
-    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(Path(root).rglob("*"))}
 
 
 def strict_json_lines(path: Path) -> list[dict]:

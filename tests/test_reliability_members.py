@@ -17,41 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run, tree
 
-import cli
 from pipeline import checkpoints, files
 from pipeline.errors import TimecatError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.prepare import PrepareConfig, prepare
 from pipeline.pretrain import PretrainConfig, pretrain
-
-
-def run(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
-
-
-def tree(root: Path) -> dict[str, bytes | str | None]:
-    """Every path under ``root``: bytes of files, a link's target, None for folders and FIFOs."""
-    out = {}
-    for path in sorted(Path(root).rglob("*")):
-        if path.is_symlink():
-            out[str(path.relative_to(root))] = os.readlink(path)
-        elif path.is_file():
-            out[str(path.relative_to(root))] = path.read_bytes()
-        else:
-            out[str(path.relative_to(root))] = None
-    return out
-
-
-@pytest.fixture
-def copy(pipeline_run, tmp_path):
-    """A private copy of the shared tiny pipeline's runs and cache, to damage."""
-    runs, store = tmp_path / "runs", tmp_path / "features.zarr"
-    shutil.copytree(pipeline_run["runs"], runs)
-    shutil.copytree(pipeline_run["cache"], store)
-    return {"data": pipeline_run["data"], "runs": runs, "cache": str(store), "tmp": tmp_path}
-
 
 # -- Item 9: destinations that are not regular files -------------------------------------------
 

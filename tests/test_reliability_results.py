@@ -18,39 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import digits_cache
+from conftest import digits_cache, one_error, run, tree
 
-import cli
 from pipeline import probe as probe_stage
 from pipeline import results
 from pipeline.errors import TimecatError
 from pipeline.probe import ProbeConfig
-
-
-def run(*args, env=None):
-    return CliRunner().invoke(cli.main, [str(a) for a in args], env=env)
-
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for folders): a snapshot to compare."""
-    return {
-        str(p.relative_to(root)): None if p.is_dir() or p.is_symlink() else p.read_bytes()
-        for p in sorted(Path(root).rglob("*"))
-    }
-
-
-def one_error(result, *words: str) -> str:
-    """The single ``Error:`` line of a failed command, checked for ``words`` and for the absence of a traceback."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught error
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
-
 
 # -- item 2: k-NN votes at small temperatures ----------------------------------------------
 
