@@ -278,7 +278,7 @@ def test_a_loader_thread_that_dies_is_an_error_naming_the_file(data, monkeypatch
         returns_within(lambda: list(loader))
 
 
-def test_betons_and_checkpoints_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+def test_written_files_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
     import os
 
     events, real_replace = [], os.replace
