@@ -165,8 +165,12 @@ class WritableCache(Cache):
         overwrite: bool = False,
         repair: bool = False,
         view: int | None = None,
+        refusals_only: bool = False,
     ) -> str:
         """What to do with one array about to be extracted: ``keep`` it, ``resume`` it, or write it ``new``.
+
+        ``refusals_only`` stops after the checks that refuse (returning "checked"), before the scan
+        ``repair`` asks for: extract runs them for every split before it writes any.
 
         ``overwrite`` writes it anew whatever it holds. Without it, an array from another
         checkpoint, recipe, precision or view seed (``cache.provenance``) is refused, and so is
@@ -194,6 +198,8 @@ class WritableCache(Cache):
         damaged = checks.metadata_problems(array, member, where, rows, provenance.get("feature_dim"))
         if damaged and not repair:
             raise CacheError(f"{'; '.join(damaged)}: pass --repair (or --overwrite) to extract it again")
+        if refusals_only:
+            return "checked"
         if damaged:
             log.warning("%s %s: %s; writing it anew", where, member, "; ".join(damaged))
             return "new"

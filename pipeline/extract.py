@@ -179,13 +179,7 @@ def prepare_arrays(
     todo = []
     for m in members:
         for view in targets(config, split):
-            provenance = m.provenance(config.dataset, split, fingerprint, setting.recipe, setting.precision)
-            if view is not None:
-                decode = decode_for(Preprocess.from_dict(m.preprocess), setting.recipe, views=True)
-                spec = setting.view_spec
-                provenance.update(
-                    view=view, view_seed=spec.seed, views=spec.describe(decode.loader.resolution, decode.out_px)
-                )
+            provenance = array_provenance(m, config, setting, split, fingerprint, view)
             action = store.decide(
                 config.dataset, split, m.name, provenance, overwrite=config.overwrite, repair=config.repair, view=view
             )
@@ -204,6 +198,39 @@ def prepare_arrays(
             if action != "keep":
                 todo.append((m.name, view))
     return todo
+
+
+def array_provenance(
+    m: Member, config: ExtractConfig, setting: Setting, split: str, fingerprint: str, view: int | None
+) -> dict:
+    """What the array of member ``m`` (and ``view``) for ``split`` will record of where its features come from."""
+    provenance = m.provenance(config.dataset, split, fingerprint, setting.recipe, setting.precision)
+    if view is not None:
+        decode = decode_for(Preprocess.from_dict(m.preprocess), setting.recipe, views=True)
+        spec = setting.view_spec
+        provenance.update(view=view, view_seed=spec.seed, views=spec.describe(decode.loader.resolution, decode.out_px))
+    return provenance
+
+
+def refuse_before_writing(store: cache.WritableCache, config: ExtractConfig, setting: Setting, data_root, members):
+    """Every split's refusals (an array from another checkpoint, or metadata no resume mends) before any split is
+    written: the last split's refusal used to come after the first split's features, hours of them at scale."""
+    cached = store.splits(config.dataset) if config.dataset in store.datasets() else []
+    for split in (s for s in config.splits if s in cached):  # a split not cached yet has nothing to refuse
+        fingerprint = read_manifest(data_root, config.dataset, split)["fingerprint"]
+        for m in members:
+            for view in targets(config, split):
+                provenance = array_provenance(m, config, setting, split, fingerprint, view)
+                store.decide(
+                    config.dataset,
+                    split,
+                    m.name,
+                    provenance,
+                    overwrite=config.overwrite,
+                    repair=config.repair,
+                    view=view,
+                    refusals_only=True,
+                )
 
 
 def _group_writers(
@@ -358,6 +385,7 @@ def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> l
             for split in config.splits:
                 for m in members:
                     locks.enter_context(store.lock(config.dataset, split, m.name))
+            refuse_before_writing(store, config, setting, data_root, members)
         d.barrier()
         store = store or cache.open(cache_path, mode="a")
         summary = []

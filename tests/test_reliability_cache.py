@@ -282,3 +282,16 @@ def test_files_this_user_may_not_read_are_named_not_called_damaged(copy, monkeyp
         extract(ExtractConfig("digits", ("run0",), splits=("test",)), copy["data"], copy["runs"], copy["cache"])
     assert "delete" not in str(e.value) and "damaged" not in str(e.value)
     assert tree(Path(copy["cache"])) == before
+
+
+def test_every_splits_refusal_comes_before_any_split_is_written(copy):
+    """run0's test array is from another checkpoint and its train array is gone: extract used to write train
+    (hours at ImageNet scale) and only then refuse test."""
+    shutil.copy(Path(copy["runs"]) / "run1/checkpoint.pt", Path(copy["runs"]) / "run0/checkpoint.pt")
+    removed = run("cache", "rm", copy["cache"], "--dataset", "digits", "--members", "run0", "--splits", "train")
+    assert removed.exit_code == 0, removed.output
+    before = {k: v for k, v in tree(Path(copy["cache"])).items() if k != "zarr.json"}  # the consolidated copy
+    paths = ["--data-root", copy["data"], "--runs", copy["runs"], "--cache", copy["cache"]]
+    one_error(run("extract", "--members", "run0", "--dataset", "digits", *paths), "digits/test", "--overwrite")
+    assert {k: v for k, v in tree(Path(copy["cache"])).items() if k != "zarr.json"} == before
+    assert "run0" not in cache.open(copy["cache"]).members("digits", "train")
