@@ -390,7 +390,7 @@ BASE = {
     "compare": ["a1", "b2"],
     "report": [],
     "export": ["run0", "--out", "x.pth"],
-    "toy": ["--mixtures", "4"],
+    "toy": ["--mixtures", "4", "--steps", "20"],  # a value the loop accepts runs the experiment: keep it small
     "diversity": ["--members", "run0,run1", "--dataset", "digits"],
     "dominoes": ["--steps", "1", "--seeds", "0"],
     "demo": ["--total-steps", "4"],
