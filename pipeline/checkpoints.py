@@ -19,7 +19,7 @@ from cache import locks
 from cache.errors import CacheError, elsewhere, shown
 from pipeline import files, interop
 from pipeline.configs import MAX_RESOLUTION, MIN_RESOLUTION
-from pipeline.errors import TimecatError
+from pipeline.errors import TimecatError, is_finite_number
 from pipeline.models import ARCHS, MAX_CLASSES, Classifier, build, width_problem
 from pipeline.names import check_name, foreign_name_and_path, is_foreign
 from pipeline.splits import Preprocess
@@ -141,7 +141,7 @@ def _numbers(value, count: int, low: float, high: float) -> bool:
     return (
         isinstance(value, (list, tuple))
         and len(value) == count
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high for v in value)
+        and all(is_finite_number(v) and low <= v <= high for v in value)
     )
 
 

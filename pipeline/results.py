@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import re
 import zipfile
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import numpy as np
 from cache import locks
 from cache.errors import CacheError, did_you_mean, elsewhere, shown
 from pipeline import files
-from pipeline.errors import TimecatError
+from pipeline.errors import TimecatError, is_finite_number
 from pipeline.progress import get_logger
 
 log = get_logger(__name__)
@@ -265,10 +264,6 @@ def load(results_root: Path) -> list[dict]:
     return [r for n, r in lines if n not in problems]
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _names(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
@@ -279,7 +274,7 @@ def _optional(check):
 
 def _provenance(value) -> bool:
     """Each member's provenance: a dict whose fields the report reads have their types (or are null)."""
-    fields = {"steps": _optional(_number), "params": _optional(_number), "arch": _optional(_is(str))}
+    fields = {"steps": _optional(is_finite_number), "params": _optional(is_finite_number), "arch": _optional(_is(str))}
     fields["pretrain_dataset"] = _optional(_is(str))
     return isinstance(value, dict) and all(
         isinstance(p, dict) and all(check(p.get(key)) for key, check in fields.items()) for p in value.values()
@@ -302,7 +297,7 @@ RECORD_FIELDS = {
     "dataset": (True, _is(str), "a name"),
     "members": (True, _names, "a list of member names"),
     "protocol": (True, _is(str), "a name"),
-    "top1": (True, _number, "a finite number"),
+    "top1": (True, is_finite_number, "a finite number"),
     "n_members": (True, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "train_split": (True, _is(str), "a split name"),
     "eval_split": (True, _is(str), "a split name"),
@@ -310,10 +305,14 @@ RECORD_FIELDS = {
     "id": (False, _is(str), "a string"),
     "time": (False, _is(str), "a string"),
     "backend": (False, _is(str), "a name"),
-    "top5": (False, _number, "a finite number"),
-    "top1_eval_selected": (False, _number, "a finite number"),
-    "wall_s": (False, _number, "a finite number"),
-    "top1_ci95": (False, lambda v: isinstance(v, list) and len(v) == 2 and all(map(_number, v)), "[low, high]"),
+    "top5": (False, is_finite_number, "a finite number"),
+    "top1_eval_selected": (False, is_finite_number, "a finite number"),
+    "wall_s": (False, is_finite_number, "a finite number"),
+    "top1_ci95": (
+        False,
+        lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_finite_number, v)),
+        "[low, high]",
+    ),
     "chosen": (False, _is(dict), "a dict"),
     "holdout": (False, _is(dict), "a dict"),
     "eval_rows": (False, _is(dict), "a dict"),

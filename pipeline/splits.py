@@ -8,12 +8,11 @@ and check a prepared split without the image libraries.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cache.errors import elsewhere, shown
-from pipeline.errors import TimecatError
+from pipeline.errors import TimecatError, is_finite_number
 
 SPLITS = ("train", "test")
 
@@ -79,10 +78,6 @@ MANIFEST_KEYS = ("name", "kind", "split", "rows", "classes", "mean", "std", "fin
 PIXEL_MAX = 255.0  # manifests give pixel statistics on the 0-255 scale
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def manifest_problem(manifest: dict) -> str | None:
     """What makes a manifest's values impossible (None when they are fine): a std of 0 would divide every
     input by zero, a class list shorter than the labels would be indexed past its end."""
@@ -93,7 +88,7 @@ def manifest_problem(manifest: dict) -> str | None:
         return f"classes is {str(classes)[:80]}, not a list of class names"
     for key in ("mean", "std"):
         values = manifest[key]
-        if not (isinstance(values, list) and len(values) == 3 and all(_is_number(v) for v in values)):
+        if not (isinstance(values, list) and len(values) == 3 and all(is_finite_number(v) for v in values)):
             return f"{key} is {str(values)[:80]}, not three finite numbers (one per channel)"
         if (key == "std" and min(values) <= 0) or not all(0 <= v <= PIXEL_MAX for v in values):
             return f"{key} is {values}: each must be {'above' if key == 'std' else 'at least'} 0 and at most 255"
