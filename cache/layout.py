@@ -110,3 +110,9 @@ def check_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
         raise CacheError(f"invalid {kind} name {name!r}: use {NAME_RULE}")
     return name
+
+
+def is_remote(path) -> bool:
+    """Whether a store path is a URL other than file:// (S3, GCS, memory): no local folders, links or flocks."""
+    path = str(path)
+    return "://" in path and not path.startswith("file://")

@@ -102,7 +102,7 @@ def _check_adoptable(path: str, storage_options) -> None:
 @contextlib.contextmanager
 def _store_lock(path: str):
     """Wait for the lock that serialises creating the store itself (local stores only), beside it."""
-    if "://" in path and not path.startswith("file://"):
+    if layout.is_remote(path):
         yield
         return
     root = path.removeprefix("file://").rstrip("/")
@@ -117,7 +117,7 @@ def _check_writable(path: str) -> None:
     """Refuse, before any work, a cache that writes cannot reach or keep."""
     if path.startswith("memory://"):
         raise CacheError(f"{path}: a memory:// cache keeps nothing once the process ends; give a path or a URL")
-    if "://" in path and not path.startswith("file://"):
+    if layout.is_remote(path):
         return  # remote stores report their own permission errors
     local = path.removeprefix("file://")
     existing = local

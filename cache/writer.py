@@ -336,7 +336,7 @@ class WritableCache(Cache):
 
 @contextlib.contextmanager
 def _member_lock(path: str, dataset: str, split: str, member: str):
-    if "://" in str(path) and not str(path).startswith("file://"):
+    if layout.is_remote(path):
         log.warning("%s is not a local path: writers are not locked", path)
         yield
         return
@@ -354,7 +354,7 @@ def _member_lock(path: str, dataset: str, split: str, member: str):
 def _refuse_link(root: str, prefix: str) -> None:
     """Refuse a folder from below a local store's ``root`` down to ``prefix`` that is a symbolic link:
     deleting through it would delete whatever it points at (``files.check_real_folders``, for writes)."""
-    if "://" in root and not root.startswith("file://"):
+    if layout.is_remote(root):
         return  # remote stores have no links
     current = root.removeprefix("file://")
     for part in prefix.split("/"):
@@ -380,7 +380,7 @@ def _disk_error(error: OSError, what: str) -> CacheError:
 @contextlib.contextmanager
 def _split_lock(path: str, dataset: str, split: str):
     """Wait for the lock that serialises creating a split's labels (local stores only)."""
-    if "://" in str(path) and not str(path).startswith("file://"):
+    if layout.is_remote(path):
         yield
         return
     root = str(path).removeprefix("file://").rstrip("/")

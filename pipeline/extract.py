@@ -341,7 +341,7 @@ def refuse_linked_folders(cache_path: str, config: ExtractConfig, members: list[
     zarr writes through such a link, into whatever it points at; the cache root (and its
     lock folder) may be a link, as the user chose it.
     """
-    if "://" in cache_path and not cache_path.startswith("file://"):
+    if cache.layout.is_remote(cache_path):
         return  # remote stores have no symlinks
     root = Path(cache_path.removeprefix("file://"))
     for split in config.splits:
