@@ -63,7 +63,7 @@ class TimecatGroup(click.Group):
 
     def invoke(self, ctx):
         import cache
-        from pipeline.errors import TimecatError
+        from pipeline.core.errors import TimecatError
 
         try:
             return super().invoke(ctx)
@@ -81,7 +81,7 @@ def main(verbose: bool) -> None:
 
     Example: timecat demo
     """
-    from pipeline.progress import configure_logging
+    from pipeline.core.progress import configure_logging
 
     configure_logging(verbose)
 
@@ -108,7 +108,7 @@ def prepare(kind, data_root, **params):
     Example: timecat prepare imagenet --train /data/imagenet/train --test /data/imagenet/val --on-corrupt skip
     Example: timecat prepare imagenet --name imagenet-mixed --storage mixed
     """
-    from pipeline.prepare import prepare as prepare_stage
+    from pipeline.data.prepare import prepare as prepare_stage
 
     config = options.make_config(PrepareConfig, params, kind=kind, data_root=data_root)
     for m in prepare_stage(config):
@@ -144,9 +144,9 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
     Example: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
              $(which timecat) pretrain --plan table3.json --member cat4-run0
     """
-    from pipeline import distributed
-    from pipeline import plan as plans
-    from pipeline.pretrain import pretrain_all
+    from pipeline.core import distributed
+    from pipeline.train import plan as plans
+    from pipeline.train.pretrain import pretrain_all
 
     if nproc_per_node is not None:
         if "LOCAL_RANK" in os.environ:
@@ -190,8 +190,8 @@ def plan(out, as_json, **params):
     Example: timecat plan --dataset imagenet --preset paper-table3 --out table3.json
     """
 
-    from pipeline import files
-    from pipeline import plan as plans
+    from pipeline.core import files
+    from pipeline.train import plan as plans
 
     files.check_destination(out)  # before the work: a rename would replace a device or FIFO there
     _require(params, "dataset")
@@ -210,7 +210,7 @@ def status(plan_path, runs, as_json):
     \b
     Example: timecat status plan.json --runs runs
     """
-    from pipeline import plan as plans
+    from pipeline.train import plan as plans
 
     _out(plans.status(plans.load(plan_path), runs), as_json, plans.format_status)
 
@@ -238,7 +238,7 @@ def extract(data_root, runs, cache_path, as_json, **params):
     them (CIFAR: scale 0.8-1, bicubic; ImageNet, iNat18 and others: 0.08-1): the
     same crops for every member, for protocol tc.
     """
-    from pipeline.extract import extract as extract_stage
+    from pipeline.features.extract import extract as extract_stage
 
     _require(params, "members", "dataset")
     config = options.make_config(ExtractConfig, params)
@@ -278,10 +278,10 @@ def probe(members, cat, pool, max_subsets, cache_path, results, runs, as_json, *
     Under torchrun (batched backend) the ranks split the subsets, or, for a
     single probe, the C candidates; each record is appended once.
     """
-    from pipeline.probe import few_shot, sweep
-    from pipeline.probe import probe as probe_one
-    from pipeline.progress import plural
-    from pipeline.results import format_record, results_path
+    from pipeline.core.progress import plural
+    from pipeline.probe.results import format_record, results_path
+    from pipeline.probe.run import few_shot, sweep
+    from pipeline.probe.run import probe as probe_one
 
     if (members is None) == (cat is None):
         raise click.UsageError("give either --members, or --cat N with --from POOL")
@@ -315,7 +315,7 @@ def probe(members, cat, pool, max_subsets, cache_path, results, runs, as_json, *
 def _require_cached(cache_path, dataset: str, members, runs, split: str) -> None:
     """Members or a dataset missing from the cache: one error with the `timecat extract` line that caches them."""
     import cache
-    from pipeline.hints import require_cached
+    from pipeline.core.hints import require_cached
 
     where = options.location_flags(click.get_current_context())
     require_cached(cache.open(cache_path), dataset, members, runs, where, split)
@@ -323,7 +323,7 @@ def _require_cached(cache_path, dataset: str, members, runs, split: str) -> None
 
 def _print_many(records: list[dict], summary: dict, what: str, over: str, path, as_json: bool) -> None:
     """A sweep's or few-shot probe's records and their mean ± sample std (rank 0 only under torchrun)."""
-    from pipeline.results import format_many
+    from pipeline.probe.results import format_many
 
     if os.environ.get("RANK", "0") == "0":
         _out(
@@ -349,7 +349,7 @@ def results(patterns, results, as_json):
     Example: timecat results dataset=digits n_members=4
     Example: timecat results 'members=*run3*' top1=ge:90 backend=torch --json
     """
-    from pipeline import results as records
+    from pipeline.probe import results as records
 
     rows = records.select(records.load(results), list(patterns))
     _out(rows, as_json, lambda rows: [records.format_row(r) for r in rows])
@@ -376,7 +376,7 @@ def compare(id_a, id_b, resamples, seed, results, as_json):
     Example: timecat compare 3f2a9c01b7d4 9e81c4a0f2b3 --workdir demo
     Example: timecat compare 3f2a 9e81 --workdir demo
     """
-    from pipeline import report as rep
+    from pipeline.report import tables as rep
 
     _out(rep.compare(results, id_a, id_b, resamples, seed), as_json, rep.format_compare)
 
@@ -401,7 +401,7 @@ def predict(record_id, dataset, split, k, out, cache_path, results, as_json):
     Example: timecat predict 3f2a9c01b7d4 --dataset fashion-mnist --split test --workdir demo
     Example: timecat predict 3f2a9c01b7d4 --dataset digits --split train --out digits_train_top5.csv
     """
-    from pipeline import predict as apply
+    from pipeline.probe import predict as apply
 
     predicted = apply.predict(results, record_id, dataset, split, cache_path, k)
     summary = {key: value for key, value in predicted.items() if key not in ("topk", "labels", "label_names")}
@@ -437,7 +437,7 @@ def report(patterns, results, plot_path, as_json, **params):
     Example: timecat report --layout table2 --protocol tc
     Example: timecat report --protocol tc --metric top1_eval_selected   # the paper's optimistic selection
     """
-    from pipeline import report as rep
+    from pipeline.report import tables as rep
 
     written = rep.write(results, **params, plot_path=plot_path, patterns=patterns)
     shown = {**(written["table"] or {}), **{k: written[k] for k in ("shots", "plots", "not_drawn")}}
@@ -461,7 +461,8 @@ def export(member, out, runs):
     Example: timecat export run0 --out run0_resnet50.pth
     Example: timecat export algoperf/seed2/checkpoint.pt --out seed2.pth
     """
-    from pipeline import checkpoints, files, interop
+    from pipeline.core import files
+    from pipeline.members import checkpoints, interop
 
     files.check_destination(out)  # before loading: a rename would replace a device or FIFO there
     payload = checkpoints.load_member(runs, member, finished=False).payload

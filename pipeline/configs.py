@@ -13,9 +13,9 @@ import math
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
-from pipeline.errors import TimecatError, check_seed
-from pipeline.names import check_name, is_foreign, member_name
-from pipeline.stats import RESAMPLES
+from pipeline.core.errors import TimecatError, check_seed
+from pipeline.core.names import check_name, is_foreign, member_name
+from pipeline.core.stats import RESAMPLES
 
 
 def param(
@@ -50,14 +50,14 @@ def _choose(what: str, value, allowed) -> None:
 # --- prepare ------------------------------------------------------------------
 
 ON_CORRUPT = ("fail", "skip")  # what prepare does with an image file it cannot decode
-STORAGES = ("jpeg", "mixed", "raw")  # pipeline.prepare.STORAGE: how images are stored in a .beton
+STORAGES = ("jpeg", "mixed", "raw")  # pipeline.data.prepare.STORAGE: how images are stored in a .beton
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
     """What to prepare and where."""
 
-    kind: str = param(text="A registered dataset kind (pipeline.datasets.DATASETS).", cli="the command's KIND argument")
+    kind: str = param(text="A registered dataset kind (datasets.DATASETS).", cli="the command's KIND argument")
     data_root: Path = param(text="Folder of prepared datasets.", cli="the shared --data-root option")
     name: str | None = param(None, "Folder name under the data root (default: DATASET).")
     train_dir: Path | None = param(None, "imagefolder: train folder.", flag="--train")
@@ -90,10 +90,10 @@ class PrepareConfig:
 
 # --- pretrain -----------------------------------------------------------------
 
-ARCH_NAMES = ("resnet50", "resnet50w2", "small-resnet")  # pipeline.models.ARCHS holds their builders
+ARCH_NAMES = ("resnet50", "resnet50w2", "small-resnet")  # pipeline.members.models.ARCHS holds their builders
 OPTIMIZERS = ("sgd", "schedulefree")
 SCHEDULES = ("cosine", "step")
-PRESETS = ("paper-table3", "paper-table2")  # pipeline.plan.PRESETS: the paper's experiments
+PRESETS = ("paper-table3", "paper-table2")  # pipeline.train.plan.PRESETS: the paper's experiments
 
 
 # px, the input side a member trains at: 8 is the smallest dataset's (digits); 1024 is 4.6x ImageNet's
@@ -195,7 +195,7 @@ OPERATIONAL = ("num_workers", "log_every", "eval_every", "checkpoint_every", "co
 
 # --- extract ------------------------------------------------------------------
 
-SPLITS = ("train", "test")  # pipeline.splits.SPLITS: what prepare writes
+SPLITS = ("train", "test")  # pipeline.data.splits.SPLITS: what prepare writes
 EXTRACT_PRECISIONS = ("bf16", "fp32")
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("zstd", "none")  # cache.Compression's values
@@ -592,7 +592,7 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """A fixed-compute CatN experiment to plan (``pipeline.plan.make_plan``)."""
+    """A fixed-compute CatN experiment to plan (``pipeline.train.plan.make_plan``)."""
 
     dataset: str = param(text="Prepared dataset the members train on.")
     cat: int | None = param(None, "N members sharing the budget.", low=1)
@@ -610,8 +610,8 @@ class PlanConfig:
     batch_size: int = param(128, "Images per step, for every member.", low=1)
 
 
-REPORT_LAYOUTS = ("table3", "table2")  # pipeline.report.LAYOUTS
-REPORT_METRICS = ("top1", "top1_eval_selected")  # pipeline.report.METRICS
+REPORT_LAYOUTS = ("table3", "table2")  # pipeline.report.tables.LAYOUTS
+REPORT_METRICS = ("top1", "top1_eval_selected")  # pipeline.report.tables.METRICS
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,7 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead 
 
 def _verbose(ctx, param, value) -> None:
     if value:
-        from pipeline.progress import configure_logging
+        from pipeline.core.progress import configure_logging
 
         configure_logging(True)
 
@@ -231,7 +231,7 @@ class WorkspaceCommand(click.Command):
 def check_folders(ctx: click.Context, paths: dict) -> None:
     """Refuse, before any work, a location that is a file or lies under one: every stage makes or reads a folder
     there, and would fail deep inside (a traceback) or say a misleading "not found"."""
-    from pipeline.errors import TimecatError
+    from pipeline.core.errors import TimecatError
 
     for name, path in paths.items():
         if path is None or "://" in str(path):  # a URL cache is not a local folder

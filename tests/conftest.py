@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import cache
-from pipeline.datasets import DEBIAN_FASHION_MNIST, read_idx
+from pipeline.data.datasets import DEBIAN_FASHION_MNIST, read_idx
 
 TINY_TRAIN, TINY_TEST = 640, 160  # images per split of the tiny Fashion-MNIST
 
@@ -201,9 +201,9 @@ def pipeline_run(tmp_path_factory):
 
     Returns the paths and the member names; tests must not modify what it wrote.
     """
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.prepare import PrepareConfig, prepare
-    from pipeline.pretrain import PretrainConfig, pretrain
+    from pipeline.data.prepare import PrepareConfig, prepare
+    from pipeline.features.extract import ExtractConfig, extract
+    from pipeline.train.pretrain import PretrainConfig, pretrain
 
     root = tmp_path_factory.mktemp("pipeline")
     data = make_fashion_root(root / "data")

@@ -9,11 +9,11 @@ from conftest import digits_cache, logreg_optimum
 from sklearn.datasets import load_digits
 
 import cache
-from pipeline import batched_logreg as bl
-from pipeline import batched_probe
-from pipeline.heldout import search_split, standardize
-from pipeline.logreg_solvers import objective
-from pipeline.probe import ProbeConfig, probe_matrices
+from pipeline.probe import batched_lbfgs as bl
+from pipeline.probe import c_search
+from pipeline.probe.heldout import search_split, standardize
+from pipeline.probe.logreg_backends import objective
+from pipeline.probe.run import ProbeConfig, probe_matrices
 
 EXACT = 1e-4  # the probe's promise: every fit within this relative gap of its optimum
 
@@ -164,14 +164,14 @@ def test_bf16_agrees_with_fp32_and_the_record_says_which(digits):
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
     assert fp32["chosen"]["C"] == bf16["chosen"]["C"]
     assert abs(fp32["top1"] - bf16["top1"]) <= 2 * 100 / len(y_eval)  # two eval rows of 397
-    auto, why = batched_probe.resolve_precision("auto", torch.device("cpu"))
-    has_units = bool(batched_probe.cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    auto, why = c_search.resolve_precision("auto", torch.device("cpu"))
+    has_units = bool(c_search.cpu_flags() & {"avx512_bf16", "amx_bf16"})
     assert auto == ("bf16" if has_units else "fp32") and why
     # Narrow blocks: fp32 even with bf16 units (measured faster end to end); wide ones: bf16 where it can.
-    assert batched_probe.resolve_precision("auto", torch.device("cpu"), 128)[0] == "fp32"
-    assert batched_probe.resolve_precision("auto", torch.device("cpu"), 512)[0] == ("bf16" if has_units else "fp32")
+    assert c_search.resolve_precision("auto", torch.device("cpu"), 128)[0] == "fp32"
+    assert c_search.resolve_precision("auto", torch.device("cpu"), 512)[0] == ("bf16" if has_units else "fp32")
     if has_units:
-        assert "blocks of 128 columns" in batched_probe.resolve_precision("auto", torch.device("cpu"), 128)[1]
+        assert "blocks of 128 columns" in c_search.resolve_precision("auto", torch.device("cpu"), 128)[1]
 
 
 def test_subsets_in_one_batch_choose_what_they_choose_alone(digits):
@@ -181,9 +181,9 @@ def test_subsets_in_one_batch_choose_what_they_choose_alone(digits):
     train, evals = blocks_of(X, 4), blocks_of(X_eval, 4)
     subsets = [(0, 1), (0, 2), (1, 3), (2, 3)]
     config = ProbeConfig("digits", ("a",))
-    together = batched_probe.probe_subsets(train, y, lambda: (evals, y_eval), subsets, config, 10)
+    together = c_search.probe_subsets(train, y, lambda: (evals, y_eval), subsets, config, 10)
     tiny = replace(config, memory_gib=1e-9)  # a budget of one subset per batch
-    alone = batched_probe.probe_subsets(train, y, lambda: (evals, y_eval), subsets, tiny, 10)
+    alone = c_search.probe_subsets(train, y, lambda: (evals, y_eval), subsets, tiny, 10)
     assert together[0]["batch"]["batches"] == 1 and alone[0]["batch"]["batches"] == 4
     for a, b in zip(together, alone, strict=True):
         assert a["chosen"]["C"] == b["chosen"]["C"], (a["search"], b["search"])
@@ -197,8 +197,8 @@ def test_unknown_precision_names_the_choices():
 
 
 def test_a_batched_sweep_gives_the_records_of_one_probe_per_subset(tmp_path):
-    from pipeline import results
-    from pipeline.probe import probe, sweep
+    from pipeline.probe import results
+    from pipeline.probe.run import probe, sweep
 
     names = digits_cache(tmp_path / "c.zarr")
     path = str(tmp_path / "c.zarr")

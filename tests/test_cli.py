@@ -159,7 +159,8 @@ args = ["probe", "--members", "m", "--dataset", "toy",
         "--cache", {str(tmp_path / "c.zarr")!r}, "--results", {str(tmp_path / "r")!r}]
 probe = runner.invoke(cli.main, args)
 report = runner.invoke(cli.main, ["report", "--results", {str(tmp_path / "r")!r}])
-image_code = {{"pipeline.loaders", "pipeline.datasets", "pipeline.models", "torchvision"}} & set(sys.modules)
+image_code = {{"pipeline.data.loaders", "pipeline.data.datasets", "pipeline.members.models", "torchvision"}}
+image_code &= set(sys.modules)
 print(probe.exit_code, report.exit_code, sorted(image_code) or "none")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

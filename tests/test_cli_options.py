@@ -87,7 +87,7 @@ def test_a_config_field_reaches_the_stage_from_the_command_line(tmp_path, monkey
         seen["config"] = config
         raise SystemExit(0)
 
-    monkeypatch.setattr("pipeline.probe.probe", fake_probe)
+    monkeypatch.setattr("pipeline.probe.run.probe", fake_probe)
     monkeypatch.setattr(cli, "_require_cached", lambda *args: None)  # no cache here: only the config is looked at
     args = ["probe", "--members", "a,b", "--dataset", "d", "--holdout", "0.3", "--c-grid", "0.1,1", "--bootstrap"]
     CliRunner().invoke(cli.main, [*args, "2000", "--search-rows", "500", "--results", str(tmp_path)])
@@ -114,8 +114,8 @@ def _examples(command, name: str = "timecat") -> list[tuple[str, list[str]]]:
 
 
 def test_every_help_example_parses_and_names_real_members_and_kinds():
-    from pipeline import plan as plans
-    from pipeline.datasets import DATASETS
+    from pipeline.data.datasets import DATASETS
+    from pipeline.train import plan as plans
 
     examples = _examples(cli.main)
     assert len(examples) > 40

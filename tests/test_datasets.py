@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import make_cifar10, make_fashion_root, make_imagefolder, write_idx
 
-from pipeline.datasets import SourceOptions, get_spec, read_cifar10, read_digits, read_idx, read_imagefolder
-from pipeline.errors import TimecatError
+from pipeline.core.errors import TimecatError
+from pipeline.data.datasets import SourceOptions, get_spec, read_cifar10, read_digits, read_idx, read_imagefolder
 
 
 def test_idx_round_trip_and_bad_magic(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cache
-from pipeline.extract import ExtractConfig, extract
+from pipeline.features.extract import ExtractConfig, extract
 
 REPO = os.path.dirname(cache.__path__[0])
 

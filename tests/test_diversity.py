@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipeline.errors import TimecatError
+from pipeline.core.errors import TimecatError
 from pipeline.experiments.diversity import DiversityConfig, cka_matrix, linear_cka, run
 
 

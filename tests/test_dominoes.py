@@ -8,7 +8,7 @@ from conftest import make_fashion_root
 from PIL import Image
 
 import cli
-from pipeline.datasets import DOMINO_DIGITS, SourceOptions, read_digits, read_dominoes
+from pipeline.data.datasets import DOMINO_DIGITS, SourceOptions, read_digits, read_dominoes
 
 
 def _digit_agreement(split, data) -> float:

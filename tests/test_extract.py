@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import cache
-from pipeline import checkpoints
-from pipeline.checkpoints import checkpoint_path
-from pipeline.datasets import read_idx
-from pipeline.errors import TimecatError
-from pipeline.extract import ExtractConfig, extract
-from pipeline.splits import read_manifest
+from pipeline.core.errors import TimecatError
+from pipeline.data.datasets import read_idx
+from pipeline.data.splits import read_manifest
+from pipeline.features.extract import ExtractConfig, extract
+from pipeline.members import checkpoints
+from pipeline.members.checkpoints import checkpoint_path
 
 
 def test_features_have_the_right_shapes_and_one_row_order(pipeline_run):

@@ -9,9 +9,10 @@ from conftest import digits_cache
 from PIL import Image
 
 import cli
-from pipeline import report, results
-from pipeline.heldout import shot_rows
-from pipeline.probe import ProbeConfig, few_shot
+from pipeline.probe import results
+from pipeline.probe.heldout import shot_rows
+from pipeline.probe.run import ProbeConfig, few_shot
+from pipeline.report import tables
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_the_cli_prints_every_draw_and_report_plots_shots_per_catn(digits, tmp_p
     assert json.loads(result.stdout)["summary"]["count"] == 2
 
     records = results.load(tmp_path)
-    data = report.shots_table(records)
+    data = tables.shots_table(records)
     by_method = {line["method"]: line["points"] for line in data["lines"]}
     assert [p["shots"] for p in by_method["Cat2"]] == [1, 5] and by_method["Cat2"][0]["count"] == 6
     assert [p["shots"] for p in by_method["Cat1"]] == [5] and by_method["Cat1"][0]["count"] == 2
@@ -86,7 +87,7 @@ def test_the_cli_prints_every_draw_and_report_plots_shots_per_catn(digits, tmp_p
     result = runner.invoke(cli.main, ["report", "--results", str(tmp_path)])
     assert result.exit_code == 0, result.output  # few-shot records only: the shots plot, no table
     assert "digits  Cat2: 1-shot" in result.output and "shots.png" in result.output
-    assert Image.open(tmp_path / report.SHOTS_FILE).size[0] > 300
+    assert Image.open(tmp_path / tables.SHOTS_FILE).size[0] > 300
 
 
 def test_a_rerun_replaces_its_older_draws_and_other_refusals_still_show(digits, tmp_path):
@@ -96,7 +97,7 @@ def test_a_rerun_replaces_its_older_draws_and_other_refusals_still_show(digits, 
     for draws in ("3", "1"):  # the rerun has fewer draws: the first run's draws 1 and 2 must not linger
         result = runner.invoke(cli.main, [*base, "--draws", draws, "--results", str(tmp_path)])
         assert result.exit_code == 0, result.output
-    (line,) = report.shots_table(results.load(tmp_path))["lines"]
+    (line,) = tables.shots_table(results.load(tmp_path))["lines"]
     assert line["points"][0]["count"] == 1
     whole = ["probe", "--members", names[0], "--dataset", "digits", "--cache", path, "--results", str(tmp_path)]
     assert runner.invoke(cli.main, whole).exit_code == 0
@@ -107,12 +108,12 @@ def test_a_rerun_replaces_its_older_draws_and_other_refusals_still_show(digits, 
 def test_only_a_one_shot_probe_falls_back_to_the_fixed_c(digits):
     import torch
 
-    from pipeline import batched_probe
+    from pipeline.probe import c_search
 
     y = np.arange(10)  # one row per class, as a 1-shot draw
     blocks = {0: torch.from_numpy(np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32))}
     evals = (blocks, y)
     with pytest.raises(Exception, match="single train row"):  # a whole-split probe cannot search: refused
-        batched_probe.probe_subsets(blocks, y, lambda: evals, [(0,)], ProbeConfig("d", ("m",)), 10)
-    (one,) = batched_probe.probe_subsets(blocks, y, lambda: evals, [(0,)], ProbeConfig("d", ("m",), shots=1), 10)
+        c_search.probe_subsets(blocks, y, lambda: evals, [(0,)], ProbeConfig("d", ("m",)), 10)
+    (one,) = c_search.probe_subsets(blocks, y, lambda: evals, [(0,)], ProbeConfig("d", ("m",), shots=1), 10)
     assert one["chosen"]["rule"] == "fixed"

@@ -9,8 +9,8 @@ from conftest import digits_cache
 
 import cache
 import cli
-from pipeline import results
-from pipeline.probe import ProbeConfig, few_shot, probe, sweep
+from pipeline.probe import results
+from pipeline.probe.run import ProbeConfig, few_shot, probe, sweep
 
 
 @pytest.fixture(scope="module")

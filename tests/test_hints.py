@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipeline import results
-from pipeline.errors import TimecatError
+from pipeline.core.errors import TimecatError
+from pipeline.probe import results
 
 
 def run(*args, env=None):

@@ -8,8 +8,8 @@ from conftest import make_imagefolder
 from torchvision.models import resnet50
 
 import cache
-from pipeline import checkpoints, interop
-from pipeline.errors import TimecatError
+from pipeline.core.errors import TimecatError
+from pipeline.members import checkpoints, interop
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def test_export_loads_into_torchvision_strictly(reference, tmp_path):
 
 
 def test_extract_takes_a_foreign_checkpoint_as_a_member(reference, tmp_path):
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.prepare import PrepareConfig, prepare
+    from pipeline.data.prepare import PrepareConfig, prepare
+    from pipeline.features.extract import ExtractConfig, extract
 
     make_imagefolder(tmp_path / "train", per_class=2)
     make_imagefolder(tmp_path / "val", per_class=1)

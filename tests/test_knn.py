@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from conftest import digits_cache
 
 import cli
-from pipeline import knn
+from pipeline.probe import knn
 
 
 def numpy_knn(bank, bank_y, queries, k, n_classes, temperature):

@@ -6,10 +6,10 @@ import itertools
 import pytest
 import torch
 
-from pipeline import checkpoints, torch_io
-from pipeline.errors import TimecatError
-from pipeline.models import build
-from pipeline.pretrain import PretrainConfig, lr_factor, make_optimizer
+from pipeline.core.errors import TimecatError
+from pipeline.members import checkpoints, torch_io
+from pipeline.members.models import build
+from pipeline.train.pretrain import PretrainConfig, lr_factor, make_optimizer
 
 
 def test_small_resnet_features_and_logits():
@@ -84,7 +84,7 @@ def test_loading_refuses_garbage_and_foreign_pickles(tmp_path):
 
 
 def test_preprocessing_takes_the_dataset_defaults_and_train_statistics():
-    from pipeline.pretrain import make_preprocess
+    from pipeline.train.pretrain import make_preprocess
 
     manifest = {"kind": "imagenet", "mean": [120.0, 110.0, 100.0], "std": [60.0, 58.0, 57.0]}
     pre = make_preprocess(PretrainConfig("run0", "imagenet", 0, 10, arch="resnet50"), manifest)
@@ -95,7 +95,7 @@ def test_preprocessing_takes_the_dataset_defaults_and_train_statistics():
 
 
 def test_resnet50w2_doubles_every_width_like_the_papers_table_2():
-    from pipeline.models import build
+    from pipeline.members.models import build
 
     params = sum(p.numel() for p in build("resnet50w2", 1000).backbone.parameters())  # the paper counts no fc
     assert abs(params - 93.9e6) / 93.9e6 < 0.01  # Table 2: ResNet50W2 (93.9M)
@@ -109,7 +109,7 @@ def test_resnet50w2_doubles_every_width_like_the_papers_table_2():
 def test_scaled_resnet50_at_width_1_is_torchvisions_resnet50():
     from torchvision.models import resnet50
 
-    from pipeline.models import ScaledResNet50
+    from pipeline.members.models import ScaledResNet50
 
     torch.manual_seed(0)
     reference = resnet50(weights=None).eval()

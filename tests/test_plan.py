@@ -7,8 +7,8 @@ from click.testing import CliRunner
 from conftest import make_fashion_root
 
 import cli
-from pipeline import plan as plans
-from pipeline.errors import TimecatError
+from pipeline.core.errors import TimecatError
+from pipeline.train import plan as plans
 
 
 def test_catn_splits_the_budget_with_the_papers_seeds():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import make_cifar10, make_imagefolder
 
-from pipeline.errors import TimecatError
-from pipeline.prepare import PrepareConfig, prepare
-from pipeline.splits import beton_path, is_complete, manifest_path, read_manifest
+from pipeline.core.errors import TimecatError
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.splits import beton_path, is_complete, manifest_path, read_manifest
 
 
 def test_digits_beton_and_manifest(tmp_path):
@@ -134,8 +134,8 @@ def test_imagenet_and_inat_prepare_with_the_large_image_preset(tmp_path):
 
 
 def test_storage_is_chosen_recorded_and_a_different_one_is_refused(tmp_path):
-    from pipeline.loaders import eval_loader
-    from pipeline.splits import Preprocess
+    from pipeline.data.loaders import eval_loader
+    from pipeline.data.splits import Preprocess
 
     make_imagefolder(tmp_path / "pets" / "train")
     make_imagefolder(tmp_path / "pets" / "val", per_class=2)

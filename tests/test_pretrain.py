@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 
-from pipeline import checkpoints
-from pipeline.checkpoints import checkpoint_path
-from pipeline.errors import TimecatError
-from pipeline.pretrain import PretrainConfig, evaluate, pretrain
+from pipeline.core.errors import TimecatError
+from pipeline.members import checkpoints
+from pipeline.members.checkpoints import checkpoint_path
+from pipeline.train.pretrain import PretrainConfig, evaluate, pretrain
 
 
 def test_logged_metrics_are_real(pipeline_run):
     """The final test top-1 in the log is what the saved model actually scores."""
-    from pipeline.loaders import eval_loader
-    from pipeline.splits import Preprocess, beton_path
+    from pipeline.data.loaders import eval_loader
+    from pipeline.data.splits import Preprocess, beton_path
 
     lines = [json.loads(line) for line in (pipeline_run["runs"] / "run0/log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if "event" not in r]

@@ -16,13 +16,13 @@ from conftest import make_fashion_root
 
 import cache
 import cli
-from pipeline import checkpoints
-from pipeline import plan as plans
-from pipeline.errors import TimecatError
-from pipeline.models import build
-from pipeline.prepare import PrepareConfig, prepare
-from pipeline.pretrain import PretrainConfig, make_preprocess, pretrain, resolution_at
-from pipeline.splits import beton_path, read_manifest
+from pipeline.core.errors import TimecatError
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.splits import beton_path, read_manifest
+from pipeline.members import checkpoints
+from pipeline.members.models import build
+from pipeline.train import plan as plans
+from pipeline.train.pretrain import PretrainConfig, make_preprocess, pretrain, resolution_at
 
 REPO = os.path.dirname(cache.__path__[0])
 STEPS_PER_EPOCH = 10  # 640 tiny Fashion-MNIST images / batch 64
@@ -168,8 +168,8 @@ def test_progressive_resizing_follows_ffcvs_ramp_by_budget_fraction():
 
 
 def test_progressive_resizing_trains_at_the_ramps_sides_and_resumes_across_a_change(data, tmp_path, monkeypatch):
-    import pipeline.pretrain as stage
-    from pipeline.loaders import one_epoch, set_train_resolution, train_loader
+    import pipeline.train.pretrain as stage
+    from pipeline.data.loaders import one_epoch, set_train_resolution, train_loader
 
     runs = tmp_path / "runs"
     # 10 steps per epoch: epochs start at 0, 1/3 and 2/3 of the budget -> 32, 32, 64 px.
@@ -251,9 +251,9 @@ def test_nproc_per_node_hands_the_other_arguments_to_the_launched_processes():
 
 @pytest.mark.gpu
 def test_gpu_training_runs_in_bf16_autocast_on_channels_last_inputs(data):
-    from pipeline.distributed import init
-    from pipeline.loaders import one_epoch, to_model_input
-    from pipeline.pretrain import build_run, train_one_step
+    from pipeline.core.distributed import init
+    from pipeline.data.loaders import one_epoch, to_model_input
+    from pipeline.train.pretrain import build_run, train_one_step
 
     run = build_run(PretrainConfig("g", "fashion-mnist", 0, steps=4, batch_size=64), data, init())
     seen = []

@@ -5,10 +5,10 @@ import pytest
 from conftest import add_member, make_cache
 
 import cache
-from pipeline.errors import TimecatError
-from pipeline.heldout import search_split, standardize, topk_accuracy
-from pipeline.logreg_solvers import _topk_rows
-from pipeline.probe import ProbeConfig, check_classes, probe, probe_matrices
+from pipeline.core.errors import TimecatError
+from pipeline.probe.heldout import search_split, standardize, topk_accuracy
+from pipeline.probe.logreg_backends import _topk_rows
+from pipeline.probe.run import ProbeConfig, check_classes, probe, probe_matrices
 
 
 def blobs(n, dim, classes, seed, spread=1.5):
@@ -78,7 +78,7 @@ def test_probe_from_cache_refuses_mismatched_members(tmp_path):
 
 
 def test_subsets_are_all_or_a_seeded_sample():
-    from pipeline.probe import subsets
+    from pipeline.probe.run import subsets
 
     pool = ("r0", "r1", "r2", "r3", "r4")
     assert len(subsets(pool, 2, None, 0)) == 10 and subsets(pool, 5, None, 0) == [pool]
@@ -90,8 +90,8 @@ def test_subsets_are_all_or_a_seeded_sample():
 
 
 def test_sweep_probes_each_subset_and_reports_mean_and_std(tmp_path):
-    from pipeline import results
-    from pipeline.probe import sweep
+    from pipeline.probe import results
+    from pipeline.probe.run import sweep
 
     make_cache(tmp_path / "c.zarr", members=("a", "b", "c"), dims=(6, 4, 5))
     config = ProbeConfig("toy", ("a",), eval_split="train", backend="sklearn", allow_same_split=True)
@@ -139,7 +139,7 @@ def test_tc_protocol_chooses_weight_decay_on_held_out_train_rows(tmp_path, views
 
 
 def test_tc_grids_are_the_papers_per_dataset_kind():
-    from pipeline.bn_linear_head import wd_grid
+    from pipeline.probe.bn_linear import wd_grid
 
     assert wd_grid("inat2018") == (1e-6, 1e-5, 1e-4) and wd_grid("imagenet") == (1e-4, 5e-4)
     assert len(wd_grid("cifar100")) == 6 and wd_grid("imagefolder") == wd_grid("cifar10")
@@ -159,7 +159,7 @@ def test_peak_memory_is_the_probes_own_not_its_parents():
 
     parent = np.ones(1_500_000_000 // 8)  # 1.5 GB held by this process when it starts the probe process
     parent[::4096] = 2  # touch every page
-    code = "from pipeline.probe import peak_rss_mib; print(peak_rss_mib())"
+    code = "from pipeline.probe.run import peak_rss_mib; print(peak_rss_mib())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 10 < child < 1_000, child  # getrusage's ru_maxrss reported about 1,900 MiB here: the parent's peak
     del parent

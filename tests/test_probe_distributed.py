@@ -9,8 +9,8 @@ import pytest
 from conftest import digits_cache
 
 import cache
-from pipeline import batched_probe, results
-from pipeline.probe import ProbeConfig, probe, sweep
+from pipeline.probe import c_search, results
+from pipeline.probe.run import ProbeConfig, probe, sweep
 
 REPO = os.path.dirname(cache.__path__[0])
 SAME = ("members", "dim", "n_train", "n_eval", "precision", "holdout")
@@ -44,7 +44,7 @@ def test_two_gloo_processes_split_a_sweeps_subsets_and_append_each_record_once(t
     names = digits_cache(tmp_path / "c.zarr", members=5)
     path = str(tmp_path / "c.zarr")
     # A budget of two subsets per batch: five batches, which the ranks take whole (rank 0 three, rank 1 two).
-    two = 2 * 8 * batched_probe.STATE_COPIES * 4 * 10 * 27  # 8 candidates, 10 classes, 26 dims + intercept
+    two = 2 * 8 * c_search.STATE_COPIES * 4 * 10 * 27  # 8 candidates, 10 classes, 26 dims + intercept
     config = ProbeConfig("digits", names, precision="fp32", memory_gib=two / 2**30)
     single, _ = sweep(config, names, 2, None, path, tmp_path / "one")
     assert single[0]["batch"]["batches"] == 5
@@ -88,7 +88,7 @@ def test_gathered_candidates_come_back_in_problem_order():
     """Each rank fits problems rank, rank + 2, ...; the merged weights and trials are in problem order."""
     import torch
 
-    from pipeline import batched_logreg as bl
+    from pipeline.probe import batched_lbfgs as bl
 
     full = bl.Params(
         {0: torch.arange(5 * 3 * 2, dtype=torch.float32).reshape(3, 5, 2)},
@@ -105,6 +105,6 @@ def test_gathered_candidates_come_back_in_problem_order():
             assert obj[0] == shares[1]
             return parts
 
-    merged, trials = batched_probe._gathered(Rank1(), shares[1], parts[1][1], parts[1][2], 5, torch.device("cpu"))
+    merged, trials = c_search._gathered(Rank1(), shares[1], parts[1][1], parts[1][2], 5, torch.device("cpu"))
     assert [t["C"] for t in trials] == [0, 1, 2, 3, 4]
     assert torch.equal(merged.b, full.b) and torch.equal(merged.W[0], full.W[0])

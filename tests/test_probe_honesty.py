@@ -9,10 +9,11 @@ from test_probe import blobs
 
 import cache
 import cli
-from pipeline import bn_linear_head as bn_head
-from pipeline import results, stats
-from pipeline.heldout import best_trial, search_split, tie
-from pipeline.probe import ProbeConfig, choose_c, probe
+from pipeline.core import stats
+from pipeline.probe import bn_linear as bn_head
+from pipeline.probe import results
+from pipeline.probe.heldout import best_trial, search_split, tie
+from pipeline.probe.run import ProbeConfig, choose_c, probe
 
 
 def long_tail_labels(classes: int, head: int = 120, exponent: float = 1.1) -> np.ndarray:
@@ -73,7 +74,7 @@ def test_rare_classes_stay_in_the_fitting_part_and_the_search_grows_with_classes
 
 
 def test_a_split_with_no_row_to_spare_is_refused_and_tiny_splits_still_hold_one_out():
-    from pipeline.errors import TimecatError
+    from pipeline.core.errors import TimecatError
 
     with pytest.raises(TimecatError, match="every class of d/train has a single train row"):
         search_split(np.arange(5), ProbeConfig("d", ("a",)))

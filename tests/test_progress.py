@@ -5,9 +5,9 @@ import logging
 import pytest
 
 from pipeline.configs import PretrainConfig, ProbeConfig
-from pipeline.pretrain import pretrain
-from pipeline.probe import probe
-from pipeline.progress import progress
+from pipeline.core.progress import progress
+from pipeline.probe.run import probe
+from pipeline.train.pretrain import pretrain
 
 
 @pytest.fixture()

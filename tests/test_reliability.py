@@ -26,13 +26,15 @@ from test_probe import blob_cache
 
 import cache
 import cli
-from pipeline import checkpoints, options, results
-from pipeline.errors import TimecatError
-from pipeline.extract import ExtractConfig, extract
-from pipeline.prepare import PrepareConfig, prepare
-from pipeline.pretrain import PretrainConfig, pretrain
-from pipeline.probe import ProbeConfig, probe
-from pipeline.splits import beton_path, manifest_path
+from pipeline import options
+from pipeline.core.errors import TimecatError
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.splits import beton_path, manifest_path
+from pipeline.features.extract import ExtractConfig, extract
+from pipeline.members import checkpoints
+from pipeline.probe import results
+from pipeline.probe.run import ProbeConfig, probe
+from pipeline.train.pretrain import PretrainConfig, pretrain
 
 
 @contextlib.contextmanager
@@ -402,9 +404,9 @@ def flags(command: click.Command) -> list[tuple[str, click.Parameter]]:
 
 
 def test_malformed_values_are_one_error_line_never_a_traceback(tmp_path, monkeypatch):
-    import pipeline.datasets
+    import pipeline.data.datasets
 
-    monkeypatch.setattr(pipeline.datasets, "DEBIAN_FASHION_MNIST", tmp_path / "none")  # demo, dominoes stop early
+    monkeypatch.setattr(pipeline.data.datasets, "DEBIAN_FASHION_MNIST", tmp_path / "none")  # demo, dominoes stop early
     monkeypatch.chdir(tmp_path)
     env = {
         "TIMECAT_DATA": str(tmp_path / "d"),
@@ -559,9 +561,9 @@ def test_a_probe_fit_and_scored_on_one_split_is_refused_unless_asked_and_never_r
         ProbeConfig("toy", ("m",), eval_split="train")
     probe(ProbeConfig("toy", ("m",)), path, tmp_path / "r")
     probe(ProbeConfig("toy", ("m",), eval_split="train", allow_same_split=True), path, tmp_path / "r")
-    from pipeline import report
+    from pipeline.report import tables
 
-    table = report.table(results.load(tmp_path / "r"))
+    table = tables.table(results.load(tmp_path / "r"))
     assert table["datasets"] == ["toy"] and table["rows"][0]["toy"]["count"] == 1
 
 
@@ -655,7 +657,7 @@ def test_results_on_a_filesystem_without_locks_and_writers_temporaries(tmp_path,
     import fcntl
     import socket
 
-    from pipeline import files
+    from pipeline.core import files
 
     monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks")))
     with pytest.raises(TimecatError, match="probes.jsonl: this filesystem does not support file locks"):

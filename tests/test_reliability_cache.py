@@ -21,12 +21,12 @@ import zarr
 from conftest import make_cache, one_error, run, tree
 
 import cache
-from pipeline.bn_linear_head import TcRecipe
 from pipeline.configs import MAX_VIEWS
-from pipeline.errors import TimecatError
-from pipeline.extract import ExtractConfig, extract
-from pipeline.probe import ProbeConfig, probe
-from pipeline.splits import beton_path
+from pipeline.core.errors import TimecatError
+from pipeline.data.splits import beton_path
+from pipeline.features.extract import ExtractConfig, extract
+from pipeline.probe.bn_linear import TcRecipe
+from pipeline.probe.run import ProbeConfig, probe
 
 
 def cli_paths(copy) -> list:

@@ -27,12 +27,13 @@ import pytest
 import torch
 from conftest import make_cifar10, make_fashion_root, make_imagefolder, run, tree
 
-from pipeline import checkpoints, files
-from pipeline.errors import TimecatError
-from pipeline.extract import ExtractConfig, extract
-from pipeline.prepare import PrepareConfig, prepare
-from pipeline.pretrain import PretrainConfig, json_line, pretrain
-from pipeline.splits import beton_path, manifest_path
+from pipeline.core import files
+from pipeline.core.errors import TimecatError
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.splits import beton_path, manifest_path
+from pipeline.features.extract import ExtractConfig, extract
+from pipeline.members import checkpoints
+from pipeline.train.pretrain import PretrainConfig, json_line, pretrain
 
 HANG_S = 120  # s: a call that has not returned by then hangs (each takes a few seconds)
 
@@ -108,7 +109,7 @@ def test_a_diverged_member_stops_at_its_first_nan_and_is_never_complete(data, tm
 
 
 def test_a_loss_that_turns_nan_between_log_records_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    import pipeline.pretrain as stage
+    import pipeline.train.pretrain as stage
 
     runs, calls, real = tmp_path / "runs", [], stage.train_one_step
 
@@ -130,7 +131,7 @@ def test_a_loss_that_turns_nan_between_log_records_keeps_the_last_good_checkpoin
 def test_weights_that_turn_inf_with_a_finite_loss_are_never_saved(
     data, tmp_path, monkeypatch, checkpoint_every, poisoned
 ):
-    import pipeline.pretrain as stage
+    import pipeline.train.pretrain as stage
 
     runs, calls, real = tmp_path / "runs", [], stage.train_one_step
 
@@ -168,7 +169,7 @@ def test_prepare_refuses_a_cifar_label_outside_the_classes(tmp_path, batch, labe
 
 
 def test_every_split_refuses_a_label_outside_its_classes():
-    from pipeline.datasets import ArrayImages, Split
+    from pipeline.data.datasets import ArrayImages, Split
 
     with pytest.raises(TimecatError, match=r"made: label 2 \(row 1; 1 such row\(s\)\) is not one of the 2 classes"):
         Split(ArrayImages(np.zeros((2, 8, 8), np.uint8)), np.array([0, 2]), ("a", "b"), "made")
@@ -266,8 +267,8 @@ def test_a_beton_with_its_tail_zeroed_fails_with_its_name_and_never_hangs(data, 
 def test_a_loader_thread_that_dies_is_an_error_naming_the_file(data, monkeypatch):
     from ffcv.loader.epoch_iterator import EpochIterator
 
-    from pipeline.loaders import eval_loader
-    from pipeline.splits import Preprocess
+    from pipeline.data.loaders import eval_loader
+    from pipeline.data.splits import Preprocess
 
     def crash(*args):
         raise SystemError("returned a result with an exception set")

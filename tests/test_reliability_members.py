@@ -19,11 +19,12 @@ import pytest
 import torch
 from conftest import run, tree
 
-from pipeline import checkpoints, files
-from pipeline.errors import TimecatError
-from pipeline.extract import ExtractConfig, extract
-from pipeline.prepare import PrepareConfig, prepare
-from pipeline.pretrain import PretrainConfig, pretrain
+from pipeline.core import files
+from pipeline.core.errors import TimecatError
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.features.extract import ExtractConfig, extract
+from pipeline.members import checkpoints
+from pipeline.train.pretrain import PretrainConfig, pretrain
 
 # -- Item 9: destinations that are not regular files -------------------------------------------
 
@@ -52,14 +53,15 @@ def test_a_rename_never_replaces_a_fifo_or_a_device(tmp_path):
 
 
 def test_plan_export_and_report_refuse_a_fifo_or_a_device_before_the_work(copy, monkeypatch):
-    from pipeline import plan, report
+    from pipeline.report import tables
+    from pipeline.train import plan
 
     def no_work(*args, **kwargs):
         raise AssertionError("the destination must be refused before the work")
 
     monkeypatch.setattr(plan, "make_plan", no_work)
     monkeypatch.setattr(checkpoints, "load_member", no_work)
-    monkeypatch.setattr(report, "load", no_work)  # the report's first work: reading the records
+    monkeypatch.setattr(tables, "load", no_work)  # the report's first work: reading the records
     out = copy["tmp"] / "out"
     for kind, path in special_files(out).items():
         before = tree(out)
@@ -253,7 +255,7 @@ def test_a_foreign_architecture_is_named_with_what_timecat_accepts(resnet50_stat
 
 
 def test_status_shows_a_damaged_member_beside_the_others(copy):
-    from pipeline import plan
+    from pipeline.train import plan
 
     config = torch.load(copy["runs"] / "run0/checkpoint.pt", weights_only=True)["member"]
     members = tuple(plan.PlannedMember(f"run{i}", "Cat3", i, config["steps"], config["arch"]) for i in range(3))

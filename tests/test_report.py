@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from conftest import probe_record
 
-from pipeline import report, results
-from pipeline.errors import TimecatError
+from pipeline.core.errors import TimecatError
+from pipeline.probe import results
+from pipeline.report import plots, tables
 
 
 def test_table3_layout_with_mean_and_std():
@@ -19,14 +20,14 @@ def test_table3_layout_with_mean_and_std():
         probe_record(["r1", "r2"], "digits", 97.0, 500),
         probe_record(["r0"], "fmnist", 88.0, 1000),  # a rerun replaces the older record
     ]
-    data = report.table(records)
+    data = tables.table(records)
     assert data["datasets"] == ["digits", "fmnist"]
     cat1, cat2 = data["rows"]
     assert (cat1["method"], cat1["steps_per_member"], cat1["total_steps"]) == ("Cat1", 1000, 1000)
     assert cat1["fmnist"]["mean"] == 88.0
     assert (cat2["method"], cat2["total_steps"]) == ("Cat2", 1000)
     assert cat2["fmnist"] == {"mean": 92.0, "std": pytest.approx(2**0.5), "count": 2, "ci95": None}  # ddof=1
-    text = report.format_table(data)
+    text = tables.format_table(data)
     assert "92.00 ± 1.41 (n=2)" in text and text.splitlines()[0].split() == [
         "method",
         "steps/member",
@@ -38,9 +39,9 @@ def test_table3_layout_with_mean_and_std():
 
 def test_report_refuses_no_records_and_plots_png(tmp_path):
     with pytest.raises(TimecatError, match="no logreg probe records"):
-        report.table([probe_record(["a"], "d", 1.0, 1, protocol="other")])
-    data = report.table([probe_record(["a"], "d", 80.0, 4), probe_record(["b", "c"], "d", 85.0, 2)])
-    out = report.plot(data, tmp_path / "p.png")
+        tables.table([probe_record(["a"], "d", 1.0, 1, protocol="other")])
+    data = tables.table([probe_record(["a"], "d", 80.0, 4), probe_record(["b", "c"], "d", 85.0, 2)])
+    out = plots.plot(data, tmp_path / "p.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -53,30 +54,30 @@ def test_table2_is_parameter_matched_and_id_vs_ood_is_plotted(tmp_path):
         probe_record(["w0"], "digits", 37.3, 1000, arch="resnet50w2", params=93_900_000),
         probe_record(["r1", "r2", "r3", "r4"], "digits", 46.6, 250),
     ]
-    data = report.table(records, layout="table2")
+    data = tables.table(records, layout="table2")
     assert [(r["method"], r["params"]) for r in data["rows"]] == [
         ("resnet50", 23_500_000),
         ("Cat4 x resnet50", 94_000_000),
         ("resnet50w2", 93_900_000),
     ]
-    text = report.format_table(data)
+    text = tables.format_table(data)
     assert text.splitlines()[0].split() == ["method", "params", "digits", "fmnist"] and "94.0M" in text
-    out = report.plot_id_vs_ood(data, tmp_path / "id.png")
+    out = plots.plot_id_vs_ood(data, tmp_path / "id.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(TimecatError, match=r"unknown layout 'table9'; choose one of \['table3', 'table2'\]"):
-        report.table(records, layout="table9")
+        tables.table(records, layout="table9")
 
 
 def test_cells_show_one_probes_interval_or_mean_and_sample_std():
     one = {**probe_record(["r0"], "fmnist", 89.76, 1000), "top1_ci95": [89.1, 90.4]}
-    data = report.table(
+    data = tables.table(
         [one, probe_record(["r1", "r2"], "fmnist", 91.0, 500), probe_record(["r3", "r4"], "fmnist", 93.0, 500)]
     )
-    text = report.format_table(data)
+    text = tables.format_table(data)
     assert "89.76 [89.10, 90.40]" in text and "92.00 ± 1.41 (n=2)" in text
     assert "95% bootstrap interval over eval rows" in text and "sample std" in text
-    assert report._error(data["rows"][0]["fmnist"]) == pytest.approx((0.66, 0.64))  # the plot's bars: the interval
-    assert report._error(data["rows"][1]["fmnist"]) == pytest.approx((2**0.5, 2**0.5))
+    assert plots._error(data["rows"][0]["fmnist"]) == pytest.approx((0.66, 0.64))  # the plot's bars: the interval
+    assert plots._error(data["rows"][1]["fmnist"]) == pytest.approx((2**0.5, 2**0.5))
 
 
 def test_different_eval_splits_pretraining_data_or_architectures_never_share_a_cell():
@@ -89,7 +90,7 @@ def test_different_eval_splits_pretraining_data_or_architectures_never_share_a_c
             "member_provenance": {"r3": {"steps": 1000, "arch": "resnet50", "pretrain_dataset": "cifar10"}},
         },
     ]
-    data = report.table(records)
+    data = tables.table(records)
     assert data["datasets"] == ["digits/test", "digits/val"]
     cells = {(r["arch"], r["pretrained_on"]): {d: r[d]["mean"] for d in data["datasets"]} for r in data["rows"]}
     assert cells == {
@@ -97,20 +98,20 @@ def test_different_eval_splits_pretraining_data_or_architectures_never_share_a_c
         ("resnet50", "cifar10"): {"digits/test": 50.0, "digits/val": None},
         ("small-resnet", "fmnist"): {"digits/test": 60.0, "digits/val": None},
     }
-    header = report.format_table(data).splitlines()[0].split()
+    header = tables.format_table(data).splitlines()[0].split()
     assert header[:5] == ["method", "steps/member", "total", "arch", "pretrained"]
 
 
 def test_tc_cells_keep_views_apart_and_the_papers_selection_is_labelled_optimistic(tmp_path):
     views = {**probe_record(["r0"], "c10", 80.0, 10, protocol="tc"), "augmented": True, "top1_eval_selected": 82.0}
     plain = {**probe_record(["r0"], "c10", 75.0, 10, protocol="tc"), "augmented": False, "top1_eval_selected": 77.0}
-    data = report.table([views, plain], protocol="tc")
+    data = tables.table([views, plain], protocol="tc")
     assert [(r["method"], r["c10"]["mean"]) for r in data["rows"]] == [("Cat1", 80.0), ("Cat1 (no views)", 75.0)]
-    selected = report.table([views, plain], protocol="tc", metric="top1_eval_selected")
+    selected = tables.table([views, plain], protocol="tc", metric="top1_eval_selected")
     assert [r["c10"]["mean"] for r in selected["rows"]] == [82.0, 77.0]
-    assert "OPTIMISTIC" in report.format_table(selected) and "OPTIMISTIC" not in report.format_table(data)
+    assert "OPTIMISTIC" in tables.format_table(selected) and "OPTIMISTIC" not in tables.format_table(data)
     with pytest.raises(TimecatError, match="top1_eval_selected exists for protocol tc only"):
-        report.table([views], metric="top1_eval_selected")
+        tables.table([views], metric="top1_eval_selected")
     results.append(tmp_path, views)
     from click.testing import CliRunner
 
@@ -132,14 +133,14 @@ def test_other_train_splits_or_eval_rows_get_their_own_columns():
         },  # digits prepared again
         {**probe_record(["r2"], "digits", 70.0, 1000), "train_split": "val", "eval_rows": {"fingerprint": "aaaa1111"}},
     ]
-    data = report.table(records)
+    data = tables.table(records)
     assert len(data["datasets"]) == 3 and len(data["rows"]) == 1
     cells = {name: data["rows"][0][name]["mean"] for name in data["datasets"]}
     assert sorted(cells.values()) == [70.0, 80.0, 90.0]  # three cells, never a mean of two
     assert any("fit on val" in name for name in cells) and any("rows bbbb2222" in name for name in cells)
     old = [{k: v for k, v in r.items() if k != "top1_eval_selected"} for r in records]
     with pytest.raises(TimecatError, match="no tc record carries top1_eval_selected"):
-        report.table([{**r, "protocol": "tc"} for r in old], protocol="tc", metric="top1_eval_selected")
+        tables.table([{**r, "protocol": "tc"} for r in old], protocol="tc", metric="top1_eval_selected")
 
 
 def _table2_records():
@@ -161,8 +162,8 @@ def test_plots_keep_every_text_inside_the_figure_and_layouts_do_not_overwrite_ea
     for record in _table2_records():
         results.append(folder, {**record, "id": f"{len(record['members'])}{record['dataset']}"})
     with caplog.at_level("WARNING", logger="timecat"):
-        table3 = report.write(folder)["plots"]
-        table2 = report.write(folder, layout="table2")["plots"]
+        table3 = tables.write(folder)["plots"]
+        table2 = tables.write(folder, layout="table2")["plots"]
     assert [Path(p).name for p in table3] == ["catn.png", "id_vs_ood.png"]
     assert [Path(p).name for p in table2] == ["catn_table2.png", "id_vs_ood_table2.png"]
     assert all(Path(p).is_file() for p in table3 + table2)
@@ -170,14 +171,14 @@ def test_plots_keep_every_text_inside_the_figure_and_layouts_do_not_overwrite_ea
 
 
 def test_the_overflow_check_finds_a_label_cut_off_at_the_edge(tmp_path, caplog):
-    fig, ax = report.pyplot().subplots(figsize=(3, 2))
+    fig, ax = plots.pyplot().subplots(figsize=(3, 2))
     ax.plot([0, 1], [0, 1])
     ax.annotate("a label far too long to fit in this little figure", (1, 1), xytext=(5, 0), textcoords="offset points")
-    assert report.overflowing_text(fig) == ["panel ''"]
+    assert plots.overflowing_text(fig) == ["panel ''"]
     fig.suptitle("a title " * 20)
-    assert "a title" in report.overflowing_text(fig)[-1]
+    assert "a title" in plots.overflowing_text(fig)[-1]
     with caplog.at_level("WARNING", logger="timecat"):
-        report.save_figure(fig, tmp_path / "cut.png")
+        plots.save_figure(fig, tmp_path / "cut.png")
     assert "text runs past the figure's edge" in caplog.text
 
 
@@ -186,13 +187,13 @@ def test_toy_and_diversity_figures_explain_themselves(tmp_path, caplog, monkeypa
     from pipeline.experiments import diversity, toy
 
     figures = []
-    keep = report.save_figure
+    keep = plots.save_figure
 
     def saving(fig, out, summary=None):
         figures.append(fig)
         return keep(fig, out, summary)
 
-    monkeypatch.setattr(report, "save_figure", saving)
+    monkeypatch.setattr(plots, "save_figure", saving)
     with caplog.at_level("WARNING", logger="timecat"):
         toy.plot(toy.run(ToyConfig(mixtures=6, steps=200)), tmp_path / "toy.png")
         cka = [[1, 0.95, 0.96], [0.95, 1, 0.97], [0.96, 0.97, 1]]
@@ -234,7 +235,7 @@ def _budgets_records() -> list[dict]:
 
 
 def test_a_plot_line_never_joins_budgets_architectures_or_pretraining_data(tmp_path):
-    data = report.table(_budgets_records())
+    data = tables.table(_budgets_records())
     # Rows by total budget, then method.
     assert [(r["total_steps"], r["method"], r["arch"]) for r in data["rows"]] == [
         (250, "Cat1", "resnet50"),
@@ -244,7 +245,7 @@ def test_a_plot_line_never_joins_budgets_architectures_or_pretraining_data(tmp_p
         (1000, "Cat1", "small-resnet"),
         (1000, "Cat2", "resnet50"),
     ]
-    drawn = report.lines(data)
+    drawn = plots.lines(data)
     row_of = {(r["method"], r["fmnist"]["mean"]): r for r in data["rows"]}
     for line in (line for line in drawn if line["dataset"] == "fmnist"):
         rows = [row_of[(p["method"], p["mean"])] for p in line["points"]]
@@ -259,7 +260,7 @@ def test_a_plot_line_never_joins_budgets_architectures_or_pretraining_data(tmp_p
     )
     assert [(p["n"], p["mean"]) for p in joined["points"]] == [(1, 89.73), (2, 90.05)]
     # What the PNG shows is written beside it, label for label.
-    out = report.plot(data, tmp_path / "catn.png")
+    out = plots.plot(data, tmp_path / "catn.png")
     import json
 
     assert json.loads(out.with_suffix(".json").read_text())["lines"] == drawn
@@ -268,38 +269,38 @@ def test_a_plot_line_never_joins_budgets_architectures_or_pretraining_data(tmp_p
 def test_report_filters_with_results_patterns(tmp_path):
     for record in _budgets_records():
         results.append(tmp_path, record)
-    written = report.write(tmp_path, patterns=("total_steps=1000", "dataset=fmnist", "arch=resnet50"))
+    written = tables.write(tmp_path, patterns=("total_steps=1000", "dataset=fmnist", "arch=resnet50"))
     assert [(r["method"], r["total_steps"]) for r in written["table"]["rows"]] == [("Cat1", 1000)] * 2 + [
         ("Cat2", 1000)
     ]
     assert written["table"]["datasets"] == ["fmnist"]
     with pytest.raises(TimecatError, match="no record matches total_steps=7"):
-        report.write(tmp_path, patterns=("total_steps=7",))
+        tables.write(tmp_path, patterns=("total_steps=7",))
 
 
 def test_a_plot_report_cannot_redraw_is_removed_with_the_reason(tmp_path):
     records = _budgets_records()
     for record in records[:-1]:  # every member pretrained on fmnist: id_vs_ood can be drawn
         results.append(tmp_path, record)
-    first = report.write(tmp_path)
+    first = tables.write(tmp_path)
     assert (tmp_path / "id_vs_ood.png").exists() and (tmp_path / "id_vs_ood.json").exists()
     assert str(tmp_path / "shots.png") in first["not_drawn"]
     results.append(tmp_path, records[-1])  # a member pretrained on digits joins
-    second = report.write(tmp_path)
+    second = tables.write(tmp_path)
     assert not (tmp_path / "id_vs_ood.png").exists() and not (tmp_path / "id_vs_ood.json").exists()
     why = second["not_drawn"][str(tmp_path / "id_vs_ood.png")]
     assert "pretrained on digits, fmnist" in why and "removed" in why
-    text = "\n".join(report.format_written(second))
+    text = "\n".join(tables.format_written(second))
     assert "not drawn: id_vs_ood.png (the members were pretrained on digits, fmnist" in text
     # A --plot path elsewhere: a file there that is not timecat's is never removed.
     elsewhere = tmp_path / "mine"
     elsewhere.mkdir()
     (elsewhere / "id_vs_ood.png").write_bytes(b"the user's own")
-    report.write(tmp_path, plot_path=elsewhere / "catn.png")
+    tables.write(tmp_path, plot_path=elsewhere / "catn.png")
     assert (elsewhere / "id_vs_ood.png").read_bytes() == b"the user's own"
 
 
 def test_one_probe_has_no_sample_std_and_the_footnote_says_c_is_chosen():
-    data = report.table([probe_record(["r0"], "fmnist", 89.0, 1000)])
+    data = tables.table([probe_record(["r0"], "fmnist", 89.0, 1000)])
     assert data["rows"][0]["fmnist"]["std"] is None and data["rows"][0]["fmnist"]["count"] == 1
-    assert "C chosen on held-out train rows" in report.format_table(data)
+    assert "C chosen on held-out train rows" in tables.format_table(data)

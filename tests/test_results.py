@@ -6,8 +6,8 @@ import multiprocessing
 import pytest
 from conftest import probe_record
 
-from pipeline import results
-from pipeline.errors import TimecatError
+from pipeline.core.errors import TimecatError
+from pipeline.probe import results
 
 
 def _append_many(args):

@@ -11,9 +11,9 @@ import pytest
 from conftest import make_fashion_root
 
 import cache
-from pipeline.extract import ExtractConfig, extract
-from pipeline.prepare import PrepareConfig, prepare
-from pipeline.pretrain import PretrainConfig, pretrain
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.features.extract import ExtractConfig, extract
+from pipeline.train.pretrain import PretrainConfig, pretrain
 
 ROWS, CHUNK = 20_000, 512  # ~40 chunks per member: a wide window to kill in
 

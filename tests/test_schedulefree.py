@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import make_fashion_root
 
-from pipeline import checkpoints
-from pipeline.checkpoints import checkpoint_path
-from pipeline.loaders import eval_loader
-from pipeline.prepare import PrepareConfig, prepare
-from pipeline.pretrain import PretrainConfig, pretrain, reestimate_bn
-from pipeline.splits import Preprocess, beton_path
+from pipeline.data.loaders import eval_loader
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.splits import Preprocess, beton_path
+from pipeline.members import checkpoints
+from pipeline.members.checkpoints import checkpoint_path
+from pipeline.train.pretrain import PretrainConfig, pretrain, reestimate_bn
 
 
 def test_saved_batchnorm_statistics_are_the_reestimated_ones(tmp_path):

@@ -1,4 +1,4 @@
-"""The seeded train order and crops (pipeline.seeded): the same batches whatever the threads, ranks or resumes."""
+"""The seeded train order and crops (pipeline.data.seeded): the same batches whatever the threads, ranks or resumes."""
 
 import time
 from types import SimpleNamespace
@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import make_fashion_root
 
-from pipeline.errors import TimecatError
-from pipeline.prepare import PrepareConfig, prepare
-from pipeline.pretrain import PretrainConfig, make_preprocess
-from pipeline.seeded import StepOrder
-from pipeline.splits import beton_path, read_manifest
+from pipeline.core.errors import TimecatError
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.seeded import StepOrder
+from pipeline.data.splits import beton_path, read_manifest
+from pipeline.train.pretrain import PretrainConfig, make_preprocess
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_ranks_split_each_global_batch_and_a_resumed_epoch_starts_mid_way():
 
 
 def test_training_batches_do_not_depend_on_threads_ranks_or_resuming(data):
-    from pipeline.loaders import one_epoch, train_loader
+    from pipeline.data.loaders import one_epoch, train_loader
 
     beton = beton_path(data, "fashion-mnist", "train")
     pre = make_preprocess(PretrainConfig("x", "fashion-mnist", 0, 1), read_manifest(data, "fashion-mnist", "train"))
@@ -72,7 +72,7 @@ def test_training_batches_do_not_depend_on_threads_ranks_or_resuming(data):
 
 
 def test_leaving_an_epoch_early_stops_the_loader_thread_even_once_it_has_decoded_the_rest(data):
-    from pipeline.loaders import one_epoch, train_loader
+    from pipeline.data.loaders import one_epoch, train_loader
 
     pre = make_preprocess(PretrainConfig("x", "fashion-mnist", 0, 1), read_manifest(data, "fashion-mnist", "train"))
     loader, _ = train_loader(beton_path(data, "fashion-mnist", "train"), pre, 64, 0, 2)
@@ -95,8 +95,8 @@ def test_a_training_image_is_ffcvs_crop_then_flip_then_normalisation_of_its_seed
     from ffcv.loader import Loader, OrderOption
     from numba import njit
 
-    from pipeline.loaders import one_epoch, train_loader
-    from pipeline.seeded import _crop_seed
+    from pipeline.data.loaders import one_epoch, train_loader
+    from pipeline.data.seeded import _crop_seed
 
     beton = beton_path(data, "fashion-mnist", "train")
     pre = make_preprocess(PretrainConfig("x", "fashion-mnist", 0, 1), read_manifest(data, "fashion-mnist", "train"))

@@ -8,7 +8,7 @@ CHECK = """
 import sys, warnings
 import ffcv, numba, numcodecs, sklearn, torch, zarr  # the libraries add filters of their own at import
 filters, hook = list(warnings.filters), sys.unraisablehook
-import cache, pipeline.loaders, pipeline.probe
+import cache, pipeline.data.loaders, pipeline.probe.run
 assert warnings.filters == filters, "an import added a global warning filter"
 assert sys.unraisablehook is hook, "an import replaced sys.unraisablehook"
 print("clean")
@@ -33,7 +33,7 @@ def test_zarrs_consolidated_metadata_warning_is_silenced_only_inside_the_cache(t
 
 
 def test_building_a_loader_installs_the_numba_hook_once(monkeypatch):
-    from pipeline import loaders
+    from pipeline.data import loaders
 
     monkeypatch.setattr(loaders, "_QUIETED", [])
     before = sys.unraisablehook

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipeline.errors import TimecatError
+from pipeline.core.errors import TimecatError
 from pipeline.experiments.toy import MASSES, ToyConfig, best_probe_accuracy, run
 
 

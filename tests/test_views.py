@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import cache
-from pipeline.extract import ExtractConfig, extract, frozen_member, view_preprocess
-from pipeline.views import ViewSpec, augment, crop_params
+from pipeline.features.extract import ExtractConfig, extract, frozen_member, view_preprocess
+from pipeline.features.views import ViewSpec, augment, crop_params
 
 
 def test_crop_parameters_depend_only_on_seed_view_and_row():
@@ -34,8 +34,8 @@ def test_a_whole_image_crop_without_flip_is_the_image():
 
 @pytest.mark.slow
 def test_views_are_cached_per_member_as_the_same_crops(pipeline_run, tmp_path):
-    from pipeline.loaders import eval_loader, to_model_input
-    from pipeline.splits import Preprocess, beton_path
+    from pipeline.data.loaders import eval_loader, to_model_input
+    from pipeline.data.splits import Preprocess, beton_path
 
     data, runs, members = pipeline_run["data"], pipeline_run["runs"], pipeline_run["members"][:2]
     path = str(tmp_path / "views.zarr")

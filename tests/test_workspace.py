@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import parses, zombie_children
 
 import cli
-from pipeline import plan as plans
+from pipeline.train import plan as plans
 
 
 def run(*args, env=None):
@@ -173,7 +173,7 @@ def test_no_zombie_writer_processes_after_prepare(tmp_path):
     from conftest import make_fashion_root
 
     from pipeline.configs import PrepareConfig
-    from pipeline.prepare import prepare
+    from pipeline.data.prepare import prepare
 
     prepare(PrepareConfig("fashion-mnist", make_fashion_root(tmp_path / "data"), num_workers=2))
     assert zombie_children() == []

@@ -13,16 +13,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline import __version__, files, report
+from pipeline import __version__
 from pipeline.configs import DemoConfig
-from pipeline.progress import get_logger, plural
+from pipeline.core import files
+from pipeline.core.progress import get_logger, plural
+from pipeline.report import tables
 
 log = get_logger(__name__)
 
 
 def plan(config: DemoConfig):
     """Members for each CatN: names run0, run1, ... and seeds 0, 1, ..., each with B/N steps."""
-    from pipeline.pretrain import PretrainConfig
+    from pipeline.train.pretrain import PretrainConfig
 
     groups, index = {}, 0
     for n in config.cats:
@@ -44,7 +46,7 @@ def plan(config: DemoConfig):
 
 def probe_and_compare(config: DemoConfig, groups: dict) -> list[dict]:
     """Probe each CatN on every transfer dataset; each against Cat1 on the same eval rows (paired intervals)."""
-    from pipeline.probe import ProbeConfig, probe
+    from pipeline.probe.run import ProbeConfig, probe
 
     differences, done, total = [], 0, len(config.transfer_datasets) * len(groups)
     for dataset in config.transfer_datasets:
@@ -57,7 +59,7 @@ def probe_and_compare(config: DemoConfig, groups: dict) -> list[dict]:
         base = min(ids)
         for n in sorted(ids):
             if n != base:
-                paired = report.compare(config.results, ids[n], ids[base])
+                paired = tables.compare(config.results, ids[n], ids[base])
                 differences.append({**paired, "dataset": dataset, "method": f"Cat{n}", "against": f"Cat{base}"})
     return differences
 
@@ -100,9 +102,9 @@ def _clock(seconds: float) -> str:
 
 def run_demo(config: DemoConfig) -> dict:
     """Prepare, pretrain, extract, probe and report; completed steps are kept on a rerun."""
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.prepare import PrepareConfig, prepare
-    from pipeline.pretrain import pretrain
+    from pipeline.data.prepare import PrepareConfig, prepare
+    from pipeline.features.extract import ExtractConfig, extract
+    from pipeline.train.pretrain import pretrain
 
     timings, overall = {}, Overall()
     started = time.perf_counter()
@@ -142,7 +144,7 @@ def run_demo(config: DemoConfig) -> dict:
     differences = probe_and_compare(config, groups)
     timings["probe_s"] = time.perf_counter() - mark
 
-    written = report.write(config.results)
+    written = tables.write(config.results)
     timings["total_s"] = time.perf_counter() - started
     outcome = {
         "table": written["table"],
@@ -160,7 +162,7 @@ def run_demo(config: DemoConfig) -> dict:
 
 def next_commands(config: DemoConfig, groups: dict) -> list[str]:
     """What a user types after the demo, each pointed at the demo's workspace (``--workdir``)."""
-    from pipeline.hints import program
+    from pipeline.core.hints import program
 
     w, timecat = shlex.quote(str(config.workdir)), program()  # .venv/bin/timecat after make demo: not on PATH
     largest = ",".join(m.name for m in groups[max(groups)])
@@ -192,7 +194,7 @@ def format_differences(differences: list[dict]) -> list[str]:
 
 def format_outcome(outcome: dict) -> list[str]:
     """``timecat demo``'s report: the table, the paired differences from Cat1, plots and timings."""
-    lines = [report.format_table(outcome["table"])]
+    lines = [tables.format_table(outcome["table"])]
     lines.append("paired differences from Cat1 on the same eval rows (95% bootstrap intervals):")
     lines += ["  " + line for line in format_differences(outcome["differences"])]
     lines.append("plots: " + ", ".join(outcome["plots"]))

@@ -16,8 +16,8 @@ import numpy as np
 
 import cache
 from pipeline.configs import DiversityConfig
-from pipeline.errors import TimecatError
-from pipeline.progress import get_logger, plural
+from pipeline.core.errors import TimecatError
+from pipeline.core.progress import get_logger, plural
 
 log = get_logger(__name__)
 
@@ -51,7 +51,7 @@ def run(config: DiversityConfig, cache_path: str, results_root=None) -> tuple[di
 
     Returns the summary and the probe records (saved to ``results_root`` when given).
     """
-    from pipeline.probe import ProbeConfig, probe, reusable
+    from pipeline.probe.run import ProbeConfig, probe, reusable
 
     store = cache.open(cache_path)
     try:
@@ -100,7 +100,7 @@ def run(config: DiversityConfig, cache_path: str, results_root=None) -> tuple[di
 
 def plot(summary: dict, out: Path) -> Path:
     """Heatmap of pairwise CKA, annotated, with each member's probe top-1 in its label when probed."""
-    from pipeline.report import pyplot, save_figure
+    from pipeline.report.plots import pyplot, save_figure
 
     plt = pyplot()
     members, cka = summary["members"], np.array(summary["cka"])

@@ -2,7 +2,7 @@
 
 Each image stacks a digit (0 or 1: simple, spurious) above a Fashion-MNIST dress
 or coat (the label: the core feature). In the mixture the digit agrees with the
-label 99% of the time, in the balanced set 50% (pipeline.datasets.read_dominoes).
+label 99% of the time, in the balanced set 50% (pipeline.data.datasets.read_dominoes).
 
 (a) direct: a small CNN trained on the balanced set, tested on balanced data;
 (b) probe: the same CNN with the same budget pretrained on the mixture, its
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import stats
 from pipeline.configs import DominoesConfig
-from pipeline.progress import get_logger
+from pipeline.core import stats
+from pipeline.core.progress import get_logger
 
 log = get_logger(__name__)
 
@@ -40,10 +40,10 @@ def _mean_std(values: list[float]) -> dict:
 
 def run(config: DominoesConfig) -> dict:
     """Prepare both sets, train direct and mixture CNNs per seed, probe the mixture ones; return the summary."""
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.prepare import PrepareConfig, prepare
-    from pipeline.pretrain import PretrainConfig, pretrain
-    from pipeline.probe import ProbeConfig, probe
+    from pipeline.data.prepare import PrepareConfig, prepare
+    from pipeline.features.extract import ExtractConfig, extract
+    from pipeline.probe.run import ProbeConfig, probe
+    from pipeline.train.pretrain import PretrainConfig, pretrain
 
     started = time.perf_counter()
     runs, store, out = config.workdir / "runs", str(config.workdir / "features.zarr"), config.workdir / "results"
@@ -87,10 +87,10 @@ def _head_on_balanced(runs: Path, name: str, data_root: Path) -> float:
     """Top-1 of a mixture-pretrained CNN, with its own head, on the balanced test set."""
     import torch
 
-    from pipeline.extract import frozen_member
-    from pipeline.loaders import eval_loader
-    from pipeline.pretrain import evaluate
-    from pipeline.splits import Preprocess, beton_path
+    from pipeline.data.loaders import eval_loader
+    from pipeline.data.splits import Preprocess, beton_path
+    from pipeline.features.extract import frozen_member
+    from pipeline.train.pretrain import evaluate
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     member = frozen_member(runs, name, device)  # frozen, eval mode, channels_last, as extraction loads it
@@ -101,7 +101,7 @@ def _head_on_balanced(runs: Path, name: str, data_root: Path) -> float:
 
 def plot(summary: dict, out: Path) -> Path:
     """Direct training against the probe of the mixture-pretrained CNN: mean and std over seeds, paper beside."""
-    from pipeline.report import pyplot, save_figure
+    from pipeline.report.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))

@@ -191,7 +191,7 @@ def plot(result: dict, out: Path, examples: int = 3) -> Path:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from pipeline.report import pyplot, save_figure
+    from pipeline.report.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, examples + 1, figsize=(4 * (examples + 1), 4.6), layout="constrained")

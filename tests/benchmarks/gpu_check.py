@@ -117,8 +117,8 @@ def probe_shape(name: str, shape: tuple[int, int, int, int], where: torch.device
     Reports the wall time, and per fit its evaluations per precision phase and its estimated gap to the
     optimum (a float64 reference at this size would cost more than the probe).
     """
-    from pipeline import batched_probe
-    from pipeline.probe import ProbeConfig
+    from pipeline.probe import c_search
+    from pipeline.probe.run import ProbeConfig
 
     n_train, n_eval, dim, classes = shape
     # The budget bounds the solver's state and working memory: a quarter of the device, beside the features.
@@ -134,7 +134,7 @@ def probe_shape(name: str, shape: tuple[int, int, int, int], where: torch.device
     y_train, y_eval = y_train.cpu().numpy(), y_eval.cpu().numpy()
     _sync(where)
     started = time.perf_counter()
-    (measured,) = batched_probe.probe_subsets(train, y_train, lambda: (evals, y_eval), [(0, 1, 2, 3)], config, classes)
+    (measured,) = c_search.probe_subsets(train, y_train, lambda: (evals, y_eval), [(0, 1, 2, 3)], config, classes)
     _sync(where)
     wall = time.perf_counter() - started
     precision, why = measured["precision"], measured["precision_reason"]  # as the probe resolved it
@@ -163,7 +163,7 @@ def probe_shape(name: str, shape: tuple[int, int, int, int], where: torch.device
 
 def one_fit_backends(shape: tuple[int, int, int, int], rows: int) -> dict:
     """One fit at C = 1 of the torch (ours, to its gap) and cuML (300 iterations at most) backends on a slice."""
-    from pipeline import logreg_solvers
+    from pipeline.probe import logreg_backends
 
     _, _, dim, classes = shape
     X, y = synthetic_blocks(rows, 4 * dim, classes, 1, 2, torch.device("cpu"), torch.float32)
@@ -174,7 +174,7 @@ def one_fit_backends(shape: tuple[int, int, int, int], rows: int) -> dict:
             out[name] = {"skipped": "no GPU"}
             continue
         try:
-            fitter = logreg_solvers.make(name, logreg_solvers.FitOptions(classes, precision="auto"))
+            fitter = logreg_backends.make(name, logreg_backends.FitOptions(classes, precision="auto"))
             started = time.perf_counter()
             end = fitter.fit(X, y, 1.0, 300)
             out[name] = {"wall_s": round(time.perf_counter() - started, 3), "status": end["status"]}
@@ -186,7 +186,7 @@ def one_fit_backends(shape: tuple[int, int, int, int], rows: int) -> dict:
 
 def forward_rate(model, images: torch.Tensor, s: Shapes, precision: str) -> float:
     """Images/s of the members' penultimate features on batches already on the device."""
-    from pipeline.extract import extract_batch
+    from pipeline.features.extract import extract_batch
 
     for _ in range(s.warmup):
         extract_batch([model], images, precision)
@@ -213,10 +213,10 @@ def _jpeg(args) -> None:
 
 def ffcv_rate(model, s: Shapes, where: torch.device, workdir: Path, precision: str) -> dict:
     """Images/s of extraction fed by the FFCV eval loader: generated ImageNet-size JPEGs, prepared as timecat does."""
-    from pipeline.extract import extract_batch
-    from pipeline.loaders import eval_loader, one_epoch, to_model_input
-    from pipeline.prepare import PrepareConfig, prepare
-    from pipeline.splits import Preprocess, beton_path
+    from pipeline.data.loaders import eval_loader, one_epoch, to_model_input
+    from pipeline.data.prepare import PrepareConfig, prepare
+    from pipeline.data.splits import Preprocess, beton_path
+    from pipeline.features.extract import extract_batch
 
     root, workers = workdir / "data", max(1, len(_cpus()))
     jobs = [
@@ -250,8 +250,8 @@ def ffcv_rate(model, s: Shapes, where: torch.device, workdir: Path, precision: s
 
 def train_rate(s: Shapes, resolution: int, where: torch.device) -> float:
     """Training images/s (forward, backward, SGD step; bf16 autocast on GPU) on batches on the device."""
-    from pipeline.models import build
-    from pipeline.pretrain import train_one_step
+    from pipeline.members.models import build
+    from pipeline.train.pretrain import train_one_step
 
     model = build(s.arch, 1000).to(where, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
@@ -268,7 +268,7 @@ def train_rate(s: Shapes, resolution: int, where: torch.device) -> float:
 
 
 def extraction(s: Shapes, where: torch.device, workdir: Path) -> dict:
-    from pipeline.models import build
+    from pipeline.members.models import build
 
     precision = "bf16" if where.type == "cuda" else "fp32"
     model = build(s.arch, 1000).to(where, memory_format=torch.channels_last).eval()

@@ -26,7 +26,7 @@ DEMO_MEMBERS = tuple(f"run{i}" for i in range(7))  # run0: Cat1, run1-2: Cat2, r
 
 def cpu_flags() -> list[str]:
     """The bf16 and AVX-512 flags of this CPU, for the figures' provenance."""
-    from pipeline.batched_probe import cpu_flags as flags
+    from pipeline.probe.c_search import cpu_flags as flags
 
     wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
     return sorted(f for f in flags() if f in wanted)

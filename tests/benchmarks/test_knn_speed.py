@@ -1,6 +1,6 @@
 """Benchmark: the k-NN protocol's neighbour search and votes, 50,000 train x 10,000 eval rows of 2,048 dims.
 
-timecat's blocked search (pipeline.knn: query blocks against train blocks, a
+timecat's blocked search (pipeline.probe.knn: query blocks against train blocks, a
 running top-k) against scikit-learn's brute-force cosine NearestNeighbors (it
 too works in chunks, under its working_memory of 1 GiB), both producing the
 ranked classes of DINO's four k values from one search for k = 200. Each side
@@ -26,7 +26,7 @@ TRAIN, EVAL, DIM, CLASSES = 50_000, 10_000, 2048, 100
 SIDE = """
 import json, resource, time
 import numpy as np
-from pipeline import knn
+from pipeline.probe import knn
 
 CLASSES = {classes}
 X, Q, y, y_eval = (np.load("{data}/" + name + ".npy") for name in ("X", "Q", "y", "y_eval"))

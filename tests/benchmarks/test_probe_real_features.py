@@ -38,10 +38,10 @@ import pytest
 import torch
 from real_features import cpu_flags, cpu_name, demo_workspace, features, probe_summary, probe_ways, save
 
-from pipeline import batched_logreg as bl
-from pipeline import results
-from pipeline.heldout import standardize
-from pipeline.logreg_solvers import objective
+from pipeline.probe import batched_lbfgs as bl
+from pipeline.probe import results
+from pipeline.probe.heldout import standardize
+from pipeline.probe.logreg_backends import objective
 
 MEMBERS = ("run3", "run4", "run5", "run6")
 

@@ -28,7 +28,7 @@ from real_features import cpu_flags, cpu_name, demo_workspace, features, probe_s
 from test_probe_real_features import cyanure_fit, scored
 
 import cache
-from pipeline.heldout import standardize
+from pipeline.probe.heldout import standardize
 
 MEMBERS = ("r50a", "r50b")
 STEPS, BATCH = 300, 64

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from conftest import make_fashion_root
 
-from pipeline.distributed import init
-from pipeline.loaders import one_epoch, to_model_input
-from pipeline.prepare import PrepareConfig, prepare
-from pipeline.pretrain import PretrainConfig, build_run, make_preprocess, train_one_step
-from pipeline.splits import beton_path, read_manifest
+from pipeline.core.distributed import init
+from pipeline.data.loaders import one_epoch, to_model_input
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.splits import beton_path, read_manifest
+from pipeline.train.pretrain import PretrainConfig, build_run, make_preprocess, train_one_step
 
 STEPS, WARMUP, REPEATS = 120, 10, 3  # timed steps, untimed first steps, interleaved repeats
 JPEGS, CLASSES, WORKERS, BATCH = 2_000, 10, 2, 64  # loader benchmark: generated ImageNet-size set
@@ -108,7 +108,7 @@ def _write_jpegs(root: Path) -> None:
 
 
 def _ffcv_epoch_s(data: Path, pre, name: str = "imagenet") -> float:
-    from pipeline.loaders import train_loader
+    from pipeline.data.loaders import train_loader
 
     loader, _ = train_loader(beton_path(data, name, "train"), pre, BATCH, 0, WORKERS)
     return _rate(loader)

@@ -1,0 +1,13 @@
+"""Probes fitted on cached features, and the records they write. Never imports data loaders,
+members or extraction (`make lint`).
+
+- run: the probe stage (reads the cache, runs a protocol, builds and saves the record).
+- c_search: the C-search policy (which candidates, which stages, the tie rule).
+- batched_lbfgs: the batched, preconditioned per-problem L-BFGS solver.
+- logreg_backends: one-C-at-a-time logistic regression (scikit-learn, torch, cuML).
+- bn_linear: the paper's BatchNorm + Linear head, trained on cached features.
+- knn: DINO's weighted k-NN, blocked over train rows.
+- heldout: the held-out search split, few-shot draws, standardisation, top-k.
+- results: the probe records file (append under a lock, load, select) and predictions.
+- predict: a saved probe head applied to cached features.
+"""
