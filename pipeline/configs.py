@@ -59,19 +59,33 @@ class PrepareConfig:
 
     kind: str = param(text="A registered dataset kind (datasets.DATASETS).", cli="the command's KIND argument")
     data_root: Path = param(text="Folder of prepared datasets.", cli="the shared --data-root option")
-    name: str | None = param(None, "Folder name under the data root (default: DATASET).")
-    train_dir: Path | None = param(None, "imagefolder: train folder.", flag="--train")
-    test_dir: Path | None = param(None, "imagefolder: test folder.", flag="--test")
+    name: str | None = param(
+        None, "The prepared dataset's name: its folder under the data root, and what --dataset takes (default: KIND)."
+    )
+    train_dir: Path | None = param(
+        None,
+        "imagefolder, imagenet: train folder of <class>/<image> (imagenet default: DATA_ROOT/imagenet/train).",
+        flag="--train",
+    )
+    test_dir: Path | None = param(
+        None,
+        "imagefolder, imagenet: test folder (imagenet: val/<wnid>/, or flat with LOC_val_solution.csv or "
+        "val_labels.txt).",
+        flag="--test",
+    )
     download: bool = param(False, "Let torchvision download fashion-mnist or cifar if absent.")
     num_workers: int = param(2, "Writer processes (and image-check threads).", flag="--workers")
     stats_images: int = param(10_000, "Images sampled (seeded) for the per-channel mean and std.", low=1)
     on_corrupt: str = param(
-        "fail", "An undecodable image file fails the run, or is skipped and listed in the manifest.", choices=ON_CORRUPT
+        "fail",
+        "An undecodable image file fails the run, naming each path, or is skipped and listed (path and error) under "
+        "`skipped` in the manifest and on stderr.",
+        choices=ON_CORRUPT,
     )
     storage: str | None = param(
         None,
         "Image storage (default: the dataset's): JPEG q90; mixed, half raw (FFCV's ImageNet recipe: faster "
-        "loading, ~5x disk); raw.",
+        "loading, ~5x disk); raw. A prepared split is never rewritten another way: give --name for a second copy.",
         choices=STORAGES,
     )
 
@@ -110,7 +124,12 @@ class PretrainConfig:
     dataset: str = param(text="Prepared dataset to train on.")
     seed: int = param(text="Seed of initialisation and data order.")
     steps: int = param(text="Optimizer steps: this member's budget.")
-    arch: str = param("small-resnet", "Architecture.", choices=ARCH_NAMES)
+    arch: str = param(
+        "small-resnet",
+        "small-resnet (128-d features, for 28-32 px images); resnet50 (torchvision's, 2048-d); resnet50w2 (every "
+        "width doubled, 93.9M backbone parameters, as the paper's Table 2).",
+        choices=ARCH_NAMES,
+    )
     width: int | None = param(None, "Channel multiplier of the resnet50 family (default: the arch's).")
     batch_size: int = param(128, "Images per step, across all processes (DDP splits it).")
     optimizer: str = param(
@@ -220,10 +239,19 @@ class ExtractConfig:
     batch_size: int = param(512, "Images per forward pass.")
     num_workers: int = param(2, "Loader threads.", flag="--workers")
     dtype: str = param("float32", "Stored dtype (float16: half the disk, refuses values out of range).", choices=DTYPES)
-    compression: str = param("zstd", "Chunk compression.", choices=COMPRESSIONS)
+    compression: str = param(
+        "zstd",
+        "Chunk compression: zstd level 1, or none (larger on disk, faster to read; "
+        "tests/benchmarks/test_cache_read.py).",
+        choices=COMPRESSIONS,
+    )
     overwrite: bool = param(False, "Write the members' arrays anew even when cached (e.g. from another checkpoint).")
     chunk_rows: int | None = param(None, "Rows per Zarr chunk, a multiple of the batch size (default ~8 MiB).")
-    views: int = param(0, f"Also cache K augmented views (at most {MAX_VIEWS}) of each image of --view-splits.")
+    views: int = param(
+        0,
+        f"Also cache K augmented views (at most {MAX_VIEWS}) of each image of --view-splits: the BatchNorm + Linear "
+        "probe trains epoch e on view e mod K.",
+    )
     view_splits: tuple[str, ...] = param(
         ("train",), "Comma-separated splits that get views (the ones a probe fits on)."
     )
@@ -343,7 +371,7 @@ class ProbeConfig:
     backend: str = param(
         "auto",
         "logreg solver. auto = batched: every C candidate (and, with --cat, every subset) in one L-BFGS pass; "
-        "sklearn, torch, cuml fit one C at a time. Recorded.",
+        "sklearn, torch, cuml (the gpu extra and a GPU) fit one C at a time. Recorded.",
         choices=PROBE_BACKENDS,
     )
     precision: str = param(
