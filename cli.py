@@ -79,6 +79,13 @@ def main(verbose: bool) -> None:
 
     Data flows one way: images -> .beton -> members -> feature cache -> probes -> reports.
 
+    \b
+    Environment: TIMECAT_WORKDIR (--workdir); TIMECAT_DATA, TIMECAT_RUNS,
+    TIMECAT_CACHE, TIMECAT_RESULTS (one location each); TIMECAT_PROGRESS_EVERY
+    (seconds between progress lines in a log file, default 30);
+    TIMECAT_DIST_TIMEOUT_MIN (process-group timeout under torchrun, default
+    180); TQDM_DISABLE=1 (no progress bars).
+
     Example: timecat demo
     """
     from pipeline.core.progress import configure_logging
@@ -98,9 +105,14 @@ def prepare(kind, data_root, **params):
     inat2018, imagefolder, dominoes-mixture, dominoes-balanced (a digit above a
     Fashion-MNIST dress or coat, agreeing with the label 99% or 50% of the time).
     imagenet reads DATA_ROOT/imagenet/{train,val} (or --train/--test);
-    inat2018 reads DATA_ROOT/inat2018/{train,val}2018.json.
-    Splits already prepared are kept as they are. --storage defaults to each
-    dataset's own (raw pixels for small images, JPEG q90 for ImageNet-size ones).
+    inat2018 reads DATA_ROOT/inat2018/{train,val}2018.json, its labels from
+    category_id through one mapping shared by both splits (never folder names).
+    ImageNet's and iNat's val splits become the test split. Splits already
+    prepared are kept as they are; a .beton is renamed into place when done and
+    its manifest written last, so a killed prepare never leaves a split that
+    looks complete. --storage defaults to each dataset's own (raw pixels for
+    small images; JPEG q90 at most 500 px on the long side for ImageNet-size
+    ones, about 65 GB for ImageNet-1k).
 
     \b
     Example: timecat prepare fashion-mnist
@@ -121,9 +133,19 @@ def prepare(kind, data_root, **params):
 
 @main.command()
 @options.config_options(PretrainConfig)
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Train the members of a plan file.")
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(path_type=Path),
+    help="Train the members of a plan file (timecat plan); it sets each member's name, seed, steps, arch, width, "
+    "dataset and batch size, and typing one of those too is refused.",
+)
 @click.option("--member", "only", help="With --plan: train only this member.")
-@click.option("--nproc-per-node", type=int, help="Launch K processes on this machine with torch's elastic launcher.")
+@click.option(
+    "--nproc-per-node",
+    type=int,
+    help="Launch K processes on this machine with torch's elastic launcher (several nodes: call torchrun yourself).",
+)
 @DATA_ROOT
 @RUNS
 @JSON
@@ -133,7 +155,10 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
     --batch-size is the global batch: under torchrun each of W processes takes
     batch/W rows of every step (DDP; NCCL on GPU, gloo on CPU). A checkpoint is
     written every --checkpoint-every steps; run the same command again after a
-    crash or preemption and it resumes there. A finished member is not retrained.
+    crash or preemption and it resumes there. A finished member is not retrained;
+    a different recipe under the same name is refused, and so is a second
+    process training the same member (a lock on RUNS/NAME/.lock). It writes
+    RUNS/NAME/checkpoint.pt, config.json (the resolved config) and log.jsonl.
 
     \b
     Example: timecat pretrain --name run0 --dataset fashion-mnist --seed 0 --steps 1000
@@ -394,8 +419,10 @@ def predict(record_id, dataset, split, k, out, cache_path, results, as_json):
     """Apply probe ID's saved head to the cached features of its members on DATASET/SPLIT.
 
     Ranks every row's classes (top-k); where the split has the head's classes,
-    prints top-1 with its 95% interval and top-5. The members' features must come
-    from the checkpoints the head was fit on.
+    prints top-1 with its 95% interval and top-5; a split with other classes is
+    ranked, not scored. The members' features must come from the checkpoints the
+    head was fit on. ID is a record id (`timecat results` lists them), or its
+    first 4 or more characters.
 
     \b
     Example: timecat predict 3f2a9c01b7d4 --dataset fashion-mnist --split test --workdir demo
@@ -528,8 +555,10 @@ def cache_ls(path, cache_path, as_json):
 def cache_verify(path, cache_path, as_json):
     """Check a cache: status, a full NaN scan, shapes and label agreement across members.
 
-    The cache is PATH, or --cache PATH, or WORKDIR/features.zarr. Exits with
-    status 1 when any array has a problem.
+    Also that each member's splits come from one checkpoint and each view from
+    one seed. Every array's own metadata is read, never the consolidated copy a
+    killed or edited store can leave stale. The cache is PATH, or --cache PATH,
+    or WORKDIR/features.zarr. Exits with status 1 when any array has a problem.
 
     \b
     Example: timecat cache verify demo/features.zarr
@@ -597,10 +626,9 @@ def toy(plot_path, results, as_json, **params):
     with weight decay instead (an implicit L1 penalty).
     Its kept features are then probed on each component with the best linear
     rule, against direct training on the component. The paper's argument: nearly
-    every mixture keeps one feature and fails two of the four components. Here
-    (seed 0): 100% of 200 mixtures with the default L1 penalty or the weight-decay
-    network; plain logistic regression without a penalty (--loss logistic
-    --strength 0) keeps both features in most mixtures (16% fail).
+    every mixture keeps one feature and fails two of the four components; plain
+    logistic regression without a penalty (--loss logistic --strength 0) is the
+    control. A measured run: README, Experiments.
 
     \b
     Example: timecat toy
@@ -626,10 +654,9 @@ def diversity(plot_path, cache_path, results, as_json, **params):
 
     Beside it, the logreg probe top-1 of each member alone and of their
     concatenation (records appended to RESULTS/probes.jsonl). Low CKA between
-    members of different seeds is the diversity Time-Cat concatenates. On the
-    demo's Cat4 (Fashion-MNIST test): CKA 0.94-0.97, members 86.6-87.8% top-1
-    alone, 89.6% concatenated: +1.8 points over the best (95% CI 1.4-2.3, paired
-    over the eval rows: `timecat compare`). The paper gives no CKA figures.
+    members of different seeds is the diversity Time-Cat concatenates. A probe
+    already in the results with the same config and features is reused. The
+    paper gives no CKA figures; the demo's Cat4: README, Experiments.
 
     \b
     Example: timecat diversity --members run3,run4,run5,run6 --dataset fashion-mnist --workdir demo
@@ -655,9 +682,8 @@ def dominoes(data_root, as_json, **params):
     the label), tested on balanced data; (b) the same CNN, same budget,
     pretrained on the mixture (digit agrees 99%), then linear-probed on the
     balanced set through the feature cache. The paper: 97% against 94% on
-    MNIST-Fashion dominoes; here (3 seeds, 300 steps): 93.2% against 91.8%,
-    a gap of +1.4 points whose 95% interval over seeds (-0.8, +3.6) includes 0.
-    Data, runs, cache and plot go under WORKDIR; about 4 minutes on 2 CPU cores.
+    MNIST-Fashion dominoes; a measured run: README, Experiments. Data, runs,
+    cache and plot go under WORKDIR; about 4 minutes on 2 CPU cores.
 
     \b
     Example: timecat dominoes
