@@ -159,6 +159,8 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
     a different recipe under the same name is refused, and so is a second
     process training the same member (a lock on RUNS/NAME/.lock). It writes
     RUNS/NAME/checkpoint.pt, config.json (the resolved config) and log.jsonl.
+    On GPU the forward and backward run in bf16 autocast on channels_last
+    inputs; weights and optimizer state stay float32.
 
     \b
     Example: timecat pretrain --name run0 --dataset fashion-mnist --seed 0 --steps 1000

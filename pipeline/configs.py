@@ -143,7 +143,9 @@ class PretrainConfig:
     momentum: float = param(0.9, "SGD Nesterov momentum.")
     weight_decay: float = param(5e-4, "On conv and linear weights only, not BatchNorm or biases.")
     label_smoothing: float = param(0.1, "Label smoothing of the cross-entropy.", unit="fraction")
-    resolution: int | None = param(None, "Input side (default: the dataset's).", unit="px")
+    resolution: int | None = param(
+        None, f"Input side, {MIN_RESOLUTION} to {MAX_RESOLUTION} (default: the dataset's).", unit="px"
+    )
     min_resolution: int | None = param(
         None,
         "Progressive resizing: train at this side first, growing to --resolution in 32 px steps (FFCV: 160 -> 192).",
