@@ -147,5 +147,5 @@ def test_storage_is_chosen_recorded_and_a_different_one_is_refused(tmp_path):
     assert images.shape == (12, 3, 32, 32) and labels.view(-1).tolist() == [0] * 4 + [1] * 4 + [2] * 4
     with pytest.raises(TimecatError, match="pets/train is already prepared as proportion, not --storage raw"):
         prepare(PrepareConfig("imagefolder", tmp_path / "data", storage="raw", **folders))
-    with pytest.raises(TimecatError, match=r"unknown --storage 'png'; choose one of \['jpeg', 'mixed', 'raw'\]"):
+    with pytest.raises(TimecatError, match=r"unknown storage 'png'; choose one of \['jpeg', 'mixed', 'raw'\]"):
         PrepareConfig("imagefolder", tmp_path / "data", storage="png", **folders)
