@@ -6,10 +6,11 @@ import itertools
 import pytest
 import torch
 
+from pipeline.configs import PretrainConfig
 from pipeline.core.errors import TimecatError
 from pipeline.members import checkpoints, torch_io
 from pipeline.members.models import build
-from pipeline.train.pretrain import PretrainConfig, lr_factor, make_optimizer
+from pipeline.train.pretrain import lr_factor, make_optimizer
 
 
 def test_small_resnet_features_and_logits():

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from conftest import make_cifar10, make_imagefolder
 
+from pipeline.configs import PrepareConfig
 from pipeline.core.errors import TimecatError
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.splits import beton_path, is_complete, manifest_path, read_manifest
 
 
