@@ -155,7 +155,9 @@ STORAGES = ("jpeg", "mixed", "raw")  # pipeline.data.prepare.STORAGE: how images
 class PrepareConfig:
     """What to prepare and where."""
 
-    kind: str = param(text="A registered dataset kind (datasets.DATASETS).", cli="the command's KIND argument")
+    kind: str = param(
+        text="A registered dataset kind (pipeline.data.recipes.RECIPES).", cli="the command's KIND argument"
+    )
     data_root: Path = param(text="Folder of prepared datasets.", cli="the shared --data-root option")
     name: str | None = param(None, "Folder name under the data root (default: DATASET).")
     train_dir: Path | None = param(None, "imagefolder: train folder.", flag="--train")
