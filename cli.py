@@ -27,6 +27,7 @@ from pipeline.configs import (
     ReportConfig,
     ToyConfig,
 )
+from pipeline.data.recipes import KINDS
 from pipeline.options import CACHE, DATA_ROOT, JSON, NAMES, RESULTS, RUNS
 
 
@@ -101,9 +102,8 @@ def prepare(kind, data_root, **params):
     """Write the train and test splits of a dataset of KIND as FFCV .beton files.
 
     KIND (the dataset's registered kind, which picks its reader and recipes) is
-    one of fashion-mnist, cifar10, cifar100, digits, imagenet,
-    inat2018, imagefolder, dominoes-mixture, dominoes-balanced (a digit above a
-    Fashion-MNIST dress or coat, agreeing with the label 99% or 50% of the time).
+    one of {kinds}. dominoes-mixture and dominoes-balanced put a digit above a
+    Fashion-MNIST dress or coat, agreeing with the label 99% or 50% of the time.
     imagenet reads DATA_ROOT/imagenet/{train,val} (or --train/--test);
     inat2018 reads DATA_ROOT/inat2018/{train,val}2018.json, its labels from
     category_id through one mapping shared by both splits (never folder names).
@@ -129,6 +129,9 @@ def prepare(kind, data_root, **params):
         )
         for s in m.get("skipped", []):
             click.echo(f"  skipped unreadable {s['path']}: {s['error']}", err=True)
+
+
+prepare.help = prepare.help.replace("{kinds}", ", ".join(KINDS))  # the registry's kinds, never a copied list
 
 
 @main.command()

@@ -9,8 +9,13 @@ config without the heavy libraries.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import MISSING, dataclass, field
+import numbers
+import os
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from pipeline.core.errors import TimecatError, check_seed
@@ -29,22 +34,115 @@ def param(
     low_open=False,
     high=None,
     cli=True,
+    aliases=None,
 ):
     """A config field with what the command line needs: help, flag (default --field-name), choices, unit, bounds.
 
-    Bounds (``low``, ``high``) make click refuse a value as a usage error; fields
-    without them are checked by the config itself, with its own message.
+    Choices and bounds (``low``, ``high``; ``low_open``: strictly above ``low``) hold
+    for every caller: click refuses a typed value as a usage error, and
+    ``check_fields`` refuses it when a config is made from Python. ``aliases``:
+    {old name: choice}, accepted and replaced by the choice it names.
 
     ``cli``: True, or a sentence saying why the command line does not set this field itself.
     """
     meta = {"help": text, "flag": flag, "choices": choices, "unit": unit, "low": low, "low_open": low_open, "cli": cli}
-    meta["high"] = high
+    meta.update(high=high, aliases=aliases or {})
     return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
 
 
-def _choose(what: str, value, allowed) -> None:
-    if value not in allowed:
-        raise TimecatError(f"unknown {what} {value!r}; choose one of {list(allowed)}")
+@functools.cache
+def field_types(config_cls) -> dict[str, object]:
+    """Each field's annotation of a config class, resolved (this module's annotations are strings)."""
+    return typing.get_type_hints(config_cls)
+
+
+def optional(hint) -> tuple[object, bool]:
+    """``X | None`` -> (X, True); any other annotation -> (itself, False)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and len(args) == 2 and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+_WHAT = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value`` is of the field type ``hint``: a bool is no number, an int is a float, a str a Path."""
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        items = args[:1] * len(value) if args[-1:] == (Ellipsis,) else args
+        if not isinstance(value, tuple | list) or len(items) != len(value):
+            return False
+        return all(_fits(v, a) for v, a in zip(value, items, strict=True))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, numbers.Integral if hint is int else numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, str | os.PathLike) if hint is Path else isinstance(value, hint)
+
+
+def _described(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if args[-1:] == (Ellipsis,):
+            return f"a tuple of {_described(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        return f"a tuple ({', '.join(_described(a) for a in args)})"
+    return _WHAT.get(hint, f"a {getattr(hint, '__name__', hint)}")
+
+
+def check_fields(config) -> None:
+    """Hold each field of ``config`` to its annotation and its ``param`` choices and bounds (aliases replaced).
+
+    Run by every config (``@config``) before its own cross-field rules; the messages
+    name the field and what it allows.
+    """
+    for f in fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if isinstance(value, str) and value in meta.get("aliases", {}):
+            value = meta["aliases"][value]
+            object.__setattr__(config, f.name, value)  # frozen: the alias's choice is what the stage sees
+        hint, can_be_none = optional(field_types(type(config))[f.name])
+        if value is None and can_be_none:
+            continue
+        if not _fits(value, hint):
+            raise TimecatError(f"{f.name} must be {_described(hint)}, got {value!r}")
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise TimecatError(f"unknown {f.name} {value!r}; choose one of {list(choices)}{_guess(value, choices)}")
+        _check_bounds(f.name, value, meta)
+
+
+def _guess(value, choices) -> str:
+    from cache.errors import did_you_mean  # here: this module imports no zarr (cache/__init__ does)
+
+    return did_you_mean(value, choices) if isinstance(value, str) else ""
+
+
+def _check_bounds(name: str, value, meta) -> None:
+    low, high, unit = meta.get("low"), meta.get("high"), f" {meta['unit']}" if meta.get("unit") else ""
+    if low is not None and (value <= low if meta.get("low_open") else value < low):
+        above = "more than" if meta.get("low_open") else "at least"
+        raise TimecatError(f"{name} must be {above} {low}{unit}, got {value}")
+    if high is not None and value > high:
+        raise TimecatError(f"{name} must be at most {high}{unit}, got {value}")
+
+
+@typing.dataclass_transform(frozen_default=True, field_specifiers=(param, field))
+def config(cls):
+    """A frozen dataclass whose construction runs ``check_fields``, then the class's own ``__post_init__``.
+
+    That ``__post_init__`` keeps only rules across fields (or beyond what ``param`` declares).
+    """
+    cross_field = cls.__dict__.get("__post_init__")
+
+    def post_init(self):
+        check_fields(self)
+        if cross_field is not None:
+            cross_field(self)
+
+    cls.__post_init__ = post_init
+    return dataclass(frozen=True)(cls)
 
 
 # --- prepare ------------------------------------------------------------------
@@ -53,11 +151,13 @@ ON_CORRUPT = ("fail", "skip")  # what prepare does with an image file it cannot 
 STORAGES = ("jpeg", "mixed", "raw")  # pipeline.data.prepare.STORAGE: how images are stored in a .beton
 
 
-@dataclass(frozen=True)
+@config
 class PrepareConfig:
     """What to prepare and where."""
 
-    kind: str = param(text="A registered dataset kind (datasets.DATASETS).", cli="the command's KIND argument")
+    kind: str = param(
+        text="A registered dataset kind (pipeline.data.recipes.RECIPES).", cli="the command's KIND argument"
+    )
     data_root: Path = param(text="Folder of prepared datasets.", cli="the shared --data-root option")
     name: str | None = param(
         None, "The prepared dataset's name: its folder under the data root, and what --dataset takes (default: KIND)."
@@ -91,10 +191,6 @@ class PrepareConfig:
 
     def __post_init__(self):
         check_name("dataset", self.stored_name)  # it becomes a folder and a cache path
-        if self.on_corrupt not in ON_CORRUPT:
-            raise TimecatError(f"unknown --on-corrupt {self.on_corrupt!r}; choose one of {list(ON_CORRUPT)}")
-        if self.storage is not None and self.storage not in STORAGES:
-            raise TimecatError(f"unknown --storage {self.storage!r}; choose one of {sorted(STORAGES)}")
 
     @property
     def stored_name(self) -> str:
@@ -116,14 +212,14 @@ PRESETS = ("paper-table3", "paper-table2")  # pipeline.train.plan.PRESETS: the p
 MIN_RESOLUTION, MAX_RESOLUTION = 8, 1024
 
 
-@dataclass(frozen=True)
+@config
 class PretrainConfig:
     """One member: its name, seed, budget, architecture and dataset, and the SGD recipe."""
 
     name: str = param(text="Member name, e.g. run0.")
     dataset: str = param(text="Prepared dataset to train on.")
     seed: int = param(text="Seed of initialisation and data order.")
-    steps: int = param(text="Optimizer steps: this member's budget.")
+    steps: int = param(text="Optimizer steps: this member's budget.", low=1)
     arch: str = param(
         "small-resnet",
         "small-resnet (128-d features, for 28-32 px images); resnet50 (torchvision's, 2048-d); resnet50w2 (every "
@@ -131,7 +227,7 @@ class PretrainConfig:
         choices=ARCH_NAMES,
     )
     width: int | None = param(None, "Channel multiplier of the resnet50 family (default: the arch's).")
-    batch_size: int = param(128, "Images per step, across all processes (DDP splits it).")
+    batch_size: int = param(128, "Images per step, across all processes (DDP splits it).", low=1)
     optimizer: str = param(
         "sgd",
         "SGD (Nesterov, label smoothing) or schedule-free AdamW (BatchNorm re-estimated before eval and save).",
@@ -155,10 +251,10 @@ class PretrainConfig:
         (0.74, 0.86),
         "With --min-resolution: START,END fractions of the budget where the side starts and stops growing.",
     )
-    num_workers: int = param(2, "Loader threads.", flag="--workers")
+    num_workers: int = param(2, "Loader threads.", flag="--workers", low=1)
     log_every: int = param(50, "Steps between log records.", low=1)
-    eval_every: int = param(0, "Steps between logged test evaluations (0: only at the end).")
-    checkpoint_every: int = param(500, "Steps between resumable checkpoints (0: only the final one).")
+    eval_every: int = param(0, "Steps between logged test evaluations (0: only at the end).", low=0)
+    checkpoint_every: int = param(500, "Steps between resumable checkpoints (0: only the final one).", low=0)
     compile: bool = param(False, "torch.compile the model (worth it on GPU).")
     tensorboard: bool = param(False, "Also write TensorBoard scalars to RUNS/NAME/tensorboard.")
     threads: int | None = param(
@@ -172,17 +268,6 @@ class PretrainConfig:
         check_name("member", self.name)  # it becomes a folder and a cache path
         check_name("dataset", self.dataset)
         check_seed(self.seed)
-        _choose("architecture", self.arch, ARCH_NAMES)
-        _choose("optimizer", self.optimizer, OPTIMIZERS)
-        _choose("schedule", self.schedule, SCHEDULES)
-        for name in ("eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise TimecatError(f"{name} must be 0 (only at the end) or more, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise TimecatError(f"threads must be at least 1, got {self.threads}")
-        for name in ("steps", "batch_size", "log_every", "num_workers"):
-            if getattr(self, name) < 1:
-                raise TimecatError(f"{name} must be at least 1, got {getattr(self, name)}")
         self._check_rates()
         for name in ("resolution", "min_resolution"):
             side = getattr(self, name)
@@ -229,7 +314,7 @@ COMPRESSIONS = ("zstd", "none")  # cache.Compression's values
 MAX_VIEWS = 28
 
 
-@dataclass(frozen=True)
+@config
 class ExtractConfig:
     """Which members to run over which dataset, and how features are stored."""
 
@@ -296,11 +381,6 @@ class ExtractConfig:
                 f"views must be 0 to {MAX_VIEWS}, not {self.views}: protocol tc trains {MAX_VIEWS} epochs on "
                 "one view each, so more views would never be read"
             )
-        if self.threads is not None and self.threads < 1:
-            raise TimecatError(f"threads must be at least 1, got {self.threads}")
-        if self.precision is not None:
-            _choose("precision", self.precision, EXTRACT_PRECISIONS)
-        _choose("compression", self.compression, COMPRESSIONS)
 
 
 def _check_view_splits(view_splits: tuple[str, ...], splits: tuple[str, ...], views: int) -> None:
@@ -330,7 +410,7 @@ K_GRID = (10, 20, 100, 200)  # DINO's k values
 TEMPERATURE = 0.07  # DINO's softmax temperature on cosine similarities
 
 
-@dataclass(frozen=True)
+@config
 class ProbeConfig:
     """Which members to probe on which dataset, and the model-selection recipe."""
 
@@ -414,9 +494,6 @@ class ProbeConfig:
     )
 
     def __post_init__(self):
-        _choose("protocol", self.protocol, PROTOCOLS)
-        _choose("backend", self.backend, PROBE_BACKENDS)
-        _choose("precision", self.precision, PROBE_PRECISIONS)
         if not self.members:
             raise TimecatError("no members given: pass --members run0,run1,...")
         check_name("dataset", self.dataset)
@@ -441,29 +518,15 @@ class ProbeConfig:
             )
 
     def _check_numbers(self) -> None:
-        if not self.memory_gib > 0:
-            raise TimecatError(f"memory_gib must be positive, got {self.memory_gib}")
         if not 0 < self.holdout < 1:
             raise TimecatError(f"holdout is a fraction in (0, 1), got {self.holdout}")
-        if self.search_rows < 1 or self.search_per_class < 1:
-            raise TimecatError(
-                f"search_rows and search_per_class must be at least 1, got {self.search_rows}, {self.search_per_class}"
-            )
-        if not self.k_grid or min(self.k_grid) < 1 or not self.temperature > 0:
-            raise TimecatError(
-                f"knn needs k values >= 1 and a positive temperature, got {self.k_grid} and {self.temperature}"
-            )
-        if self.shots is not None and (self.shots < 1 or self.draws < 1):
-            raise TimecatError(f"--shots and --draws must be at least 1, got {self.shots} and {self.draws}")
+        if not self.k_grid or min(self.k_grid) < 1:
+            raise TimecatError(f"knn needs k values >= 1, got {self.k_grid}")
         if self.shots is not None and not self.batched:
             raise TimecatError(
                 f"--shots runs the logreg protocol on the batched solver, not protocol {self.protocol} with backend "
                 f"{self.backend}: use --protocol logreg --backend auto"
             )
-        if not self.fixed_c > 0:
-            raise TimecatError(f"fixed_c must be positive, got {self.fixed_c}")
-        if self.bootstrap < RESAMPLES:
-            raise TimecatError(f"bootstrap resamples must be at least {RESAMPLES}, got {self.bootstrap}")
 
 
 __all__ = [
@@ -482,47 +545,39 @@ PENALTIES = ("weight-decay", "l1", "none")  # the toy rule's sparsity bias
 LOSSES = ("sigmoid", "logistic")
 
 
-@dataclass(frozen=True)
+@config
 class ToyConfig:
     """The paper's Section 3 counterexample: how many mixtures, and the loss and sparsity bias of each rule."""
 
-    mixtures: int = param(200, "Random mixture weights drawn, Dirichlet(1,1,1,1).")
+    mixtures: int = param(200, "Random mixture weights drawn, Dirichlet(1,1,1,1).", low=1, high=1_000_000)
     seed: int = param(0, "Seed of the mixtures and initial weights.")
     loss: str = param("sigmoid", "sigmoid: a smooth 0-1 loss (the paper's best rule); logistic.", choices=LOSSES)
-    temperature: float = param(0.1, "sigmoid loss: sigma(-margin / temperature).")
+    temperature: float = param(0.1, "sigmoid loss: sigma(-margin / temperature).", low=0, low_open=True)
     penalty: str = param(
         "l1",
         "Sparsity bias: explicit L1 on a linear rule, weight decay on a two-layer diagonal linear net, or none.",
         choices=PENALTIES,
     )
-    strength: float = param(0.01, "Penalty coefficient (the L1 weight, or weight decay).")
-    steps: int = param(3000, "Full-batch gradient steps of each rule.")
-    lr: float = param(0.1, "Step size.")
+    strength: float = param(0.01, "Penalty coefficient (the L1 weight, or weight decay).", low=0)
+    steps: int = param(3000, "Full-batch gradient steps of each rule.", low=1, high=10_000_000)
+    lr: float = param(0.1, "Step size.", low=0, low_open=True)
     used: float = param(0.05, "A feature is kept when its weight is above this fraction of the largest.")
     collapsed: float = param(1e-3, "A rule whose largest weight is below this reads no feature at all.")
 
     def __post_init__(self):
-        _choose("penalty", self.penalty, PENALTIES)
-        _choose("loss", self.loss, LOSSES)
         check_seed(self.seed)
-        if not 1 <= self.mixtures <= 1_000_000 or not 1 <= self.steps <= 10_000_000:
-            raise TimecatError(
-                f"mixtures and steps are 1 to a million (steps 10 million), got {self.mixtures}, {self.steps}"
-            )
         if not all(math.isfinite(v) for v in (self.strength, self.lr, self.temperature, self.used, self.collapsed)):
             raise TimecatError("strength, lr, temperature and thresholds must be finite numbers")
-        if self.strength < 0 or self.lr <= 0 or self.temperature <= 0:
-            raise TimecatError("mixtures, steps >= 1; strength >= 0; lr, temperature > 0")
 
 
-@dataclass(frozen=True)
+@config
 class DiversityConfig:
     """Which cached members to compare (linear CKA, and probes), on which split."""
 
     dataset: str = param(text="Cached dataset.")
     members: tuple[str, ...] = param(text="Comma-separated cached members, e.g. run3,run4,run5,run6.")
     split: str = param("test", "Split whose rows CKA is measured on.")
-    rows: int = param(10_000, "At most this many rows (a seeded sample) enter CKA.")
+    rows: int = param(10_000, "At most this many rows (a seeded sample) enter CKA.", low=2)
     seed: int = param(0, "Seed of the row sample.")
     probe: bool = param(True, "Also probe (logreg) each member alone and their concatenation.")
 
@@ -536,11 +591,9 @@ class DiversityConfig:
             raise TimecatError(f"diversity compares at least 2 members, got {list(self.members)}")
         if len(set(self.members)) != len(self.members):
             raise TimecatError(f"a member is named twice: {list(self.members)}")
-        if self.rows < 2:
-            raise TimecatError(f"rows must be at least 2, got {self.rows}")
 
 
-@dataclass(frozen=True)
+@config
 class DominoesConfig:
     """The paper's spurious-feature test (Table 1): seeds, budget and folders."""
 
@@ -549,7 +602,7 @@ class DominoesConfig:
         None, "Folder of prepared datasets (None: WORKDIR/data).", cli="the shared --data-root option"
     )
     seeds: tuple[int, ...] = param((0, 1, 2), "Comma-separated seeds, one run of each model.")
-    steps: int = param(300, "SGD steps of every CNN, direct or pretrained (equal budgets).")
+    steps: int = param(300, "SGD steps of every CNN, direct or pretrained (equal budgets).", low=1)
     batch_size: int = param(128, "Images per step.")
     arch: str = param("small-resnet", "Architecture of every CNN.", choices=ARCH_NAMES)
 
@@ -558,8 +611,6 @@ class DominoesConfig:
             raise TimecatError("give at least one seed")
         for seed in self.seeds:
             check_seed(seed)
-        if self.steps < 1:
-            raise TimecatError(f"steps must be at least 1, got {self.steps}")
 
     @property
     def data(self) -> Path:
@@ -567,7 +618,7 @@ class DominoesConfig:
         return Path(self.data_root) if self.data_root is not None else Path(self.workdir) / "data"
 
 
-@dataclass(frozen=True)
+@config
 class DemoConfig:
     """The demo: its budget, members and datasets."""
 
@@ -591,7 +642,6 @@ class DemoConfig:
     )
 
     def __post_init__(self):
-        _choose("precision", self.precision, PROBE_PRECISIONS)
         bad = [n for n in self.cats if n < 1 or self.total_steps % n]
         if bad:
             raise TimecatError(f"total steps {self.total_steps} must split evenly into N members for N in {bad}")
@@ -620,7 +670,7 @@ class DemoConfig:
 # --- plan and report --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@config
 class PlanConfig:
     """A fixed-compute CatN experiment to plan (``pipeline.train.plan.make_plan``)."""
 
@@ -644,7 +694,7 @@ REPORT_LAYOUTS = ("table3", "table2")  # pipeline.report.tables.LAYOUTS
 REPORT_METRICS = ("top1", "top1_eval_selected")  # pipeline.report.tables.METRICS
 
 
-@dataclass(frozen=True)
+@config
 class ReportConfig:
     """Which records a report shows, and how."""
 

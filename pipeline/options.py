@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from cache.errors import LOCATIONS
+from pipeline.configs import field_types, optional
 
 
 def _fractions(value: str) -> tuple[float, float]:
@@ -97,42 +98,48 @@ class FractionPair(click.ParamType):
             self.fail(e.message, param, ctx)
 
 
-def param_type(field):
-    """The click type of a config field, from its annotation and metadata (pipeline.configs.param)."""
-    meta, kind = field.metadata, str(field.type)
-    low = meta.get("low")
+# Lists typed as comma-separated items, by the field's annotation (X | None taken as X).
+LISTS = {
+    tuple[float, ...]: POSITIVE_NUMBERS,
+    tuple[int, ...]: INTEGERS,
+    tuple[str, ...]: NAMES,
+    tuple[float, float]: FractionPair(),
+}
+
+
+def param_type(field, hint):
+    """The click type of a config field, from its resolved annotation ``hint`` and metadata (configs.param)."""
+    meta = field.metadata
+    low, high = meta.get("low"), meta.get("high")
+    kind, _ = optional(hint)
     if meta.get("choices"):
-        return click.Choice(list(meta["choices"]))
-    for prefix, list_type in (("tuple[float, ...]", POSITIVE_NUMBERS), ("tuple[int, ...]", INTEGERS)):
-        if kind.startswith(prefix):
-            return list_type
-    if kind.startswith("tuple[str, ...]"):
-        return NAMES
-    if kind.startswith("tuple[float, float]"):
-        return FractionPair()
-    if kind.startswith("int"):
-        bounded = low is not None or meta.get("high") is not None
-        return click.IntRange(min=low, max=meta.get("high")) if bounded else int
-    if kind.startswith("float"):
+        return click.Choice([*meta["choices"], *meta.get("aliases", {})])  # an alias becomes its choice in the config
+    if kind in LISTS:
+        return LISTS[kind]
+    if kind is int:
+        return click.IntRange(min=low, max=high) if low is not None or high is not None else int
+    if kind is float:
         return click.FloatRange(min=low, min_open=meta.get("low_open", False)) if low is not None else float
-    if kind.startswith("Path"):
+    if kind is Path:
         return click.Path(path_type=Path)
-    return str
+    if kind is str:
+        return str
+    raise TypeError(f"config field {field.name}: no command-line type for {hint}")  # a new annotation: add it here
 
 
-def option(field):
+def option(field, hint):
     """One click option declared by a config field: its flag, type, default and help come from the field."""
     meta = field.metadata
     flag = meta.get("flag") or "--" + field.name.replace("_", "-")
     text = meta.get("help", "") + (f" Unit: {meta['unit']}." if meta.get("unit") else "")
-    if str(field.type) == "bool":  # a flag on by default is turned off with --no-NAME
+    if hint is bool:  # a flag on by default is turned off with --no-NAME
         flag = f"{flag}/--no-{flag[2:]}" if field.default is True else flag
         return click.option(flag, field.name, is_flag=True, default=field.default, help=text, show_default=False)
     default = None if field.default is MISSING else field.default
     shown = (
         ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) if isinstance(default, tuple) else None
     )
-    kind = param_type(field)
+    kind = param_type(field, hint)
     return click.option(
         flag, field.name, type=kind, default=default, show_default=shown or default is not None, help=text
     )
@@ -144,10 +151,11 @@ def config_options(config_cls, skip: tuple[str, ...] = ()):
     A field whose ``cli`` metadata is a sentence is set another way (an argument, a shared option, a plan).
     """
     chosen = [f for f in fields(config_cls) if f.metadata.get("cli", True) is True and f.name not in skip]
+    hints = field_types(config_cls)
 
     def decorate(command):
         for field in reversed(chosen):
-            command = option(field)(command)
+            command = option(field, hints[field.name])(command)
         return command
 
     return decorate

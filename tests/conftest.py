@@ -201,9 +201,10 @@ def pipeline_run(tmp_path_factory):
 
     Returns the paths and the member names; tests must not modify what it wrote.
     """
-    from pipeline.data.prepare import PrepareConfig, prepare
-    from pipeline.features.extract import ExtractConfig, extract
-    from pipeline.train.pretrain import PretrainConfig, pretrain
+    from pipeline.configs import ExtractConfig, PrepareConfig, PretrainConfig
+    from pipeline.data.prepare import prepare
+    from pipeline.features.extract import extract
+    from pipeline.train.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("pipeline")
     data = make_fashion_root(root / "data")

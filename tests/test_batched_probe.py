@@ -9,11 +9,12 @@ from conftest import digits_cache, logreg_optimum
 from sklearn.datasets import load_digits
 
 import cache
+from pipeline.configs import ProbeConfig
 from pipeline.probe import batched_lbfgs as bl
 from pipeline.probe import c_search
 from pipeline.probe.heldout import search_split, standardize
 from pipeline.probe.logreg_backends import objective
-from pipeline.probe.run import ProbeConfig, probe_matrices
+from pipeline.probe.run import probe_matrices
 
 EXACT = 1e-4  # the probe's promise: every fit within this relative gap of its optimum
 

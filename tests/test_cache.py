@@ -194,8 +194,7 @@ def test_a_truncated_chunk_counts_as_unwritten(tmp_path):
 
 @pytest.mark.parametrize("name", ["..", "../x", "a/b", "a\\b", ".hidden", "", " pad"])
 def test_names_that_could_escape_the_store_are_refused(name):
-    from pipeline.data.prepare import PrepareConfig
-    from pipeline.train.pretrain import PretrainConfig
+    from pipeline.configs import PrepareConfig, PretrainConfig
 
     with pytest.raises(cache.CacheError, match="invalid member name"):
         layout.check_name("member", name)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import cache
-from pipeline.features.extract import ExtractConfig, extract
+from pipeline.configs import ExtractConfig
+from pipeline.features.extract import extract
 
 REPO = os.path.dirname(cache.__path__[0])
 

@@ -7,8 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from pipeline.configs import DiversityConfig
 from pipeline.core.errors import TimecatError
-from pipeline.experiments.diversity import DiversityConfig, cka_matrix, linear_cka, run
+from pipeline.experiments.diversity import cka_matrix, linear_cka, run
 
 
 def test_linear_cka_sees_through_rotation_and_scale_but_not_through_independence():

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import cache
+from pipeline.configs import ExtractConfig
 from pipeline.core.errors import TimecatError
 from pipeline.data.datasets import read_idx
 from pipeline.data.splits import read_manifest
-from pipeline.features.extract import ExtractConfig, extract
+from pipeline.features.extract import extract
 from pipeline.members import checkpoints
 from pipeline.members.checkpoints import checkpoint_path
 

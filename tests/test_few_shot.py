@@ -9,9 +9,10 @@ from conftest import digits_cache
 from PIL import Image
 
 import cli
+from pipeline.configs import ProbeConfig
 from pipeline.probe import results
 from pipeline.probe.heldout import shot_rows
-from pipeline.probe.run import ProbeConfig, few_shot
+from pipeline.probe.run import few_shot
 from pipeline.report import tables
 
 

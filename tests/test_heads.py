@@ -9,8 +9,9 @@ from conftest import digits_cache
 
 import cache
 import cli
+from pipeline.configs import ProbeConfig
 from pipeline.probe import results
-from pipeline.probe.run import ProbeConfig, few_shot, probe, sweep
+from pipeline.probe.run import few_shot, probe, sweep
 
 
 @pytest.fixture(scope="module")

@@ -87,8 +87,9 @@ def test_export_loads_into_torchvision_strictly(reference, tmp_path):
 
 
 def test_extract_takes_a_foreign_checkpoint_as_a_member(reference, tmp_path):
-    from pipeline.data.prepare import PrepareConfig, prepare
-    from pipeline.features.extract import ExtractConfig, extract
+    from pipeline.configs import ExtractConfig, PrepareConfig
+    from pipeline.data.prepare import prepare
+    from pipeline.features.extract import extract
 
     make_imagefolder(tmp_path / "train", per_class=2)
     make_imagefolder(tmp_path / "val", per_class=1)

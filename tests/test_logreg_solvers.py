@@ -5,10 +5,11 @@ import pytest
 import torch
 from conftest import fashion_subset, logreg_optimum
 
+from pipeline.configs import ProbeConfig
 from pipeline.core.errors import TimecatError
 from pipeline.probe import logreg_backends
 from pipeline.probe.heldout import standardize
-from pipeline.probe.run import ProbeConfig, probe_matrices
+from pipeline.probe.run import probe_matrices
 
 
 @pytest.fixture(scope="module")

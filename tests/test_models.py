@@ -6,10 +6,11 @@ import itertools
 import pytest
 import torch
 
+from pipeline.configs import PretrainConfig
 from pipeline.core.errors import TimecatError
 from pipeline.members import checkpoints, torch_io
 from pipeline.members.models import build
-from pipeline.train.pretrain import PretrainConfig, lr_factor, make_optimizer
+from pipeline.train.pretrain import lr_factor, make_optimizer
 
 
 def test_small_resnet_features_and_logits():
@@ -39,7 +40,7 @@ def test_unknown_arch_lists_the_choices():
     choices = r"\['resnet50', 'resnet50w2', 'small-resnet'\]"
     with pytest.raises(TimecatError, match=rf"unknown architecture 'vit'; choose one of {choices}"):
         build("vit", 10)
-    with pytest.raises(TimecatError, match="unknown architecture"):
+    with pytest.raises(TimecatError, match=rf"unknown arch 'vit'; choose one of {choices}"):  # the field's name
         PretrainConfig("run0", "digits", 0, 10, arch="vit")
 
 

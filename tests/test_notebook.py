@@ -8,8 +8,9 @@ import pytest
 from conftest import make_cache
 
 import cache
+from pipeline.configs import ProbeConfig
 from pipeline.probe import results
-from pipeline.probe.run import ProbeConfig, probe
+from pipeline.probe.run import probe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 xarray = pytest.importorskip("xarray", reason="the notebook extra (make setup installs it)")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from conftest import make_cifar10, make_imagefolder
 
+from pipeline.configs import PrepareConfig
 from pipeline.core.errors import TimecatError
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.splits import beton_path, is_complete, manifest_path, read_manifest
 
 
@@ -147,5 +148,5 @@ def test_storage_is_chosen_recorded_and_a_different_one_is_refused(tmp_path):
     assert images.shape == (12, 3, 32, 32) and labels.view(-1).tolist() == [0] * 4 + [1] * 4 + [2] * 4
     with pytest.raises(TimecatError, match="pets/train is already prepared as proportion, not --storage raw"):
         prepare(PrepareConfig("imagefolder", tmp_path / "data", storage="raw", **folders))
-    with pytest.raises(TimecatError, match=r"unknown --storage 'png'; choose one of \['jpeg', 'mixed', 'raw'\]"):
+    with pytest.raises(TimecatError, match=r"unknown storage 'png'; choose one of \['jpeg', 'mixed', 'raw'\]"):
         PrepareConfig("imagefolder", tmp_path / "data", storage="png", **folders)

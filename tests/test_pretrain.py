@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
+from pipeline.configs import PretrainConfig
 from pipeline.core.errors import TimecatError
 from pipeline.members import checkpoints
 from pipeline.members.checkpoints import checkpoint_path
-from pipeline.train.pretrain import PretrainConfig, evaluate, pretrain
+from pipeline.train.pretrain import evaluate, pretrain
 
 
 def test_logged_metrics_are_real(pipeline_run):

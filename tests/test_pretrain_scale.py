@@ -16,13 +16,14 @@ from conftest import make_fashion_root
 
 import cache
 import cli
+from pipeline.configs import PrepareConfig, PretrainConfig
 from pipeline.core.errors import TimecatError
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.splits import beton_path, read_manifest
 from pipeline.members import checkpoints
 from pipeline.members.models import build
 from pipeline.train import plan as plans
-from pipeline.train.pretrain import PretrainConfig, make_preprocess, pretrain, resolution_at
+from pipeline.train.pretrain import make_preprocess, pretrain, resolution_at
 
 REPO = os.path.dirname(cache.__path__[0])
 STEPS_PER_EPOCH = 10  # 640 tiny Fashion-MNIST images / batch 64

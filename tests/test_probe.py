@@ -5,10 +5,11 @@ import pytest
 from conftest import add_member, make_cache
 
 import cache
+from pipeline.configs import ProbeConfig
 from pipeline.core.errors import TimecatError
 from pipeline.probe.heldout import search_split, standardize, topk_accuracy
 from pipeline.probe.logreg_backends import _topk_rows
-from pipeline.probe.run import ProbeConfig, check_classes, probe, probe_matrices
+from pipeline.probe.run import check_classes, probe, probe_matrices
 
 
 def blobs(n, dim, classes, seed, spread=1.5):

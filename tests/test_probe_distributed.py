@@ -9,8 +9,9 @@ import pytest
 from conftest import digits_cache
 
 import cache
+from pipeline.configs import ProbeConfig
 from pipeline.probe import c_search, results
-from pipeline.probe.run import ProbeConfig, probe, sweep
+from pipeline.probe.run import probe, sweep
 
 REPO = os.path.dirname(cache.__path__[0])
 SAME = ("members", "dim", "n_train", "n_eval", "precision", "holdout")

@@ -9,11 +9,12 @@ from test_probe import blobs
 
 import cache
 import cli
+from pipeline.configs import ProbeConfig
 from pipeline.core import stats
 from pipeline.probe import bn_linear as bn_head
 from pipeline.probe import results
 from pipeline.probe.heldout import best_trial, search_split, tie
-from pipeline.probe.run import ProbeConfig, choose_c, probe
+from pipeline.probe.run import choose_c, probe
 
 
 def long_tail_labels(classes: int, head: int = 120, exponent: float = 1.1) -> np.ndarray:

@@ -9,14 +9,15 @@ import torch
 from conftest import make_cifar10, make_imagefolder
 
 import cache
+from pipeline.configs import ExtractConfig, PrepareConfig, ProbeConfig
 from pipeline.core.errors import TimecatError
 from pipeline.data import recipes
 from pipeline.data.datasets import DATASETS
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.splits import manifest_path
-from pipeline.features.extract import ExtractConfig, extract, frozen_member
+from pipeline.features.extract import extract, frozen_member
 from pipeline.features.views import ViewSpec, _bicubic, augment, crop_params, resize_center
-from pipeline.probe.run import ProbeConfig, probe
+from pipeline.probe.run import probe
 
 
 def test_every_dataset_kind_has_a_recipe_and_unknown_kinds_are_refused():

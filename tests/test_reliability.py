@@ -27,14 +27,15 @@ from test_probe import blob_cache
 import cache
 import cli
 from pipeline import options
+from pipeline.configs import ExtractConfig, PrepareConfig, PretrainConfig, ProbeConfig
 from pipeline.core.errors import TimecatError
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.splits import beton_path, manifest_path
-from pipeline.features.extract import ExtractConfig, extract
+from pipeline.features.extract import extract
 from pipeline.members import checkpoints
 from pipeline.probe import results
-from pipeline.probe.run import ProbeConfig, probe
-from pipeline.train.pretrain import PretrainConfig, pretrain
+from pipeline.probe.run import probe
+from pipeline.train.pretrain import pretrain
 
 
 @contextlib.contextmanager

@@ -21,12 +21,12 @@ import zarr
 from conftest import make_cache, one_error, run, tree
 
 import cache
-from pipeline.configs import MAX_VIEWS
+from pipeline.configs import MAX_VIEWS, ExtractConfig, ProbeConfig
 from pipeline.core.errors import TimecatError
 from pipeline.data.splits import beton_path
-from pipeline.features.extract import ExtractConfig, extract
+from pipeline.features.extract import extract
 from pipeline.probe.bn_linear import TcRecipe
-from pipeline.probe.run import ProbeConfig, probe
+from pipeline.probe.run import probe
 
 
 def cli_paths(copy) -> list:

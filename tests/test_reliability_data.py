@@ -27,13 +27,14 @@ import pytest
 import torch
 from conftest import make_cifar10, make_fashion_root, make_imagefolder, run, tree
 
+from pipeline.configs import ExtractConfig, PrepareConfig, PretrainConfig
 from pipeline.core import files
 from pipeline.core.errors import TimecatError
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.splits import beton_path, manifest_path
-from pipeline.features.extract import ExtractConfig, extract
+from pipeline.features.extract import extract
 from pipeline.members import checkpoints
-from pipeline.train.pretrain import PretrainConfig, json_line, pretrain
+from pipeline.train.pretrain import json_line, pretrain
 
 HANG_S = 120  # s: a call that has not returned by then hangs (each takes a few seconds)
 

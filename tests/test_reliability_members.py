@@ -19,12 +19,13 @@ import pytest
 import torch
 from conftest import run, tree
 
+from pipeline.configs import ExtractConfig, PrepareConfig, PretrainConfig
 from pipeline.core import files
 from pipeline.core.errors import TimecatError
-from pipeline.data.prepare import PrepareConfig, prepare
-from pipeline.features.extract import ExtractConfig, extract
+from pipeline.data.prepare import prepare
+from pipeline.features.extract import extract
 from pipeline.members import checkpoints
-from pipeline.train.pretrain import PretrainConfig, pretrain
+from pipeline.train.pretrain import pretrain
 
 # -- Item 9: destinations that are not regular files -------------------------------------------
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from conftest import digits_cache, one_error, run, tree
 
+from pipeline.configs import ProbeConfig
 from pipeline.core.errors import TimecatError
 from pipeline.probe import results
 from pipeline.probe import run as probe_stage
-from pipeline.probe.run import ProbeConfig
 
 # -- item 2: k-NN votes at small temperatures ----------------------------------------------
 

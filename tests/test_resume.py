@@ -11,9 +11,10 @@ import pytest
 from conftest import make_fashion_root
 
 import cache
-from pipeline.data.prepare import PrepareConfig, prepare
-from pipeline.features.extract import ExtractConfig, extract
-from pipeline.train.pretrain import PretrainConfig, pretrain
+from pipeline.configs import ExtractConfig, PrepareConfig, PretrainConfig
+from pipeline.data.prepare import prepare
+from pipeline.features.extract import extract
+from pipeline.train.pretrain import pretrain
 
 ROWS, CHUNK = 20_000, 512  # ~40 chunks per member: a wide window to kill in
 

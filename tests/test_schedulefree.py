@@ -6,12 +6,13 @@ import pytest
 import torch
 from conftest import make_fashion_root
 
+from pipeline.configs import PrepareConfig, PretrainConfig
 from pipeline.data.loaders import eval_loader
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.splits import Preprocess, beton_path
 from pipeline.members import checkpoints
 from pipeline.members.checkpoints import checkpoint_path
-from pipeline.train.pretrain import PretrainConfig, pretrain, reestimate_bn
+from pipeline.train.pretrain import pretrain, reestimate_bn
 
 
 def test_saved_batchnorm_statistics_are_the_reestimated_ones(tmp_path):

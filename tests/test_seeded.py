@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import make_fashion_root
 
+from pipeline.configs import PrepareConfig, PretrainConfig
 from pipeline.core.errors import TimecatError
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.seeded import StepOrder
 from pipeline.data.splits import beton_path, read_manifest
-from pipeline.train.pretrain import PretrainConfig, make_preprocess
+from pipeline.train.pretrain import make_preprocess
 
 
 @pytest.fixture(scope="module")

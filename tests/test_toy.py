@@ -7,8 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from pipeline.configs import ToyConfig
 from pipeline.core.errors import TimecatError
-from pipeline.experiments.toy import MASSES, ToyConfig, best_probe_accuracy, run
+from pipeline.experiments.toy import MASSES, best_probe_accuracy, run
 
 
 def test_each_component_is_separable_and_the_best_probe_is_exact():

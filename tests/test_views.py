@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import cache
-from pipeline.features.extract import ExtractConfig, extract, frozen_member, view_preprocess
+from pipeline.configs import ExtractConfig
+from pipeline.features.extract import extract, frozen_member, view_preprocess
 from pipeline.features.views import ViewSpec, augment, crop_params
 
 

@@ -585,6 +585,7 @@ SMALL_RAW = BetonFormat(write_mode="raw")
 # FFCV's own recipe mixes raw and JPEG, 340 GB, for faster decoding).
 LARGE_JPEG = BetonFormat(write_mode="jpg", max_resolution=500, jpeg_quality=90)
 
+# Each kind of the registry pipeline.data.recipes.RECIPES, with its reader and reading defaults.
 DATASETS: dict[str, DatasetSpec] = {
     "fashion-mnist": DatasetSpec(
         read_fashion_mnist, 28, (0.35, 1.0), SMALL_RAW, "Fashion-MNIST, 28x28 grey, 10 classes"

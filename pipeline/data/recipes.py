@@ -103,18 +103,23 @@ DEFAULT = Recipe(
     ),
 )
 
-# Every kind of pipeline.data.datasets.DATASETS, by exact key (a test checks they match).
+# The registry of dataset kinds: every kind timecat knows, by exact key, with its recipe. It is
+# torch- and numpy-free, so the probe and `timecat prepare --help` read the kinds here;
+# pipeline.data.datasets.DATASETS gives each kind its reader (tests/test_configs.py keeps the keys equal).
 RECIPES: dict[str, Recipe] = {
+    "fashion-mnist": DEFAULT,
     "cifar10": CIFAR,
     "cifar100": CIFAR,
+    "digits": DEFAULT,
     "imagenet": IMAGENET,
     "inat2018": replace(IMAGENET, name="inat2018", wd_grid=(1e-6, 1e-5, 1e-4)),
-    "fashion-mnist": DEFAULT,
-    "digits": DEFAULT,
-    "imagefolder": DEFAULT,
     "dominoes-mixture": DEFAULT,
     "dominoes-balanced": DEFAULT,
+    "imagefolder": DEFAULT,
 }
+
+
+KINDS = tuple(RECIPES)  # the kinds, in the registry's order
 
 
 def for_kind(kind: str | None, where: str) -> Recipe:

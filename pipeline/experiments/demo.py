@@ -24,7 +24,7 @@ log = get_logger(__name__)
 
 def plan(config: DemoConfig):
     """Members for each CatN: names run0, run1, ... and seeds 0, 1, ..., each with B/N steps."""
-    from pipeline.train.pretrain import PretrainConfig
+    from pipeline.configs import PretrainConfig
 
     groups, index = {}, 0
     for n in config.cats:
@@ -46,7 +46,8 @@ def plan(config: DemoConfig):
 
 def probe_and_compare(config: DemoConfig, groups: dict) -> list[dict]:
     """Probe each CatN on every transfer dataset; each against Cat1 on the same eval rows (paired intervals)."""
-    from pipeline.probe.run import ProbeConfig, probe
+    from pipeline.configs import ProbeConfig
+    from pipeline.probe.run import probe
 
     differences, done, total = [], 0, len(config.transfer_datasets) * len(groups)
     for dataset in config.transfer_datasets:
@@ -102,8 +103,9 @@ def _clock(seconds: float) -> str:
 
 def run_demo(config: DemoConfig) -> dict:
     """Prepare, pretrain, extract, probe and report; completed steps are kept on a rerun."""
-    from pipeline.data.prepare import PrepareConfig, prepare
-    from pipeline.features.extract import ExtractConfig, extract
+    from pipeline.configs import ExtractConfig, PrepareConfig
+    from pipeline.data.prepare import prepare
+    from pipeline.features.extract import extract
     from pipeline.train.pretrain import pretrain
 
     timings, overall = {}, Overall()

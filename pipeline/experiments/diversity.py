@@ -51,7 +51,8 @@ def run(config: DiversityConfig, cache_path: str, results_root=None) -> tuple[di
 
     Returns the summary and the probe records (saved to ``results_root`` when given).
     """
-    from pipeline.probe.run import ProbeConfig, probe, reusable
+    from pipeline.configs import ProbeConfig
+    from pipeline.probe.run import probe, reusable
 
     store = cache.open(cache_path)
     try:

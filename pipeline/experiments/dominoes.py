@@ -40,10 +40,11 @@ def _mean_std(values: list[float]) -> dict:
 
 def run(config: DominoesConfig) -> dict:
     """Prepare both sets, train direct and mixture CNNs per seed, probe the mixture ones; return the summary."""
-    from pipeline.data.prepare import PrepareConfig, prepare
-    from pipeline.features.extract import ExtractConfig, extract
-    from pipeline.probe.run import ProbeConfig, probe
-    from pipeline.train.pretrain import PretrainConfig, pretrain
+    from pipeline.configs import ExtractConfig, PrepareConfig, PretrainConfig, ProbeConfig
+    from pipeline.data.prepare import prepare
+    from pipeline.features.extract import extract
+    from pipeline.probe.run import probe
+    from pipeline.train.pretrain import pretrain
 
     started = time.perf_counter()
     runs, store, out = config.workdir / "runs", str(config.workdir / "features.zarr"), config.workdir / "results"

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.configs import ARCH_NAMES
 from pipeline.core.errors import TimecatError
 
 FEATURE_LAYER = "global average pool (penultimate)"
@@ -173,6 +172,3 @@ def build(arch: str, num_classes: int, width: int | None = None) -> Classifier:
     if problem:
         raise TimecatError(problem)
     return Classifier(spec.build_backbone(width), num_classes)
-
-
-assert tuple(sorted(ARCHS)) == ARCH_NAMES, "pipeline.configs.ARCH_NAMES lists these for configs and the CLI"

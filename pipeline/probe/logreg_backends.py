@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.configs import PROBE_BACKENDS
 from pipeline.core.errors import TimecatError
 
 INT32_LIMIT = 2**31  # cuML's softmax kernel indexes n_classes x n_rows with 32-bit ints
@@ -222,7 +221,6 @@ class CumlBackend:
 
 BACKENDS = {"sklearn": SklearnBackend, "torch": TorchBackend, "cuml": CumlBackend}
 CHOICES = ("auto", *BACKENDS)
-assert set(CHOICES) | {"batched"} == set(PROBE_BACKENDS), "pipeline.configs.PROBE_BACKENDS lists these"
 
 
 def choose(name: str, n_rows: int, n_classes: int) -> tuple[str, str]:

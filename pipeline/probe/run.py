@@ -23,7 +23,7 @@ import numpy as np
 
 import cache
 from pipeline import __version__
-from pipeline.configs import PROTOCOLS, ProbeConfig  # noqa: F401  (probe.PROTOCOLS)
+from pipeline.configs import ProbeConfig
 from pipeline.core import distributed, files, stats
 from pipeline.core.errors import TimecatError
 from pipeline.core.progress import get_logger, plural, progress

@@ -43,7 +43,6 @@ METRICS = {
     "top1_eval_selected": "top-1 of the best epoch and weight decay on the eval split "
     "(the paper's code's selection: OPTIMISTIC, for comparison with its tables only)",
 }
-assert tuple(METRICS) == configs.REPORT_METRICS, "pipeline.configs.REPORT_METRICS lists these for the command line"
 
 
 def _one(values: set, mixed: str = "mixed"):

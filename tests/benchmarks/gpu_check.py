@@ -117,8 +117,8 @@ def probe_shape(name: str, shape: tuple[int, int, int, int], where: torch.device
     Reports the wall time, and per fit its evaluations per precision phase and its estimated gap to the
     optimum (a float64 reference at this size would cost more than the probe).
     """
+    from pipeline.configs import ProbeConfig
     from pipeline.probe import c_search
-    from pipeline.probe.run import ProbeConfig
 
     n_train, n_eval, dim, classes = shape
     # The budget bounds the solver's state and working memory: a quarter of the device, beside the features.
@@ -213,8 +213,9 @@ def _jpeg(args) -> None:
 
 def ffcv_rate(model, s: Shapes, where: torch.device, workdir: Path, precision: str) -> dict:
     """Images/s of extraction fed by the FFCV eval loader: generated ImageNet-size JPEGs, prepared as timecat does."""
+    from pipeline.configs import PrepareConfig
     from pipeline.data.loaders import eval_loader, one_epoch, to_model_input
-    from pipeline.data.prepare import PrepareConfig, prepare
+    from pipeline.data.prepare import prepare
     from pipeline.data.splits import Preprocess, beton_path
     from pipeline.features.extract import extract_batch
 

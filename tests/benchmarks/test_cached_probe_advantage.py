@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from conftest import make_fashion_root
 
+from pipeline.configs import ExtractConfig, PrepareConfig, PretrainConfig, ProbeConfig
 from pipeline.data.loaders import eval_loader, to_model_input, train_loader
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.splits import Preprocess, beton_path
-from pipeline.features.extract import ExtractConfig, extract, frozen_member
+from pipeline.features.extract import extract, frozen_member
 from pipeline.probe import bn_linear as bn_head
-from pipeline.probe.run import ProbeConfig, probe
-from pipeline.train.pretrain import PretrainConfig, pretrain
+from pipeline.probe.run import probe
+from pipeline.train.pretrain import pretrain
 
 TRAIN, TEST, VIEWS, GRID = 5000, 1000, 4, 6
 MEMBERS = ("run0", "run1")

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from conftest import make_fashion_root
 
+from pipeline.configs import ExtractConfig, PrepareConfig, PretrainConfig
 from pipeline.data.loaders import eval_loader, to_model_input
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.splits import Preprocess, beton_path
-from pipeline.features.extract import ExtractConfig, extract, extract_batch, frozen_member
-from pipeline.train.pretrain import PretrainConfig, pretrain
+from pipeline.features.extract import extract, extract_batch, frozen_member
+from pipeline.train.pretrain import pretrain
 
 ROWS, SMALL, BATCH = 60_000, 2048, 512  # the whole Fashion-MNIST train split; the default batch
 MEMBERS = ("run0", "run1", "run2", "run3")  # a Cat4: one decode feeds four forwards

@@ -63,7 +63,7 @@ def build(path: Path) -> list[str]:
 
 def run_probe(path: Path, members: list[str], backend: str) -> dict:
     code = (
-        "import json, sys; from pipeline.probe.run import ProbeConfig, probe; "
+        "import json, sys; from pipeline.configs import ProbeConfig; from pipeline.probe.run import probe; "
         f"r = probe(ProbeConfig('bench', {tuple(members)!r}, backend={backend!r}), {str(path)!r}); "
         "keys = ('backend', 'precision', 'top1', 'top5', 'wall_s', 'peak_rss_mib', 'chosen', 'search'); "
         "print(json.dumps({k: r.get(k) for k in keys}))"

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from conftest import make_fashion_root
 
+from pipeline.configs import PrepareConfig, PretrainConfig
 from pipeline.core.distributed import init
 from pipeline.data.loaders import one_epoch, to_model_input
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.splits import beton_path, read_manifest
-from pipeline.train.pretrain import PretrainConfig, build_run, make_preprocess, train_one_step
+from pipeline.train.pretrain import build_run, make_preprocess, train_one_step
 
 STEPS, WARMUP, REPEATS = 120, 10, 3  # timed steps, untimed first steps, interleaved repeats
 JPEGS, CLASSES, WORKERS, BATCH = 2_000, 10, 2, 64  # loader benchmark: generated ImageNet-size set

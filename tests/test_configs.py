@@ -1,0 +1,139 @@
+"""Configs hold every caller to their fields' declared types, choices and bounds; mirrored choice lists agree."""
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from pipeline import configs, options
+from pipeline.configs import (
+    ExtractConfig,
+    PlanConfig,
+    PrepareConfig,
+    PretrainConfig,
+    ProbeConfig,
+    ReportConfig,
+    ToyConfig,
+    config,
+    param,
+)
+from pipeline.core.errors import TimecatError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [c for c in vars(configs).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
+
+
+def test_every_config_runs_the_field_validator():
+    assert len(CONFIGS) == 10
+    for cls in CONFIGS:
+        assert cls.__post_init__.__qualname__ == "config.<locals>.post_init", cls.__name__
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        # choices: ReportConfig has no rule of its own, only its fields' metadata
+        (lambda: ReportConfig(layout="table9"), r"unknown layout 'table9'; choose one of \['table3', 'table2'\]"),
+        (lambda: ProbeConfig("d", ("a",), protocol="knnn"), r"unknown protocol 'knnn'; .* \(did you mean 'knn'\?\)"),
+        (lambda: ExtractConfig("d", ("a",), dtype="int8"), r"unknown dtype 'int8'; choose one of"),
+        # lower bounds, closed and open
+        (lambda: PlanConfig("d", cat=0), r"^cat must be at least 1, got 0$"),
+        (lambda: ProbeConfig("d", ("a",), memory_gib=0.0), r"^memory_gib must be more than 0 GiB, got 0.0$"),
+        (lambda: ToyConfig(steps=0), r"^steps must be at least 1, got 0$"),
+        # upper bounds
+        (lambda: PretrainConfig("a", "d", 0, 10, threads=5000), r"^threads must be at most 4096, got 5000$"),
+        (lambda: ToyConfig(mixtures=2_000_000), r"^mixtures must be at most 1000000, got 2000000$"),
+        # types, from the annotations
+        (lambda: PretrainConfig("a", "d", 0, "10"), r"^steps must be an integer, got '10'$"),
+        (lambda: PretrainConfig("a", "d", 0, 10, compile=1), r"^compile must be true or false, got 1$"),
+        (lambda: PretrainConfig("a", "d", 0, True), r"^steps must be an integer, got True$"),
+        (lambda: ProbeConfig("d", "run0"), r"^members must be a tuple of strings, got 'run0'$"),
+        (lambda: ProbeConfig("d", ("a",), c_grid=(1, "x")), r"^c_grid must be a tuple of numbers"),
+        (lambda: PretrainConfig("a", "d", 0, 10, ramp=(0.1,)), r"^ramp must be a tuple \(a number, a number\)"),
+        (lambda: PrepareConfig("digits", 3), r"^data_root must be a path, got 3$"),
+    ],
+)
+def test_python_callers_meet_the_fields_declared_rules(make, message):
+    with pytest.raises(TimecatError, match=message):
+        make()
+
+
+def test_what_the_rules_let_through():
+    # An int is a number, a str a path, a list a tuple, None an unset optional field; bounds are inclusive.
+    PrepareConfig("digits", "data", stats_images=1, storage=None)
+    ProbeConfig("d", ["a", "b"], holdout=0.5, memory_gib=1, c_grid=[1, 2.5], shots=None)
+    PretrainConfig("a", "d", 0, 1, threads=4096, eval_every=0)
+    assert ToyConfig(mixtures=1_000_000).mixtures == 1_000_000
+
+
+def test_an_alias_becomes_its_choice_for_python_callers_and_the_command_line():
+    @config
+    class Renamed:
+        protocol: str = param("new", "A renamed choice.", choices=("new", "other"), aliases={"old": "new"})
+
+    assert Renamed("old").protocol == "new" and Renamed("other").protocol == "other"
+    with pytest.raises(TimecatError, match=r"unknown protocol 'nope'; choose one of \['new', 'other'\]"):
+        Renamed("nope")
+    field = dataclasses.fields(Renamed)[0]
+    assert list(options.param_type(field, str).choices) == ["new", "other", "old"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["plan", "--dataset", "d", "--cat", "0"], "Invalid value for '--cat': 0 is not in the range x>=1."),
+        (["report", "--layout", "table9"], "Invalid value for '--layout': 'table9' is not one of 'table3', 'table2'."),
+        (["probe", "--members", "a", "--dataset", "d", "--memory-gib", "0"], "0.0 is not in the range x>0."),
+    ],
+)
+def test_the_command_line_refuses_first_with_its_usage_error(args, message):
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_every_field_has_a_command_line_type_from_its_resolved_annotation():
+    for cls in CONFIGS:
+        hints = configs.field_types(cls)
+        for field in dataclasses.fields(cls):
+            if hints[field.name] is not bool:
+                options.param_type(field, hints[field.name])  # raises on an annotation it cannot type
+
+
+def test_the_choice_lists_the_command_line_shows_are_their_owners():
+    from cache.layout import Compression
+    from pipeline.data import datasets, prepare, recipes, splits
+    from pipeline.members import models
+    from pipeline.probe import logreg_backends
+    from pipeline.report import tables
+    from pipeline.train import plan
+
+    assert tuple(sorted(models.ARCHS)) == configs.ARCH_NAMES
+    assert set(configs.PROBE_BACKENDS) == {*logreg_backends.CHOICES, "batched"}  # batched: the probe's own solver
+    assert tuple(prepare.STORAGE) == configs.STORAGES
+    assert tuple(tables.METRICS) == configs.REPORT_METRICS and configs.REPORT_LAYOUTS == tables.LAYOUTS
+    assert tuple(plan.PRESETS) == configs.PRESETS
+    assert configs.SPLITS == splits.SPLITS
+    assert tuple(c.value for c in Compression) == configs.COMPRESSIONS
+    assert tuple(datasets.DATASETS) == recipes.KINDS  # one reader per registered kind, in the registry's order
+
+
+def test_the_prepare_help_lists_the_registrys_kinds():
+    from pipeline.data.recipes import KINDS
+
+    text = " ".join(CliRunner().invoke(cli.main, ["prepare", "--help"], terminal_width=10_000).output.split())
+    assert "one of " + ", ".join(KINDS) + "." in text
+
+
+def test_configs_are_imported_from_pipeline_configs_only():
+    names = {cls.__name__ for cls in CONFIGS}
+    wrong = []
+    for path in [ROOT / "cli.py", *ROOT.glob("pipeline/**/*.py"), *ROOT.glob("tests/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "pipeline.configs":
+                wrong += [
+                    f"{path.relative_to(ROOT)}: {a.name} from {node.module}" for a in node.names if a.name in names
+                ]
+    assert wrong == []
