@@ -36,8 +36,9 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 class Compression(enum.Enum):
     """How feature chunks are compressed on disk."""
 
-    ZSTD = "zstd"  # ZstdCodec level 1: 1.29x smaller, about 1.2 GB/s decode
-    NONE = "none"  # about 2.5x faster to read, larger on disk
+    # Read time and peak memory of each: tests/benchmarks/test_cache_read.py.
+    ZSTD = "zstd"  # ZstdCodec level 1: 1.29x smaller on disk (measured when the cache was designed)
+    NONE = "none"  # larger on disk, faster to read
 
 
 LABELS = "labels"  # the name of a split's label array

@@ -258,12 +258,13 @@ class Cache:
         features. A single string is taken as one member's name.
 
         X is allocated once and each member fills its own column block in place: an
-        ``np.hstack`` of per-member arrays would double peak memory and was 4-10x
-        slower (measured with zarr-python 3 on a 2-core machine; README, Performance).
+        ``np.hstack`` of per-member arrays holds every member and the result at once,
+        and takes longer (tests/benchmarks/test_cache_read.py measures both).
         Every member is checked to be ``complete`` with all its chunks present (a
         missing chunk would read as NaN). ``scan_nan=True`` also scans every value for
-        NaN and inf, which adds about a third to the read time; ``verify()`` does the
-        same for the whole cache. The labels are hashed as they are read.
+        NaN and inf, which adds to the read time (test_cache_read.py records how much);
+        ``verify()`` does the same for the whole cache. The labels are hashed as they
+        are read.
         """
         members = _names(members)
         arrays = self.check_members(dataset, split, members, view=view)

@@ -113,7 +113,8 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
     pass over each image while it is still in cache, rather than as FFCV's
     separate flip (a copy per flipped image) and NormalizeImage operations (a
     second pass over the whole batch): the same numbers, bit for bit (FFCV's
-    lookup table), 0.1-0.2 ms less per image (README, Performance).
+    lookup table), in less time per image (tests/benchmarks/test_training_throughput.py
+    records how much).
     """
 
     def __init__(

@@ -18,9 +18,11 @@ On one H100 or H200 it is meant to finish in under 8 minutes:
 
 Each part records its figures or its error, so one failure never hides the
 rest. Features are synthetic (Gaussian classes): their top-1 says the probe
-learnt, not what a real member would score. The README's GPU figures are
-copied from the JSON. ``--smoke`` runs every part at toy sizes on the CPU, so
-CI keeps this script working on machines without a GPU.
+learnt, not what a real member would score. A run's figures go to
+tests/benchmarks/last_run_gpu_check.json (not committed); once measured they
+are recorded in this docstring, as the other benchmarks record theirs, and the
+README quotes them. None are recorded yet. ``--smoke`` runs every part at toy
+sizes on the CPU, so CI keeps this script working on machines without a GPU.
 """
 
 from __future__ import annotations
