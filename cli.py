@@ -688,7 +688,7 @@ def dominoes(data_root, as_json, **params):
     pretrained on the mixture (digit agrees 99%), then linear-probed on the
     balanced set through the feature cache. The paper: 97% against 94% on
     MNIST-Fashion dominoes; a measured run: README, Experiments. Data, runs,
-    cache and plot go under WORKDIR; about 4 minutes on 2 CPU cores.
+    cache and plot go under WORKDIR (a few minutes on 2 CPU cores).
 
     \b
     Example: timecat dominoes

@@ -185,7 +185,8 @@ class PrepareConfig:
     storage: str | None = param(
         None,
         "Image storage (default: the dataset's): JPEG q90; mixed, half raw (FFCV's ImageNet recipe: faster "
-        "loading, ~5x disk); raw. A prepared split is never rewritten another way: give --name for a second copy.",
+        "loading, about 4x the disk of JPEG); raw. A prepared split is never rewritten another way: give --name "
+        "for a second copy.",
         choices=STORAGES,
     )
 
