@@ -35,18 +35,22 @@ def param(
     high=None,
     cli=True,
     aliases=None,
+    rule=None,
 ):
     """A config field with what the command line needs: help, flag (default --field-name), choices, unit, bounds.
 
     Choices and bounds (``low``, ``high``; ``low_open``: strictly above ``low``) hold
     for every caller: click refuses a typed value as a usage error, and
     ``check_fields`` refuses it when a config is made from Python. ``aliases``:
-    {old name: choice}, accepted and replaced by the choice it names.
+    {old name: choice}, accepted and replaced by the choice it names. ``rule``: a
+    check of this field alone beyond choices and bounds, ``rule(field_name, value)``
+    raising TimecatError (the rules are below); rules across fields stay in the
+    config's ``__post_init__``.
 
     ``cli``: True, or a sentence saying why the command line does not set this field itself.
     """
     meta = {"help": text, "flag": flag, "choices": choices, "unit": unit, "low": low, "low_open": low_open, "cli": cli}
-    meta.update(high=high, aliases=aliases or {})
+    meta.update(high=high, aliases=aliases or {}, rule=rule)
     return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
 
 
@@ -111,6 +115,8 @@ def check_fields(config) -> None:
         if choices and value not in choices:
             raise TimecatError(f"unknown {f.name} {value!r}; choose one of {list(choices)}{_guess(value, choices)}")
         _check_bounds(f.name, value, meta)
+        if meta.get("rule") is not None:
+            meta["rule"](f.name, value)
 
 
 def _guess(value, choices) -> str:
@@ -145,6 +151,86 @@ def config(cls):
     return dataclass(frozen=True)(cls)
 
 
+# --- single-field rules (param(rule=...)), each keeping the message users already know ---
+
+
+def _each(value) -> tuple:
+    """A field's value as a tuple of items: a tuple or list (Python callers may pass one) as is, else one item."""
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
+def names_of(kind: str):
+    """A rule: the name (or each of a tuple of names) of a ``kind``: it becomes a folder and a cache path."""
+
+    def rule(field_name: str, value) -> None:
+        for name in _each(value):
+            check_name(kind, name)
+
+    return rule
+
+
+def seed_rule(what: str = "seed"):
+    """A rule: a seed (or each of a tuple of seeds) that numpy and torch accept; a tuple holds at least one."""
+
+    def rule(field_name: str, value) -> None:
+        if isinstance(value, tuple | list) and not value:
+            raise TimecatError("give at least one seed")
+        for seed in _each(value):
+            check_seed(seed, what)
+
+    return rule
+
+
+def members_given(field_name: str, members: tuple) -> None:
+    """At least one member, each a valid name (probe: cached members)."""
+    if not members:
+        raise TimecatError("no members given: pass --members run0,run1,...")
+    names_of("member")(field_name, members)
+
+
+def members_or_files(field_name: str, members: tuple) -> None:
+    """At least one member, each a name or NAME=PATH file, no name twice (extract)."""
+    members_given(field_name, tuple(member_name(m) for m in members))
+    names = [member_name(m) for m in members]
+    if len(set(names)) != len(names):
+        raise TimecatError(f"a member is named twice in {list(members)}: name each once")
+
+
+def members_compared(field_name: str, members: tuple) -> None:
+    """At least two members, each a valid name, none twice (diversity compares pairs)."""
+    names_of("member")(field_name, members)
+    if len(members) < 2:
+        raise TimecatError(f"diversity compares at least 2 members, got {list(members)}")
+    if len(set(members)) != len(members):
+        raise TimecatError(f"a member is named twice: {list(members)}")
+
+
+def finite(field_name: str, value: float) -> None:
+    """A finite number (bounds alone let nan through: every comparison with nan is false)."""
+    if not math.isfinite(value):
+        raise TimecatError(f"{field_name} must be a finite number, got {value}")
+
+
+def rate(field_name: str, value: float) -> None:
+    """An optimizer rate: finite and non-negative; lr strictly positive."""
+    if not math.isfinite(value) or value < 0 or (field_name == "lr" and value == 0):
+        kind = "positive" if field_name == "lr" else "non-negative"
+        raise TimecatError(f"{field_name} must be a finite {kind} number, got {value}")
+
+
+def fraction_below_one(field_name: str, value: float) -> None:
+    """A rate that is a fraction in [0, 1) (warmup of the steps, label smoothing)."""
+    rate(field_name, value)
+    if not value < 1:
+        raise TimecatError(f"{field_name} is a fraction in [0, 1), got {value}")
+
+
+def open_fraction(field_name: str, value: float) -> None:
+    """A fraction strictly between 0 and 1 (the held-out share of train rows)."""
+    if not 0 < value < 1:
+        raise TimecatError(f"{field_name} is a fraction in (0, 1), got {value}")
+
+
 # --- prepare ------------------------------------------------------------------
 
 ON_CORRUPT = ("fail", "skip")  # what prepare does with an image file it cannot decode
@@ -156,11 +242,15 @@ class PrepareConfig:
     """What to prepare and where."""
 
     kind: str = param(
-        text="A registered dataset kind (pipeline.data.recipes.RECIPES).", cli="the command's KIND argument"
+        text="A registered dataset kind (pipeline.data.recipes.RECIPES).",
+        cli="the command's KIND argument",
+        rule=names_of("dataset"),  # the dataset's name when --name is not given: a folder and a cache path
     )
     data_root: Path = param(text="Folder of prepared datasets.", cli="the shared --data-root option")
     name: str | None = param(
-        None, "The prepared dataset's name: its folder under the data root, and what --dataset takes (default: KIND)."
+        None,
+        "The prepared dataset's name: its folder under the data root, and what --dataset takes (default: KIND).",
+        rule=names_of("dataset"),
     )
     train_dir: Path | None = param(
         None,
@@ -190,9 +280,6 @@ class PrepareConfig:
         choices=STORAGES,
     )
 
-    def __post_init__(self):
-        check_name("dataset", self.stored_name)  # it becomes a folder and a cache path
-
     @property
     def stored_name(self) -> str:
         """The folder name under the data root."""
@@ -213,13 +300,28 @@ PRESETS = ("paper-table3", "paper-table2")  # pipeline.train.plan.PRESETS: the p
 MIN_RESOLUTION, MAX_RESOLUTION = 8, 1024
 
 
+def side(field_name: str, value: int) -> None:
+    """An input side in px that a member can train at."""
+    if not MIN_RESOLUTION <= value <= MAX_RESOLUTION:
+        raise TimecatError(
+            f"{field_name} must be at least {MIN_RESOLUTION} px and at most {MAX_RESOLUTION} px (the input side), "
+            f"got {value}"
+        )
+
+
+def ramp_fractions(field_name: str, value: tuple) -> None:
+    """Two budget fractions START,END with 0 <= START <= END <= 1."""
+    if not (len(value) == 2 and 0 <= value[0] <= value[1] <= 1):
+        raise TimecatError(f"{field_name} is two budget fractions START,END with 0 <= START <= END <= 1, got {value}")
+
+
 @config
 class PretrainConfig:
     """One member: its name, seed, budget, architecture and dataset, and the SGD recipe."""
 
-    name: str = param(text="Member name, e.g. run0.")
-    dataset: str = param(text="Prepared dataset to train on.")
-    seed: int = param(text="Seed of initialisation and data order.")
+    name: str = param(text="Member name, e.g. run0.", rule=names_of("member"))
+    dataset: str = param(text="Prepared dataset to train on.", rule=names_of("dataset"))
+    seed: int = param(text="Seed of initialisation and data order.", rule=seed_rule())
     steps: int = param(text="Optimizer steps: this member's budget.", low=1)
     arch: str = param(
         "small-resnet",
@@ -235,22 +337,28 @@ class PretrainConfig:
         choices=OPTIMIZERS,
     )
     schedule: str = param("cosine", "SGD: cosine to 0, or step (x0.1 at 1/3 and 2/3 of the steps).", choices=SCHEDULES)
-    lr: float = param(0.2, "Peak learning rate after warmup (schedule-free AdamW: ~1e-3..5e-3).")
-    warmup: float = param(0.05, "Fraction of the steps spent warming up linearly.", unit="fraction")
-    momentum: float = param(0.9, "SGD Nesterov momentum.")
-    weight_decay: float = param(5e-4, "On conv and linear weights only, not BatchNorm or biases.")
-    label_smoothing: float = param(0.1, "Label smoothing of the cross-entropy.", unit="fraction")
+    lr: float = param(0.2, "Peak learning rate after warmup (schedule-free AdamW: ~1e-3..5e-3).", rule=rate)
+    warmup: float = param(
+        0.05, "Fraction of the steps spent warming up linearly.", unit="fraction", rule=fraction_below_one
+    )
+    momentum: float = param(0.9, "SGD Nesterov momentum.", rule=rate)
+    weight_decay: float = param(5e-4, "On conv and linear weights only, not BatchNorm or biases.", rule=rate)
+    label_smoothing: float = param(
+        0.1, "Label smoothing of the cross-entropy.", unit="fraction", rule=fraction_below_one
+    )
     resolution: int | None = param(
-        None, f"Input side, {MIN_RESOLUTION} to {MAX_RESOLUTION} (default: the dataset's).", unit="px"
+        None, f"Input side, {MIN_RESOLUTION} to {MAX_RESOLUTION} (default: the dataset's).", unit="px", rule=side
     )
     min_resolution: int | None = param(
         None,
         "Progressive resizing: train at this side first, growing to --resolution in 32 px steps (FFCV: 160 -> 192).",
         unit="px",
+        rule=side,
     )
     ramp: tuple[float, float] = param(
         (0.74, 0.86),
         "With --min-resolution: START,END fractions of the budget where the side starts and stops growing.",
+        rule=ramp_fractions,
     )
     num_workers: int = param(2, "Loader threads.", flag="--workers", low=1)
     log_every: int = param(50, "Steps between log records.", low=1)
@@ -266,33 +374,8 @@ class PretrainConfig:
     )
 
     def __post_init__(self):
-        check_name("member", self.name)  # it becomes a folder and a cache path
-        check_name("dataset", self.dataset)
-        check_seed(self.seed)
-        self._check_rates()
-        for name in ("resolution", "min_resolution"):
-            side = getattr(self, name)
-            if side is not None and not MIN_RESOLUTION <= side <= MAX_RESOLUTION:
-                raise TimecatError(
-                    f"{name} must be at least {MIN_RESOLUTION} px and at most {MAX_RESOLUTION} px "
-                    f"(the input side), got {side}"
-                )
-        if not (len(self.ramp) == 2 and 0 <= self.ramp[0] <= self.ramp[1] <= 1):
-            raise TimecatError(f"ramp is two budget fractions START,END with 0 <= START <= END <= 1, got {self.ramp}")
         if self.optimizer == "schedulefree" and self.lr > 0.05:
             raise TimecatError(f"lr {self.lr} is an SGD rate; schedule-free AdamW wants about 1e-3 to 5e-3: pass --lr")
-
-    def _check_rates(self) -> None:
-        for name in ("lr", "momentum", "weight_decay", "label_smoothing", "warmup"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise TimecatError(
-                    f"{name} must be a finite {'positive' if name == 'lr' else 'non-negative'} number, got {value}"
-                )
-        if not 0 <= self.label_smoothing < 1:
-            raise TimecatError(f"label_smoothing is a fraction in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.warmup < 1:
-            raise TimecatError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
 
 
 # How a run is operated, not what it trains: changing these never makes a member "another member".
@@ -315,17 +398,27 @@ COMPRESSIONS = ("zstd", "none")  # cache.Compression's values
 MAX_VIEWS = 28
 
 
+def view_count(field_name: str, value: int) -> None:
+    """Augmented views per image: 0 to MAX_VIEWS."""
+    if not 0 <= value <= MAX_VIEWS:
+        raise TimecatError(
+            f"{field_name} must be 0 to {MAX_VIEWS}, not {value}: protocol tc trains {MAX_VIEWS} epochs on one view "
+            "each, so more views would never be read"
+        )
+
+
 @config
 class ExtractConfig:
     """Which members to run over which dataset, and how features are stored."""
 
-    dataset: str = param(text="Prepared dataset to extract.")
+    dataset: str = param(text="Prepared dataset to extract.", rule=names_of("dataset"))
     members: tuple[str, ...] = param(
-        text="Comma-separated member names under RUNS (or checkpoint files, NAME=PATH), e.g. run0,run1."
+        text="Comma-separated member names under RUNS (or checkpoint files, NAME=PATH), e.g. run0,run1.",
+        rule=members_or_files,
     )
-    splits: tuple[str, ...] = param(SPLITS, "Comma-separated splits to extract.")
-    batch_size: int = param(512, "Images per forward pass.")
-    num_workers: int = param(2, "Loader threads.", flag="--workers")
+    splits: tuple[str, ...] = param(SPLITS, "Comma-separated splits to extract.", rule=names_of("split"))
+    batch_size: int = param(512, "Images per forward pass.", low=1)
+    num_workers: int = param(2, "Loader threads.", flag="--workers", low=1)
     dtype: str = param("float32", "Stored dtype (float16: half the disk, refuses values out of range).", choices=DTYPES)
     compression: str = param(
         "zstd",
@@ -339,11 +432,12 @@ class ExtractConfig:
         0,
         f"Also cache K augmented views (at most {MAX_VIEWS}) of each image of --view-splits: the BatchNorm + Linear "
         "probe trains epoch e on view e mod K.",
+        rule=view_count,
     )
     view_splits: tuple[str, ...] = param(
         ("train",), "Comma-separated splits that get views (the ones a probe fits on)."
     )
-    view_seed: int = param(0, "Seed of the views' crops and flips.")
+    view_seed: int = param(0, "Seed of the views' crops and flips.", rule=seed_rule("view seed"))
     precision: str | None = param(
         None,
         "Forward pass: bf16 autocast or fp32 (the paper's numerics). Default: bf16 on GPU, fp32 on CPU. Recorded.",
@@ -357,30 +451,10 @@ class ExtractConfig:
     )
 
     def __post_init__(self):
-        if not self.members:
-            raise TimecatError("no members given: pass --members run0,run1,...")
-        check_name("dataset", self.dataset)  # before anything (a lock, a folder) is made from it
-        check_seed(self.view_seed, "view seed")
-        for split in self.splits:
-            check_name("split", split)
         _check_view_splits(self.view_splits, self.splits, self.views)
-        names = [member_name(m) for m in self.members]
-        for name in names:
-            check_name("member", name)
-        if len(set(names)) != len(names):
-            raise TimecatError(f"a member is named twice in {list(self.members)}: name each once")
-        if self.batch_size < 1 or self.num_workers < 1:
-            raise TimecatError(
-                f"batch size and workers must be at least 1, got {self.batch_size} and {self.num_workers}"
-            )
         if self.chunk_rows is not None and (self.chunk_rows < 1 or self.chunk_rows % self.batch_size):
             raise TimecatError(
                 f"chunk rows ({self.chunk_rows}) must be a multiple of the batch size ({self.batch_size})"
-            )
-        if not 0 <= self.views <= MAX_VIEWS:
-            raise TimecatError(
-                f"views must be 0 to {MAX_VIEWS}, not {self.views}: protocol tc trains {MAX_VIEWS} epochs on "
-                "one view each, so more views would never be read"
             )
 
 
@@ -408,6 +482,14 @@ PROTOCOLS = ("logreg", "tc", "knn")
 PROBE_BACKENDS = ("auto", "sklearn", "torch", "cuml", "batched")  # auto: batched for logreg
 PROBE_PRECISIONS = ("auto", "bf16", "fp32")
 K_GRID = (10, 20, 100, 200)  # DINO's k values
+
+
+def k_values(field_name: str, value: tuple) -> None:
+    """At least one neighbour count, each at least 1."""
+    if not value or min(value) < 1:
+        raise TimecatError(f"knn needs k values >= 1, got {value}")
+
+
 TEMPERATURE = 0.07  # DINO's softmax temperature on cosine similarities
 
 
@@ -415,12 +497,18 @@ TEMPERATURE = 0.07  # DINO's softmax temperature on cosine similarities
 class ProbeConfig:
     """Which members to probe on which dataset, and the model-selection recipe."""
 
-    dataset: str = param(text="Cached dataset to probe.")
-    members: tuple[str, ...] = param(text="Members to concatenate.", cli="--members, or each subset of --cat/--from")
-    train_split: str = param("train", "Split the probe fits on (C is chosen on held-out rows of it).")
-    eval_split: str = param("test", "Split the probe is scored on, never used for a choice.")
-    holdout: float = param(0.2, "Fraction of the train split held out to choose C.", unit="fraction")
-    seed: int = param(0, "Seed of the held-out split, solver, subset sample and few-shot draws.")
+    dataset: str = param(text="Cached dataset to probe.", rule=names_of("dataset"))
+    members: tuple[str, ...] = param(
+        text="Members to concatenate.", cli="--members, or each subset of --cat/--from", rule=members_given
+    )
+    train_split: str = param(
+        "train", "Split the probe fits on (C is chosen on held-out rows of it).", rule=names_of("split")
+    )
+    eval_split: str = param("test", "Split the probe is scored on, never used for a choice.", rule=names_of("split"))
+    holdout: float = param(
+        0.2, "Fraction of the train split held out to choose C.", unit="fraction", rule=open_fraction
+    )
+    seed: int = param(0, "Seed of the held-out split, solver, subset sample and few-shot draws.", rule=seed_rule())
     search_rows: int = param(
         10_000,
         "Train rows that fit each C candidate (a stratified sample), or --search-per-class x classes if more.",
@@ -480,7 +568,7 @@ class ProbeConfig:
     wd_grid: tuple[float, ...] | None = param(
         None, "tc: comma-separated weight decays to try (default: the paper's grid for the dataset's kind)."
     )
-    k_grid: tuple[int, ...] = param(K_GRID, "knn: neighbour counts to try (DINO's).")
+    k_grid: tuple[int, ...] = param(K_GRID, "knn: neighbour counts to try (DINO's).", rule=k_values)
     temperature: float = param(TEMPERATURE, "knn: votes weigh exp(cosine similarity / T).", low=0, low_open=True)
     shots: int | None = param(
         None, "Few-shot: probe on K seeded train rows per class (e.g. 1, 2, 5, 10, 25); one record per draw.", low=1
@@ -495,16 +583,8 @@ class ProbeConfig:
     )
 
     def __post_init__(self):
-        if not self.members:
-            raise TimecatError("no members given: pass --members run0,run1,...")
-        check_name("dataset", self.dataset)
-        check_seed(self.seed)
-        for split in (self.train_split, self.eval_split):
-            check_name("split", split)
-        for member in self.members:
-            check_name("member", member)
         self._check_same_split()
-        self._check_numbers()
+        self._check_shots()
 
     @property
     def batched(self) -> bool:
@@ -518,11 +598,7 @@ class ProbeConfig:
                 "memorisation, not transfer; pass --allow-same-split to run it anyway (report leaves such records out)"
             )
 
-    def _check_numbers(self) -> None:
-        if not 0 < self.holdout < 1:
-            raise TimecatError(f"holdout is a fraction in (0, 1), got {self.holdout}")
-        if not self.k_grid or min(self.k_grid) < 1:
-            raise TimecatError(f"knn needs k values >= 1, got {self.k_grid}")
+    def _check_shots(self) -> None:
         if self.shots is not None and not self.batched:
             raise TimecatError(
                 f"--shots runs the logreg protocol on the batched solver, not protocol {self.protocol} with backend "
@@ -551,47 +627,33 @@ class ToyConfig:
     """The paper's Section 3 counterexample: how many mixtures, and the loss and sparsity bias of each rule."""
 
     mixtures: int = param(200, "Random mixture weights drawn, Dirichlet(1,1,1,1).", low=1, high=1_000_000)
-    seed: int = param(0, "Seed of the mixtures and initial weights.")
+    seed: int = param(0, "Seed of the mixtures and initial weights.", rule=seed_rule())
     loss: str = param("sigmoid", "sigmoid: a smooth 0-1 loss (the paper's best rule); logistic.", choices=LOSSES)
-    temperature: float = param(0.1, "sigmoid loss: sigma(-margin / temperature).", low=0, low_open=True)
+    temperature: float = param(0.1, "sigmoid loss: sigma(-margin / temperature).", low=0, low_open=True, rule=finite)
     penalty: str = param(
         "l1",
         "Sparsity bias: explicit L1 on a linear rule, weight decay on a two-layer diagonal linear net, or none.",
         choices=PENALTIES,
     )
-    strength: float = param(0.01, "Penalty coefficient (the L1 weight, or weight decay).", low=0)
+    strength: float = param(0.01, "Penalty coefficient (the L1 weight, or weight decay).", low=0, rule=finite)
     steps: int = param(3000, "Full-batch gradient steps of each rule.", low=1, high=10_000_000)
-    lr: float = param(0.1, "Step size.", low=0, low_open=True)
-    used: float = param(0.05, "A feature is kept when its weight is above this fraction of the largest.")
-    collapsed: float = param(1e-3, "A rule whose largest weight is below this reads no feature at all.")
-
-    def __post_init__(self):
-        check_seed(self.seed)
-        if not all(math.isfinite(v) for v in (self.strength, self.lr, self.temperature, self.used, self.collapsed)):
-            raise TimecatError("strength, lr, temperature and thresholds must be finite numbers")
+    lr: float = param(0.1, "Step size.", low=0, low_open=True, rule=finite)
+    used: float = param(0.05, "A feature is kept when its weight is above this fraction of the largest.", rule=finite)
+    collapsed: float = param(1e-3, "A rule whose largest weight is below this reads no feature at all.", rule=finite)
 
 
 @config
 class DiversityConfig:
     """Which cached members to compare (linear CKA, and probes), on which split."""
 
-    dataset: str = param(text="Cached dataset.")
-    members: tuple[str, ...] = param(text="Comma-separated cached members, e.g. run3,run4,run5,run6.")
-    split: str = param("test", "Split whose rows CKA is measured on.")
+    dataset: str = param(text="Cached dataset.", rule=names_of("dataset"))
+    members: tuple[str, ...] = param(
+        text="Comma-separated cached members, e.g. run3,run4,run5,run6.", rule=members_compared
+    )
+    split: str = param("test", "Split whose rows CKA is measured on.", rule=names_of("split"))
     rows: int = param(10_000, "At most this many rows (a seeded sample) enter CKA.", low=2)
-    seed: int = param(0, "Seed of the row sample.")
+    seed: int = param(0, "Seed of the row sample.", rule=seed_rule())
     probe: bool = param(True, "Also probe (logreg) each member alone and their concatenation.")
-
-    def __post_init__(self):
-        check_name("dataset", self.dataset)
-        check_seed(self.seed)
-        check_name("split", self.split)
-        for member in self.members:
-            check_name("member", member)
-        if len(self.members) < 2:
-            raise TimecatError(f"diversity compares at least 2 members, got {list(self.members)}")
-        if len(set(self.members)) != len(self.members):
-            raise TimecatError(f"a member is named twice: {list(self.members)}")
 
 
 @config
@@ -602,16 +664,10 @@ class DominoesConfig:
     data_root: Path | None = param(
         None, "Folder of prepared datasets (None: WORKDIR/data).", cli="the shared --data-root option"
     )
-    seeds: tuple[int, ...] = param((0, 1, 2), "Comma-separated seeds, one run of each model.")
+    seeds: tuple[int, ...] = param((0, 1, 2), "Comma-separated seeds, one run of each model.", rule=seed_rule())
     steps: int = param(300, "SGD steps of every CNN, direct or pretrained (equal budgets).", low=1)
     batch_size: int = param(128, "Images per step.")
     arch: str = param("small-resnet", "Architecture of every CNN.", choices=ARCH_NAMES)
-
-    def __post_init__(self):
-        if not self.seeds:
-            raise TimecatError("give at least one seed")
-        for seed in self.seeds:
-            check_seed(seed)
 
     @property
     def data(self) -> Path:

@@ -8,8 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from cache.errors import CacheError
 from pipeline import configs, options
 from pipeline.configs import (
+    DiversityConfig,
+    DominoesConfig,
     ExtractConfig,
     PlanConfig,
     PrepareConfig,
@@ -137,3 +140,56 @@ def test_configs_are_imported_from_pipeline_configs_only():
                     f"{path.relative_to(ROOT)}: {a.name} from {node.module}" for a in node.names if a.name in names
                 ]
     assert wrong == []
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: PrepareConfig("digits", "data", name="../x"), "invalid dataset name '../x'"),
+        (lambda: PretrainConfig("a b", "d", 0, 1), "invalid member name 'a b'"),
+        (lambda: PretrainConfig("a", "d", -1, 1), "seed must be an integer from 0"),
+        (lambda: PretrainConfig("a", "d", 0, 1, lr=float("nan")), "lr must be a finite positive number"),
+        (lambda: PretrainConfig("a", "d", 0, 1, warmup=1.0), r"warmup is a fraction in \[0, 1\)"),
+        (lambda: PretrainConfig("a", "d", 0, 1, resolution=4096), "resolution must be at least 8 px and at most"),
+        (lambda: PretrainConfig("a", "d", 0, 1, ramp=(0.9, 0.1)), "ramp is two budget fractions"),
+        (lambda: ExtractConfig("d", ()), "no members given"),
+        (lambda: ExtractConfig("d", ("a", "a=/x.pt")), "a member is named twice"),
+        (lambda: ExtractConfig("d", ("a",), views=29), "views must be 0 to 28, not 29"),
+        (lambda: ExtractConfig("d", ("a",), view_seed=-1), "view seed must be an integer"),
+        (lambda: ProbeConfig("d", ("a",), holdout=1.0), r"holdout is a fraction in \(0, 1\)"),
+        (lambda: ProbeConfig("d", ("a",), k_grid=(0,)), "knn needs k values >= 1"),
+        (lambda: ProbeConfig("d", ("a",), eval_split="a/b"), "invalid split name 'a/b'"),
+        (lambda: ToyConfig(strength=float("inf")), "strength must be a finite number, got inf"),
+        (lambda: DiversityConfig("d", ("a",)), "diversity compares at least 2 members"),
+        (lambda: DominoesConfig(seeds=()), "give at least one seed"),
+    ],
+)
+def test_a_fields_own_rule_holds_for_python_callers(make, message):
+    # Declared once, as param(rule=...), and run by the one validator: no __post_init__ states it.
+    with pytest.raises((TimecatError, CacheError), match=message):  # a bad name is the cache's CacheError
+        make()
+
+
+def _self_fields(node: ast.AST) -> set[str]:
+    return {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and getattr(n.value, "id", "") == "self"}
+
+
+def test_post_init_keeps_only_rules_across_fields():
+    """A config's __post_init__ (and each _check_ method it calls) reads two or more of its fields: a rule of one
+    field alone belongs in that field's param(rule=...), where the validator runs it for every caller."""
+    tree = ast.parse((ROOT / "pipeline/configs.py").read_text())
+    names = {cls.__name__ for cls in CONFIGS}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in names):
+        methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
+        for name in ["__post_init__"] + [m for m in methods if m.startswith("_check_")]:
+            assigned = {}  # a local variable -> the fields it was computed from
+            for statement in methods[name].body if name in methods else []:
+                read = _self_fields(statement) - set(methods)
+                read |= set().union(*(assigned.get(getattr(n, "id", None), set()) for n in ast.walk(statement)))
+                if isinstance(statement, ast.Assign):
+                    assigned.update({t.id: read for t in statement.targets if isinstance(t, ast.Name)})
+                elif not read and not isinstance(statement, ast.Expr | ast.Return):
+                    raise AssertionError(f"{cls.name}.{name}: {ast.unparse(statement)[:60]} reads no field")
+                elif read:  # a docstring or a call of another _check_ method reads none
+                    where = f"{cls.name}.{name}: {ast.unparse(statement)[:60]}"
+                    assert len(read) >= 2, f"{where} reads only {sorted(read)}: make it that field's rule"
