@@ -1,5 +1,6 @@
 """Pretraining at scale: seeded batches, kill -9 and resume bitwise, DDP on 2 gloo processes, status."""
 
+import functools
 import json
 import os
 import signal
@@ -45,22 +46,21 @@ def _wait_for(predicate, timeout: float = 180.0, what: str = ""):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["sgd", "schedulefree"])
-def test_kill_9_then_rerun_reaches_the_uninterrupted_weights_bitwise(data, tmp_path, optimizer):
-    recipe = ["--optimizer", optimizer] + (["--lr", "0.003"] if optimizer == "schedulefree" else [])
-    made = plans.make_plan("fashion-mnist", cat=1, total_steps=120, arch="small-resnet", batch_size=64)
+def test_kill_9_then_rerun_reaches_the_uninterrupted_weights_bitwise(data, tmp_path):
+    """One real SIGKILL of `timecat pretrain --plan`; schedule-free's restore: the in-process test below."""
+    made = plans.make_plan("fashion-mnist", cat=1, total_steps=60, arch="small-resnet", batch_size=64)
     member = made.members[0]
     plan_path = plans.save(made, tmp_path / "p.json")
     runs = tmp_path / "runs"
     env = {"TIMECAT_DATA": str(data), "TIMECAT_RUNS": str(runs)}
     runner = CliRunner()
     # The reference never stops and writes no intermediate checkpoint.
-    args = ["pretrain", "--name", "ref", "--dataset", "fashion-mnist", "--seed", member.seed, "--steps", 120]
-    ref = runner.invoke(cli.main, [*map(str, args), "--batch-size", "64", "--checkpoint-every", "0", *recipe], env=env)
+    args = ["pretrain", "--name", "ref", "--dataset", "fashion-mnist", "--seed", member.seed, "--steps", 60]
+    ref = runner.invoke(cli.main, [*map(str, args), "--batch-size", "64", "--checkpoint-every", "0"], env=env)
     assert ref.exit_code == 0, ref.output
 
-    # The same member from the plan, every 25 steps a checkpoint (mid-epoch: 10 steps per epoch), killed.
-    command = [sys.executable, "-m", "cli", "pretrain", "--plan", str(plan_path), "--checkpoint-every", "25", *recipe]
+    # The same member from the plan, every 15 steps a checkpoint (mid-epoch: 10 steps per epoch), killed.
+    command = [sys.executable, "-m", "cli", "pretrain", "--plan", str(plan_path), "--checkpoint-every", "15"]
     proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env, "TQDM_DISABLE": "1"})
     ckpt = runs / member.name / "checkpoint.pt"
     try:
@@ -68,37 +68,67 @@ def test_kill_9_then_rerun_reaches_the_uninterrupted_weights_bitwise(data, tmp_p
         rows = plans.status(made, runs)
         assert rows[0]["state"] == "running" and rows[0]["holder"]["pid"] == proc.pid
         with pytest.raises(TimecatError, match=f"member {member.name} is being trained by another process"):
-            pretrain(PretrainConfig(member.name, "fashion-mnist", member.seed, 120, batch_size=64), data, runs)
+            pretrain(PretrainConfig(member.name, "fashion-mnist", member.seed, 60, batch_size=64), data, runs)
         time.sleep(0.3)  # a few steps past the checkpoint, which the rerun trains again
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         proc.kill()
     payload = checkpoints.load(ckpt)
-    assert not payload["complete"] and payload["step"] in (25, 50, 75, 100), payload["step"]
-    assert payload["planned_steps"] == 120 and payload["member"]["seed"] == member.seed
+    assert not payload["complete"] and payload["step"] in (15, 30, 45), payload["step"]
+    assert payload["planned_steps"] == 60 and payload["member"]["seed"] == member.seed
     assert payload["dataset_fingerprint"] == read_manifest(data, "fashion-mnist", "train")["fingerprint"]
     rows = plans.status(made, runs)
     assert rows[0]["state"] == "stopped" and rows[0]["checkpoint_step"] == payload["step"]
 
-    again = ["pretrain", "--plan", str(plan_path), "--checkpoint-every", "25", *recipe, "--json"]
+    again = ["pretrain", "--plan", str(plan_path), "--checkpoint-every", "15", "--json"]
     rerun = runner.invoke(cli.main, again, env=env)
     assert rerun.exit_code == 0, rerun.output
     assert json.loads(rerun.stdout)[0]["resumed_from"] == payload["step"]
-    a, b = checkpoints.load(runs / "ref/checkpoint.pt"), checkpoints.load(ckpt)
+    _assert_same_training(checkpoints.load(runs / "ref/checkpoint.pt"), checkpoints.load(ckpt))
+    log = [json.loads(line) for line in (runs / member.name / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log if "event" not in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # no step logged twice
+    assert any(r.get("event") == "resume" and r["step"] == payload["step"] for r in log)
+    assert plans.status(made, runs)[0]["state"] == "done"
+    # A finished member is not retrained.
+    again = runner.invoke(cli.main, ["pretrain", "--plan", str(plan_path), "--json"], env=env)
+    assert json.loads(again.stdout)[0]["skipped"] is True
+
+
+def test_schedulefree_resumed_after_a_crash_reaches_the_uninterrupted_weights_bitwise(data, tmp_path, monkeypatch):
+    """What kill -9 leaves (the last checkpoint, nothing saved after it), made in process: the schedule-free
+    optimizer's averaged weights, gradient point and train/eval mode are restored bit for bit."""
+    import pipeline.train.pretrain as stage
+
+    runs = tmp_path / "runs"
+    recipe = {"steps": 30, "batch_size": 64, "optimizer": "schedulefree", "lr": 0.003}
+    pretrain(PretrainConfig("ref", "fashion-mnist", 1, checkpoint_every=0, **recipe), data, runs)
+    real, calls = stage.train_one_step, []
+
+    def crash_after_17(*args):  # two steps past the checkpoint at 15, mid-epoch
+        calls.append(1)
+        if len(calls) > 17:
+            raise RuntimeError("simulated crash")
+        return real(*args)
+
+    monkeypatch.setattr(stage, "train_one_step", crash_after_17)
+    config = PretrainConfig("run", "fashion-mnist", 1, checkpoint_every=15, **recipe)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(config, data, runs)
+    assert checkpoints.load(runs / "run/checkpoint.pt")["step"] == 15
+    monkeypatch.setattr(stage, "train_one_step", real)
+    assert pretrain(config, data, runs)["resumed_from"] == 15
+    _assert_same_training(*(checkpoints.load(runs / n / "checkpoint.pt") for n in ("ref", "run")))
+
+
+def _assert_same_training(a: dict, b: dict) -> None:
+    """The two checkpoints hold the same weights, buffers and optimizer state, to the bit."""
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for i, state in a["optimizer"]["state"].items():
         assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in state.items() if torch.is_tensor(v))
-    log = [json.loads(line) for line in (runs / member.name / "log.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in log if "event" not in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 120  # no step logged twice
-    assert any(r.get("event") == "resume" and r["step"] == payload["step"] for r in log)
-    assert plans.status(made, runs)[0]["state"] == "done"
-    # A finished member is not retrained.
-    again = runner.invoke(cli.main, ["pretrain", "--plan", str(plan_path), *recipe, "--json"], env=env)
-    assert json.loads(again.stdout)[0]["skipped"] is True
 
 
 @pytest.mark.slow
@@ -121,14 +151,17 @@ def test_two_gloo_processes_train_what_one_process_trains_with_the_same_global_b
     assert ddp_gap < 0.35 and half_gap > 2 * ddp_gap, (ddp_gap, half_gap)
 
 
-@pytest.mark.slow
-def test_compiled_training_saves_plain_weights_close_to_eager_training(data, tmp_path):
+def test_compiled_training_saves_plain_weights_close_to_eager_training(data, tmp_path, monkeypatch):
+    # torch.compile's "eager" backend: Dynamo traces and wraps the model (the _orig_mod. prefix, the guards)
+    # without Inductor's C++ build, which took most of this test's time on a CPU (its kernels are torch's to test).
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     runs = tmp_path / "runs"
     for name, compiled in (("eager", False), ("compiled", True)):
         pretrain(PretrainConfig(name, "fashion-mnist", 0, steps=3, batch_size=64, compile=compiled), data, runs)
     eager, compiled = (checkpoints.load(runs / n / "checkpoint.pt")["model"] for n in ("eager", "compiled"))
     assert eager.keys() == compiled.keys()  # torch.compile's _orig_mod. prefix never reaches the checkpoint
-    # Fused kernels round differently, and 3 steps at lr 0.2 amplify it: close, not bitwise (measured 3.6%).
+    # Traced graphs may order a sum differently, and 3 steps at lr 0.2 amplify it: close, not bitwise
+    # (Inductor's fused kernels: measured 3.6%).
     assert _gap(runs, "compiled", "eager", seed=0) < 0.1
 
 

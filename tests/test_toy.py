@@ -41,13 +41,16 @@ def test_without_a_sparsity_bias_far_fewer_mixtures_lose_a_feature():
 
 
 def test_toy_command_prints_json_and_draws_the_figure(tmp_path):
-    result = CliRunner().invoke(cli.main, ["toy", "--mixtures", "20", "--results", str(tmp_path), "--json"])
+    # 300 steps, not 3,000: what the command prints, draws and writes beside the figure (results: run() above).
+    args = ["toy", "--mixtures", "20", "--steps", "300", "--results", str(tmp_path), "--json"]
+    result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["mixtures"] == 20 and (tmp_path / "toy.png").stat().st_size > 10_000
     beside = json.loads((tmp_path / "toy.json").read_text())  # what the figure shows, readable without it
     assert beside["experiment"] == "toy" and beside["figure"] == "toy.png" and beside["timecat_version"]
-    assert beside["config"]["mixtures"] == 20 and beside["summary"] == {k: v for k, v in summary.items() if k != "plot"}
+    assert beside["config"]["mixtures"] == 20 and beside["config"]["steps"] == 300
+    assert beside["summary"] == {k: v for k, v in summary.items() if k != "plot"}
     with pytest.raises(TimecatError, match=r"unknown penalty 'l0'; choose one of \['weight-decay', 'l1', 'none'\]"):
         ToyConfig(penalty="l0")
 
@@ -62,6 +65,7 @@ def test_the_kept_feature_threshold_is_stated_and_its_sensitivity_shown(tmp_path
     for findings in summary["threshold_sensitivity"].values():  # one finding: one feature means failing 2 of 4
         assert findings["fails_two_components"] == pytest.approx(findings["one_feature"] + findings["no_feature"])
     assert "sigmoid(-margin / 0.1)" in toy.__doc__ and "5%" in toy.__doc__ and ToyConfig().loss == "sigmoid"
-    text = CliRunner().invoke(cli.main, ["toy", "--mixtures", "10", "--results", str(tmp_path)]).output
+    args = ["toy", "--mixtures", "10", "--steps", "300", "--results", str(tmp_path)]  # the wording, not the findings
+    text = CliRunner().invoke(cli.main, args).output
     assert "reading one feature, so that its probe fails 2 of 4 components" in text
     assert "mixtures failing 2 of 4" not in text and "kept above 5.0%" in text and "0.1%:" in text
