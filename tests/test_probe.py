@@ -130,9 +130,10 @@ def blob_cache(path, views=0, n_train=400, n_eval=200):
 @pytest.mark.parametrize("views", [0, 2])
 def test_tc_protocol_chooses_weight_decay_on_held_out_train_rows(tmp_path, views):
     path = blob_cache(tmp_path / "c.zarr", views=views)
-    config = ProbeConfig("toy", ("m",), protocol="tc", wd_grid=(1e-4, 1e-2))
+    config = ProbeConfig("toy", ("m",), protocol="tc", wd_grid=(1e-4, 1e-2))  # the former name, an alias
     record = probe(config, path)
-    assert record["protocol"] == "tc" and record["backend"] == "torch"
+    assert record["protocol"] == "bn-linear" and record["config"]["protocol"] == "bn-linear"
+    assert record["backend"] == "torch"
     assert [t["weight_decay"] for t in record["search"]] == [1e-4, 1e-2]
     assert record["chosen"]["weight_decay"] in (1e-4, 1e-2) and record["top1"] > 85
     assert record["trained_on"] == ("views 0..1" if views else "features")
@@ -150,7 +151,7 @@ def test_tc_grids_are_the_papers_per_dataset_kind():
         wd_grid("imagenet-mixed")
     with pytest.raises(TimecatError, match="does not record its dataset kind.*--wd-grid"):
         wd_grid(None)
-    with pytest.raises(TimecatError, match=r"unknown protocol 'dino'; choose one of \['logreg', 'tc', 'knn'\]"):
+    with pytest.raises(TimecatError, match=r"unknown protocol 'dino'; choose one of \['logreg', 'bn-linear', 'knn'\]"):
         ProbeConfig("d", ("a",), protocol="dino")
 
 

@@ -5,7 +5,7 @@ on a seeded, stratified held-out part of the train split (a coarse log grid,
 then a finer one around the best, ties to the smaller C); refit on the whole
 train split; report top-1 and top-5 on the eval split, with top-1's 95%
 bootstrap interval over eval rows. The eval split is never used for any choice.
-Protocol ``tc``: the paper's head (pipeline.probe.bn_linear).
+Protocol ``bn-linear`` (formerly ``tc``): the paper's head (pipeline.probe.bn_linear).
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def _checked(store: cache.Cache, config: ProbeConfig, members) -> dict:
     for split in (config.train_split, config.eval_split):
         store.check_members(config.dataset, split, members)
     used = [(config.train_split, None), (config.eval_split, None)]
-    if config.protocol == "tc":
+    if config.protocol == "bn-linear":
         used += [(config.train_split, v) for v in store.views(config.dataset, config.train_split)]
     train_attrs = store.split_attrs(config.dataset, config.train_split)
     return {
@@ -599,7 +599,7 @@ def probe_tc(
     heads, curves = _train_scored(train, epoch_rows(None), y_train, X_eval, y_eval, len(grid), device, config.dataset)
     best = bn_head.head_topk(heads[grid.index(wd)], X_eval, 5, device)
     return {
-        **{"backend": "torch", "backend_reason": "the tc protocol trains a torch head"},
+        **{"backend": "torch", "backend_reason": "the bn-linear protocol trains a torch head"},
         "search": trials,
         "holdout": describe_split(y_train, fit_idx, held_idx, n_classes),
         "chosen": {"weight_decay": wd, **tie(trials, "weight_decay", "larger", len(held_idx))},
@@ -634,7 +634,8 @@ def _tc_views(store: cache.Cache, config: ProbeConfig, where: str) -> list[int]:
     views = bn_head.check_views(store.views(config.dataset, config.train_split))
     if not views:
         log.warning(
-            "protocol tc on %s trains on the plain features: without cached views this is not the paper's recipe, "
+            "protocol bn-linear on %s trains on the plain features: without cached views this is not the paper's "
+            "recipe, "
             "which re-augments every epoch (run `timecat extract --views K` first); the record says augmented: false",
             where,
         )
