@@ -117,4 +117,4 @@ def test_only_a_one_shot_probe_falls_back_to_the_fixed_c(digits):
     with pytest.raises(Exception, match="single train row"):  # a whole-split probe cannot search: refused
         c_search.probe_subsets(blocks, y, lambda: evals, [(0,)], ProbeConfig("d", ("m",)), 10)
     (one,) = c_search.probe_subsets(blocks, y, lambda: evals, [(0,)], ProbeConfig("d", ("m",), shots=1), 10)
-    assert one["chosen"]["rule"] == "fixed"
+    assert one.fields["chosen"]["rule"] == "fixed"

@@ -13,8 +13,9 @@ from pipeline.configs import ProbeConfig
 from pipeline.core import stats
 from pipeline.probe import bn_linear as bn_head
 from pipeline.probe import results
+from pipeline.probe.c_search import choose_c
 from pipeline.probe.heldout import best_trial, search_split, tie
-from pipeline.probe.run import choose_c, probe
+from pipeline.probe.run import probe
 
 
 def long_tail_labels(classes: int, head: int = 120, exponent: float = 1.1) -> np.ndarray:
