@@ -74,6 +74,14 @@ def test_probe_learns_and_never_looks_at_the_eval_labels(tmp_path):
     assert shuffled["top1"] < 50
 
 
+def test_probe_matrices_runs_the_one_process_paths_and_sends_batched_logreg_to_the_cache():
+    X, y = blobs(40, 4, 4, seed=0)
+    with pytest.raises(TimecatError, match=r"backend auto fits member blocks read from the cache: call probe\(\)"):
+        probe_matrices(Inputs(X.copy(), y, X.copy(), y, 4), ProbeConfig("d", ("a",)))
+    knn = probe_matrices(Inputs(X.copy(), y, X.copy(), y, 4), ProbeConfig("d", ("a",), protocol="knn", k_grid=(1, 3)))
+    assert knn.fields["chosen"]["k"] in (1, 3) and knn.eval_top5.shape == (40, 4) and knn.head is None
+
+
 def test_a_class_missing_from_train_is_a_clear_error():
     with pytest.raises(TimecatError, match=r"no examples of class\(es\) \['c2'\]"):
         check_classes(np.array([0, 0, 1, 1]), ["c0", "c1", "c2"], ProbeConfig("d", ("a",)))
