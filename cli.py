@@ -266,7 +266,7 @@ def extract(data_root, runs, cache_path, as_json, **params):
     --views K caches, per member, K seeded random-resized crops and flips of
     each train image, as the paper's probe recipe for the dataset's kind draws
     them (CIFAR: scale 0.8-1, bicubic; ImageNet, iNat18 and others: 0.08-1): the
-    same crops for every member, for protocol tc.
+    same crops for every member, for protocol bn-linear.
     """
     from pipeline.features.extract import extract as extract_stage
 
@@ -298,7 +298,7 @@ def probe(members, cat, pool, max_subsets, cache_path, results, runs, as_json, *
     \b
     Example: timecat probe --members run0,run1,run2,run3 --dataset fashion-mnist
     Example: timecat probe --cat 2 --from run0,run1,run2,run3,run4 --max-subsets 5 --dataset digits
-    Example: timecat probe --members run0,run1 --dataset cifar100 --protocol tc
+    Example: timecat probe --members run0,run1 --dataset cifar100 --protocol bn-linear
     Example: timecat probe --members run0,run1 --dataset digits --protocol knn
     Example: timecat probe --members run0,run1 --dataset digits --backend sklearn --precision fp32
     Example: torchrun --nproc-per-node 8 --no-python timecat probe --cat 4 --from run0,run1,run2,run3,run4,run5 \\
@@ -466,8 +466,8 @@ def report(patterns, results, plot_path, as_json, **params):
     \b
     Example: timecat report --workdir demo
     Example: timecat report total_steps=1000 dataset=fashion-mnist --workdir demo
-    Example: timecat report --layout table2 --protocol tc
-    Example: timecat report --protocol tc --metric top1_eval_selected   # the paper's optimistic selection
+    Example: timecat report --layout table2 --protocol bn-linear
+    Example: timecat report --protocol bn-linear --metric top1_eval_selected   # the paper's optimistic selection
     """
     from pipeline.report import tables as rep
 

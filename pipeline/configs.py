@@ -391,8 +391,8 @@ DTYPES = ("float32", "float16")
 COMPRESSIONS = ("zstd", "none")  # cache.Compression's values
 
 
-# The most augmented views extract caches per image. Protocol tc trains its head for 28 epochs
-# (bn_linear_head.TcRecipe.epochs, a test keeps the two equal), epoch e on view e mod K, so views
+# The most augmented views extract caches per image. Protocol bn-linear trains its head for 28 epochs
+# (bn_linear.TcRecipe.epochs, a test keeps the two equal), epoch e on view e mod K, so views
 # beyond 28 are never read; each one costs a full copy of the split's features. Unbounded, a typo
 # (--views 10000) created thousands of empty arrays before any work.
 MAX_VIEWS = 28
@@ -402,8 +402,8 @@ def view_count(field_name: str, value: int) -> None:
     """Augmented views per image: 0 to MAX_VIEWS."""
     if not 0 <= value <= MAX_VIEWS:
         raise TimecatError(
-            f"{field_name} must be 0 to {MAX_VIEWS}, not {value}: protocol tc trains {MAX_VIEWS} epochs on one view "
-            "each, so more views would never be read"
+            f"{field_name} must be 0 to {MAX_VIEWS}, not {value}: protocol bn-linear trains {MAX_VIEWS} epochs on one "
+            "view each, so more views would never be read"
         )
 
 
@@ -478,7 +478,16 @@ def _check_view_splits(view_splits: tuple[str, ...], splits: tuple[str, ...], vi
 
 # --- probe --------------------------------------------------------------------
 
-PROTOCOLS = ("logreg", "tc", "knn")
+PROTOCOLS = ("logreg", "bn-linear", "knn")
+# Former protocol names, still accepted (config, command line, records on disk) and read as the current one.
+PROTOCOL_ALIASES = {"tc": "bn-linear"}
+
+
+def protocol_name(name: str) -> str:
+    """The current name of a protocol (``tc`` -> ``bn-linear``); any other name unchanged."""
+    return PROTOCOL_ALIASES.get(name, name)
+
+
 PROBE_BACKENDS = ("auto", "sklearn", "torch", "cuml", "batched")  # auto: batched for logreg
 PROBE_PRECISIONS = ("auto", "bf16", "fp32")
 K_GRID = (10, 20, 100, 200)  # DINO's k values
@@ -560,13 +569,14 @@ class ProbeConfig:
     )
     protocol: str = param(
         "logreg",
-        "logreg: L-BFGS logistic regression, C chosen on held-out train rows. tc: the paper's BatchNorm+Linear "
-        "head, SGD 28 epochs, on cached views when present. knn: DINO's weighted k-NN (k chosen on held-out "
-        "train rows).",
+        "logreg: L-BFGS logistic regression, C chosen on held-out train rows. bn-linear (formerly tc): the "
+        "paper's BatchNorm+Linear head, SGD 28 epochs, on cached views when present. knn: DINO's weighted k-NN "
+        "(k chosen on held-out train rows).",
         choices=PROTOCOLS,
+        aliases=PROTOCOL_ALIASES,
     )
     wd_grid: tuple[float, ...] | None = param(
-        None, "tc: comma-separated weight decays to try (default: the paper's grid for the dataset's kind)."
+        None, "bn-linear: comma-separated weight decays to try (default: the paper's grid for the dataset's kind)."
     )
     k_grid: tuple[int, ...] = param(K_GRID, "knn: neighbour counts to try (DINO's).", rule=k_values)
     temperature: float = param(TEMPERATURE, "knn: votes weigh exp(cosine similarity / T).", low=0, low_open=True)
@@ -760,10 +770,10 @@ class ReportConfig:
         "table3: CatN at fixed total steps. table2: parameter-matched (architectures and CatN).",
         choices=REPORT_LAYOUTS,
     )
-    protocol: str = param("logreg", "Which protocol's records to report.", choices=PROTOCOLS)
+    protocol: str = param("logreg", "Which protocol's records to report.", choices=PROTOCOLS, aliases=PROTOCOL_ALIASES)
     metric: str = param(
         "top1",
-        "top1: chosen on held-out train rows. top1_eval_selected (tc): the paper's code's best epoch and weight "
+        "top1: chosen on held-out train rows. top1_eval_selected (bn-linear): the paper's code's best epoch and weight "
         "decay on the eval split, OPTIMISTIC, only to compare with its tables.",
         choices=REPORT_METRICS,
     )

@@ -12,9 +12,9 @@ import cache
 from pipeline.configs import ProbeConfig
 from pipeline.probe import batched_lbfgs as bl
 from pipeline.probe import c_search
-from pipeline.probe.heldout import search_split, standardize
+from pipeline.probe.heldout import search_split, standardize_in_place, topk_accuracy
 from pipeline.probe.logreg_backends import objective
-from pipeline.probe.run import probe_matrices
+from pipeline.probe.run import probe
 
 EXACT = 1e-4  # the probe's promise: every fit within this relative gap of its optimum
 
@@ -32,7 +32,7 @@ def digits():
 def deep(pipeline_run):
     """Real deep features: two of the tiny run's members on real Fashion-MNIST (640 x 256, 10 classes)."""
     X, y = cache.open(pipeline_run["cache"]).features("fashion-mnist", "train", list(pipeline_run["members"][:2]))
-    standardize(X)
+    standardize_in_place(X)
     return X, y
 
 
@@ -59,7 +59,7 @@ def test_every_fit_reaches_the_float64_optimum(request, data, precision):
     if data == "digits":  # 64 pixels in three blocks
         X, y = request.getfixturevalue("digits")[:2]
         X = X.copy()
-        standardize(X)
+        standardize_in_place(X)
         parts, grid, alone = 3, (1e-3, 1e-1, 1.0, 10.0), [(0,), (1, 2)]
     else:  # two members' 128-d blocks
         X, y = request.getfixturevalue("deep")
@@ -104,7 +104,7 @@ def test_preconditioning_reaches_the_same_objective_in_half_the_evaluations(deep
 def test_each_problem_stops_on_its_own_and_says_how(digits):
     X, y, _, _ = digits
     X = X.copy()
-    standardize(X)
+    standardize_in_place(X)
     problems = [bl.Problem((0, 1), 1e-4), bl.Problem((0, 1), 1e4)]  # fast (strongly regularised), slow
     _, ends = bl.fit(blocks_of(X), torch.from_numpy(y), problems, 10, max_iter=40, gap=1e-5)
     fast, slow = ends
@@ -121,7 +121,7 @@ def test_two_classes_are_one_binomial_logit_with_sklearns_c(digits):
     X, y, _, _ = digits
     keep = y < 2
     X, y = X[keep].copy(), y[keep]
-    standardize(X)
+    standardize_in_place(X)
     params, (end,) = bl.fit(blocks_of(X), torch.from_numpy(y), [bl.Problem((0, 1), 0.01)], 1, max_iter=500, gap=1e-7)
     weights, intercept = bl.coefficients(params, 0)
     W = np.vstack([weights[0], weights[1]])
@@ -129,12 +129,21 @@ def test_two_classes_are_one_binomial_logit_with_sklearns_c(digits):
     assert objective(X, y, W, intercept, 0.01) == pytest.approx(optimum(X, y, 0.01), rel=1e-6)
 
 
-def test_every_fit_of_a_probe_record_is_at_its_optimum(digits):
-    X, y, X_eval, y_eval = digits
-    config = ProbeConfig("digits", ("a",), precision="bf16")
-    record = probe_matrices(X.copy(), y, X_eval.copy(), y_eval, config)
+@pytest.fixture(scope="module")
+def digits_one(tmp_path_factory):
+    """The ``digits`` fixture's rows as one 64-d member ``m0`` of a cache: the probe's production path."""
+    path = tmp_path_factory.mktemp("digits") / "c.zarr"
+    (member,) = digits_cache(path, members=1)
+    return member, str(path)
+
+
+def test_every_fit_of_a_probe_record_is_at_its_optimum(digits, digits_one):
+    X, y, _, _ = digits
+    member, path = digits_one
+    config = ProbeConfig("digits", (member,), precision="bf16")
+    record = probe(config, path)
     Xs = X.copy()
-    standardize(Xs)
+    standardize_in_place(Xs)
     fit_idx, _ = search_split(y, config)
     for trial in record["search"]:  # each C candidate on the search rows
         best = optimum(Xs[fit_idx], y[fit_idx], trial["C"])
@@ -145,11 +154,12 @@ def test_every_fit_of_a_probe_record_is_at_its_optimum(digits):
     assert record["solver"]["preconditioner"] and record["solver"]["gap"] == config.gap
 
 
-def test_the_batched_probe_chooses_the_c_and_top1_of_our_one_at_a_time_solver(digits):
-    X, y, X_eval, y_eval = digits
-    config = ProbeConfig("digits", ("a",), precision="fp32")
-    ours = probe_matrices(X.copy(), y, X_eval.copy(), y_eval, replace(config, backend="batched"))
-    alone = probe_matrices(X.copy(), y, X_eval.copy(), y_eval, replace(config, backend="torch"))
+def test_the_batched_probe_chooses_the_c_and_top1_of_our_one_at_a_time_solver(digits, digits_one):
+    y_eval = digits[3]
+    member, path = digits_one
+    config = ProbeConfig("digits", (member,), precision="fp32")
+    ours = probe(replace(config, backend="batched"), path)
+    alone = probe(replace(config, backend="torch"), path)
     assert ours["backend"] == "batched" and ours["precision"] == "fp32" and alone["backend"] == "torch"
     assert ours["chosen"]["C"] == alone["chosen"]["C"]
     assert abs(ours["top1"] - alone["top1"]) <= 2 * 100 / len(y_eval)  # two eval rows
@@ -157,39 +167,41 @@ def test_the_batched_probe_chooses_the_c_and_top1_of_our_one_at_a_time_solver(di
         assert a["C"] == b["C"] and a["fit"]["objective"] == pytest.approx(b["fit"]["objective"], rel=EXACT)
 
 
-def test_bf16_agrees_with_fp32_and_the_record_says_which(digits):
-    X, y, X_eval, y_eval = digits
-    config = ProbeConfig("digits", ("a",), backend="batched")
-    fp32 = probe_matrices(X.copy(), y, X_eval.copy(), y_eval, replace(config, precision="fp32"))
-    bf16 = probe_matrices(X.copy(), y, X_eval.copy(), y_eval, replace(config, precision="bf16"))
+def test_bf16_agrees_with_fp32_and_the_record_says_which(digits, digits_one):
+    y_eval = digits[3]
+    member, path = digits_one
+    config = ProbeConfig("digits", (member,), backend="batched")
+    fp32 = probe(replace(config, precision="fp32"), path)
+    bf16 = probe(replace(config, precision="bf16"), path)
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
     assert fp32["chosen"]["C"] == bf16["chosen"]["C"]
     assert abs(fp32["top1"] - bf16["top1"]) <= 2 * 100 / len(y_eval)  # two eval rows of 397
-    auto, why = c_search.resolve_precision("auto", torch.device("cpu"))
+    auto, why = c_search.solver_precision("auto", torch.device("cpu"))
     has_units = bool(c_search.cpu_flags() & {"avx512_bf16", "amx_bf16"})
     assert auto == ("bf16" if has_units else "fp32") and why
     # Narrow blocks: fp32 even with bf16 units (measured faster end to end); wide ones: bf16 where it can.
-    assert c_search.resolve_precision("auto", torch.device("cpu"), 128)[0] == "fp32"
-    assert c_search.resolve_precision("auto", torch.device("cpu"), 512)[0] == ("bf16" if has_units else "fp32")
+    assert c_search.solver_precision("auto", torch.device("cpu"), 128)[0] == "fp32"
+    assert c_search.solver_precision("auto", torch.device("cpu"), 512)[0] == ("bf16" if has_units else "fp32")
     if has_units:
-        assert "blocks of 128 columns" in c_search.resolve_precision("auto", torch.device("cpu"), 128)[1]
+        assert "blocks of 128 columns" in c_search.solver_precision("auto", torch.device("cpu"), 128)[1]
 
 
 def test_subsets_in_one_batch_choose_what_they_choose_alone(digits):
     X, y, X_eval, y_eval = digits
     X, X_eval = X.copy(), X_eval.copy()
-    standardize(X, X_eval)
+    standardize_in_place(X, X_eval)
     train, evals = blocks_of(X, 4), blocks_of(X_eval, 4)
     subsets = [(0, 1), (0, 2), (1, 3), (2, 3)]
     config = ProbeConfig("digits", ("a",))
     together = c_search.probe_subsets(train, y, lambda: (evals, y_eval), subsets, config, 10)
     tiny = replace(config, memory_gib=1e-9)  # a budget of one subset per batch
     alone = c_search.probe_subsets(train, y, lambda: (evals, y_eval), subsets, tiny, 10)
-    assert together[0]["batch"]["batches"] == 1 and alone[0]["batch"]["batches"] == 4
+    assert together[0].fields["batch"]["batches"] == 1 and alone[0].fields["batch"]["batches"] == 4
     for a, b in zip(together, alone, strict=True):
-        assert a["chosen"]["C"] == b["chosen"]["C"], (a["search"], b["search"])
-        assert abs(a["top1"] - b["top1"]) <= 2 * 100 / len(y_eval)  # two eval rows
-        assert a["dim"] == 32
+        assert a.fields["chosen"]["C"] == b.fields["chosen"]["C"], (a.fields["search"], b.fields["search"])
+        top1 = [topk_accuracy(m.eval_top5, y_eval, 1) for m in (a, b)]
+        assert abs(top1[0] - top1[1]) <= 2 * 100 / len(y_eval)  # two eval rows
+        assert a.head["coef"].shape[0] == 32
 
 
 def test_unknown_precision_names_the_choices():

@@ -103,7 +103,7 @@ def test_a_rerun_replaces_its_older_draws_and_other_refusals_still_show(digits, 
     whole = ["probe", "--members", names[0], "--dataset", "digits", "--cache", path, "--results", str(tmp_path)]
     assert runner.invoke(cli.main, whole).exit_code == 0
     result = runner.invoke(cli.main, ["report", "--results", str(tmp_path), "--metric", "top1_eval_selected"])
-    assert result.exit_code == 1 and "top1_eval_selected exists for protocol tc only" in result.output
+    assert result.exit_code == 1 and "top1_eval_selected exists for protocol bn-linear only" in result.output
 
 
 def test_only_a_one_shot_probe_falls_back_to_the_fixed_c(digits):
@@ -117,4 +117,4 @@ def test_only_a_one_shot_probe_falls_back_to_the_fixed_c(digits):
     with pytest.raises(Exception, match="single train row"):  # a whole-split probe cannot search: refused
         c_search.probe_subsets(blocks, y, lambda: evals, [(0,)], ProbeConfig("d", ("m",)), 10)
     (one,) = c_search.probe_subsets(blocks, y, lambda: evals, [(0,)], ProbeConfig("d", ("m",), shots=1), 10)
-    assert one["chosen"]["rule"] == "fixed"
+    assert one.fields["chosen"]["rule"] == "fixed"

@@ -8,7 +8,8 @@ from conftest import fashion_subset, logreg_optimum
 from pipeline.configs import ProbeConfig
 from pipeline.core.errors import TimecatError
 from pipeline.probe import logreg_backends
-from pipeline.probe.heldout import standardize
+from pipeline.probe.heldout import standardize_in_place
+from pipeline.probe.protocol import Inputs
 from pipeline.probe.run import probe_matrices
 
 
@@ -19,7 +20,7 @@ def fashion_pixels():
     (X_train, y_train), (X_eval, y_eval) = data["train"], data["test"]
     X_train = X_train.reshape(len(X_train), -1).astype(np.float32)
     X_eval = X_eval.reshape(len(X_eval), -1).astype(np.float32)
-    standardize(X_train, X_eval)
+    standardize_in_place(X_train, X_eval)
     return X_train, y_train, X_eval, y_eval
 
 
@@ -65,8 +66,8 @@ def test_backend_choice_is_explicit_and_recorded():
         assert logreg_backends.choose("auto", 437_513, 8142)[0] == "torch"  # full iNat18: logits streamed
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(200, 5)).astype(np.float32), np.arange(200) % 2
-    result = probe_matrices(X.copy(), y, X.copy(), y, ProbeConfig("d", ("a",), backend="torch"))
-    assert result["backend"] == "torch" and result["backend_reason"] == "asked for"
+    result = probe_matrices(Inputs(X.copy(), y, X.copy(), y, 2), ProbeConfig("d", ("a",), backend="torch"))
+    assert result.fields["backend"] == "torch" and result.fields["backend_reason"] == "asked for"
 
 
 def test_cuml_without_the_gpu_extra_or_beyond_32_bit_indexing_is_refused():

@@ -7,8 +7,9 @@ from conftest import add_member, make_cache
 import cache
 from pipeline.configs import ProbeConfig
 from pipeline.core.errors import TimecatError
-from pipeline.probe.heldout import search_split, standardize, topk_accuracy
+from pipeline.probe.heldout import search_split, standardize_in_place, topk_accuracy
 from pipeline.probe.logreg_backends import _topk_rows
+from pipeline.probe.protocol import Inputs
 from pipeline.probe.run import check_classes, probe, probe_matrices
 
 
@@ -23,7 +24,7 @@ def blobs(n, dim, classes, seed, spread=1.5):
 def test_standardize_uses_train_statistics_in_place():
     X_train = np.array([[1.0, 5.0], [3.0, 5.0]], np.float32)
     X_eval = np.array([[2.0, 7.0]], np.float32)
-    standardize(X_train, X_eval)
+    standardize_in_place(X_train, X_eval)
     np.testing.assert_allclose(X_train, [[-1, 0], [1, 0]])
     np.testing.assert_allclose(X_eval, [[0, 2]])  # constant column: centred, not divided by 0
 
@@ -46,18 +47,39 @@ def test_held_out_split_is_seeded_stratified_and_capped():
     assert np.bincount(y[held_a]).tolist() == [50] * 4
 
 
-def test_probe_learns_and_never_looks_at_the_eval_labels():
+def matrices_cache(path, X_train, y_train, X_eval, y_eval) -> str:
+    """A cache of one member 'a' of dataset 'd' holding these matrices (4 classes), for the production path."""
+    store = cache.open(str(path), mode="a")
+    for split, X, y in (("train", X_train, y_train), ("test", X_eval, y_eval)):
+        store.write_labels("d", split, y, f"fp-{split}", ["c0", "c1", "c2", "c3"])
+        writer = store.create_features("d", split, "a", X.shape[1], {"dataset_fingerprint": f"fp-{split}"})
+        writer.append(X)
+        writer.close()
+        store.finish_features("d", split, "a")
+    store.consolidate()
+    return str(path)
+
+
+def test_probe_learns_and_never_looks_at_the_eval_labels(tmp_path):
     X_train, y_train = blobs(600, 8, 4, seed=0)
     X_eval, y_eval = blobs(200, 8, 4, seed=1)
     config = ProbeConfig("d", ("a",))
-    result = probe_matrices(X_train.copy(), y_train, X_eval.copy(), y_eval, config)
+    result = probe(config, matrices_cache(tmp_path / "a.zarr", X_train, y_train, X_eval, y_eval))
     assert result["top1"] > 90 and result["top5"] == 100.0
     assert result["n_train"] == 600 and result["n_eval"] == 200 and result["dim"] == 8
     assert len(result["search"]) == len(config.c_grid) + len(config.refine)
     # Shuffling the eval labels changes the score but not a single choice.
-    shuffled = probe_matrices(X_train.copy(), y_train, X_eval.copy(), np.roll(y_eval, 1), config)
+    shuffled = probe(config, matrices_cache(tmp_path / "b.zarr", X_train, y_train, X_eval, np.roll(y_eval, 1)))
     assert shuffled["chosen"] == result["chosen"] and shuffled["search"] == result["search"]
     assert shuffled["top1"] < 50
+
+
+def test_probe_matrices_runs_the_one_process_paths_and_sends_batched_logreg_to_the_cache():
+    X, y = blobs(40, 4, 4, seed=0)
+    with pytest.raises(TimecatError, match=r"backend auto fits member blocks read from the cache: call probe\(\)"):
+        probe_matrices(Inputs(X.copy(), y, X.copy(), y, 4), ProbeConfig("d", ("a",)))
+    knn = probe_matrices(Inputs(X.copy(), y, X.copy(), y, 4), ProbeConfig("d", ("a",), protocol="knn", k_grid=(1, 3)))
+    assert knn.fields["chosen"]["k"] in (1, 3) and knn.eval_top5.shape == (40, 4) and knn.head is None
 
 
 def test_a_class_missing_from_train_is_a_clear_error():
@@ -130,9 +152,10 @@ def blob_cache(path, views=0, n_train=400, n_eval=200):
 @pytest.mark.parametrize("views", [0, 2])
 def test_tc_protocol_chooses_weight_decay_on_held_out_train_rows(tmp_path, views):
     path = blob_cache(tmp_path / "c.zarr", views=views)
-    config = ProbeConfig("toy", ("m",), protocol="tc", wd_grid=(1e-4, 1e-2))
+    config = ProbeConfig("toy", ("m",), protocol="tc", wd_grid=(1e-4, 1e-2))  # the former name, an alias
     record = probe(config, path)
-    assert record["protocol"] == "tc" and record["backend"] == "torch"
+    assert record["protocol"] == "bn-linear" and record["config"]["protocol"] == "bn-linear"
+    assert record["backend"] == "torch"
     assert [t["weight_decay"] for t in record["search"]] == [1e-4, 1e-2]
     assert record["chosen"]["weight_decay"] in (1e-4, 1e-2) and record["top1"] > 85
     assert record["trained_on"] == ("views 0..1" if views else "features")
@@ -150,7 +173,7 @@ def test_tc_grids_are_the_papers_per_dataset_kind():
         wd_grid("imagenet-mixed")
     with pytest.raises(TimecatError, match="does not record its dataset kind.*--wd-grid"):
         wd_grid(None)
-    with pytest.raises(TimecatError, match=r"unknown protocol 'dino'; choose one of \['logreg', 'tc', 'knn'\]"):
+    with pytest.raises(TimecatError, match=r"unknown protocol 'dino'; choose one of \['logreg', 'bn-linear', 'knn'\]"):
         ProbeConfig("d", ("a",), protocol="dino")
 
 
@@ -172,13 +195,10 @@ def test_probe_on_the_cache_equals_probe_on_hstacked_features(pipeline_run):
     config = ProbeConfig("digits", members, backend="sklearn")  # one-at-a-time; batched: test_batched_probe
     record = probe(config, pipeline_run["cache"])
     parts = {s: [store.features("digits", s, [m])[0] for m in members] for s in ("train", "test")}
-    by_hand = probe_matrices(
-        np.hstack(parts["train"]),
-        store.labels("digits", "train"),
-        np.hstack(parts["test"]),
-        store.labels("digits", "test"),
-        config,
+    y_train, y_eval = store.labels("digits", "train"), store.labels("digits", "test")
+    by_hand = probe_matrices(Inputs(np.hstack(parts["train"]), y_train, np.hstack(parts["test"]), y_eval, 10), config)
+    assert (
+        record["top1"] == topk_accuracy(by_hand.eval_top5, y_eval, 1) and record["chosen"] == by_hand.fields["chosen"]
     )
-    assert record["top1"] == by_hand["top1"] and record["chosen"] == by_hand["chosen"]
     assert record["dim"] == 256 and record["top1"] > 50  # real features of real digits
     assert set(record["member_provenance"]) == set(members)

@@ -12,9 +12,10 @@ import cli
 from pipeline.configs import ProbeConfig
 from pipeline.core import stats
 from pipeline.probe import bn_linear as bn_head
-from pipeline.probe import results
+from pipeline.probe import c_search, results
+from pipeline.probe.c_search import choose_c
 from pipeline.probe.heldout import best_trial, search_split, tie
-from pipeline.probe.run import choose_c, probe
+from pipeline.probe.run import probe
 
 
 def long_tail_labels(classes: int, head: int = 120, exponent: float = 1.1) -> np.ndarray:
@@ -115,6 +116,20 @@ def test_ties_go_to_the_smaller_c_refined_candidates_included(threshold, expecte
     C, trials, _, how = choose_c(np.zeros((100, 2), np.float32), y, ConstantModel(threshold), ProbeConfig("d", ("a",)))
     assert pytest.approx(expected) == C
     assert len(trials) == 8 and how["near_tie"] and len(how["tied"]) == tied
+
+
+def test_the_c_search_stages_state_the_policy_once():
+    # The generator both searches drive (batched and one C at a time): stages, warm starts and the choice.
+    policy = c_search.stages((1.0, 1e-2, 1e-1), (0.5, 2.0), held_rows=100)
+    first = next(policy)
+    assert first.candidates == (1e-2,) and first.start is None  # the most regularised alone, from zero
+    grid = policy.send([{"C": 1e-2, "holdout_top1": 50.0}])
+    assert grid.candidates == (1e-1, 1.0) and grid.start == 0  # the rest of the grid, from the first's solution
+    refine = policy.send([{"C": 1e-1, "holdout_top1": 60.0}, {"C": 1.0, "holdout_top1": 55.0}])
+    assert refine.candidates == (0.05, 0.2) and refine.start == 1  # around the best coarse C, from its solution
+    with pytest.raises(StopIteration) as end:
+        policy.send([{"C": 0.05, "holdout_top1": 60.0}, {"C": 0.2, "holdout_top1": 70.0}])
+    assert end.value.value["C"] == 0.2
 
 
 def test_candidates_within_one_held_out_row_are_tied_and_the_record_says_so():

@@ -156,7 +156,7 @@ def test_a_results_path_that_is_a_file_is_refused_before_the_fit(digits, tmp_pat
         raise AssertionError("the fit started before the results folder was checked")
 
     monkeypatch.setattr(probe_stage, "_fit_subsets", fit_started)
-    monkeypatch.setattr(probe_stage, "probe_knn", fit_started)
+    monkeypatch.setitem(probe_stage.PATHS, "knn", fit_started)
     config = ProbeConfig("digits", names[:2], protocol=protocol)
     for root in (taken, taken / "sub"):
         with pytest.raises(TimecatError, match=r"results folder .* is not a folder \(.*results is a file\)"):

@@ -1,5 +1,6 @@
 """The report: Table 3 and Table 2 layouts, cells with intervals or mean ± std, plots, columns kept apart."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -102,15 +103,16 @@ def test_different_eval_splits_pretraining_data_or_architectures_never_share_a_c
     assert header[:5] == ["method", "steps/member", "total", "arch", "pretrained"]
 
 
-def test_tc_cells_keep_views_apart_and_the_papers_selection_is_labelled_optimistic(tmp_path):
-    views = {**probe_record(["r0"], "c10", 80.0, 10, protocol="tc"), "augmented": True, "top1_eval_selected": 82.0}
-    plain = {**probe_record(["r0"], "c10", 75.0, 10, protocol="tc"), "augmented": False, "top1_eval_selected": 77.0}
-    data = tables.table([views, plain], protocol="tc")
+def test_bn_linear_cells_keep_views_apart_and_the_papers_selection_is_labelled_optimistic(tmp_path):
+    record = functools.partial(probe_record, ["r0"], "c10", protocol="bn-linear")
+    views = {**record(80.0, 10), "augmented": True, "top1_eval_selected": 82.0}
+    plain = {**record(75.0, 10), "augmented": False, "top1_eval_selected": 77.0}
+    data = tables.table([views, plain], protocol="bn-linear")
     assert [(r["method"], r["c10"]["mean"]) for r in data["rows"]] == [("Cat1", 80.0), ("Cat1 (no views)", 75.0)]
-    selected = tables.table([views, plain], protocol="tc", metric="top1_eval_selected")
+    selected = tables.table([views, plain], protocol="bn-linear", metric="top1_eval_selected")
     assert [r["c10"]["mean"] for r in selected["rows"]] == [82.0, 77.0]
     assert "OPTIMISTIC" in tables.format_table(selected) and "OPTIMISTIC" not in tables.format_table(data)
-    with pytest.raises(TimecatError, match="top1_eval_selected exists for protocol tc only"):
+    with pytest.raises(TimecatError, match="top1_eval_selected exists for protocol bn-linear only"):
         tables.table([views], metric="top1_eval_selected")
     results.append(tmp_path, views)
     from click.testing import CliRunner
@@ -118,9 +120,26 @@ def test_tc_cells_keep_views_apart_and_the_papers_selection_is_labelled_optimist
     import cli
 
     out = CliRunner().invoke(
-        cli.main, ["report", "--results", str(tmp_path), "--protocol", "tc", "--metric", "top1_eval_selected"]
+        cli.main, ["report", "--results", str(tmp_path), "--protocol", "bn-linear", "--metric", "top1_eval_selected"]
     )
     assert out.exit_code == 0 and "82.00" in out.output and "OPTIMISTIC" in out.output
+
+
+def test_records_of_the_former_protocol_name_tc_are_read_as_bn_linear(tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    old = {**probe_record(["r0"], "c10", 80.0, 10, protocol="tc"), "augmented": True, "top1_eval_selected": 82.0}
+    results.append(tmp_path, {**old, "config": {"protocol": "tc", "dataset": "c10"}})  # as written before the rename
+    (loaded,) = results.load(tmp_path)
+    assert loaded["protocol"] == "bn-linear" and loaded["config"]["protocol"] == "bn-linear"
+    assert results.augmented(loaded) is True
+    for name in ("bn-linear", "tc"):  # the report finds it by either name
+        out = CliRunner().invoke(
+            cli.main, ["report", "--results", str(tmp_path), "--protocol", name, "--metric", "top1_eval_selected"]
+        )
+        assert out.exit_code == 0 and "82.00" in out.output, out.output
 
 
 def test_other_train_splits_or_eval_rows_get_their_own_columns():
@@ -139,8 +158,8 @@ def test_other_train_splits_or_eval_rows_get_their_own_columns():
     assert sorted(cells.values()) == [70.0, 80.0, 90.0]  # three cells, never a mean of two
     assert any("fit on val" in name for name in cells) and any("rows bbbb2222" in name for name in cells)
     old = [{k: v for k, v in r.items() if k != "top1_eval_selected"} for r in records]
-    with pytest.raises(TimecatError, match="no tc record carries top1_eval_selected"):
-        tables.table([{**r, "protocol": "tc"} for r in old], protocol="tc", metric="top1_eval_selected")
+    with pytest.raises(TimecatError, match="no bn-linear record carries top1_eval_selected"):
+        tables.table([{**r, "protocol": "bn-linear"} for r in old], protocol="bn-linear", metric="top1_eval_selected")
 
 
 def _table2_records():

@@ -1,11 +1,13 @@
 """Probes fitted on cached features, and the records they write. Never imports data loaders,
 members or extraction (`make lint`).
 
-- run: the probe stage (reads the cache, runs a protocol, builds and saves the record).
-- c_search: the C-search policy (which candidates, which stages, the tie rule).
+- run: the probe stage (reads the cache, runs a protocol's path from its registry, builds and saves the
+  record).
+- protocol: what a protocol takes (Inputs) and gives back (Measured).
+- c_search: the C-search policy (which candidates, which stages, the tie rule), and the batched logreg path.
 - batched_lbfgs: the batched, preconditioned per-problem L-BFGS solver.
-- logreg_backends: one-C-at-a-time logistic regression (scikit-learn, torch, cuML).
-- bn_linear: the paper's BatchNorm + Linear head, trained on cached features.
+- logreg_backends: the logreg protocol one C at a time (scikit-learn, torch, cuML).
+- bn_linear: protocol bn-linear (formerly tc), the paper's BatchNorm + Linear head on cached features.
 - knn: DINO's weighted k-NN, blocked over train rows.
 - heldout: the held-out search split, few-shot draws, standardisation, top-k.
 - results: the probe records file (append under a lock, load, select) and predictions.

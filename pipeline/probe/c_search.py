@@ -1,12 +1,28 @@
-"""The logreg protocol for many member subsets at once, on the batched solver.
+"""The C-search policy of the logreg protocol, and the batched logreg path that runs it for many subsets.
 
-Each subset gets exactly what ``pipeline.probe.run`` gives one probe: C chosen on
-the same held-out rows (the coarse grid, then refinements around its best,
-ties to the smaller C), a refit on the whole train split warm-started from the
-chosen candidate, top-1/top-5 on the eval split. The difference is the work:
-every C candidate of every subset in a group is one problem of one batched
-L-BFGS (``pipeline.probe.batched_lbfgs``), so each member's block is read once per
-evaluation for all of them. Groups of subsets are sized to a memory budget.
+The policy (``stages``, one generator for both searches): C is chosen on a
+seeded, stratified held-out part of the train split (``heldout.search_split``):
+the coarse grid in ascending C, the most regularised first, then the best
+coarse C times each refinement factor; the choice is the most regularised
+candidate within one held-out row of the best (``heldout.best_trial``), so that
+the rounding of matrix kernels between batch shapes, processes and CPUs cannot
+flip it. The refit keeps the chosen C (CLIP's protocol) on every train row,
+warm-started from its search solution. ``choose_c`` runs the stages one C at a
+time on a one-C backend (``logreg_backends``); ``search`` runs each stage as one
+batched fit for every subset.
+
+The batched path (``probe_subsets``): every C candidate of every subset in a
+group is one problem of one batched L-BFGS (``batched_lbfgs``), so each
+member's block is read once per evaluation for all of them; groups of subsets
+are sized to ``--memory-gib`` (``groups``); under torchrun the ranks share a
+subset's C candidates (``_trials``). Eval features are read only after every
+fit. Precision (``solver_precision``): bf16 products where the hardware
+multiplies bf16 natively and, on a CPU, blocks are at least BF16_MIN_WIDTH
+columns wide; measured in tests/benchmarks/test_sweep_real_features.py (128-d
+pairs: fp32 faster), test_probe_real_features.py (512-d Cat4: bf16 faster)
+and test_probe_resnet50_features.py (2,048-d members). Exactness against
+float64 optima, both precisions, and the same C in a batch and alone:
+tests/test_batched_probe.py.
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ from pipeline.core.errors import TimecatError
 from pipeline.core.progress import get_logger, plural, progress
 from pipeline.probe import batched_lbfgs as bl
 from pipeline.probe.heldout import best_trial, describe_split, fixed_split, search_split, tie, topk_accuracy
+from pipeline.probe.protocol import Measured
 
 log = get_logger(__name__)
 
@@ -66,13 +83,13 @@ def cpu_flags() -> set[str]:
 
 # auto on a CPU: bf16 only for blocks at least this wide. Below, a pass is mostly per-row work (softmax,
 # casts, the bf16 phase's reference) that bf16 does not speed up, and the bf16 phase and its float32
-# confirmation cost more passes. Measured on Xeon-AMX, 2026-12-07, whole probes bf16 against fp32: 128-d
-# members (the 15-pair sweep) 111 s against 94 s; a 512-d block (demo Cat4) 13.6 s against 14.7 s; 2,048-d
-# blocks (two ResNet-50s) 287 s against 305 s.
+# confirmation cost more passes. Measured whole probes, bf16 against fp32: 128-d members in
+# tests/benchmarks/test_sweep_real_features.py (fp32 faster), a 512-d block in test_probe_real_features.py and
+# 2,048-d blocks in test_probe_resnet50_features.py (bf16 faster); their docstrings hold the figures.
 BF16_MIN_WIDTH = 512
 
 
-def resolve_precision(name: str, where: torch.device, width: int | None = None) -> tuple[str, str]:
+def solver_precision(name: str, where: torch.device, width: int | None = None) -> tuple[str, str]:
     """``(bf16 | fp32, why)``: ``auto`` is bf16 where the hardware multiplies bf16 matrices natively and (on a
     CPU) the widest block, ``width`` columns, is at least BF16_MIN_WIDTH.
 
@@ -98,15 +115,77 @@ def resolve_precision(name: str, where: torch.device, width: int | None = None) 
     return "fp32", "CPU without bf16 matrix instructions (no avx512_bf16 or amx_bf16)"
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a C search: the C's to fit next, and which earlier trial (its index) their fits start from."""
+
+    name: str  # first (the most regularised C alone), grid (the rest of the coarse grid), refine
+    candidates: tuple[float, ...]
+    start: int | None  # None: from zero
+
+
+def stages(c_grid, refine, held_rows: int):
+    """The C-search policy, as a generator of stages: send each stage's trials back (in its order); the
+    generator returns the chosen trial.
+
+    The coarse grid in ascending C (the most regularised first: from zero it converges in a few
+    iterations, and the other coarse candidates start from its solution), then the best coarse C times
+    each refinement factor, started from that best. The choice, coarse and final, is ``heldout.best_trial``:
+    within one held-out row (``held_rows`` of them) of the best, candidates are tied and the smaller C is
+    chosen. Both searches run it: the batched one (``search``) and the one-C backends' (``choose_c``).
+    """
+    grid, factors = sorted(c_grid), sorted(refine)
+    trials: list[dict] = []
+    trials += yield Stage("first", (grid[0],), None)
+    if len(grid) > 1:
+        trials += yield Stage("grid", tuple(grid[1:]), 0)
+    if factors:
+        coarse = best_trial(trials, "C", "smaller", held_rows)
+        trials += yield Stage("refine", tuple(coarse["C"] * f for f in factors), trials.index(coarse))
+    return best_trial(trials, "C", "smaller", held_rows)
+
+
+def choose_c(X: np.ndarray, y: np.ndarray, model, config, n_classes: int | None = None):
+    """The C search (``stages``) one candidate at a time on a one-C backend (``logreg_backends``), in the
+    stages' order: every fit starts from the one before it (the backend's warm start).
+
+    ``model`` is left holding the last fit (a warm start for the refit). Returns the best C, every trial,
+    how the split was drawn and how C was chosen (near ties).
+    """
+    fit_idx, held_idx = search_split(y, config)
+    X_fit, y_fit, X_held, y_held = X[fit_idx], y[fit_idx], X[held_idx], y[held_idx]
+    trials: list[dict] = []
+    policy = stages(config.c_grid, config.refine, len(held_idx))
+    stage = next(policy)
+    with progress(total=candidates(config), desc=f"choose C ({config.dataset})", unit="fit") as bar:
+        while True:
+            done = []
+            for C in stage.candidates:
+                end = model.fit(X_fit, y_fit, C, config.search_iter)
+                top1 = topk_accuracy(model.topk(X_held, 1), y_held, 1)
+                done.append({"C": C, "holdout_top1": top1, "converged": end["status"] == "converged", "fit": end})
+                bar.update(1)
+            trials += done
+            try:
+                stage = policy.send(done)
+            except StopIteration as chosen:
+                best = chosen.value
+                break
+    split = describe_split(y, fit_idx, held_idx, n_classes or int(y.max()) + 1)
+    return best["C"], trials, split, tie(trials, "C", "smaller", len(held_idx))
+
+
 def to_blocks(arrays: dict[int, np.ndarray], where: torch.device) -> dict[int, torch.Tensor]:
     """Member arrays as float32 tensors on the device (a view on the CPU)."""
     return {j: torch.from_numpy(X).to(where, torch.float32) for j, X in arrays.items()}
 
 
-def standardised(X: np.ndarray, mean: np.ndarray, std: np.ndarray, where, block_rows: int = 4096) -> torch.Tensor:
-    """(X - mean) / std, in X's own memory (float32, block by block), as a tensor on the device.
+def standardize_block_in_place(
+    X: np.ndarray, mean: np.ndarray, std: np.ndarray, where, block_rows: int = 4096
+) -> torch.Tensor:
+    """Overwrite X with (X - mean) / std (float32, block by block), and return it as a tensor on the device.
 
-    On the CPU the tensor is X itself: standardising costs no copy. The solver
+    On the CPU the tensor is X itself: standardising costs no copy (on a GPU, the tensor is the one copy). The solver
     keeps float32 features: its last phase, which certifies the optimum, needs them.
     """
     for start in range(0, len(X), block_rows):
@@ -116,7 +195,7 @@ def standardised(X: np.ndarray, mean: np.ndarray, std: np.ndarray, where, block_
 
 
 @dataclass(frozen=True)
-class Rows:
+class BlockRows:
     """Some rows of the member blocks (``index`` None: all of them) and their labels (numpy)."""
 
     blocks: dict[int, torch.Tensor]
@@ -124,7 +203,7 @@ class Rows:
     y: np.ndarray
 
     @classmethod
-    def of(cls, blocks: dict[int, torch.Tensor], y: np.ndarray, index: np.ndarray | None = None) -> Rows:
+    def of(cls, blocks: dict[int, torch.Tensor], y: np.ndarray, index: np.ndarray | None = None) -> BlockRows:
         where = next(iter(blocks.values())).device
         picked = None if index is None else torch.from_numpy(index).to(where)
         return cls(blocks, picked, y if index is None else y[index])
@@ -189,7 +268,7 @@ def ended(ends: list[dict], iterations: int, cap: int) -> str:
     return f"{converged:,} of {plural(len(ends), 'fit')} converged, the others stopped ({other}) {where}"
 
 
-def solve(rows: Rows, problems, width: int, solver: SolverSettings, precond, desc: str, init=None):
+def solve(rows: BlockRows, problems, width: int, solver: SolverSettings, precond, desc: str, init=None):
     """One batched fit over ``rows`` with a progress bar; returns (params, end states)."""
     bar, ends = _Bar(solver.cap * len(bl.PHASES[solver.precision]), len(problems), desc), None
     try:
@@ -213,7 +292,15 @@ def solve(rows: Rows, problems, width: int, solver: SolverSettings, precond, des
 
 
 def _trials(
-    fit: Rows, held: Rows, problems, width: int, solver: SolverSettings, precond, desc: str, init=None, share=None
+    fit: BlockRows,
+    held: BlockRows,
+    problems,
+    width: int,
+    solver: SolverSettings,
+    precond,
+    desc: str,
+    init=None,
+    share=None,
 ):
     """Fit ``problems`` on ``fit``; returns their weights and one trial (C, held-out top-1, fit) each.
 
@@ -249,7 +336,7 @@ def _trials(
     return _gathered(share, mine, params, trials, len(problems), held.labels().device)
 
 
-def _chunks(problems, fit: Rows, width: int, solver: SolverSettings) -> list[list[int]]:
+def _chunks(problems, fit: BlockRows, width: int, solver: SolverSettings) -> list[list[int]]:
     """Consecutive runs of ``problems`` whose solver state fits the memory budget (at least one problem each):
     a subset's C candidates are fit together unless they do not fit (iNat18's Cat4: about 12 GB each)."""
     dims = {j: X.shape[1] for j, X in fit.blocks.items()}
@@ -276,63 +363,61 @@ def _repeat(params, counts: list[int]):
     return bl.take(params, torch.tensor(index, dtype=torch.long, device=params.b.device))
 
 
-def search(fit: Rows, held: Rows, subsets, width: int, solver: SolverSettings, precond, share=None):
-    """Every subset's C search: the coarse grid, then refinements around each subset's best.
+def search(fit: BlockRows, held: BlockRows, subsets, width: int, solver: SolverSettings, precond, share=None):
+    """Every subset's C search (``stages``), each stage one batched fit for all subsets.
 
-    The most regularised candidate goes first: from zero it converges in a few
-    iterations, and every other coarse candidate starts from its solution, all
-    of them together (scikit-learn walks the grid from the same end, one fit
-    after another). Refinements start from their subset's best coarse solution.
-    Returns per subset its trials and chosen trial, and the chosen trials'
-    search weights as one Params (problem i: subset i), the refit's warm start.
+    The policy's warm starts: the coarse candidates start from the most regularised one's solution, all of
+    them together (scikit-learn walks the grid from the same end, one fit after another); refinements from
+    their subset's best coarse solution. Returns per subset its trials and chosen trial, and the chosen
+    trials' search weights as one Params (problem i: subset i), the refit's warm start.
     """
-    grid, refine, S = sorted(solver.c_grid), sorted(solver.refine), len(subsets)
-    first, trials0 = _trials(
-        fit, held, [bl.Problem(s, grid[0]) for s in subsets], width, solver, precond, f"choose C ({S})", share=share
-    )
-    per = [[t] for t in trials0]
-    where = [[(first, i)] for i in range(S)]
-    if len(grid) > 1:
-        problems = [bl.Problem(s, C) for s in subsets for C in grid[1:]]
-        init = _repeat(first, [len(grid) - 1] * S)
-        desc = f"choose C ({len(problems)} together)"
-        rest, more = _trials(fit, held, problems, width, solver, precond, desc, init, share)
-        _extend(per, where, rest, more, len(grid) - 1)
-    if refine:
-        best = [t.index(best_trial(t, "C", "smaller", len(held.y))) for t in per]
-        starts = bl.concat([bl.take(where[i][b][0], _index([where[i][b][1]], first)) for i, b in enumerate(best)])
-        problems = [
-            bl.Problem(s, per[i][b]["C"] * f)
-            for i, (s, b) in enumerate(zip(subsets, best, strict=True))
-            for f in refine
-        ]
-        starts = _repeat(starts, [len(refine)] * S)
-        fine, more = _trials(fit, held, problems, width, solver, precond, "refine C", starts, share)
-        _extend(per, where, fine, more, len(refine))
-    chosen = [t.index(best_trial(t, "C", "smaller", len(held.y))) for t in per]
-    init = bl.concat([bl.take(where[i][c][0], _index([where[i][c][1]], first)) for i, c in enumerate(chosen)])
+    policies = [stages(solver.c_grid, solver.refine, len(held.y)) for _ in subsets]
+    asked = [next(policy) for policy in policies]
+    per: list[list[dict]] = [[] for _ in subsets]
+    where: list[list[tuple]] = [[] for _ in subsets]  # each trial's weights: (Params, problem index)
+    chosen: list[int] = []
+    while not chosen:  # the subsets' policies go stage by stage together: their stages have the same sizes
+        problems = [bl.Problem(s, C) for s, stage in zip(subsets, asked, strict=True) for C in stage.candidates]
+        init = None
+        if asked[0].start is not None:
+            starts = bl.concat([_weights(where[i], stage.start) for i, stage in enumerate(asked)])
+            init = _repeat(starts, [len(stage.candidates) for stage in asked])
+        desc = STAGE_TEXT[asked[0].name].format(subsets=len(subsets), problems=len(problems))
+        params, trials = _trials(fit, held, problems, width, solver, precond, desc, init, share)
+        each = len(asked[0].candidates)
+        for i, policy in enumerate(policies):
+            new = trials[i * each : (i + 1) * each]
+            per[i] += new
+            where[i] += [(params, i * each + r) for r in range(each)]
+            try:
+                asked[i] = policy.send(new)
+            except StopIteration as end:
+                chosen.append(per[i].index(end.value))
+    init = bl.concat([_weights(where[i], c) for i, c in enumerate(chosen)])
     return list(zip(per, chosen, strict=True)), init
 
 
-def _extend(per: list, where: list, params, trials: list[dict], each: int) -> None:
-    """Append each subset's next ``each`` trials, and where their weights are, to its lists."""
-    for i in range(len(per)):
-        per[i] += trials[i * each : (i + 1) * each]
-        where[i] += [(params, i * each + r) for r in range(each)]
+STAGE_TEXT = {"first": "choose C ({subsets})", "grid": "choose C ({problems} together)", "refine": "refine C"}
+
+
+def _weights(where: list[tuple], trial: int):
+    """The search weights of a subset's trial ``trial`` (a one-problem Params)."""
+    params, index = where[trial]
+    return bl.take(params, _index([index], params))
 
 
 def _index(values: list[int], like) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=like.b.device)
 
 
-def preconditioner(rows: Rows, subsets) -> bl.Preconditioner:
+def preconditioner(rows: BlockRows, subsets) -> bl.Preconditioner:
     """The second moments of ``rows`` for ``subsets``, eigendecomposed once for the search and the refit."""
     return bl.Preconditioner.of(
         {j: rows.blocks[j] for s in subsets for j in s}, [bl.Problem(s, 1.0) for s in subsets], rows.index
     )
 
 
-def fit_group(train: Rows, subsets, split, solver: SolverSettings, width: int, share=None):
+def fit_group(train: BlockRows, subsets, split, solver: SolverSettings, width: int, share=None):
     """Search and refit one group of subsets: (per subset its trials and chosen trial, refit problems,
     refit weights, refit end states, preconditioner). ``split`` None: no search, every subset fit at the
     fixed C."""
@@ -346,8 +431,8 @@ def fit_group(train: Rows, subsets, split, solver: SolverSettings, width: int, s
     # evaluation took a fifth of the search's time. The copy (search_rows of the train rows)
     # is freed before the refit; the peak stays the read's. Held-out rows are gathered when scored.
     rows = torch.from_numpy(fit_idx).to(next(iter(train.blocks.values())).device)
-    fit = Rows({j: X.index_select(0, rows) for j, X in train.blocks.items()}, None, train.y[fit_idx])
-    held = Rows.of(train.blocks, train.y, held_idx)
+    fit = BlockRows({j: X.index_select(0, rows) for j, X in train.blocks.items()}, None, train.y[fit_idx])
+    held = BlockRows.of(train.blocks, train.y, held_idx)
     # One preconditioner for the search and the refit: the search rows are a stratified sample of
     # the train rows, so their second moments are the train rows' up to sampling.
     precond = preconditioner(fit, subsets)
@@ -361,33 +446,31 @@ def fit_group(train: Rows, subsets, split, solver: SolverSettings, width: int, s
     return found, problems, params, ends, precond
 
 
-def _measured(found, problems, params, ends, best: np.ndarray, dims: dict[int, int], held_rows: int) -> list[dict]:
-    """Per subset: its search trials, the chosen C (and how it was chosen), its refit's end state, and its
-    weights per member (``weights``, in the subset's order, (d_j, k) float64 each; ``intercept`` (k,))."""
+def _measured(found, problems, params, ends, best: np.ndarray, held_rows: int, fields: dict) -> list[Measured]:
+    """Per subset: its search trials, the chosen C (and how it was chosen), its refit's end state, the
+    batch's ``fields``, its eval predictions, and its head's weights (``coef``: the subset's members' rows,
+    in its order, (d, k) float64; ``intercept`` (k,); the caller adds the standardisation)."""
     out = []
     for i, (trials, chosen) in enumerate(found):
         weights, intercept = bl.coefficients(params, i)
         how = {"rule": "fixed"} if chosen is None else tie(trials, "C", "smaller", held_rows)
-        out.append(
-            {
-                "search": trials,
-                "chosen": {
-                    "C": problems[i].C,
-                    "converged": ends[i]["status"] == "converged",
-                    "warm_start": chosen is not None,
-                    **how,
-                    "fit": ends[i],
-                },
-                "dim": int(sum(dims[j] for j in problems[i].members)),
-                "eval_top5": best[i],
-                "weights": [weights[j] for j in problems[i].members],
-                "intercept": intercept,
-            }
-        )
+        record = {
+            "search": trials,
+            "chosen": {
+                "C": problems[i].C,
+                "converged": ends[i]["status"] == "converged",
+                "warm_start": chosen is not None,
+                **how,
+                "fit": ends[i],
+            },
+            **fields,
+        }
+        coef = np.vstack([weights[j] for j in problems[i].members])
+        out.append(Measured(record, best[i], {"coef": coef, "intercept": intercept, "C": problems[i].C}))
     return out
 
 
-def _batches(subsets, dims: dict, width: int, config, solver: SolverSettings, sizes, rows: int) -> list:
+def _subset_batches(subsets, dims: dict, width: int, config, solver: SolverSettings, sizes, rows: int) -> list:
     """Subsets in consecutive batches: cut to the memory budget, or (a torchrun rank's share) as ``sizes`` say."""
     if sizes is None:
         return groups(
@@ -399,20 +482,21 @@ def _batches(subsets, dims: dict, width: int, config, solver: SolverSettings, si
 
 def probe_subsets(
     train, y_train: np.ndarray, load_evals, subsets, config, n_classes: int, share=None, sizes=None
-) -> list:
+) -> list[Measured]:
     """The logreg protocol for every subset (tuples of member indices) on the batched solver.
 
     ``train`` maps member index -> standardised (n, d_j) tensors in the
-    compute dtype on the compute device (see ``standardised``);
+    compute dtype on the compute device (see ``standardize_block_in_place``);
     ``load_evals()`` returns the eval split's (blocks, labels) likewise, and is
     called once every fit is done, so eval features never share memory with a
     fit. ``config`` is a ProbeConfig. ``share`` (a pipeline.core.distributed.Dist):
     the ranks split the C candidates (see ``_trials``). ``sizes``: the
     subsets come as consecutive batches of these sizes (default: cut to the
-    memory budget here). Returns one dict of measured fields per subset, in order.
+    memory budget here). Returns what was measured on each subset, in order
+    (``protocol.Measured``; its head without the standardisation, which the caller holds).
     """
     where = next(iter(train.values())).device
-    resolved, why = resolve_precision(config.precision, where, max(X.shape[1] for X in train.values()))
+    resolved, why = solver_precision(config.precision, where, max(X.shape[1] for X in train.values()))
     solver = SolverSettings.of(config, resolved)
     # A 1-shot probe has one row per class, none to hold out: the documented fixed C instead. Any
     # other probe searches (search_split refuses a train split that leaves nothing to hold out).
@@ -420,7 +504,7 @@ def probe_subsets(
     split = None if one_shot else search_split(y_train, config)
     width = width_of(n_classes)
     dims = {j: X.shape[1] for j, X in train.items()}
-    batches = _batches(subsets, dims, width, config, solver, sizes, len(y_train))
+    batches = _subset_batches(subsets, dims, width, config, solver, sizes, len(y_train))
     log.info(
         "batched logreg: %s in %s, %s (%s)",
         plural(len(subsets), "subset"),
@@ -428,15 +512,9 @@ def probe_subsets(
         resolved,
         why,
     )
-    rows = Rows.of(train, y_train)
+    rows = BlockRows.of(train, y_train)
     fitted = [fit_group(rows, batch, split, solver, width, share) for batch in batches]
-    evals, y_eval = load_evals()
-    measured, held_rows = [], 0 if split is None else len(split[1])
-    for found, problems, params, ends, precond in fitted:
-        best = bl.topk(evals, params, 5)  # (subsets, n_eval, <=5)
-        for m in _measured(found, problems, params, ends, best, dims, held_rows):
-            m["solver"] = {"preconditioner": precond.describe(), "gap": solver.gap, "cap": solver.cap}
-            measured.append(m)
+    evals, _ = load_evals()
     held = (
         fixed_split(y_train, n_classes, solver.fixed_c) if split is None else describe_split(y_train, *split, n_classes)
     )
@@ -447,12 +525,13 @@ def probe_subsets(
         "precision_reason": why,
         "search_rows": 0 if split is None else len(split[0]),
         "holdout": held,
-        "n_train": len(y_train),
-        "n_eval": len(y_eval),
         "batch": {"subsets": len(subsets), "batches": len(batches), "memory_budget_gib": config.memory_gib},
     }
-    for m in measured:
-        m.update(common, top1=topk_accuracy(m["eval_top5"], y_eval, 1), top5=topk_accuracy(m["eval_top5"], y_eval, 5))
+    measured, held_rows = [], 0 if split is None else len(split[1])
+    for found, problems, params, ends, precond in fitted:
+        best = bl.topk(evals, params, 5)  # (subsets, n_eval, <=5)
+        solved = {"preconditioner": precond.describe(), "gap": solver.gap, "cap": solver.cap}
+        measured += _measured(found, problems, params, ends, best, held_rows, {"solver": solved, **common})
     return measured
 
 

@@ -30,7 +30,7 @@ def column_stats(X_train: np.ndarray, block_rows: int = 4096) -> tuple[np.ndarra
     return mean.astype(np.float32), std
 
 
-def standardize(X_train: np.ndarray, *others: np.ndarray, block_rows: int = 4096) -> None:
+def standardize_in_place(X_train: np.ndarray, *others: np.ndarray, block_rows: int = 4096) -> None:
     """Centre and scale every matrix in place with the train columns' mean and std."""
     mean, std = column_stats(X_train, block_rows)
     for X in (X_train, *others):

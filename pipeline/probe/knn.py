@@ -7,15 +7,25 @@ sides are L2-normalised after concatenating the members. The similarity
 matrix is never built whole: queries go in blocks, and each block walks the
 train rows in blocks, keeping a running top-k, so memory is
 O(query block x (train block + k)) whatever the train split's size.
+
+The protocol (``measure``): k is chosen from ``--k-grid`` (DINO's 10, 20, 100,
+200: pipeline.configs.K_GRID) on the same held-out train rows as logreg, the
+rest of the train split their bank, ties to the larger k; then every train row
+is the bank for the eval split. Speed and memory against scikit-learn's
+brute-force search: tests/benchmarks/test_knn_speed.py.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
+
 import numpy as np
 import torch
 
-from pipeline.configs import K_GRID, TEMPERATURE  # noqa: F401  (DINO's; knn.K_GRID)
 from pipeline.core.errors import TimecatError
+from pipeline.probe.heldout import best_trial, describe_split, search_split, tie, topk_accuracy
+from pipeline.probe.protocol import Inputs, Measured
 
 
 def normalise(X: np.ndarray, block_rows: int = 8192) -> torch.Tensor:
@@ -88,3 +98,28 @@ def knn_topk(bank, bank_y: np.ndarray, queries, ks, n_classes: int, temperature:
     kmax = min(max(ks), len(bank_y))
     sims, index = neighbours(bank, queries, kmax, picked)
     return {k: ranked_classes(sims, index, bank_y, min(k, kmax), n_classes, temperature) for k in ks}
+
+
+def measure(inputs: Inputs, config) -> Measured:
+    """The knn protocol: k chosen on held-out train rows, then every train row is the bank.
+
+    The held-out rows are drawn as for logreg (per class, never a class's last
+    row); the rest of the train split is their bank. Ties go to the larger k
+    (the smoother vote). The matrices are normalised in place. ``config`` is a
+    ProbeConfig (``k_grid``, ``temperature``: DINO's by default).
+    """
+    y_train, n_classes = inputs.y_train, inputs.n_classes
+    fit_idx, held_idx = search_split(y_train, replace(config, search_rows=len(y_train)))
+    bank, queries = normalise(inputs.X_train), normalise(inputs.X_eval)
+    vote = functools.partial(knn_topk, n_classes=n_classes, temperature=config.temperature)
+    ranked = vote(bank, y_train[fit_idx], take(bank, held_idx), config.k_grid, rows=fit_idx)
+    trials = [{"k": k, "holdout_top1": topk_accuracy(ranked[k], y_train[held_idx], 1)} for k in config.k_grid]
+    k = best_trial(trials, "k", "larger", len(held_idx))["k"]
+    fields = {
+        "backend": "torch",
+        "backend_reason": "exact k-NN, blocked over train rows",
+        "search": trials,
+        "holdout": describe_split(y_train, fit_idx, held_idx, n_classes),
+        "chosen": {"k": k, "temperature": config.temperature, **tie(trials, "k", "larger", len(held_idx))},
+    }
+    return Measured(fields, vote(bank, y_train, queries, [k])[k])

@@ -1,4 +1,18 @@
-"""Multinomial logistic regression backends for the logreg probe: sklearn, torch, cuml.
+"""The logreg protocol one C at a time (``measure``), on the backends sklearn, torch and cuml.
+
+``measure`` standardises with the train columns' statistics, runs the C search
+one candidate at a time (``c_search.choose_c``: the same policy and choices as
+the batched path), refits at the chosen C warm-started from the last search
+fit, and ranks the eval rows' classes. The backends: sklearn, scikit-learn's
+L-BFGS on the CPU (the reference; it holds all n x classes logits at once);
+torch, timecat's own solver (``batched_lbfgs``) one C at a time, so it reaches
+each optimum to the gap, streaming logits when they would not fit; cuml,
+cuML's L-BFGS on a GPU (the gpu extra). ``choose`` picks one for ``auto`` and
+says why. Measured against the batched default: tests/benchmarks/
+test_probe_backends.py (a Cat4-shaped generated problem, per backend),
+test_probe_real_features.py and test_sweep_real_features.py (scikit-learn
+against batched on real features); agreement of torch and scikit-learn at one
+C: tests/test_logreg_solvers.py.
 
 Every backend minimises the same objective as scikit-learn's
 ``LogisticRegression``: mean cross-entropy + ||W||^2 / (2 C n), intercept not
@@ -20,6 +34,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core.errors import TimecatError
+from pipeline.core.progress import get_logger, progress
+from pipeline.probe.heldout import column_stats
+from pipeline.probe.protocol import Inputs, Measured
+
+log = get_logger(__name__)
 
 INT32_LIMIT = 2**31  # cuML's softmax kernel indexes n_classes x n_rows with 32-bit ints
 # (its qn solver's n_classes x n_samples buffer; full iNat18 is 3.56e9 > 2^31)
@@ -36,7 +55,7 @@ class FitOptions:
     tol: float = 1e-4  # sklearn, cuml: L-BFGS stopping tolerance on the gradient (scikit-learn's default)
     gap: float = 1e-5  # torch: the relative gap to the optimum at which a fit stops (pipeline.probe.batched_lbfgs)
     cap: int = 5000  # torch: iterations per precision phase
-    precision: str = "fp32"  # torch: auto, bf16 or fp32 (pipeline.probe.c_search.resolve_precision)
+    precision: str = "fp32"  # torch: auto, bf16 or fp32 (pipeline.probe.c_search.solver_precision)
 
 
 def objective(X: np.ndarray, y: np.ndarray, W: np.ndarray, b: np.ndarray, C: float) -> float:
@@ -134,7 +153,7 @@ class TorchBackend:
 
         ``max_iter`` is the one-C backends' cap; this solver stops at its gap (``FitOptions.cap`` per phase)."""
         from pipeline.probe import batched_lbfgs as bl
-        from pipeline.probe.c_search import resolve_precision
+        from pipeline.probe.c_search import solver_precision
 
         torch = self.torch
         same, self.classes = _same_classes(self.classes, y)
@@ -144,7 +163,7 @@ class TorchBackend:
         problem = bl.Problem((0,), C)
         if self._basis[0] is not X:
             self._basis = (X, bl.Preconditioner.of(blocks, [problem], device=self.device))
-        precision, _ = resolve_precision(self.options.precision, self.device)
+        precision, _ = solver_precision(self.options.precision, self.device)
         self.params, (end,) = bl.fit(
             blocks,
             labels,
@@ -267,3 +286,39 @@ def _topk_rows(scores: np.ndarray, k: int, classes: np.ndarray) -> np.ndarray:
 def _fits_on_gpu(nbytes: int, device, torch) -> bool:
     free, _ = torch.cuda.mem_get_info(device)
     return nbytes < 0.6 * free  # leave room for logits, gradients and L-BFGS history
+
+
+def measure(inputs: Inputs, config) -> Measured:
+    """The logreg protocol on one C at a time (backend sklearn, torch or cuml): standardise with the train
+    columns' statistics (in place), choose C (``c_search.choose_c``), refit on every train row at that C, rank
+    the eval rows' classes. ``config`` is a ProbeConfig."""
+    from pipeline.probe.c_search import choose_c, standardize_block_in_place
+
+    X_train, y_train, n_classes = inputs.X_train, inputs.y_train, inputs.n_classes
+    mean, scale = column_stats(X_train)
+    for X in (X_train, inputs.X_eval):
+        standardize_block_in_place(X, mean, scale, "cpu")
+    name, why = choose(config.backend, len(y_train), n_classes)
+    options = FitOptions(n_classes, config.seed, config.tol, config.gap, config.iter_cap, config.precision)
+    model = make(name, options)
+    log.info("backend %s (%s)", name, why)
+    C, trials, split, how = choose_c(X_train, y_train, model, config, n_classes)
+    # The refit keeps the chosen C, as CLIP's protocol does. (Keeping C * n_search / n
+    # instead, the same per-row strength, over-regularised by 0.5 points here.)
+    # Warm start from the last search fit: the same optimum up to sampling, so
+    # L-BFGS needs a fraction of the iterations of a cold start.
+    with progress(total=1, desc=f"refit at C={C:.3g} ({config.dataset}, {len(y_train):,} rows)", unit="fit") as bar:
+        end = model.fit(X_train, y_train, C, config.max_iter)
+        bar.update(1)
+    W, b = model.coefficients()
+    chosen = {"C": C, "converged": end["status"] == "converged", "warm_start": model.warm_started, **how, "fit": end}
+    fields = {
+        "backend": name,
+        "backend_reason": why,
+        "search": trials,
+        "search_rows": split["fit_rows"],
+        "holdout": split,
+        "chosen": chosen,
+    }
+    head = {"mean": mean, "scale": scale, "coef": W, "intercept": b, "C": C}
+    return Measured(fields, model.topk(inputs.X_eval, 5), head)

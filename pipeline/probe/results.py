@@ -25,6 +25,7 @@ import numpy as np
 
 from cache import locks
 from cache.errors import CacheError, did_you_mean, elsewhere, shown
+from pipeline.configs import protocol_name
 from pipeline.core import files
 from pipeline.core.errors import TimecatError, is_finite_number
 from pipeline.core.progress import get_logger
@@ -238,7 +239,9 @@ def load(results_root: Path) -> list[dict]:
     how (``chosen``, ``search``, ``holdout``), and each member's provenance. A line that
     is not a probe record (torn by a crash mid-write, edited, or of another schema:
     ``record_problem``) is skipped with a warning naming its number and what is wrong,
-    so one bad line never hides the others. ``to_dataframe`` makes a table of them.
+    so one bad line never hides the others. A protocol's former name (``tc``) is read as its
+    current one (``bn-linear``), in ``protocol`` and ``config.protocol``, so every reader sees one
+    name. ``to_dataframe`` makes a table of them.
     """
     path = results_path(results_root)
     try:
@@ -261,7 +264,15 @@ def load(results_root: Path) -> list[dict]:
         log.warning(
             "%s: skipped %d line(s) that are not probe records (torn or edited): %s (%s)", path, len(bad), bad[:10], why
         )
-    return [r for n, r in lines if n not in problems]
+    return [_current_names(r) for n, r in lines if n not in problems]
+
+
+def _current_names(record: dict) -> dict:
+    """The record with its protocol under its current name (records made before the rename say ``tc``)."""
+    record["protocol"] = protocol_name(record["protocol"])
+    if isinstance(record.get("config"), dict) and isinstance(record["config"].get("protocol"), str):
+        record["config"]["protocol"] = protocol_name(record["config"]["protocol"])
+    return record
 
 
 def _names(value) -> bool:
@@ -342,8 +353,8 @@ def _clipped(value, limit: int = 40) -> str:
 
 
 def augmented(record: dict) -> bool | None:
-    """Protocol tc: whether the head trained on cached augmented views (None for other protocols)."""
-    if record.get("protocol") != "tc":
+    """Protocol bn-linear: whether the head trained on cached augmented views (None for other protocols)."""
+    if record.get("protocol") != "bn-linear":
         return None
     return bool(record.get("augmented", record.get("trained_on", "features") != "features"))
 

@@ -1,11 +1,18 @@
 """Stage 4: linear-probe any set of cached members, without touching an image.
 
+This module is the probe's one reader and recorder: it reads the cache, runs a protocol's path (``PATHS``),
+and builds every record (top-1, top-5 and top-1's bootstrap interval from the protocol's ranked eval
+predictions, dims, rows, provenance) and saves it with its predictions and head.
+
 Protocol ``logreg``: standardise with train statistics; choose the L2 strength C
-on a seeded, stratified held-out part of the train split (a coarse log grid,
-then a finer one around the best, ties to the smaller C); refit on the whole
-train split; report top-1 and top-5 on the eval split, with top-1's 95%
-bootstrap interval over eval rows. The eval split is never used for any choice.
-Protocol ``tc``: the paper's head (pipeline.probe.bn_linear).
+on a seeded, stratified held-out part of the train split (``c_search.stages``);
+refit on the whole train split; report top-1 and top-5 on the eval split, with
+top-1's 95% bootstrap interval over eval rows. The eval split is never used for
+any choice. Backend auto or batched fits every C candidate (and every subset of
+a sweep) in one batched L-BFGS (``c_search.probe_subsets``); sklearn, torch and
+cuml fit one C at a time (``logreg_backends.measure``). Protocol ``knn``: DINO's
+weighted k-NN (``knn.measure``). Protocol ``bn-linear`` (formerly ``tc``): the
+paper's head (``bn_linear.measure``).
 """
 
 from __future__ import annotations
@@ -27,19 +34,10 @@ from pipeline.configs import ProbeConfig
 from pipeline.core import distributed, files, stats
 from pipeline.core.errors import TimecatError
 from pipeline.core.progress import get_logger, plural, progress
-from pipeline.data import recipes
 from pipeline.probe import batched_lbfgs as bl
-from pipeline.probe import bn_linear as bn_head
-from pipeline.probe import c_search, knn, logreg_backends, results
-from pipeline.probe.heldout import (
-    best_trial,
-    column_stats,
-    describe_split,
-    search_split,
-    shot_rows,
-    tie,
-    topk_accuracy,
-)
+from pipeline.probe import bn_linear, c_search, knn, logreg_backends, results
+from pipeline.probe.heldout import column_stats, shot_rows, topk_accuracy
+from pipeline.probe.protocol import Inputs, Measured
 
 log = get_logger(__name__)
 
@@ -55,38 +53,6 @@ PROVENANCE_KEYS = (
 )
 
 
-def choose_c(X: np.ndarray, y: np.ndarray, model, config: ProbeConfig, n_classes: int | None = None):
-    """Pick C by held-out top-1: the coarse grid, then refinements around its best; within one held-out row
-    of the best, candidates are tied and the smaller C is chosen (``heldout.best_trial``).
-
-    ``model`` is a backend; it is left holding the last fit (a warm start for
-    the refit). Returns the best C, every trial, how the split was drawn and how
-    C was chosen (near ties).
-    """
-    fit_idx, held_idx = search_split(y, config)
-    X_fit, y_fit, X_held, y_held = X[fit_idx], y[fit_idx], X[held_idx], y[held_idx]
-    trials: list[dict] = []
-
-    def trial(C: float) -> None:
-        end = model.fit(X_fit, y_fit, C, config.search_iter)
-        top1 = topk_accuracy(model.topk(X_held, 1), y_held, 1)
-        trials.append({"C": C, "holdout_top1": top1, "converged": end["status"] == "converged", "fit": end})
-
-    # Ascending C: each fit starts from the more regularised solution before it.
-    total = len(config.c_grid) + len(config.refine)
-    with progress(total=total, desc=f"choose C ({config.dataset})", unit="fit") as bar:
-        for C in sorted(config.c_grid):
-            trial(C)
-            bar.update(1)
-        coarse = best_trial(trials, "C", "smaller", len(held_idx))["C"]
-        for factor in sorted(config.refine):
-            trial(coarse * factor)
-            bar.update(1)
-    split = describe_split(y, fit_idx, held_idx, n_classes or int(y.max()) + 1)
-    how = tie(trials, "C", "smaller", len(held_idx))
-    return best_trial(trials, "C", "smaller", len(held_idx))["C"], trials, split, how
-
-
 def check_classes(y_train: np.ndarray, classes: list, config: ProbeConfig) -> None:
     """Every class must have a train example (a class of one row is fit, never held out)."""
     counts = np.bincount(y_train, minlength=len(classes))
@@ -98,83 +64,45 @@ def check_classes(y_train: np.ndarray, classes: list, config: ProbeConfig) -> No
         )
 
 
-def uncertainty(best: np.ndarray, y_eval: np.ndarray, config: ProbeConfig) -> dict:
-    """Top-1's seeded bootstrap interval over eval rows, as record fields."""
-    correct = best[:, 0] == y_eval
-    return {
-        "top1_ci95": stats.top1_interval(correct, config.bootstrap, config.seed),
-        "bootstrap": {"method": stats.METHOD, "resamples": config.bootstrap, "seed": config.seed},
-    }
+# Every probe path, by exact key (``path_of``). Batched logreg reads each member's block once for many subsets
+# (``probe_many``); the others take one concatenation's matrices (``protocol.Inputs``). Each returns what it
+# measured (``protocol.Measured``), from which ``_record`` builds the record.
+PATHS = {
+    "logreg-batched": c_search.probe_subsets,
+    "logreg": logreg_backends.measure,
+    "knn": knn.measure,
+    "bn-linear": bn_linear.measure,
+}
 
 
-def scored(best: np.ndarray, X_train: np.ndarray, y_eval: np.ndarray, config: ProbeConfig) -> dict:
-    """The fields every protocol reports from its ranked eval predictions ``best`` (n_eval, <=5)."""
+def path_of(config: ProbeConfig) -> str:
+    """The key in PATHS of the path ``config`` runs: batched logreg for backend auto or batched, else its protocol."""
+    return "logreg-batched" if config.batched else config.protocol
+
+
+def probe_matrices(inputs: Inputs, config: ProbeConfig) -> Measured:
+    """A one-process protocol on given matrices (changed in place), as ``probe`` runs it on the cache's.
+
+    Batched logreg reads member blocks instead: ``probe`` and ``probe_many`` run it.
+    """
+    path = path_of(config)
+    if path == "logreg-batched":
+        raise TimecatError(
+            f"backend {config.backend} fits member blocks read from the cache: call probe(), or pick a one-C "
+            "backend (sklearn, torch, cuml)"
+        )
+    return PATHS[path](inputs, config)
+
+
+def scores(measured: Measured, y_eval: np.ndarray, config: ProbeConfig) -> dict:
+    """Top-1, top-5 and top-1's seeded bootstrap interval over eval rows, from a protocol's ranked predictions."""
+    best = measured.eval_top5
     return {
-        "dim": int(X_train.shape[1]),
-        "n_train": len(X_train),
-        "n_eval": len(y_eval),
         "top1": topk_accuracy(best, y_eval, 1),
         "top5": topk_accuracy(best, y_eval, 5),
-        **uncertainty(best, y_eval, config),
-        "eval_top5": best,
+        "top1_ci95": stats.top1_interval(best[:, 0] == y_eval, config.bootstrap, config.seed),
+        "bootstrap": {"method": stats.METHOD, "resamples": config.bootstrap, "seed": config.seed},
     }
-
-
-def probe_matrices(
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_eval: np.ndarray,
-    y_eval: np.ndarray,
-    config: ProbeConfig,
-    n_classes: int | None = None,
-) -> dict:
-    """The logreg protocol on given matrices (standardised in place); returns the measured fields.
-
-    ``eval_top5`` holds the (n_eval, <=5) ranked predictions, for the results store;
-    ``head`` the fitted head (``results.Head`` fields: standardisation, weights, intercept, C).
-    """
-    n_classes = n_classes or int(max(y_train.max(), y_eval.max())) + 1
-    mean, scale = column_stats(X_train)
-    for X in (X_train, X_eval):
-        c_search.standardised(X, mean, scale, "cpu")
-    if uses_batched(config):  # the matrices as one member block
-        where = c_search.device()
-        train, evals = (c_search.to_blocks({0: X}, where) for X in (X_train, X_eval))
-        measured = c_search.probe_subsets(train, y_train, lambda: (evals, y_eval), [(0,)], config, n_classes)[0]
-        head = _head(mean, scale, measured.pop("weights"), measured.pop("intercept"), measured["chosen"]["C"])
-        return {**measured, "head": head, **uncertainty(measured["eval_top5"], y_eval, config)}
-    name, why = logreg_backends.choose(config.backend, len(y_train), n_classes)
-    options = logreg_backends.FitOptions(
-        n_classes, config.seed, config.tol, config.gap, config.iter_cap, config.precision
-    )
-    model = logreg_backends.make(name, options)
-    log.info("backend %s (%s)", name, why)
-    C, trials, split, how = choose_c(X_train, y_train, model, config, n_classes)
-    # The refit keeps the chosen C, as CLIP's protocol does. (Keeping C * n_search / n
-    # instead, the same per-row strength, over-regularised by 0.5 points here.)
-    # Warm start from the last search fit: the same optimum up to sampling, so
-    # L-BFGS needs a fraction of the iterations of a cold start.
-    with progress(total=1, desc=f"refit at C={C:.3g} ({config.dataset}, {len(y_train):,} rows)", unit="fit") as bar:
-        end = model.fit(X_train, y_train, C, config.max_iter)
-        bar.update(1)
-    best = model.topk(X_eval, 5)
-    W, b = model.coefficients()
-    chosen = {"C": C, "converged": end["status"] == "converged", "warm_start": model.warm_started, **how, "fit": end}
-    return {
-        "backend": name,
-        "backend_reason": why,
-        "search": trials,
-        "search_rows": split["fit_rows"],
-        "holdout": split,
-        "chosen": chosen,
-        "head": _head(mean, scale, [W], b, C),
-        **scored(best, X_train, y_eval, config),
-    }
-
-
-def _head(mean: np.ndarray, scale: np.ndarray, weights: list[np.ndarray], intercept: np.ndarray, C: float) -> dict:
-    """A fitted logreg head: the standardisation and the weights on the standardised columns, in order."""
-    return {"mean": mean, "scale": scale, "coef": np.vstack(weights), "intercept": intercept, "C": C}
 
 
 def peak_rss_mib() -> float:
@@ -193,11 +121,6 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # macOS and others
 
 
-def uses_batched(config: ProbeConfig) -> bool:
-    """Whether ``config`` runs on the batched solver (logreg with backend auto or batched)."""
-    return config.batched
-
-
 def probe(
     config: ProbeConfig, cache_path: str, results_root=None, extra: dict | None = None, counter: str = ""
 ) -> dict:
@@ -211,7 +134,7 @@ def probe(
     if config.shots is not None:
         raise TimecatError("a few-shot probe makes one record per draw: call few_shot(), not probe()")
     log.info("probe %s on %s (%s)", ",".join(config.members), config.dataset, config.protocol)
-    if uses_batched(config):
+    if config.batched:
         record = spread(config, [config.members], cache_path, results_root, extra)[0]
         log_result(record, counter)
         return record
@@ -222,40 +145,66 @@ def probe(
     store = cache.open(cache_path)
     try:
         context = _checked(store, config, config.members)
-        # A probe reads each matrix once, so a full NaN scan costs little next to the fit.
-        X_train, y_train = store.features(config.dataset, config.train_split, config.members, scan_nan=True)
-        X_eval, y_eval = store.features(config.dataset, config.eval_split, config.members, scan_nan=True)
-        n_classes = len(context["classes"])
-        check_classes(y_train, context["classes"], config)
+        inputs = _inputs(store, config, context)
         log.info(
             "probing %s on %s (%s): %d x %d features",
             ",".join(config.members),
             config.dataset,
             config.protocol,
-            *X_train.shape,
+            *inputs.X_train.shape,
         )
-        if config.protocol == "logreg":
-            measured = probe_matrices(X_train, y_train, X_eval, y_eval, config, n_classes=n_classes)
-        elif config.protocol == "knn":
-            measured = probe_knn(X_train, y_train, X_eval, y_eval, config, n_classes)
-        else:
-            kind = context["train_attrs"].get("kind")
-            measured = probe_tc(store, X_train, y_train, X_eval, y_eval, config, n_classes, kind)
+        measured = probe_matrices(inputs, config)
     except cache.CacheError as e:
         raise TimecatError(str(e)) from None
-    record = _record(config, measured, context, len(y_eval), started, extra)
-    if results_root is not None:
-        results.save(results_root, record, measured["eval_top5"], y_eval, _head_of(measured, config.members, context))
+    record = _record(config, measured, context, len(inputs.y_train), inputs.y_eval, started, extra)
+    _save(results_root, record, measured, inputs.y_eval, context)
     log_result(record, counter)
     return record
 
 
-def _head_of(measured: dict, members, context: dict) -> results.Head | None:
+def _inputs(store: cache.Cache, config: ProbeConfig, context: dict) -> Inputs:
+    """The members' train and eval features, concatenated, for a one-process protocol (and bn-linear's views)."""
+    # A probe reads each matrix once, so a full NaN scan costs little next to the fit.
+    X_train, y_train = store.features(config.dataset, config.train_split, config.members, scan_nan=True)
+    X_eval, y_eval = store.features(config.dataset, config.eval_split, config.members, scan_nan=True)
+    check_classes(y_train, context["classes"], config)
+    views = _bn_linear_views(store, config) if config.protocol == "bn-linear" else []
+
+    def read_view(view: int) -> np.ndarray:
+        return store.features(config.dataset, config.train_split, config.members, view=view)[0]
+
+    kind = context["train_attrs"].get("kind")
+    return Inputs(X_train, y_train, X_eval, y_eval, len(context["classes"]), kind, tuple(views), read_view)
+
+
+def _bn_linear_views(store: cache.Cache, config: ProbeConfig) -> list[int]:
+    """The cached augmented views bn-linear trains on, or [] (plain features) with a warning that says what that
+    means."""
+    views = bn_linear.check_views(store.views(config.dataset, config.train_split))
+    if not views:
+        log.warning(
+            "protocol bn-linear on %s/%s trains on the plain features: without cached views this is not the paper's "
+            "recipe, which re-augments every epoch (run `timecat extract --views K` first); the record says "
+            "augmented: false",
+            config.dataset,
+            config.train_split,
+        )
+    return views
+
+
+def _head_of(measured: Measured, members, context: dict) -> results.Head | None:
     """The probe's head with its members, widths and classes (None for protocols without one)."""
-    if "head" not in measured:
+    if measured.head is None:
         return None
     dims = tuple(context["dims"][m] for m in members)
-    return results.Head(tuple(members), dims, **measured["head"], classes=tuple(map(str, context["classes"])))
+    return results.Head(tuple(members), dims, **measured.head, classes=tuple(map(str, context["classes"])))
+
+
+def _save(results_root, record: dict, measured: Measured, y_eval: np.ndarray, context: dict) -> None:
+    """With a results folder, the record, its eval predictions and its head (``results.save``)."""
+    if results_root is not None:
+        head = _head_of(measured, record["members"], context)
+        results.save(results_root, record, measured.eval_top5, y_eval, head)
 
 
 def _checked(store: cache.Cache, config: ProbeConfig, members) -> dict:
@@ -263,7 +212,7 @@ def _checked(store: cache.Cache, config: ProbeConfig, members) -> dict:
     for split in (config.train_split, config.eval_split):
         store.check_members(config.dataset, split, members)
     used = [(config.train_split, None), (config.eval_split, None)]
-    if config.protocol == "tc":
+    if config.protocol == "bn-linear":
         used += [(config.train_split, v) for v in store.views(config.dataset, config.train_split)]
     train_attrs = store.split_attrs(config.dataset, config.train_split)
     return {
@@ -276,8 +225,12 @@ def _checked(store: cache.Cache, config: ProbeConfig, members) -> dict:
     }
 
 
-def _record(config: ProbeConfig, measured: dict, context: dict, n_eval: int, started: float, extra) -> dict:
-    """The result record of one probe (``measured`` from a protocol; ``eval_top5`` stays out)."""
+def _record(
+    config: ProbeConfig, measured: Measured, context: dict, n_train: int, y_eval: np.ndarray, started: float, extra
+) -> dict:
+    """The result record of one probe of ``config.members``: the protocol's fields (``measured``), and what every
+    record states alike: dims, rows, top-1, top-5 and top-1's interval (from its ranked eval predictions), the eval
+    rows' identity, cost and provenance. ``extra`` fields (a sweep's, a few-shot draw's) join last."""
     provenance = {m: context["provenance"][m] for m in config.members}
     _warn_duplicates(provenance)
     eval_attrs = context["eval_attrs"]
@@ -292,10 +245,14 @@ def _record(config: ProbeConfig, measured: dict, context: dict, n_eval: int, sta
         "eval_split": config.eval_split,
         "protocol": config.protocol,
         "config": asdict(config),
-        **{k: v for k, v in measured.items() if k not in ("eval_top5", "head")},
+        **measured.fields,
+        "dim": int(sum(context["dims"][m] for m in config.members)),
+        "n_train": n_train,
+        "n_eval": len(y_eval),
+        **scores(measured, y_eval, config),
         # The eval rows' identity: compare refuses records made on other rows.
         "eval_rows": {
-            "rows": n_eval,
+            "rows": len(y_eval),
             "fingerprint": eval_attrs.get("fingerprint"),
             "labels_sha256": eval_attrs.get("labels_sha256"),
         },
@@ -380,7 +337,7 @@ def read_blocks(store: cache.Cache, config: ProbeConfig, split: str, groups, dev
             X, labels = X[rows], labels[rows]
         if j not in stats:
             stats[j] = column_stats(X)
-        blocks[j] = c_search.standardised(X, *stats[j], device)
+        blocks[j] = c_search.standardize_block_in_place(X, *stats[j], device)
         del X
     return blocks, labels, stats
 
@@ -431,7 +388,7 @@ def _spread(place, config: ProbeConfig, subsets, cache_path: str, results_root, 
         return probe_many(config, subsets, cache_path, saved, extra, place, rows)
     # Ranks take whole batches, cut as one process cuts them: each batch is the same computation
     # on any number of ranks, so the records are those of one process, bit for bit.
-    batches = _batches(config, subsets, cache_path, place.world_size)
+    batches = _batch_positions(config, subsets, cache_path, place.world_size)
     mine = [i for batch in batches[place.rank :: place.world_size] for i in batch]
     sizes = [len(batch) for batch in batches[place.rank :: place.world_size]]
     records, order = [], list(dict.fromkeys(m for s in subsets for m in s))
@@ -442,7 +399,7 @@ def _spread(place, config: ProbeConfig, subsets, cache_path: str, results_root, 
     return [done[i] for i in range(len(subsets))]
 
 
-def _batches(config: ProbeConfig, subsets, cache_path: str, ranks: int) -> list[list[int]]:
+def _batch_positions(config: ProbeConfig, subsets, cache_path: str, ranks: int) -> list[list[int]]:
     """Subset positions in the batches one process would fit (from metadata alone).
 
     With fewer such batches than ranks, the subsets are dealt into ``ranks``
@@ -473,9 +430,10 @@ def _one_process(config: ProbeConfig) -> None:
 
 
 def _fit_subsets(store, config: ProbeConfig, members: list[str], subsets, rows, share, sizes):
-    """Read each member once, fit every subset on the batched solver: (measured fields, context, eval labels).
+    """Read each member once, fit every subset on the batched solver: (what was measured on each, context, train
+    rows, eval labels).
 
-    A lone subset small enough to be preconditioned whole (``batched_logreg.FULL_DIMS``) is read as one
+    A lone subset small enough to be preconditioned whole (``batched_lbfgs.FULL_DIMS``) is read as one
     block: one matrix product per pass instead of one per member (the demo's Cat4 refit: 1.3x faster).
     """
     where = c_search.device()
@@ -494,15 +452,15 @@ def _fit_subsets(store, config: ProbeConfig, members: list[str], subsets, rows, 
             return evals["blocks"], evals["y"]
 
         chosen = [(0,)] if whole else [tuple(index[m] for m in s) for s in subsets]
-        measured = c_search.probe_subsets(
+        measured = PATHS["logreg-batched"](
             train, y_train, load_evals, chosen, config, len(context["classes"]), share, sizes
         )
     except cache.CacheError as e:
         raise TimecatError(str(e)) from None
-    for subset, fields in zip(chosen, measured, strict=True):
+    for subset, fitted in zip(chosen, measured, strict=True):  # the standardisation the head's weights apply to
         mean, scale = (np.concatenate([stats[j][i] for j in subset]) for i in (0, 1))
-        fields["head"] = _head(mean, scale, fields.pop("weights"), fields.pop("intercept"), fields["chosen"]["C"])
-    return measured, context, evals["y"]
+        fitted.head = {"mean": mean, "scale": scale, **fitted.head}
+    return measured, context, len(y_train), evals["y"]
 
 
 def probe_many(
@@ -533,148 +491,16 @@ def probe_many(
     # Members numbered in the job's order (``order``; default: first use here): a rank that holds
     # some of them sums a problem's member blocks in the same order as one process does.
     members = [m for m in (order or dict.fromkeys(m for subset in subsets for m in subset)) if m in used]
-    measured, context, y_eval = _fit_subsets(cache.open(cache_path), config, members, subsets, rows, share, sizes)
+    store = cache.open(cache_path)
+    measured, context, n_train, y_eval = _fit_subsets(store, config, members, subsets, rows, share, sizes)
     records = []
-    for i, (subset, fields) in enumerate(zip(subsets, measured, strict=True), 1):
-        fields.update(uncertainty(fields["eval_top5"][:, :1], y_eval, config))
-        record = _record(replace(config, members=tuple(subset)), fields, context, len(y_eval), started, extra)
-        if results_root is not None:
-            results.save(results_root, record, fields["eval_top5"], y_eval, _head_of(fields, subset, context))
+    for i, (subset, fitted) in enumerate(zip(subsets, measured, strict=True), 1):
+        record = _record(replace(config, members=tuple(subset)), fitted, context, n_train, y_eval, started, extra)
+        _save(results_root, record, fitted, y_eval, context)
         if len(subsets) > 1:  # a single probe logs its line in probe()
             log_result(record, f"{i}/{len(subsets)}")
         records.append(record)
     return records
-
-
-def tc_epoch_features(store: cache.Cache, X_train: np.ndarray, config: ProbeConfig, views: list[int]):
-    """``rows -> (epoch -> features)``: epoch e trains on cached view e mod K, else on the plain features."""
-
-    def epoch_rows(rows: np.ndarray | None):
-        if not views:
-            fixed = X_train if rows is None else X_train[rows]  # one copy, not one per epoch
-            return lambda epoch: fixed
-
-        def features(epoch: int) -> np.ndarray:
-            X, _ = store.features(config.dataset, config.train_split, config.members, view=views[epoch % len(views)])
-            return X if rows is None else X[rows]
-
-        return features
-
-    return epoch_rows
-
-
-def probe_tc(
-    store: cache.Cache,
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_eval: np.ndarray,
-    y_eval: np.ndarray,
-    config: ProbeConfig,
-    n_classes: int,
-    kind: str | None,
-    recipe: bn_head.TcRecipe = bn_head.TcRecipe(),  # noqa: B008 (frozen, so a shared default is safe)
-) -> dict:
-    """The paper's recipe: weight decay chosen on the held-out split at the last epoch, refit, eval.
-
-    Ties go to the larger weight decay (the more regularised head, as ties go to the
-    smaller C in logreg). The paper's code's own figure (``top1_eval_selected``), the
-    best eval top-1 of any epoch and weight decay, is optimistic: stored, never ``top1``.
-    """
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    where = f"{config.dataset}/{config.train_split}"
-    grid = bn_head.wd_grid(kind, config.wd_grid, where)
-    views = _tc_views(store, config, where)
-    epoch_rows = tc_epoch_features(store, X_train, config, views)
-    fit_idx, held_idx = search_split(y_train, replace(config, search_rows=len(y_train)))
-    log.info("tc on %s: %d weight decays side by side, %d epochs, twice", where, len(grid), recipe.epochs)
-    train = functools.partial(
-        bn_head.train_heads, n_classes=n_classes, weight_decays=grid, recipe=recipe, seed=config.seed
-    )
-    heads = train(epoch_rows(fit_idx), y_train[fit_idx], device=device, desc=f"choose wd ({config.dataset})")
-    held = [topk_accuracy(bn_head.head_topk(h, X_train[held_idx], 1, device), y_train[held_idx], 1) for h in heads]
-    trials = [{"weight_decay": w, "holdout_top1": top1} for w, top1 in zip(grid, held, strict=True)]
-    wd = best_trial(trials, "weight_decay", "larger", len(held_idx))["weight_decay"]
-    heads, curves = _train_scored(train, epoch_rows(None), y_train, X_eval, y_eval, len(grid), device, config.dataset)
-    best = bn_head.head_topk(heads[grid.index(wd)], X_eval, 5, device)
-    return {
-        **{"backend": "torch", "backend_reason": "the tc protocol trains a torch head"},
-        "search": trials,
-        "holdout": describe_split(y_train, fit_idx, held_idx, n_classes),
-        "chosen": {"weight_decay": wd, **tie(trials, "weight_decay", "larger", len(held_idx))},
-        "augmented": bool(views),
-        "trained_on": f"views {views[0]}..{views[-1]}" if views else "features",
-        "recipe": asdict(recipe),
-        "dataset_recipe": recipes.for_kind(kind, where).describe() if kind is not None else None,
-        **{"dim": int(X_train.shape[1]), "n_train": len(y_train), "n_eval": len(y_eval)},
-        **{"top1": topk_accuracy(best, y_eval, 1), "top5": topk_accuracy(best, y_eval, 5)},
-        **uncertainty(best, y_eval, config),
-        **_eval_selected(grid, curves),
-        "eval_top5": best,
-    }
-
-
-def _train_scored(train, rows, y_train, X_eval, y_eval, n_heads: int, device, dataset: str):
-    """Every weight decay's head on the whole train split, and its eval top-1 after each epoch.
-
-    The last epoch of the chosen head is the result; the best over all heads and
-    epochs is the paper's code's figure (``_eval_selected``).
-    """
-    curves = [[] for _ in range(n_heads)]
-
-    def score(i: int, epoch: int, head) -> None:
-        curves[i].append(topk_accuracy(bn_head.head_topk(head, X_eval, 1, device), y_eval, 1))
-
-    return train(rows, y_train, device=device, on_epoch=score, desc=f"train tc ({dataset})"), curves
-
-
-def _tc_views(store: cache.Cache, config: ProbeConfig, where: str) -> list[int]:
-    """The cached augmented views tc trains on, or [] (plain features) with a warning that says what that means."""
-    views = bn_head.check_views(store.views(config.dataset, config.train_split))
-    if not views:
-        log.warning(
-            "protocol tc on %s trains on the plain features: without cached views this is not the paper's recipe, "
-            "which re-augments every epoch (run `timecat extract --views K` first); the record says augmented: false",
-            where,
-        )
-    return views
-
-
-def _eval_selected(grid: list[float], curves: list[list[float]]) -> dict:
-    """The paper's code's figure: the best eval top-1 over epochs and weight decays. Optimistic, stored apart."""
-    selected, epoch = max(
-        ((i, e) for i, curve in enumerate(curves) for e in range(len(curve))), key=lambda p: curves[p[0]][p[1]]
-    )
-    return {
-        "top1_eval_selected": curves[selected][epoch],
-        "eval_selected": {"weight_decay": grid[selected], "epoch": epoch + 1, "optimistic": True},
-        "eval_top1_by_epoch": {str(w): [round(v, 4) for v in c] for w, c in zip(grid, curves, strict=True)},
-    }
-
-
-def probe_knn(X_train, y_train, X_eval, y_eval, config: ProbeConfig, n_classes: int) -> dict:
-    """Weighted k-NN (pipeline.probe.knn): k chosen on held-out train rows, then every train row is the bank.
-
-    The held-out rows are drawn as for logreg (per class, never a class's last
-    row); the rest of the train split is their bank. Ties go to the larger k
-    (the smoother vote). The matrices are normalised in place.
-    """
-    fit_idx, held_idx = search_split(y_train, replace(config, search_rows=len(y_train)))
-    bank, queries = knn.normalise(X_train), knn.normalise(X_eval)
-    vote = functools.partial(knn.knn_topk, n_classes=n_classes, temperature=config.temperature)
-    ranked = vote(bank, y_train[fit_idx], knn.take(bank, held_idx), config.k_grid, rows=fit_idx)
-    trials = [{"k": k, "holdout_top1": topk_accuracy(ranked[k], y_train[held_idx], 1)} for k in config.k_grid]
-    k = best_trial(trials, "k", "larger", len(held_idx))["k"]
-    best = vote(bank, y_train, queries, [k])[k]
-    return {
-        "backend": "torch",
-        "backend_reason": "exact k-NN, blocked over train rows",
-        "search": trials,
-        "holdout": describe_split(y_train, fit_idx, held_idx, n_classes),
-        "chosen": {"k": k, "temperature": config.temperature, **tie(trials, "k", "larger", len(held_idx))},
-        **scored(best, X_train, y_eval, config),
-    }
 
 
 def _warn_duplicates(provenance: dict[str, dict]) -> None:
@@ -716,7 +542,7 @@ def sweep(
         config.dataset,
         config.protocol,
     )
-    if uses_batched(config):  # every subset in one batched fit, each member read once
+    if config.batched:  # every subset in one batched fit, each member read once
         sweep_fields = {"cat": n, "pool": list(pool), "subsets": len(chosen)}
         records = spread(config, chosen, cache_path, results_root, extra={"sweep": sweep_fields})
         return records, summarize(records)

@@ -6,7 +6,7 @@ architecture, with their parameter counts. A cell holds one probe's top-1 with
 its 95% bootstrap interval over eval rows, or, where several member sets share a
 row (different subsets of the same kind), mean ± sample std (ddof=1) with n.
 Records with different eval splits, pretraining datasets, architectures or (for
-protocol tc) with and without cached views never share a cell.
+protocol bn-linear) with and without cached views never share a cell.
 Rows go by total budget, then method. Plots: top-1 against N per dataset, one
 line per total budget, architecture, pretraining dataset and views (a line
 joins only what the table keeps apart by N), and in-distribution (the members'
@@ -75,7 +75,7 @@ class RowKey(NamedTuple):
     steps: int | None  # steps per member (table3; None in table2 or for members of unequal budgets)
     arch: str
     pretrained_on: str | None
-    augmented: bool | None  # tc: trained on cached views; None for other protocols
+    augmented: bool | None  # bn-linear: trained on cached views; None for other protocols
 
 
 class ColumnKey(NamedTuple):
@@ -160,8 +160,9 @@ def table(records: list[dict], layout: str = "table3", protocol: str = "logreg",
         raise TimecatError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
     if metric not in METRICS:
         raise TimecatError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
-    if metric == "top1_eval_selected" and protocol != "tc":
-        raise TimecatError("top1_eval_selected exists for protocol tc only (the paper's code's selection)")
+    protocol = configs.protocol_name(protocol)
+    if metric == "top1_eval_selected" and protocol != "bn-linear":
+        raise TimecatError("top1_eval_selected exists for protocol bn-linear only (the paper's code's selection)")
     # A probe fit and scored on one split measures memorisation: it never enters a table.
     # Few-shot records have their own plot (shots_table): a table cell holds whole-train-split probes only.
     records = [
@@ -328,6 +329,7 @@ def write(
         records = select(records, list(patterns))
         if not records:
             raise TimecatError(f"no record matches {' '.join(patterns)}: `timecat results` lists the records")
+    protocol = configs.protocol_name(protocol)
     log.info("report of %s in %s (%s, %s)", plural(len(records), "record"), results_root, layout, protocol)
     shots = shots_table(records) if protocol == "logreg" else None
     whole = [r for r in records if shots_key(r) is None]

@@ -121,6 +121,7 @@ def probe_shape(name: str, shape: tuple[int, int, int, int], where: torch.device
     """
     from pipeline.configs import ProbeConfig
     from pipeline.probe import c_search
+    from pipeline.probe.heldout import topk_accuracy
 
     n_train, n_eval, dim, classes = shape
     # The budget bounds the solver's state and working memory: a quarter of the device, beside the features.
@@ -136,7 +137,8 @@ def probe_shape(name: str, shape: tuple[int, int, int, int], where: torch.device
     y_train, y_eval = y_train.cpu().numpy(), y_eval.cpu().numpy()
     _sync(where)
     started = time.perf_counter()
-    (measured,) = c_search.probe_subsets(train, y_train, lambda: (evals, y_eval), [(0, 1, 2, 3)], config, classes)
+    (fitted,) = c_search.probe_subsets(train, y_train, lambda: (evals, y_eval), [(0, 1, 2, 3)], config, classes)
+    measured = fitted.fields
     _sync(where)
     wall = time.perf_counter() - started
     precision, why = measured["precision"], measured["precision_reason"]  # as the probe resolved it
@@ -158,7 +160,7 @@ def probe_shape(name: str, shape: tuple[int, int, int, int], where: torch.device
         "search": [{"C": t["C"], **fit(t["fit"])} for t in measured["search"]],
         "evaluations": sum(t["fit"]["evaluations"] for t in [*measured["search"], measured["chosen"]]),
         "preconditioner": measured["solver"]["preconditioner"],
-        "top1_synthetic": round(measured["top1"], 2),
+        "top1_synthetic": round(topk_accuracy(fitted.eval_top5, y_eval, 1), 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated(where) / 2**30, 1) if where.type == "cuda" else None,
     }
 

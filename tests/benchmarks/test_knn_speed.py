@@ -38,6 +38,7 @@ TRAIN, EVAL, DIM, CLASSES = 50_000, 10_000, 2048, 100
 SIDE = """
 import json, resource, time
 import numpy as np
+from pipeline.configs import K_GRID, TEMPERATURE
 from pipeline.probe import knn
 
 CLASSES = {classes}
@@ -45,18 +46,18 @@ X, Q, y, y_eval = (np.load("{data}/" + name + ".npy") for name in ("X", "Q", "y"
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20  # resident now
 started = time.perf_counter()
 if "{side}" == "timecat":
-    ranked = knn.knn_topk(knn.normalise(X), y, knn.normalise(Q), knn.K_GRID, CLASSES, knn.TEMPERATURE)
+    ranked = knn.knn_topk(knn.normalise(X), y, knn.normalise(Q), K_GRID, CLASSES, TEMPERATURE)
 else:
     import torch
     from sklearn.neighbors import NearestNeighbors
 
     distances, index = NearestNeighbors(n_neighbors=200, metric="cosine", algorithm="brute").fit(X).kneighbors(Q)
     sims, index = torch.from_numpy(1 - distances), torch.from_numpy(index)
-    ranked = {{k: knn.ranked_classes(sims, index, y, k, CLASSES, knn.TEMPERATURE) for k in knn.K_GRID}}
+    ranked = {{k: knn.ranked_classes(sims, index, y, k, CLASSES, TEMPERATURE) for k in K_GRID}}
 wall = time.perf_counter() - started
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 top1 = {{k: float((r[:, 0] == y_eval).mean() * 100) for k, r in ranked.items()}}
-np.save("{out}", np.stack([ranked[k][:, 0] for k in knn.K_GRID]))
+np.save("{out}", np.stack([ranked[k][:, 0] for k in K_GRID]))
 memory = {{"resident_before_mib": round(before), "peak_mib": round(peak), "peak_above_data_mib": round(peak - before)}}
 print(json.dumps({{"wall_s": round(wall, 2), **memory, "top1": top1}}))
 """

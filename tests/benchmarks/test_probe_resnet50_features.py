@@ -28,7 +28,7 @@ from real_features import cpu_flags, cpu_name, demo_workspace, features, probe_s
 from test_probe_real_features import cyanure_fit, scored
 
 import cache
-from pipeline.probe.heldout import standardize
+from pipeline.probe.heldout import standardize_in_place
 
 MEMBERS = ("r50a", "r50b")
 STEPS, BATCH = 300, 64
@@ -58,7 +58,7 @@ def test_one_probe_on_two_resnet50_members(tmp_path):
     args += ["--results", tmp_path]
     runs = probe_ways(*args)
     X, y = features(workdir, "fashion-mnist", "train", MEMBERS)
-    standardize(X)
+    standardize_in_place(X)
     optimum = {}
     for run in runs.values():
         C = run["record"]["chosen"]["C"]
