@@ -392,7 +392,7 @@ COMPRESSIONS = ("zstd", "none")  # cache.Compression's values
 
 
 # The most augmented views extract caches per image. Protocol bn-linear trains its head for 28 epochs
-# (bn_linear.TcRecipe.epochs, a test keeps the two equal), epoch e on view e mod K, so views
+# (bn_linear.HeadRecipe.epochs, a test keeps the two equal), epoch e on view e mod K, so views
 # beyond 28 are never read; each one costs a full copy of the split's features. Unbounded, a typo
 # (--views 10000) created thousands of empty arrays before any work.
 MAX_VIEWS = 28

@@ -214,7 +214,7 @@ def test_heads_trained_side_by_side_are_the_heads_trained_alone():
     import torch
 
     X, y = blobs(300, 8, 4, seed=0)
-    recipe, cpu = bn_head.TcRecipe(epochs=3), torch.device("cpu")
+    recipe, cpu = bn_head.HeadRecipe(epochs=3), torch.device("cpu")
     together = bn_head.train_heads(lambda e: X + e, y, 4, (1e-4, 1e-1), recipe, 0, cpu)
     for wd, head in zip((1e-4, 1e-1), together, strict=True):
         alone = bn_head.train_head(lambda e: X + e, y, 4, wd, recipe, 0, cpu)
@@ -229,7 +229,7 @@ def test_a_last_batch_of_one_row_trains():
     sizes = [len(b) for b in bn_head.batches(513, 256, torch.Generator().manual_seed(0))]
     assert sizes == [256, 257]
     X, y = blobs(257, 8, 4, seed=0)  # 257 rows crashed BatchNorm1d on the last batch of one
-    head = bn_head.train_head(lambda e: X, y, 4, 1e-4, bn_head.TcRecipe(epochs=2), 0, torch.device("cpu"))
+    head = bn_head.train_head(lambda e: X, y, 4, 1e-4, bn_head.HeadRecipe(epochs=2), 0, torch.device("cpu"))
     assert (bn_head.head_topk(head, X, 1, torch.device("cpu"))[:, 0] == y).mean() > 0.5
 
 

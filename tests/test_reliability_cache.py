@@ -25,7 +25,7 @@ from pipeline.configs import MAX_VIEWS, ExtractConfig, ProbeConfig
 from pipeline.core.errors import TimecatError
 from pipeline.data.splits import beton_path
 from pipeline.features.extract import extract
-from pipeline.probe.bn_linear import TcRecipe
+from pipeline.probe.bn_linear import HeadRecipe
 from pipeline.probe.run import probe
 
 
@@ -189,7 +189,7 @@ def test_concurrent_first_extractions_into_a_new_cache_never_race(tmp_path):
 
 
 def test_views_are_bounded_and_cache_rm_drops_a_members_arrays_under_its_lock(tmp_path):
-    assert TcRecipe().epochs == MAX_VIEWS  # the bound's reason: tc reads view e mod K at epoch e
+    assert HeadRecipe().epochs == MAX_VIEWS  # the bound's reason: bn-linear reads view e mod K at epoch e
     with pytest.raises(TimecatError, match=rf"views must be 0 to {MAX_VIEWS}, not 10000.*never be read"):
         ExtractConfig("digits", ("run0",), views=10000)
     one_error(run("extract", "--members", "run0", "--dataset", "digits", "--views", 10000), "views must be 0")

@@ -40,7 +40,7 @@ class Recipe:
     name: str  # cifar | imagenet | inat2018 | default
     paper: bool  # True: the paper's code does this for the kind; False: timecat's default for kinds it never probed
     view_scale: tuple[float, float]  # RandomResizedCrop area range of the cached views
-    wd_grid: tuple[float, ...]  # protocol tc: the weight decays to try
+    wd_grid: tuple[float, ...]  # protocol bn-linear: the weight decays to try
     # area: FFCV's area resize when decoding, roi_align's footprint averaging for view crops.
     # bicubic: images decoded at their fixed side `source_px` without resizing, then resized
     # with torch's antialiased bicubic (PIL's kernel, a = -0.5), as torchvision's PIL transforms.
@@ -127,7 +127,8 @@ def for_kind(kind: str | None, where: str) -> Recipe:
     if kind is None:
         raise TimecatError(
             f"{where} does not record its dataset kind (extracted before timecat recorded kinds): rerun the same "
-            "`timecat extract` (it keeps the cached arrays and records the kind), or pass --wd-grid to protocol tc"
+            "`timecat extract` (it keeps the cached arrays and records the kind), or pass --wd-grid to protocol "
+            "bn-linear"
         )
     try:
         return RECIPES[kind]

@@ -39,7 +39,7 @@ log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class TcRecipe:
+class HeadRecipe:
     """The paper's head-training schedule."""
 
     epochs: int = 28
@@ -67,7 +67,7 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.T
     return parts
 
 
-def _new_head(dim: int, n_classes: int, weight_decay: float, recipe: TcRecipe, seed: int, device: torch.device):
+def _new_head(dim: int, n_classes: int, weight_decay: float, recipe: HeadRecipe, seed: int, device: torch.device):
     """A fresh BatchNorm1d + Linear head, its SGD optimizer and lr schedule; the same weights for one seed."""
     torch.manual_seed(seed)
     head = torch.nn.Sequential(torch.nn.BatchNorm1d(dim), torch.nn.Linear(dim, n_classes)).to(device)
@@ -90,7 +90,7 @@ def train_heads(
     y: np.ndarray,
     n_classes: int,
     weight_decays: tuple[float, ...],
-    recipe: TcRecipe,
+    recipe: HeadRecipe,
     seed: int,
     device: torch.device,
     on_epoch: Callable[[int, int, torch.nn.Module], None] | None = None,
@@ -134,7 +134,7 @@ def train_head(
     y: np.ndarray,
     n_classes: int,
     weight_decay: float,
-    recipe: TcRecipe,
+    recipe: HeadRecipe,
     seed: int,
     device: torch.device,
 ) -> torch.nn.Module:
@@ -176,7 +176,7 @@ def epoch_features(inputs: Inputs):
     return epoch_rows
 
 
-def measure(inputs: Inputs, config, recipe: TcRecipe = TcRecipe()) -> Measured:  # a frozen default
+def measure(inputs: Inputs, config, recipe: HeadRecipe = HeadRecipe()) -> Measured:  # a frozen default
     """The paper's recipe: weight decay chosen on the held-out split at the last epoch, refit, eval.
 
     Ties go to the larger weight decay (the more regularised head, as ties go to the

@@ -39,7 +39,7 @@ from pipeline.train.pretrain import pretrain
 
 TRAIN, TEST, VIEWS, GRID = 5000, 1000, 4, 6
 MEMBERS = ("run0", "run1")
-RECIPE = bn_head.TcRecipe()
+RECIPE = bn_head.HeadRecipe()
 
 
 def uncached_head_s(data: Path, runs: Path) -> tuple[float, float]:
