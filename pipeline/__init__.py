@@ -7,7 +7,7 @@ Each folder is a room with one purpose; every import points down, and `make lint
     core <- configs <- probe <- report                           (features to numbers)
     experiments and options sit on both; cli.py on top; cache/ imports nothing of pipeline.
 
-- core/: errors, names, files, progress, stats, distributed, hints.
+- core/: errors, names, files, progress, stats, memory, distributed, hints.
 - data/: datasets, splits, prepare, loaders, seeded, recipes.
 - members/: models, checkpoints, torch_io, interop.
 - train/: pretrain, plan.

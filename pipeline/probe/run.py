@@ -21,7 +21,6 @@ import functools
 import itertools
 import json
 import os
-import resource
 import time
 import uuid
 from dataclasses import asdict, replace
@@ -33,6 +32,7 @@ from pipeline import __version__
 from pipeline.configs import ProbeConfig
 from pipeline.core import distributed, files, stats
 from pipeline.core.errors import TimecatError
+from pipeline.core.memory import peak_rss_mib
 from pipeline.core.progress import get_logger, plural, progress
 from pipeline.probe import batched_lbfgs as bl
 from pipeline.probe import bn_linear, c_search, knn, logreg_backends, results
@@ -103,22 +103,6 @@ def scores(measured: Measured, y_eval: np.ndarray, config: ProbeConfig) -> dict:
         "top1_ci95": stats.top1_interval(best[:, 0] == y_eval, config.bootstrap, config.seed),
         "bootstrap": {"method": stats.METHOD, "resamples": config.bootstrap, "seed": config.seed},
     }
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory, MiB.
-
-    Linux's VmHWM, because getrusage's ru_maxrss survives exec: a probe started
-    from a large process (a notebook, a benchmark) would report the parent's peak.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # macOS and others
 
 
 def probe(
