@@ -119,6 +119,20 @@ def make_cache(path, members=("a", "b"), rows=50, dims=(6, 4), fingerprint="fp0"
     return arrays, labels
 
 
+def matrices_cache(path, dataset: str, member: str, splits: dict, classes: list[str], kind=None) -> str:
+    """A cache of one member holding given matrices, ``{split: (X, y)}`` (fingerprint fp-SPLIT), so a test drives
+    the production path (``probe`` on a cache) with data it chose."""
+    store = cache.open(str(path), mode="a")
+    for split, (X, y) in splits.items():
+        store.write_labels(dataset, split, y, f"fp-{split}", classes, kind)
+        writer = store.create_features(dataset, split, member, X.shape[1], {"dataset_fingerprint": f"fp-{split}"})
+        writer.append(X)
+        writer.close()
+        store.finish_features(dataset, split, member)
+    store.consolidate()
+    return str(path)
+
+
 def add_member(path, name, dim, fingerprint, rows=50):
     """Add a complete member of zeros to the toy split, extracted from ``fingerprint``."""
     store = cache.open(str(path), mode="a")

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import add_member, make_cache
+from conftest import add_member, make_cache, matrices_cache
 
 import cache
 from pipeline.configs import ProbeConfig
@@ -47,29 +47,22 @@ def test_held_out_split_is_seeded_stratified_and_capped():
     assert np.bincount(y[held_a]).tolist() == [50] * 4
 
 
-def matrices_cache(path, X_train, y_train, X_eval, y_eval) -> str:
+def four_class_cache(path, X_train, y_train, X_eval, y_eval) -> str:
     """A cache of one member 'a' of dataset 'd' holding these matrices (4 classes), for the production path."""
-    store = cache.open(str(path), mode="a")
-    for split, X, y in (("train", X_train, y_train), ("test", X_eval, y_eval)):
-        store.write_labels("d", split, y, f"fp-{split}", ["c0", "c1", "c2", "c3"])
-        writer = store.create_features("d", split, "a", X.shape[1], {"dataset_fingerprint": f"fp-{split}"})
-        writer.append(X)
-        writer.close()
-        store.finish_features("d", split, "a")
-    store.consolidate()
-    return str(path)
+    splits = {"train": (X_train, y_train), "test": (X_eval, y_eval)}
+    return matrices_cache(path, "d", "a", splits, ["c0", "c1", "c2", "c3"])
 
 
 def test_probe_learns_and_never_looks_at_the_eval_labels(tmp_path):
     X_train, y_train = blobs(600, 8, 4, seed=0)
     X_eval, y_eval = blobs(200, 8, 4, seed=1)
     config = ProbeConfig("d", ("a",))
-    result = probe(config, matrices_cache(tmp_path / "a.zarr", X_train, y_train, X_eval, y_eval))
+    result = probe(config, four_class_cache(tmp_path / "a.zarr", X_train, y_train, X_eval, y_eval))
     assert result["top1"] > 90 and result["top5"] == 100.0
     assert result["n_train"] == 600 and result["n_eval"] == 200 and result["dim"] == 8
     assert len(result["search"]) == len(config.c_grid) + len(config.refine)
     # Shuffling the eval labels changes the score but not a single choice.
-    shuffled = probe(config, matrices_cache(tmp_path / "b.zarr", X_train, y_train, X_eval, np.roll(y_eval, 1)))
+    shuffled = probe(config, four_class_cache(tmp_path / "b.zarr", X_train, y_train, X_eval, np.roll(y_eval, 1)))
     assert shuffled["chosen"] == result["chosen"] and shuffled["search"] == result["search"]
     assert shuffled["top1"] < 50
 

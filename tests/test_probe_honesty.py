@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import matrices_cache
 from test_probe import blobs
 
 import cache
@@ -26,17 +27,11 @@ def long_tail_labels(classes: int, head: int = 120, exponent: float = 1.1) -> np
 
 def long_tail_cache(path, classes: int = 520, dim: int = 32) -> str:
     """A cache shaped like iNat18 (kind inat2018): a long-tailed train split, 2 eval rows per class."""
-    store = cache.open(str(path), mode="a")
     centres = np.random.default_rng(7).normal(size=(classes, dim))  # overlapping: far from 100%
+    splits = {}
     for split, y, seed in (("train", long_tail_labels(classes), 0), ("test", np.repeat(np.arange(classes), 2), 1)):
-        X = (centres[y] + np.random.default_rng(seed).normal(size=(len(y), dim))).astype(np.float32)
-        store.write_labels("inat-like", split, y, f"fp-{split}", [f"species{c}" for c in range(classes)], "inat2018")
-        writer = store.create_features("inat-like", split, "m", dim, {"dataset_fingerprint": f"fp-{split}"})
-        writer.append(X)
-        writer.close()
-        store.finish_features("inat-like", split, "m")
-    store.consolidate()
-    return str(path)
+        splits[split] = ((centres[y] + np.random.default_rng(seed).normal(size=(len(y), dim))).astype(np.float32), y)
+    return matrices_cache(path, "inat-like", "m", splits, [f"species{c}" for c in range(classes)], "inat2018")
 
 
 def test_long_tailed_labels_probe_through_the_cli(tmp_path):
