@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from pipeline.core.errors import TimecatError, check_seed
-from pipeline.core.names import check_name, is_foreign, member_name
+from pipeline.core.names import check_name, member_name
 from pipeline.core.stats import RESAMPLES
 
 
@@ -614,16 +614,6 @@ class ProbeConfig:
                 f"--shots runs the logreg protocol on the batched solver, not protocol {self.protocol} with backend "
                 f"{self.backend}: use --protocol logreg --backend auto"
             )
-
-
-__all__ = [
-    "ExtractConfig",
-    "PrepareConfig",
-    "PretrainConfig",
-    "ProbeConfig",
-    "is_foreign",
-    "param",
-]
 
 
 # --- experiments (pipeline.experiments) -----------------------------------------
