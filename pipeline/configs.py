@@ -75,8 +75,10 @@ def _fits(value, hint) -> bool:
     """Whether ``value`` is of the field type ``hint``: a bool is no number, an int is a float, a str a Path."""
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
+        if not isinstance(value, tuple | list):
+            return False
         items = args[:1] * len(value) if args[-1:] == (Ellipsis,) else args
-        if not isinstance(value, tuple | list) or len(items) != len(value):
+        if len(items) != len(value):
             return False
         return all(_fits(v, a) for v, a in zip(value, items, strict=True))
     if hint is bool:
@@ -127,10 +129,11 @@ def _guess(value, choices) -> str:
 
 def _check_bounds(name: str, value, meta) -> None:
     low, high, unit = meta.get("low"), meta.get("high"), f" {meta['unit']}" if meta.get("unit") else ""
-    if low is not None and (value <= low if meta.get("low_open") else value < low):
+    # Written so that nan fails them: every comparison with nan is false.
+    if low is not None and not (value > low if meta.get("low_open") else value >= low):
         above = "more than" if meta.get("low_open") else "at least"
         raise TimecatError(f"{name} must be {above} {low}{unit}, got {value}")
-    if high is not None and value > high:
+    if high is not None and not value <= high:
         raise TimecatError(f"{name} must be at most {high}{unit}, got {value}")
 
 
@@ -177,6 +180,8 @@ def seed_rule(what: str = "seed"):
             raise TimecatError("give at least one seed")
         for seed in _each(value):
             check_seed(seed, what)
+        if isinstance(value, tuple | list) and len(set(value)) != len(value):
+            raise TimecatError(f"a {what} is given twice in {tuple(value)}: give each once")
 
     return rule
 
@@ -203,6 +208,13 @@ def members_compared(field_name: str, members: tuple) -> None:
         raise TimecatError(f"diversity compares at least 2 members, got {list(members)}")
     if len(set(members)) != len(members):
         raise TimecatError(f"a member is named twice: {list(members)}")
+
+
+def positive_numbers(field_name: str, values: tuple) -> None:
+    """At least one number, each finite and above 0 (a grid of C, weight decays, multipliers)."""
+    bad = [v for v in values if not (0 < v < math.inf)]
+    if not values or bad:
+        raise TimecatError(f"{field_name} is one or more finite positive numbers, got {tuple(values)}")
 
 
 def finite(field_name: str, value: float) -> None:
@@ -527,9 +539,13 @@ class ProbeConfig:
         10, "Train rows per class the C search fits at least (iNat18: 81,420 rows for 8,142 classes).", low=1
     )
     c_grid: tuple[float, ...] = param(
-        (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), "Coarse C candidates, comma-separated (one per decade)."
+        (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
+        "Coarse C candidates, comma-separated (one per decade).",
+        rule=positive_numbers,
     )
-    refine: tuple[float, ...] = param((10**-0.5, 10**0.5), "Multipliers of the best coarse C also tried.")
+    refine: tuple[float, ...] = param(
+        (10**-0.5, 10**0.5), "Multipliers of the best coarse C also tried.", rule=positive_numbers
+    )
     gap: float = param(
         1e-5,
         "batched and torch: a fit stops when its estimated gap to the optimum is at most this fraction of its "
@@ -576,7 +592,9 @@ class ProbeConfig:
         aliases=PROTOCOL_ALIASES,
     )
     wd_grid: tuple[float, ...] | None = param(
-        None, "bn-linear: comma-separated weight decays to try (default: the paper's grid for the dataset's kind)."
+        None,
+        "bn-linear: comma-separated weight decays to try (default: the paper's grid for the dataset's kind).",
+        rule=positive_numbers,
     )
     k_grid: tuple[int, ...] = param(K_GRID, "knn: neighbour counts to try (DINO's).", rule=k_values)
     temperature: float = param(TEMPERATURE, "knn: votes weigh exp(cosine similarity / T).", low=0, low_open=True)
@@ -742,7 +760,7 @@ class PlanConfig:
         choices=ARCH_NAMES,
     )
     seeds: tuple[int, ...] | None = param(
-        None, "Comma-separated seeds (default: the paper's 2,550,23,477,8529, then 0,1,...)."
+        None, "Comma-separated seeds (default: the paper's 2,550,23,477,8529, then 0,1,...).", rule=seed_rule()
     )
     batch_size: int = param(128, "Images per step, for every member.", low=1)
 

@@ -162,6 +162,15 @@ def test_configs_are_imported_from_pipeline_configs_only():
         (lambda: ToyConfig(strength=float("inf")), "strength must be a finite number, got inf"),
         (lambda: DiversityConfig("d", ("a",)), "diversity compares at least 2 members"),
         (lambda: DominoesConfig(seeds=()), "give at least one seed"),
+        (lambda: DominoesConfig(seeds=(1, 1)), r"a seed is given twice in \(1, 1\)"),
+        (lambda: ProbeConfig("d", ("a",), c_grid=(1.0, -1.0)), "c_grid is one or more finite positive numbers"),
+        (lambda: ProbeConfig("d", ("a",), wd_grid=()), "wd_grid is one or more finite positive numbers"),
+        (lambda: ProbeConfig("d", ("a",), refine=(float("nan"),)), "refine is one or more finite positive"),
+        # nan fails every bound: each comparison with nan is false, so a bound must be written to fail it.
+        (lambda: ProbeConfig("d", ("a",), temperature=float("nan")), "temperature must be more than 0"),
+        (lambda: ProbeConfig("d", ("a",), memory_gib=float("nan")), "memory_gib must be more than 0"),
+        (lambda: ToyConfig(mixtures=10**7), "mixtures must be at most 1000000"),
+        (lambda: ProbeConfig("d", ("a",), c_grid=1.0), r"c_grid must be a tuple of numbers, got 1.0"),
     ],
 )
 def test_a_fields_own_rule_holds_for_python_callers(make, message):
