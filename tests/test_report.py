@@ -135,6 +135,8 @@ def test_records_of_the_former_protocol_name_tc_are_read_as_bn_linear(tmp_path):
     (loaded,) = results.load(tmp_path)
     assert loaded["protocol"] == "bn-linear" and loaded["config"]["protocol"] == "bn-linear"
     assert results.augmented(loaded) is True
+    for pattern in ("protocol=tc", "protocol=bn-linear", "config.protocol=tc", "protocol=bn-*"):
+        assert results.select([loaded], [pattern]) == [loaded], pattern  # patterns find it by either name
     for name in ("bn-linear", "tc"):  # the report finds it by either name
         out = CliRunner().invoke(
             cli.main, ["report", "--results", str(tmp_path), "--protocol", name, "--metric", "top1_eval_selected"]

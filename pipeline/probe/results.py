@@ -460,6 +460,8 @@ def matches(record: dict, pattern: str) -> bool:
     if value is None:
         return False
     if op == "=":
+        if field in ("protocol", "config.protocol"):
+            wanted = protocol_name(wanted)  # records are read under the current name: protocol=tc finds them
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
         return fnmatch.fnmatchcase(text, wanted)
     try:
