@@ -143,7 +143,7 @@ def blob_cache(path, views=0, n_train=400, n_eval=200):
 
 
 @pytest.mark.parametrize("views", [0, 2])
-def test_tc_protocol_chooses_weight_decay_on_held_out_train_rows(tmp_path, views):
+def test_bn_linear_protocol_chooses_weight_decay_on_held_out_train_rows(tmp_path, views):
     path = blob_cache(tmp_path / "c.zarr", views=views)
     config = ProbeConfig("toy", ("m",), protocol="tc", wd_grid=(1e-4, 1e-2))  # the former name, an alias
     record = probe(config, path)
@@ -155,7 +155,7 @@ def test_tc_protocol_chooses_weight_decay_on_held_out_train_rows(tmp_path, views
     assert record["recipe"]["epochs"] == 28 and list(record["recipe"]["milestones"]) == [8, 16, 24]
 
 
-def test_tc_grids_are_the_papers_per_dataset_kind():
+def test_bn_linear_grids_are_the_papers_per_dataset_kind():
     from pipeline.probe.bn_linear import wd_grid
 
     assert wd_grid("inat2018") == (1e-6, 1e-5, 1e-4) and wd_grid("imagenet") == (1e-4, 5e-4)
@@ -187,7 +187,7 @@ def test_peak_memory_is_the_probes_own_not_its_parents():
 def test_probe_on_the_cache_equals_probe_on_hstacked_features(pipeline_run):
     store = cache.open(pipeline_run["cache"])
     members = ("run0", "run2")
-    config = ProbeConfig("digits", members, backend="sklearn")  # one-at-a-time; batched: test_batched_probe
+    config = ProbeConfig("digits", members, backend="sklearn")  # one-at-a-time; batched: test_c_search
     record = probe(config, pipeline_run["cache"])
     parts = {s: [store.features("digits", s, [m])[0] for m in members] for s in ("train", "test")}
     y_train, y_eval = store.labels("digits", "train"), store.labels("digits", "test")

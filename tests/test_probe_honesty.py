@@ -173,8 +173,8 @@ def blob_cache(path, views=0, n_train=400, n_eval=200, eval_permutation=None, ki
     return str(path)
 
 
-def test_tc_chooses_its_weight_decay_without_the_eval_labels(tmp_path):
-    config = ProbeConfig("toy", ("m",), protocol="tc", wd_grid=(1e-4, 1e-2, 0.3, 3.0))
+def test_bn_linear_chooses_its_weight_decay_without_the_eval_labels(tmp_path):
+    config = ProbeConfig("toy", ("m",), protocol="bn-linear", wd_grid=(1e-4, 1e-2, 0.3, 3.0))
     honest = probe(config, blob_cache(tmp_path / "a.zarr", views=2))
     assert honest["top1"] > 85
     # The choice is the held-out search's, whatever the eval rows say ...
@@ -191,8 +191,10 @@ def test_tc_chooses_its_weight_decay_without_the_eval_labels(tmp_path):
         assert shuffled["top1"] < 50
 
 
-def test_tc_reports_the_papers_selection_beside_the_honest_figure_and_flags_missing_views(tmp_path, caplog):
-    record = probe(ProbeConfig("toy", ("m",), protocol="tc", wd_grid=(1e-4, 1e-2)), blob_cache(tmp_path / "c.zarr"))
+def test_bn_linear_reports_the_papers_selection_beside_the_honest_figure_and_flags_missing_views(tmp_path, caplog):
+    record = probe(
+        ProbeConfig("toy", ("m",), protocol="bn-linear", wd_grid=(1e-4, 1e-2)), blob_cache(tmp_path / "c.zarr")
+    )
     assert record["augmented"] is False and "not the paper's recipe" in caplog.text
     curves = record["eval_top1_by_epoch"]
     assert sorted(curves) == ["0.0001", "0.01"] and all(len(c) == 28 for c in curves.values())
@@ -201,7 +203,9 @@ def test_tc_reports_the_papers_selection_beside_the_honest_figure_and_flags_miss
     assert chosen[-1] == pytest.approx(record["top1"])  # the honest figure is the chosen decay's last epoch
     assert record["eval_selected"]["optimistic"] is True
     caplog.clear()
-    augmented = probe(ProbeConfig("toy", ("m",), protocol="tc", wd_grid=(1e-4,)), blob_cache(tmp_path / "v.zarr", 2))
+    augmented = probe(
+        ProbeConfig("toy", ("m",), protocol="bn-linear", wd_grid=(1e-4,)), blob_cache(tmp_path / "v.zarr", 2)
+    )
     assert augmented["augmented"] is True and "not the paper's recipe" not in caplog.text
 
 

@@ -126,7 +126,7 @@ def test_recipes_follow_the_kind_not_the_folder_name(pipeline_run, tmp_path):
     path = str(tmp_path / "c.zarr")
     extract(ExtractConfig("imagenet-mixed", ("run0",), batch_size=8), data, pipeline_run["runs"], path)
     assert cache.open(path).split_attrs("imagenet-mixed", "train")["kind"] == "imagenet"
-    record = probe(ProbeConfig("imagenet-mixed", ("run0",), protocol="tc"), path)
+    record = probe(ProbeConfig("imagenet-mixed", ("run0",), protocol="bn-linear"), path)
     assert [t["weight_decay"] for t in record["search"]] == [1e-4, 5e-4]  # ImageNet's grid, not CIFAR's
     assert record["dataset_recipe"]["name"] == "imagenet" and record["kind"] == "imagenet"
     # A manifest naming a kind timecat does not know is refused before anything is written.

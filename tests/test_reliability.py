@@ -119,7 +119,7 @@ def test_labels_damaged_inside_the_store_are_refused_then_rewritten_by_extract(c
     assert probe(ProbeConfig("digits", ("run1",)), copy["cache"])["top1"] == before["top1"]
 
 
-@pytest.mark.parametrize(("protocol", "value"), [("logreg", np.inf), ("tc", np.inf), ("logreg", np.nan)])
+@pytest.mark.parametrize(("protocol", "value"), [("logreg", np.inf), ("bn-linear", np.inf), ("logreg", np.nan)])
 def test_an_inf_feature_is_refused_then_rewritten_by_extract(copy, protocol, value):
     store = cache.open(copy["cache"], mode="a")
     store.group["digits/train/features/run1"][5, 3] = value  # NaN-only scans let inf through

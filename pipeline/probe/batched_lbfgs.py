@@ -44,7 +44,7 @@ weights and curvature pairs, which certifies the gap. Each problem's end
 state records both phases.
 
 Tested against float64 optima (trust-region Newton, tests/conftest.py), both
-precisions, every fit and every fit of a probe record: tests/test_batched_probe.py.
+precisions, every fit and every fit of a probe record: tests/test_c_search.py.
 Speed on real features against scikit-learn: tests/benchmarks/
 test_probe_real_features.py, test_sweep_real_features.py,
 test_probe_resnet50_features.py, and on a GPU tests/benchmarks/gpu_check.py.

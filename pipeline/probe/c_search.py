@@ -22,7 +22,7 @@ columns wide; measured in tests/benchmarks/test_sweep_real_features.py (128-d
 pairs: fp32 faster), test_probe_real_features.py (512-d Cat4: bf16 faster)
 and test_probe_resnet50_features.py (2,048-d members). Exactness against
 float64 optima, both precisions, and the same C in a batch and alone:
-tests/test_batched_probe.py.
+tests/test_c_search.py.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ says why. Measured against the batched default: tests/benchmarks/
 test_probe_backends.py (a Cat4-shaped generated problem, per backend),
 test_probe_real_features.py and test_sweep_real_features.py (scikit-learn
 against batched on real features); agreement of torch and scikit-learn at one
-C: tests/test_logreg_solvers.py.
+C: tests/test_logreg_backends.py.
 
 Every backend minimises the same objective as scikit-learn's
 ``LogisticRegression``: mean cross-entropy + ||W||^2 / (2 C n), intercept not

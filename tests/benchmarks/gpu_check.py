@@ -81,7 +81,7 @@ def gpu_tests(smoke: bool) -> dict:
     """pytest -m gpu; on the smoke run, one file's gpu tests only collected (they skip without a GPU)."""
     command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests")]
     if smoke:  # one file that has gpu tests, collected only: the command works, in seconds
-        command[-1] = str(REPO / "tests" / "test_logreg_solvers.py")
+        command[-1] = str(REPO / "tests" / "test_logreg_backends.py")
         command.append("--collect-only")
     started = time.perf_counter()
     try:

@@ -84,7 +84,9 @@ def test_cached_probe_against_the_papers_uncached_one(tmp_path):
     started = time.perf_counter()
     extract(ExtractConfig("fashion-mnist", MEMBERS, views=VIEWS), data, runs, str(tmp_path / "c.zarr"))
     extract_s = time.perf_counter() - started
-    record = probe(ProbeConfig("fashion-mnist", MEMBERS, protocol="tc", wd_grid=(5e-4,)), str(tmp_path / "c.zarr"))
+    record = probe(
+        ProbeConfig("fashion-mnist", MEMBERS, protocol="bn-linear", wd_grid=(5e-4,)), str(tmp_path / "c.zarr")
+    )
     # The probe trains the single wd twice (held-out search, then refit): one head is half of it.
     head_s = record["wall_s"] / 2
     figures = {

@@ -7,7 +7,7 @@ the same passes, each member read once), as a user runs it (`--precision
 auto`) and in fp32; the peer is the same command with `--backend sklearn`,
 which probes the pairs one after another. Whole processes, one after another,
 on one machine. Every one of our fits must converge (within 1e-4 of its
-optimum, tests/test_batched_probe.py), and each pair's top-1 must be within
+optimum, tests/test_c_search.py), and each pair's top-1 must be within
 0.3 points of scikit-learn's.
 
 Figures, 2026-12-07, Xeon-AMX (2 vCPUs; avx512f, avx512_bf16, amx_bf16), the
