@@ -6,6 +6,7 @@ Each folder is a room with one purpose; every import points down, and `make lint
     core <- configs <- data <- members <- train | features       (images and members)
     core <- configs <- probe <- report                           (features to numbers)
     experiments and options sit on both; cli.py on top; cache/ imports nothing of pipeline.
+    The probe reads one table of the data room, data.recipes (torch-free): each kind's weight-decay grid.
 
 - core/: errors, names, files, progress, stats, memory, distributed, hints.
 - data/: datasets, splits, prepare, loaders, seeded, recipes.
