@@ -69,7 +69,8 @@ def test_kill_9_then_rerun_reaches_the_uninterrupted_weights_bitwise(data, tmp_p
         assert rows[0]["state"] == "running" and rows[0]["holder"]["pid"] == proc.pid
         with pytest.raises(TimecatError, match=f"member {member.name} is being trained by another process"):
             pretrain(PretrainConfig(member.name, "fashion-mnist", member.seed, 60, batch_size=64), data, runs)
-        time.sleep(0.3)  # a few steps past the checkpoint, which the rerun trains again
+        # No pause: the kill lands some steps past the checkpoint (the rerun trains them again), and with 45
+        # steps left a fast machine could otherwise finish first.
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
