@@ -49,7 +49,8 @@ def test_prepare_pretrain_extract_probe_report(tmp_path):
     assert record["members"] == ["run0", "run1"] and record["dim"] == 256 and 0 <= record["top1"] <= 100
     result = run("probe", "--members", "run0", "--dataset", "fashion-mnist", env=env)
     assert result.exit_code == 0 and "run0 on fashion-mnist: top-1" in result.output
-    sweep = ["--cat", 1, "--from", "run0,run1", "--backend", "torch", "--dataset", "fashion-mnist"]
+    # Two coarse C, not six: the torch backend's plumbing, not its C search (test_probe.py holds that).
+    sweep = ["--cat", 1, "--from", "run0,run1", "--backend", "torch", "--dataset", "fashion-mnist", "--c-grid", "0.1,1"]
     result = run("probe", *sweep, env=env)
     assert result.exit_code == 0, result.output
     assert "Cat1 over 2 subsets on fashion-mnist: top-1" in result.output and "torch) ->" in result.output
