@@ -211,10 +211,16 @@ def members_compared(field_name: str, members: tuple) -> None:
 
 
 def positive_numbers(field_name: str, values: tuple) -> None:
-    """At least one number, each finite and above 0 (a grid of C, weight decays, multipliers)."""
-    bad = [v for v in values if not (0 < v < math.inf)]
-    if not values or bad:
+    """At least one number, each finite and above 0 (a grid of C or of weight decays)."""
+    if not values:
         raise TimecatError(f"{field_name} is one or more finite positive numbers, got {tuple(values)}")
+    each_positive(field_name, values)
+
+
+def each_positive(field_name: str, values: tuple) -> None:
+    """Numbers each finite and above 0, or none (the C search's refinement multipliers: none, no refinement)."""
+    if any(not (0 < v < math.inf) for v in values):
+        raise TimecatError(f"{field_name} holds finite positive numbers only, got {tuple(values)}")
 
 
 def finite(field_name: str, value: float) -> None:
@@ -544,7 +550,7 @@ class ProbeConfig:
         rule=positive_numbers,
     )
     refine: tuple[float, ...] = param(
-        (10**-0.5, 10**0.5), "Multipliers of the best coarse C also tried.", rule=positive_numbers
+        (10**-0.5, 10**0.5), "Multipliers of the best coarse C also tried.", rule=each_positive
     )
     gap: float = param(
         1e-5,

@@ -68,6 +68,7 @@ def test_what_the_rules_let_through():
     # An int is a number, a str a path, a list a tuple, None an unset optional field; bounds are inclusive.
     PrepareConfig("digits", "data", stats_images=1, storage=None)
     ProbeConfig("d", ["a", "b"], holdout=0.5, memory_gib=1, c_grid=[1, 2.5], shots=None)
+    ProbeConfig("d", ("a",), refine=())  # no refinement stage: a search of the coarse grid alone
     PretrainConfig("a", "d", 0, 1, threads=4096, eval_every=0)
     assert ToyConfig(mixtures=1_000_000).mixtures == 1_000_000
 
@@ -163,9 +164,9 @@ def test_configs_are_imported_from_pipeline_configs_only():
         (lambda: DiversityConfig("d", ("a",)), "diversity compares at least 2 members"),
         (lambda: DominoesConfig(seeds=()), "give at least one seed"),
         (lambda: DominoesConfig(seeds=(1, 1)), r"a seed is given twice in \(1, 1\)"),
-        (lambda: ProbeConfig("d", ("a",), c_grid=(1.0, -1.0)), "c_grid is one or more finite positive numbers"),
+        (lambda: ProbeConfig("d", ("a",), c_grid=(1.0, -1.0)), "c_grid holds finite positive numbers only"),
         (lambda: ProbeConfig("d", ("a",), wd_grid=()), "wd_grid is one or more finite positive numbers"),
-        (lambda: ProbeConfig("d", ("a",), refine=(float("nan"),)), "refine is one or more finite positive"),
+        (lambda: ProbeConfig("d", ("a",), refine=(float("nan"),)), "refine holds finite positive numbers only"),
         # nan fails every bound: each comparison with nan is false, so a bound must be written to fail it.
         (lambda: ProbeConfig("d", ("a",), temperature=float("nan")), "temperature must be more than 0"),
         (lambda: ProbeConfig("d", ("a",), memory_gib=float("nan")), "memory_gib must be more than 0"),
