@@ -8,7 +8,9 @@ What it changes outside itself, and when:
 - at import, once: FFCV's ``Compiler.set_num_threads`` no longer sets torch's
   thread count (timecat's ``--threads`` does; ``_keep_torch_threads``), and a
   loader whose producer thread died raises instead of waiting forever
-  (``EpochIterator.run`` and ``__next__``: ``_keep_error``, ``_fail_when_dead``);
+  (``EpochIterator.run`` and ``__next__``: ``_keep_error``, ``_fail_when_dead``),
+  and ``Compiler.compile`` compiles each distinct pipeline function once per
+  process (``pipeline.data.jit_memo``);
 - when the first loader is built: ``sys.unraisablehook`` drops one harmless
   numba finalizer message (``quiet_numba_finalizers``), and passes every other
   unraisable exception on;
@@ -39,6 +41,7 @@ from cache.errors import not_readable
 from pipeline.core.errors import TimecatError
 from pipeline.core.progress import progress
 from pipeline.data.datasets import BetonFormat
+from pipeline.data.jit_memo import memoized_compile
 from pipeline.data.seeded import RowLabels, SeededRandomResizedCrop, StepOrder
 from pipeline.data.splits import Preprocess
 
@@ -148,6 +151,7 @@ def _producer_died(iterator) -> TimecatError:
 
 # Explicit, once, at import: every FFCV loader timecat builds goes through this module.
 Compiler.set_num_threads = _keep_torch_threads(Compiler.set_num_threads)
+Compiler.compile = memoized_compile(Compiler.compile)
 EpochIterator.run = _keep_error(EpochIterator.run)
 EpochIterator.__next__ = _fail_when_dead(EpochIterator.__next__)
 
