@@ -9,17 +9,19 @@ config without the heavy libraries.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import numbers
 import os
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from pipeline.core.errors import TimecatError, check_seed
-from pipeline.core.names import check_name, member_name
+from pipeline.core.names import HUB_LIBRARIES, check_name, hub_spec, member_name, parse_hub_spec
 from pipeline.core.stats import RESAMPLES
 
 
@@ -194,7 +196,11 @@ def members_given(field_name: str, members: tuple) -> None:
 
 
 def members_or_files(field_name: str, members: tuple) -> None:
-    """At least one member, each a name or NAME=PATH file, no name twice (extract)."""
+    """At least one member, each a name, a NAME=PATH file or a [NAME=]timm:/torchvision: model, no name twice."""
+    for m in members:
+        spec = hub_spec(m)
+        if spec is not None:
+            parse_hub_spec(spec)
     members_given(field_name, tuple(member_name(m) for m in members))
     names = [member_name(m) for m in members]
     if len(set(names)) != len(names):
@@ -307,6 +313,30 @@ class PrepareConfig:
 # --- pretrain -----------------------------------------------------------------
 
 ARCH_NAMES = ("resnet50", "resnet50w2", "small-resnet")  # pipeline.members.models.ARCHS holds their builders
+_HUB_ARCH = re.compile(r"[A-Za-z0-9_]+")  # a timm or torchvision model name, no tag: trained from scratch
+
+
+def arch_rule(field_name: str, arch) -> None:
+    """One of ``ARCH_NAMES``, or ``timm:<model>`` / ``torchvision:<model>`` (the library checks the name when the
+    model is built, naming close matches; here only its form, without importing either)."""
+    if arch is None or arch in ARCH_NAMES:
+        return
+    library, colon, model = str(arch).partition(":")
+    if colon and library in HUB_LIBRARIES and _HUB_ARCH.fullmatch(model):
+        return
+    close = difflib.get_close_matches(str(arch), ARCH_NAMES, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise TimecatError(
+        f"unknown architecture {arch!r}{hint}; choose one of {list(ARCH_NAMES)}, or timm:<model> "
+        "(a name of timm.list_models()) or torchvision:<model>"
+    )
+
+
+ARCH_TEXT = (
+    "small-resnet (128-d features, for 28-32 px images); resnet50 (torchvision's, 2048-d); resnet50w2 (every "
+    "width doubled, 93.9M backbone parameters, as the paper's Table 2); or any timm:<model> or "
+    "torchvision:<model>, trained from scratch (a ViT is built for the input side)."
+)
 OPTIMIZERS = ("sgd", "schedulefree")
 SCHEDULES = ("cosine", "step")
 PRESETS = ("paper-table3", "paper-table2")  # pipeline.train.plan.PRESETS: the paper's experiments
@@ -341,12 +371,7 @@ class PretrainConfig:
     dataset: str = param(text="Prepared dataset to train on.", rule=names_of("dataset"))
     seed: int = param(text="Seed of initialisation and data order.", rule=seed_rule())
     steps: int = param(text="Optimizer steps: this member's budget.", low=1)
-    arch: str = param(
-        "small-resnet",
-        "small-resnet (128-d features, for 28-32 px images); resnet50 (torchvision's, 2048-d); resnet50w2 (every "
-        "width doubled, 93.9M backbone parameters, as the paper's Table 2).",
-        choices=ARCH_NAMES,
-    )
+    arch: str = param("small-resnet", ARCH_TEXT, rule=arch_rule)
     width: int | None = param(None, "Channel multiplier of the resnet50 family (default: the arch's).")
     batch_size: int = param(128, "Images per step, across all processes (DDP splits it).", low=1)
     optimizer: str = param(
@@ -431,7 +456,8 @@ class ExtractConfig:
 
     dataset: str = param(text="Prepared dataset to extract.", rule=names_of("dataset"))
     members: tuple[str, ...] = param(
-        text="Comma-separated member names under RUNS (or checkpoint files, NAME=PATH), e.g. run0,run1.",
+        text="Comma-separated member names under RUNS, checkpoint files (NAME=PATH), or pretrained models "
+        "(NAME=timm:MODEL[.TAG], NAME=timm:MODEL@FILE, NAME=torchvision:MODEL[.WEIGHTS|@FILE]), e.g. run0,run1.",
         rule=members_or_files,
     )
     splits: tuple[str, ...] = param(SPLITS, "Comma-separated splits to extract.", rule=names_of("split"))
@@ -466,6 +492,11 @@ class ExtractConfig:
         False,
         "Scan every value of the arrays kept and write again from a garbled or non-finite chunk (missing chunks "
         "are always written again).",
+    )
+    download: bool = param(
+        False,
+        "Fetch timm or torchvision weights missing from the local caches (Hugging Face's, torch hub's); "
+        "without it nothing is downloaded.",
     )
 
     def __post_init__(self):
@@ -762,8 +793,8 @@ class PlanConfig:
     arch: str | None = param(
         None,
         "Architecture of --cat members (default: small-resnet for registered kinds of 64 px or less, such as "
-        "fashion-mnist and cifar10; resnet50 above, and for presets).",
-        choices=ARCH_NAMES,
+        "fashion-mnist and cifar10; resnet50 above, and for presets); also timm:<model> or torchvision:<model>.",
+        rule=arch_rule,
     )
     seeds: tuple[int, ...] | None = param(
         None, "Comma-separated seeds (default: the paper's 2,550,23,477,8529, then 0,1,...).", rule=seed_rule()

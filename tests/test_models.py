@@ -40,7 +40,8 @@ def test_unknown_arch_lists_the_choices():
     choices = r"\['resnet50', 'resnet50w2', 'small-resnet'\]"
     with pytest.raises(TimecatError, match=rf"unknown architecture 'vit'; choose one of {choices}"):
         build("vit", 10)
-    with pytest.raises(TimecatError, match=rf"unknown arch 'vit'; choose one of {choices}"):  # the field's name
+    # The config says the same, and that timm and torchvision models are architectures too.
+    with pytest.raises(TimecatError, match=rf"unknown architecture 'vit'; choose one of {choices}, or timm:<model>"):
         PretrainConfig("run0", "digits", 0, 10, arch="vit")
 
 

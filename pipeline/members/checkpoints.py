@@ -20,9 +20,10 @@ from cache.errors import CacheError, elsewhere, shown
 from pipeline.configs import MAX_RESOLUTION, MIN_RESOLUTION
 from pipeline.core import files
 from pipeline.core.errors import TimecatError, is_finite_number
-from pipeline.core.names import check_name, foreign_name_and_path, is_foreign
+from pipeline.core.names import check_name, foreign_name_and_path, hub_spec, is_foreign, member_name, parse_hub_spec
 from pipeline.data.splits import Preprocess
-from pipeline.members import interop
+from pipeline.members import hub, interop
+from pipeline.members.hub import is_hub_arch
 from pipeline.members.models import ARCHS, MAX_CLASSES, Classifier, build, width_problem
 from pipeline.members.torch_io import load_state_strict, read_torch, write_torch
 
@@ -121,8 +122,8 @@ def check_fields(payload: dict, path: Path) -> dict:
     if not _is_int(n) or not 1 <= n <= MAX_CLASSES:
         problems.append(f"num_classes {n!r} (allowed: an integer from 1 to {MAX_CLASSES:,})")
     arch = payload["member"]["arch"]
-    if not isinstance(arch, str) or arch not in ARCHS:
-        problems.append(f"member.arch {arch!r} (allowed: {sorted(ARCHS)})")
+    if not isinstance(arch, str) or not (arch in ARCHS or is_hub_arch(arch)):
+        problems.append(f"member.arch {arch!r} (allowed: {sorted(ARCHS)}, timm:<model>, torchvision:<model>)")
     elif payload["member"].get("width") is not None:
         problem = width_problem(arch, payload["member"]["width"])
         problems += [f"member.width: {problem}"] if problem else []
@@ -201,7 +202,11 @@ def sha256(path: Path, block: int = 1 << 20) -> str:
 def load_model(payload: dict, source: str) -> Classifier:
     """Rebuild a member's classifier from its checkpoint (architecture from the checkpoint, not flags)."""
     arch, width, n = payload["member"]["arch"], payload["member"].get("width"), payload["num_classes"]
-    model = build(arch, n, width)
+    # A timm or torchvision model trained here that fixes its input side (a ViT) is rebuilt at the side it
+    # trained at; a pretrained one (its "model_config" recorded) at its library's default, as it was loaded.
+    own = is_hub_arch(arch) and "model_config" not in payload
+    side = (payload.get("preprocess") or {}).get("resolution") if own else None
+    model = build(arch, n, width, img_size=side)
     if not isinstance(payload["model"], dict):
         raise TimecatError(f"{source}: its model is a {type(payload['model']).__name__}, not a state dict")
     fix = f"they do not match its own fields (arch {arch}, width {width}, num_classes {n}): it is damaged"
@@ -240,13 +245,20 @@ def load_file(name: str, path: Path) -> Loaded:
     return Loaded(name, path, interop.from_foreign(obj, path), True)
 
 
-def load_member(runs_root: Path, member: str, *, finished: bool = True) -> Loaded:
-    """Find and load a member: a run under ``runs_root``, or a checkpoint file trained elsewhere.
+def load_member(runs_root: Path, member: str, *, finished: bool = True, download: bool = False) -> Loaded:
+    """Find and load a member: a run under ``runs_root``, a checkpoint file trained elsewhere, or a library's model.
 
-    ``member`` is a run name, or ``path`` / ``name=path`` for the paper's, AlgoPerf's or
-    torchvision's ResNet-50 (converted by ``pipeline.members.interop``). ``finished`` refuses a
-    member whose training has not ended (extraction needs the final weights).
+    ``member`` is a run name, ``path`` / ``name=path`` for the paper's, AlgoPerf's or
+    torchvision's ResNet-50 (converted by ``pipeline.members.interop``), or ``[name=]timm:...`` /
+    ``[name=]torchvision:...`` (``pipeline.members.hub``; ``download`` fetches weights missing from
+    the local caches). ``finished`` refuses a member whose training has not ended (extraction
+    needs the final weights).
     """
+    spec = hub_spec(member)
+    if spec is not None:
+        name = check_name("member", member_name(member))
+        payload, path = hub.load_member(name, parse_hub_spec(spec), download)
+        return Loaded(name, path, payload, True)
     if is_foreign(member):
         name, path = foreign_name_and_path(member)
         check_name("member", name)

@@ -2,6 +2,8 @@
 
 A member's penultimate features are ``Classifier.backbone(x)``: the global
 average pool output (2048-d for ResNet-50). The head exists for pretraining only.
+Any timm or torchvision architecture is a backbone too (``timm:<model>``,
+``torchvision:<model>``: pipeline.members.hub), its features the input of its classifier.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.errors import TimecatError
+from pipeline.members import hub
+from pipeline.members.hub import is_hub_arch
 
 FEATURE_LAYER = "global average pool (penultimate)"
 
@@ -153,6 +157,8 @@ ARCHS: dict[str, Arch] = {
 
 def width_problem(arch: str, width) -> str | None:
     """Why ``width`` is not a width of the registered ``arch`` (naming the allowed ones), or None."""
+    if is_hub_arch(arch):
+        return None if width in (None, 1) else f"architecture {arch} takes no width multiplier, got {width!r}"
     spec = ARCHS[arch]
     allowed = range(1, MAX_WIDTH + 1) if spec.widths is None else spec.widths
     if isinstance(width, int) and not isinstance(width, bool) and width in allowed:
@@ -161,12 +167,21 @@ def width_problem(arch: str, width) -> str | None:
     return f"architecture {arch} does not take width {width!r}; allowed: {shown}"
 
 
-def build(arch: str, num_classes: int, width: int | None = None) -> Classifier:
-    """A freshly initialised classifier of a registered architecture (width: its multiplier, if it takes one)."""
+def build(arch: str, num_classes: int, width: int | None = None, img_size: int | None = None) -> Classifier:
+    """A freshly initialised classifier of a registered architecture (width: its multiplier, if it takes one),
+    or of ``timm:<model>`` / ``torchvision:<model>`` (``img_size``: the input side, for models that fix one)."""
+    if is_hub_arch(arch):
+        problem = width_problem(arch, width)
+        if problem:
+            raise TimecatError(problem)
+        library_model, _, tag = arch.partition(".")
+        return Classifier(hub.backbone(library_model, img_size, tag or None), num_classes)
     try:
         spec = ARCHS[arch]
     except (KeyError, TypeError):
-        raise TimecatError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}") from None
+        raise TimecatError(
+            f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}, or timm:<model> or torchvision:<model>"
+        ) from None
     width = spec.default_width if width is None else width
     problem = width_problem(arch, width)
     if problem:
