@@ -546,11 +546,29 @@ def cache_ls(path, cache_path, as_json):
     cache_path = _cache_path(path, cache_path)
 
     def line(r: dict) -> str:
-        sha, steps = (r["provenance"].get("checkpoint_sha256") or "?")[:12], r["provenance"].get("steps", "?")
+        p = r["provenance"]
+        sha, steps = (p.get("checkpoint_sha256") or "?")[:12], p.get("steps", "?")
         shape = " x ".join(f"{n:,}" if n is not None else "?" for n in (r["rows"], r["dim"])) + f" {r['dtype']}"
-        return f"{_where(r)} {r['member']}: {shape}, {r['status']}, checkpoint {sha}, steps {steps}"
+        pre = p.get("preprocessing") or {}
+        seen = f"{pre.get('resolution', '?')} px, crop {pre.get('crop_ratio', '?')}, {pre.get('interpolation', '?')}"
+        return (
+            f"{_where(r)} {r['member']}: {shape}, {r['status']}, {p.get('arch', '?')} ({_weights_text(p)}), "
+            f"checkpoint {sha}, steps {steps}, features: {p.get('feature_layer', '?')}, input {seen}"
+        )
 
     _out(cache.open(cache_path).summary(), as_json, lambda rows: [line(r) for r in rows])
+
+
+def _weights_text(provenance: dict) -> str:
+    """Where an array's member got its weights, in a few words (older arrays record none)."""
+    weights = provenance.get("weights") or {}
+    if "tag" in weights:
+        return f"{weights['library']} weights {weights['tag']}"
+    if "weights" in weights:
+        return f"{weights['library']} weights {weights['weights']}"
+    if "file" in weights:
+        return f"weights from {weights['file']}"
+    return weights.get("kind") or "weights not recorded"
 
 
 @cache_group.command("verify")

@@ -40,12 +40,19 @@ class Member:
     model: Classifier
     sha256: str
     payload: dict
+    path: str = ""  # the file its weights were read from
     foreign: bool = False  # trained elsewhere (the paper's, AlgoPerf's or torchvision's weights)
     preprocess: dict | None = None  # for the dataset being extracted; set by ``use_recipe``
 
+    def weights_source(self) -> dict:
+        return _weights_source(self.payload, self.path, self.sha256)
+
     def use_recipe(self, recipe: recipes.Recipe) -> None:
-        """Preprocess for the dataset kind: a foreign member gets the recipe's, a timecat member keeps its own."""
-        self.preprocess = dict(recipe.foreign) if self.foreign else dict(self.payload["preprocess"])
+        """Preprocess for the dataset kind: a foreign checkpoint gets the recipe's; a timecat member keeps its
+        own pretraining's, and a timm or torchvision model its own pretrained config's (input side, crop, mean
+        and std)."""
+        own = not self.foreign or "model_config" in self.payload
+        self.preprocess = dict(self.payload["preprocess"]) if own else dict(recipe.foreign)
 
     def provenance(self, dataset: str, split: str, fingerprint: str, recipe: recipes.Recipe, precision: str) -> dict:
         cfg = self.payload["member"]
@@ -53,16 +60,19 @@ class Member:
             "member": self.name,
             "checkpoint_sha256": self.sha256,
             "arch": cfg["arch"],
+            "weights": self.weights_source(),
             "params": sum(p.numel() for p in self.model.backbone.parameters()),  # for parameter-matched tables
             "seed": cfg["seed"],
             "steps": self.payload["step"],
             "pretrain_dataset": cfg["dataset"],
-            "feature_layer": FEATURE_LAYER,
+            "feature_layer": getattr(self.model.backbone, "feature_layer", FEATURE_LAYER),
             "feature_dim": self.model.feature_dim,
             "preprocessing": {
                 "eval": "centre crop, resize, normalize",
                 **self.preprocess,
                 "interpolation": recipe.interpolation,
+                # a timm or torchvision model's preprocessing as its library states it (its own resize kernel)
+                **({"model_config": self.payload["model_config"]} if "model_config" in self.payload else {}),
             },
             "recipe": recipe.name,
             "precision": precision,
@@ -74,16 +84,26 @@ class Member:
         }
 
 
-def frozen_member(runs_root: Path, name: str, device: torch.device) -> Member:
-    """A member as a frozen model in eval mode, on ``device``: a run under ``runs_root``, or a checkpoint
-    file trained elsewhere (``path`` or ``name=path``: the paper's, AlgoPerf's or torchvision's ResNet-50).
+def _weights_source(payload: dict, path: str, sha256: str) -> dict:
+    """Where a member's weights come from: a timecat run, a checkpoint file, or a library's tag or file."""
+    if "weights" in payload:  # a timm or torchvision model (pipeline.members.hub)
+        return {**payload["weights"], "sha256": sha256}
+    kind = "imported checkpoint" if payload["member"].get("dataset") == "imported" else "timecat run"
+    return {"kind": kind, "path": path, "sha256": sha256}
+
+
+def frozen_member(runs_root: Path, name: str, device: torch.device, download: bool = False) -> Member:
+    """A member as a frozen model in eval mode, on ``device``: a run under ``runs_root``, a checkpoint
+    file trained elsewhere (``path`` or ``name=path``: the paper's, AlgoPerf's or torchvision's ResNet-50),
+    or a timm or torchvision model (``name=timm:...``; ``download`` fetches weights not cached locally).
     """
-    loaded = checkpoints.load_member(runs_root, name)
+    loaded = checkpoints.load_member(runs_root, name, download=download)
     model = checkpoints.load_model(loaded.payload, str(loaded.path))
     model = model.to(device, memory_format=torch.channels_last).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Member(loaded.name, model, checkpoints.sha256(loaded.path), loaded.payload, foreign=loaded.foreign)
+    sha = checkpoints.sha256(loaded.path)
+    return Member(loaded.name, model, sha, loaded.payload, str(loaded.path), foreign=loaded.foreign)
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -377,7 +397,7 @@ def _extract(config, data_root, runs_root, cache_path, d: distributed.Dist) -> l
 
     for split in config.splits:  # a .beton that disagrees with its manifest is refused before the cache is opened
         read_labels(beton_path(data_root, config.dataset, split), read_manifest(data_root, config.dataset, split))
-    members = [frozen_member(runs_root, name, d.device) for name in config.members]
+    members = [frozen_member(runs_root, name, d.device, config.download) for name in config.members]
     for m in members:
         m.use_recipe(setting.recipe)
     with contextlib.ExitStack() as locks:

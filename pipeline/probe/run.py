@@ -45,6 +45,8 @@ PROVENANCE_KEYS = (
     "checkpoint_sha256",
     "dataset_fingerprint",
     "arch",
+    "weights",  # a timm or torchvision model's tag or file (pipeline.members.hub), or the run's checkpoint
+    "feature_dim",  # each member's width: a concatenation may mix them
     "params",
     "seed",
     "steps",

@@ -56,7 +56,8 @@ def _steps(record: dict) -> int | None:
 
 
 def _arch(record: dict) -> str:
-    return _one(p.get("arch") for p in record["member_provenance"].values())
+    """The members' architecture, or for a concatenation of several, each once: ``timm:resnet18 + timm:vit_tiny``."""
+    return " + ".join(sorted({str(p.get("arch")) for p in record["member_provenance"].values()}))
 
 
 def _pretrained_on(record: dict) -> str | None:
@@ -105,7 +106,7 @@ def _row_head(key: RowKey, layout: str, records: list[dict]) -> dict:
     else:
         params = {_params(r) for r in records}
         head = {
-            "method": key.arch if key.n == 1 else f"Cat{key.n} x {key.arch}",
+            "method": key.arch if key.n == 1 else f"Cat{key.n} " + ("of " if " + " in key.arch else "x ") + key.arch,
             "n": key.n,
             "params": params.pop() if len(params) == 1 else None,
         }

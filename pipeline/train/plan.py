@@ -17,7 +17,6 @@ from cache.layout import check_name
 from pipeline import __version__, configs
 from pipeline.core import files
 from pipeline.core.errors import TimecatError, check_seed
-from pipeline.members.models import ARCHS
 
 PAPER_SEEDS = (2, 550, 23, 477, 8529)  # the seeds of the paper's released members (richreps-timecat)
 
@@ -36,8 +35,7 @@ class PlannedMember:
     def __post_init__(self):
         check_name("member", self.name)
         check_seed(self.seed, f"member {self.name}'s seed")
-        if self.arch not in ARCHS:
-            raise TimecatError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHS)}")
+        configs.arch_rule("arch", self.arch)
         if self.steps < 1:
             raise TimecatError(f"member {self.name}: steps must be at least 1, got {self.steps}")
 

@@ -34,6 +34,7 @@ from pipeline.data.datasets import get_spec
 from pipeline.data.splits import Preprocess, beton_path, read_manifest
 from pipeline.members import checkpoints, torch_io
 from pipeline.members.checkpoints import checkpoint_path, run_dir
+from pipeline.members.hub import check_sides, is_hub_arch
 from pipeline.members.models import Classifier, build
 
 log = get_logger(__name__)
@@ -82,9 +83,13 @@ def resolution_at(step: int, config: PretrainConfig, final: int) -> int:
 
 
 def make_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum, or schedule-free AdamW; no weight decay on BatchNorm parameters or biases."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """SGD with Nesterov momentum, or schedule-free AdamW; no weight decay on normalisation parameters or
+    biases, nor on what a timm model lists in ``no_weight_decay()`` (a ViT's position embedding, class token)."""
+    net = getattr(model.backbone, "net", None) if isinstance(model, Classifier) else None
+    exempt = {f"backbone.net.{n}" for n in net.no_weight_decay()} if hasattr(net, "no_weight_decay") else set()
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if p.ndim > 1 and n not in exempt]
+    no_decay = [p for n, p in named if p.ndim <= 1 or n in exempt]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "schedulefree":
         import schedulefree
@@ -232,6 +237,22 @@ def check_splits(data_root: Path, dataset: str, manifest: dict) -> None:
         read_labels(beton_path(data_root, dataset, split), split_manifest)
 
 
+def sides_used(config: PretrainConfig, final: int) -> list[int]:
+    """Every input side the run trains or evaluates at (progressive resizing's, then the final one)."""
+    stride = max(1, config.steps // 1000)  # a side lasts at least an epoch of a ramp: sampling cannot miss one
+    return sorted({final, *(resolution_at(step, config, final) for step in range(0, config.steps, stride))})
+
+
+def check_arch(config: PretrainConfig, manifest: dict) -> None:
+    """A timm or torchvision architecture, built once and fed each side the run uses, before the member's
+    folder exists: an unknown name or a side it cannot take (a ViT's patch grid) is one error, nothing written."""
+    if not is_hub_arch(config.arch):
+        return
+    pre = make_preprocess(config, manifest)
+    model = build(config.arch, len(manifest["classes"]), config.width, img_size=pre.resolution)
+    check_sides(model.backbone, config.arch, sides_used(config, pre.resolution))
+
+
 def build_run(config: PretrainConfig, data_root: Path, d: distributed.Dist) -> Run:
     """Model (seeded), optimizer, schedule and this rank's loader for ``config``."""
     from pipeline.data.loaders import train_loader
@@ -247,7 +268,7 @@ def build_run(config: PretrainConfig, data_root: Path, d: distributed.Dist) -> R
         )
     threads = distributed.use_threads(config.threads)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model = build(config.arch, len(manifest["classes"]), config.width)
+    model = build(config.arch, len(manifest["classes"]), config.width, img_size=pre.resolution)
     model = model.to(d.device, memory_format=torch.channels_last)
     net = model
     if d.world_size > 1:
@@ -275,6 +296,11 @@ def build_run(config: PretrainConfig, data_root: Path, d: distributed.Dist) -> R
         order,
         threads,
     )
+
+
+def model_size(model: Classifier) -> dict:
+    """The member's feature width and backbone parameter count, as its checkpoint and config.json record them."""
+    return {"feature_dim": model.feature_dim, "backbone_params": sum(p.numel() for p in model.backbone.parameters())}
 
 
 def _cpu_state(model: nn.Module) -> dict:
@@ -327,6 +353,7 @@ def checkpoint_payload(run: Run, step: int, weights: dict, final: dict | None) -
         "planned_steps": run.config.steps,
         "complete": final is not None,
         "num_classes": len(run.manifest["classes"]),
+        **model_size(run.model),
         "preprocess": run.pre.to_dict(),
         "dataset_fingerprint": run.manifest["fingerprint"],
         "world_size": run.d.world_size,
@@ -557,7 +584,9 @@ def pretrain(config: PretrainConfig, data_root: Path, runs_root: Path, d: distri
         plural(config.steps, "step"),
     )
     # An unprepared dataset, or a .beton that disagrees with its manifest, is refused before the lock is made.
-    check_splits(data_root, config.dataset, read_manifest(data_root, config.dataset, "train"))
+    manifest = read_manifest(data_root, config.dataset, "train")
+    check_splits(data_root, config.dataset, manifest)
+    check_arch(config, manifest)
     with contextlib.ExitStack() as stack:
         claimed = None
         if d.is_main:
@@ -584,6 +613,7 @@ def _train_member(config, data_root: Path, runs_root: Path, d: distributed.Dist,
         resolved = {
             "config": asdict(config),
             "preprocess": run.pre.to_dict(),
+            **model_size(run.model),
             "world_size": d.world_size,
             "threads": run.threads,
         }
