@@ -27,7 +27,7 @@ def weights(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
-    vit = timm.create_model("test_vit", num_classes=7).eval()
+    vit = timm.create_model("test_vit").eval()  # its tag's 1,000 classes, as a real cached file has
     save_file(vit.state_dict(), str(root / "vit.safetensors"))
     cnn = timm.create_model("test_resnet", num_classes=7).eval()
     torch.save({"state_dict": {f"module.{k}": v for k, v in cnn.state_dict().items()}}, root / "cnn.pth")
@@ -78,11 +78,29 @@ def test_timms_pretrained_weights_come_from_the_local_hugging_face_cache(weights
     np.testing.assert_allclose(extract_batch([member.model], x)[0], _timm_features(net, x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_damaged_file_in_the_hugging_face_cache_is_refused_not_loaded_in_part(weights, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    from pipeline.core.errors import TimecatError
+
+    state = dict(weights["vit"][0].state_dict())
+    state.pop("blocks.0.attn.qkv.weight")  # a file missing a tensor: timm must not leave it random
+    snapshot = tmp_path / "hub/models--timm--test_vit.r160_in1k/snapshots/0123abcd"
+    snapshot.mkdir(parents=True)
+    save_file(state, str(snapshot / "model.safetensors"))
+    (tmp_path / "hub/models--timm--test_vit.r160_in1k/refs").mkdir()
+    (tmp_path / "hub/models--timm--test_vit.r160_in1k/refs/main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(TimecatError, match=r"timm could not load it as test_vit.r160_in1k .*blocks.0.attn.qkv"):
+        frozen_member("unused-runs", "timm:test_vit", CPU)
+
+
 def test_torchvision_models_come_from_a_file_or_torch_hubs_cache(tmp_path, monkeypatch):
     from torchvision.models import resnet18
 
     torch.manual_seed(0)
-    net = resnet18(num_classes=5).eval()
+    net = resnet18().eval()  # 1,000 classes, as torchvision's own file has
     torch.save(net.state_dict(), tmp_path / "r18.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     (tmp_path / "torch/hub/checkpoints").mkdir(parents=True)
@@ -165,6 +183,7 @@ def test_bad_library_members_are_one_error_before_anything_is_written(weights, c
         f"m=timm:test_vit@{tmp_path / 'absent.safetensors'}": "no weight file at",
         f"m=timm:test_resnet@{weights['vit'][1]}": "weights do not fit the architecture; missing ['bn1.bias'",
         "m=torchvision:resnet81": "unknown torchvision model 'resnet81' (close matches: resnet18",
+        "m=torchvision:fasterrcnn_resnet50_fpn": "unknown torchvision model",  # classifiers only
         "m=torchvision:resnet18.V9": "torchvision's resnet18 has no weights 'V9'; choose one of",
         "m=timm:test_vit@": "cannot read the member 'timm:test_vit@'",
     }

@@ -98,6 +98,12 @@ def test_plan_takes_a_timm_architecture_and_a_vit_is_refused_at_a_side_its_patch
     assert not runs.exists()  # refused before the member's folder was made
     with pytest.raises(TimecatError, match="unknown timm model 'test_vitt' .close matches: test_vit"):
         pretrain(PretrainConfig("v", "digits", 0, steps=2, batch_size=64, arch="timm:test_vitt"), data, runs)
+    # torchvision's GoogLeNet returns its auxiliary heads' outputs when training: refused, nothing written.
+    with pytest.raises(TimecatError, match="torchvision:googlenet returns a GoogLeNetOutputs when training"):
+        pretrain(
+            PretrainConfig("g", "digits", 0, 2, batch_size=64, arch="torchvision:googlenet", resolution=64), data, runs
+        )
+    assert not runs.exists()
     # At 32 px its 2 x 2 patches tile the image: two steps train, and the checkpoint rebuilds at that side.
     pretrain(PretrainConfig("v", "digits", 0, steps=2, batch_size=64, arch="timm:test_vit", resolution=32), data, runs)
     payload = checkpoints.load(runs / "v/checkpoint.pt")

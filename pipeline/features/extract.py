@@ -98,7 +98,7 @@ def frozen_member(runs_root: Path, name: str, device: torch.device, download: bo
     or a timm or torchvision model (``name=timm:...``; ``download`` fetches weights not cached locally).
     """
     loaded = checkpoints.load_member(runs_root, name, download=download)
-    model = checkpoints.load_model(loaded.payload, str(loaded.path))
+    model = loaded.model if loaded.model is not None else checkpoints.load_model(loaded.payload, str(loaded.path))
     model = model.to(device, memory_format=torch.channels_last).eval()
     for p in model.parameters():
         p.requires_grad_(False)

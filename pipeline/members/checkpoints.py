@@ -222,6 +222,7 @@ class Loaded:
     path: Path
     payload: dict
     foreign: bool
+    model: Classifier | None = None  # a library's pretrained model, loaded as its builder made it (hub)
 
 
 def is_timecat(obj) -> bool:
@@ -257,8 +258,8 @@ def load_member(runs_root: Path, member: str, *, finished: bool = True, download
     spec = hub_spec(member)
     if spec is not None:
         name = check_name("member", member_name(member))
-        payload, path = hub.load_member(name, parse_hub_spec(spec), download)
-        return Loaded(name, path, payload, True)
+        payload, path, model = hub.load_member(name, parse_hub_spec(spec), download)
+        return Loaded(name, path, payload, True, model)
     if is_foreign(member):
         name, path = foreign_name_and_path(member)
         check_name("member", name)

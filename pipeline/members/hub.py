@@ -109,7 +109,7 @@ def check_model(library: str, model: str) -> None:
     else:
         import torchvision
 
-        known = torchvision.models.list_models()
+        known = torchvision.models.list_models(module=torchvision.models)  # classifiers, not detection or video
         if model not in known:
             raise TimecatError(
                 f"unknown torchvision model {model!r} ({_close(model, known)}); "
@@ -167,6 +167,13 @@ def check_sides(net: nn.Module, arch: str, sides: list[int]) -> None:
                     f"architecture {arch} cannot take {side} px inputs ({str(e).splitlines()[0][:200]}){takes}; "
                     "pass --resolution (and --min-resolution) sides it takes"
                 ) from None
+        net.train()  # training mode too: some return auxiliary outputs there (inception, googlenet)
+        out = net(torch.zeros(2, 3, max(sides), max(sides)))
+        if not isinstance(out, torch.Tensor):
+            raise TimecatError(
+                f"architecture {arch} returns a {type(out).__name__} when training, not its features; timecat "
+                "trains models whose forward returns one tensor (timm's, or torchvision's without auxiliary heads)"
+            )
     finally:
         net.train(was_training)
 
@@ -229,8 +236,10 @@ def timm_weights(spec: HubSpec, download: bool) -> tuple[Path, str]:
         import huggingface_hub
         from huggingface_hub import constants
 
-        names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []
-        names += ["model.safetensors", "pytorch_model.bin"]
+        # The files timm itself would load: a named file (with its safetensors twin first), or its defaults.
+        named = getattr(cfg, "hf_hub_filename", None)
+        names = [_safetensors_twin(named), named] if named else ["model.safetensors", "pytorch_model.bin"]
+        names = list(dict.fromkeys(n for n in names if n))
         found = None
         for name in names:
             hit = huggingface_hub.try_to_load_from_cache(cfg.hf_hub_id, name)
@@ -239,12 +248,15 @@ def timm_weights(spec: HubSpec, download: bool) -> tuple[Path, str]:
                 break
 
         def fetch():
-            for name in names[:-1]:
+            for name in names:
                 try:
                     return huggingface_hub.hf_hub_download(cfg.hf_hub_id, name)
                 except huggingface_hub.errors.EntryNotFoundError:
                     continue
-            return huggingface_hub.hf_hub_download(cfg.hf_hub_id, names[-1])
+                except Exception as e:  # offline, gated, or a server error: one line, no traceback
+                    why = f"{type(e).__name__}: {e}"
+                    raise TimecatError(f"could not download {name} of {cfg.hf_hub_id}: {why}") from None
+            raise TimecatError(f"{cfg.hf_hub_id} holds none of {names}")
 
         where = f"{constants.HF_HUB_CACHE}, Hugging Face repository {cfg.hf_hub_id}"
         return _cached_or_downloaded(where, found, fetch, download, spec), cfg.tag
@@ -253,12 +265,24 @@ def timm_weights(spec: HubSpec, download: bool) -> tuple[Path, str]:
     raise TimecatError(f"timm's {spec.model}.{cfg.tag} names no file to load its weights from")
 
 
+def _safetensors_twin(filename: str) -> str | None:
+    """The safetensors file timm prefers to a named .bin (timm's _get_safe_alternatives)."""
+    if filename == "pytorch_model.bin":
+        return "model.safetensors"
+    if filename == "open_clip_pytorch_model.bin":
+        return "open_clip_model.safetensors"
+    return filename.removesuffix(".bin") + ".safetensors" if filename.endswith(".bin") else None
+
+
 def _url_weights(url: str, download: bool, spec: HubSpec) -> Path:
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
     def fetch():
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(path), progress=False)
+        try:
+            torch.hub.download_url_to_file(url, str(path), progress=False)
+        except Exception as e:  # offline or a server error: one line, no traceback
+            raise TimecatError(f"could not download {url}: {type(e).__name__}: {e}") from None
         return path
 
     return _cached_or_downloaded(f"{path.parent}, from {url}", path if path.is_file() else None, fetch, download, spec)
@@ -320,10 +344,12 @@ def _torchvision_preprocess(weights) -> tuple[dict, dict]:
     }
 
 
-def load_member(name: str, spec: HubSpec, download: bool) -> tuple[dict, Path]:
-    """A timecat-style payload for a pretrained timm or torchvision model, and the weight file it was read from.
+def load_member(name: str, spec: HubSpec, download: bool) -> tuple[dict, Path, nn.Module]:
+    """A pretrained timm or torchvision model as a member: its timecat-style payload, the weight file it was
+    read from, and the loaded ``Classifier`` (extraction uses it as built: a library's builder may shape the
+    model by its weights, e.g. a ViT's side, which a rebuild from the name alone would not).
 
-    The payload's model is a ``Classifier`` state (backbone, and a one-class placeholder head that export
+    The payload's model is that classifier's state (backbone, and a one-class placeholder head that export
     leaves out); its preprocessing is the model's own.
     """
     from pipeline.members.models import Classifier
@@ -333,13 +359,11 @@ def load_member(name: str, spec: HubSpec, download: bool) -> tuple[dict, Path]:
         tag = None
         if spec.file is None:
             path, tag = timm_weights(spec, download)
+            body = _timm_pretrained(spec.model, tag, read_weights(path), path)
         else:
             path = spec.file
-        body = backbone(f"timm:{spec.model}", tag=tag)
-        state = read_weights(path)
-        if tag is not None:  # timm's own loading: its conversion of original weights, its classifier dropped
-            _load_timm_pretrained(body.net, state, path)
-        else:
+            body = backbone(f"timm:{spec.model}")
+            state = read_weights(path)
             classifier = body.net.pretrained_cfg.get("classifier") or ()
             for prefix in (classifier,) if isinstance(classifier, str) else classifier:
                 state = {k: v for k, v in state.items() if not k.startswith(f"{prefix}.")}
@@ -353,17 +377,18 @@ def load_member(name: str, spec: HubSpec, download: bool) -> tuple[dict, Path]:
             if enum is None:
                 raise TimecatError(f"torchvision has no pretrained weights for {spec.model}; give a file: @FILE")
             path = _url_weights(enum.url, download, spec)
-        else:
+            body = _torchvision_pretrained(spec, enum, read_weights(path), path)
+        else:  # the architecture as its builder makes it without weights, the file's state loaded strictly
             path = spec.file
-        body = backbone(f"torchvision:{spec.model}")
-        state = {k: v for k, v in read_weights(path).items() if not k.startswith(f"{body.classifier}.")}
-        load_state_strict(body.net, state, f"{path} (as torchvision's {spec.model})", _fits(spec))
+            body = backbone(f"torchvision:{spec.model}")
+            state = {k: v for k, v in read_weights(path).items() if not k.startswith(f"{body.classifier}.")}
+            load_state_strict(body.net, state, f"{path} (as torchvision's {spec.model})", _fits(spec))
         pre, stated = _torchvision_preprocess(enum)
         arch = f"torchvision:{spec.model}"
         weights = {"library": "torchvision"}
         weights |= {"file": str(path)} if spec.file is not None else {"weights": str(enum).split(".", 1)[1]}
     model = Classifier(body, 1)
-    return {
+    payload = {
         "model": model.state_dict(),
         "member": {"name": name, "arch": arch, "seed": None, "dataset": "imported", "source": spec.text},
         "weights": {**weights, "path": str(path)},
@@ -373,29 +398,52 @@ def load_member(name: str, spec: HubSpec, download: bool) -> tuple[dict, Path]:
         "head": "none",
         "preprocess": pre,
         "model_config": stated,  # the model's preprocessing as its library states it (its resize kernel, too)
-    }, Path(path)
+    }
+    return payload, Path(path), model
+
+
+def _one_line(error: Exception) -> str:
+    """A library's error in one line (torch's load errors span several), cut to 300 characters."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
 def _fits(spec: HubSpec) -> str:
     return f"the file does not hold the weights of {spec.library}'s {spec.model}; name the model it was saved from"
 
 
-def _load_timm_pretrained(net: nn.Module, state: dict, path: Path) -> None:
-    """timm's own loading of its pretrained weights (its per-model conversion, classifier dropped), from ``state``."""
-    from timm.models import load_pretrained
-
-    cfg = {**net.pretrained_cfg, "state_dict": state, "file": None, "url": None, "hf_hub_id": None, "source": ""}
+def _timm_pretrained(model: str, tag: str, state: dict, path: Path) -> TimmBackbone:
+    """timm's own loading of its pretrained weights, from ``state`` (read weights-only here): the model is made
+    with its tag's classes, so timm's registered conversion of the file applies and its load is strict; the
+    classifier is then removed."""
+    timm = _timm()
     try:
-        load_pretrained(net, pretrained_cfg=cfg, num_classes=0, filter_fn=_filter_fn(net), strict=True)
-    except RuntimeError as e:
+        net = timm.create_model(f"{model}.{tag}", pretrained=True, pretrained_cfg_overlay={"state_dict": state})
+    except Exception as e:  # timm's conversions raise what they raise (KeyError, AssertionError, RuntimeError)
         raise TimecatError(
-            f"{path}: timm could not load it into {net.pretrained_cfg.get('architecture')}: {e}"
+            f"{path}: timm could not load it as {model}.{tag} ({_one_line(e)}); the cached file is damaged or "
+            "another model's: delete it and fetch it again with --download"
         ) from None
+    net.reset_classifier(0)
+    return TimmBackbone(net)
 
 
-def _filter_fn(net: nn.Module):
-    """The checkpoint conversion timm registers for the model's module, if any."""
-    import sys
+def _torchvision_pretrained(spec: HubSpec, enum, state: dict, path: Path) -> TorchvisionBackbone:
+    """torchvision's builder with ``enum``'s weights, as torchvision makes it (a SWAG ViT's side, inception's
+    input transform, densenet's key renaming), the weights taken from ``state`` instead of a download."""
+    import torchvision
 
-    module = sys.modules.get(type(net).__module__)
-    return getattr(module, "checkpoint_filter_fn", None)
+    def from_state(self, *args, **kwargs):
+        return state
+
+    original = type(enum).get_state_dict
+    type(enum).get_state_dict = from_state  # the builder's only way to its weights; put back below
+    try:
+        net = torchvision.models.get_model(spec.model, weights=enum)
+    except Exception as e:  # a load_state_dict that does not fit, or the builder's own checks
+        raise TimecatError(
+            f"{path}: torchvision could not load it as {spec.model} with weights {enum} "
+            f"({_one_line(e)}); the cached file is damaged: delete it and use --download"
+        ) from None
+    finally:
+        type(enum).get_state_dict = original
+    return TorchvisionBackbone(net.eval(), f"torchvision:{spec.model}")

@@ -249,7 +249,15 @@ def check_arch(config: PretrainConfig, manifest: dict) -> None:
     if not is_hub_arch(config.arch):
         return
     pre = make_preprocess(config, manifest)
-    model = build(config.arch, len(manifest["classes"]), config.width, img_size=pre.resolution)
+    try:
+        model = build(config.arch, len(manifest["classes"]), config.width, img_size=pre.resolution)
+    except TimecatError:
+        raise
+    except Exception as e:  # a constructor's own check (a side its patches do not tile): one line
+        raise TimecatError(
+            f"architecture {config.arch} cannot be built for {pre.resolution} px inputs ({type(e).__name__}: "
+            f"{str(e)[:200]}); pass a --resolution it takes"
+        ) from None
     check_sides(model.backbone, config.arch, sides_used(config, pre.resolution))
 
 
