@@ -1,5 +1,6 @@
 """FFCV's pipeline functions compiled once per process (pipeline.data.jit_memo), never shared when they differ."""
 
+import collections
 import dataclasses
 
 import numba
@@ -71,6 +72,20 @@ def test_keys_tell_apart_what_numba_compiles_apart():
 
     assert frozen(make(1)) == frozen(make(1)) and frozen(make(1)) != frozen(make(2))
     assert frozen(make(1)) != frozen(make(1, offset=1))
+    # What compares equal in Python but compiles apart in numba.
+    assert frozen(0.0) != frozen(-0.0) and frozen(np.float64(0.0)) != frozen(np.float64(-0.0))
+    Pair = collections.namedtuple("Pair", "a b")
+    assert frozen((1, 2)) != frozen(Pair(1, 2)) and frozen(True) != frozen(1)
+    a, b = np.zeros(2, dtype=[("x", "<i4"), ("y", "<i4")]), np.zeros(2, dtype=[("u", "<i4"), ("v", "<i4")])
+    assert a.tobytes() == b.tobytes() and frozen(a) != frozen(b)
+
+    def with_default(k):
+        def f(x, k=k):
+            return x + k
+
+        return f
+
+    assert frozen(with_default(1)) != frozen(with_default(2))
     with pytest.raises(jit_memo._UnkeyableError):
         frozen(make({"a": 1}))  # a dict could change after compilation: never keyed
 

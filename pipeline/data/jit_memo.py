@@ -9,7 +9,8 @@ resizing, even when the function is the one already compiled.
 
 numba freezes a function's closure variables and globals at compilation, so two
 functions with the same code, the same closure values and the same globals
-compile to the same machine code. ``memoized_compile`` keys each generated
+compile to the same machine code. (numba freezes them at the first call, the key is taken at
+``compile``: FFCV's ``generate_code`` never changes a value in between.) ``memoized_compile`` keys each generated
 closure by exactly those (arrays by dtype, shape and a hash of their bytes;
 other jitted functions by their own key) and hands back the dispatcher already
 compiled. A value it cannot key (any object that is not a number, string,
@@ -44,19 +45,27 @@ class _UnkeyableError(Exception):
 
 
 def _frozen(value, depth: int = 0):
-    """A hashable stand-in equal for two values numba compiles alike, or ``_UnkeyableError``."""
+    """A hashable stand-in equal for two values numba compiles alike, or ``_UnkeyableError``.
+
+    Types are kept exactly (a subclass, an enum, a namedtuple is not its base), floats by their bits
+    (0.0 and -0.0 compare equal), arrays by their full dtype (a structured one's fields too).
+    """
     if depth > _DEPTH:
         raise _UnkeyableError
     if isinstance(value, np.ndarray):
         data = hashlib.blake2b(np.ascontiguousarray(value).tobytes(), digest_size=16).hexdigest()
-        return ("array", value.dtype.str, value.shape, data)
+        return ("array", value.dtype, value.shape, data)
     if isinstance(value, np.generic):  # np.uint64(3) and 3 type differently in numba
-        return ("numpy", value.dtype.str, value.item())
+        return ("numpy", value.dtype, value.tobytes())
+    if isinstance(value, float | complex):
+        return (type(value), repr(value), value.hex() if isinstance(value, float) else None)
     if isinstance(value, _SCALARS):
-        return (type(value).__name__, value)
+        return (type(value), value)
     if isinstance(value, tuple):
-        return ("tuple", *(_frozen(v, depth + 1) for v in value))
+        return ("tuple", type(value), *(_frozen(v, depth + 1) for v in value))
     if isinstance(value, types.ModuleType):
+        # By name: numba reads a module's attributes when it compiles, and FFCV's pipeline code reads only
+        # functions and constants from modules (np, numba), which no one rebinds.
         return ("module", value.__name__)
     if isinstance(value, Dispatcher):
         return ("jit", _frozen(value.py_func, depth + 1), repr(sorted(value.targetoptions.items())))
@@ -80,7 +89,8 @@ def _function_key(function: types.FunctionType, depth: int) -> tuple:
     cells = tuple(cell.cell_contents for cell in function.__closure__ or ())
     scope = function.__globals__
     used = tuple(sorted((name, scope[name]) for name in _global_names(function.__code__) if name in scope))
-    return function.__code__, _frozen(cells, depth), _frozen(used, depth)
+    defaults = (function.__defaults__ or (), tuple(sorted((function.__kwdefaults__ or {}).items())))
+    return function.__code__, _frozen(cells, depth), _frozen(used, depth), _frozen(defaults, depth)
 
 
 _MEMO: dict = {}  # key -> (dispatcher, the function it was made from: keeps every id in the key alive)
@@ -97,7 +107,8 @@ def memoized_compile(compile_):
         try:
             key = (_frozen(code), str(signature), parallel, cls.is_enabled)
         except _UnkeyableError:
-            COUNTS["unkeyable"] += 1
+            with _LOCK:
+                COUNTS["unkeyable"] += 1
             return compile_.__func__(cls, code, signature)
         with _LOCK:
             if key in _MEMO:
