@@ -1,4 +1,4 @@
-# make setup: .venv with timecat[images,dev] and the Debian packages FFCV needs (idempotent)
+# make setup: .venv with timecat[images,dev,notebook,cluster] and the Debian packages FFCV needs (idempotent)
 # make demo:  the whole pipeline on Fashion-MNIST + digits, on the CPU
 # make test:  lint and the test suite;  make bench: the benchmarks
 # make gpu-check: on a CUDA GPU, gpu tests and GPU speed figures in one JSON (tests/benchmarks/gpu_check.py)
@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@bash .ci/system-packages
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[images,dev,notebook]'
+	$(BIN)/python -m pip install --quiet -e '.[images,dev,notebook,cluster]'
 	@touch $(STAMP)
 
 demo: setup
@@ -30,7 +30,7 @@ test: setup lint
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python -m pip install --quiet -e '.[images,dev,notebook,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[images,dev,notebook,cluster,bench]'
 	$(BIN)/python -m pytest -q -s tests/benchmarks -p no:cacheprovider --override-ini addopts=
 
 gpu-check: setup

@@ -20,6 +20,7 @@ from pipeline.configs import (
     DiversityConfig,
     DominoesConfig,
     ExtractConfig,
+    LaunchConfig,
     PlanConfig,
     PrepareConfig,
     PretrainConfig,
@@ -136,6 +137,7 @@ prepare.help = prepare.help.replace("{kinds}", ", ".join(KINDS))  # the registry
 
 @main.command()
 @options.config_options(PretrainConfig)
+@options.config_options(LaunchConfig)
 @click.option(
     "--plan",
     "plan_path",
@@ -173,6 +175,12 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
     Example: timecat pretrain --plan table3.json --resolution 192 --min-resolution 160   # FFCV's ramp
     Example: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
              $(which timecat) pretrain --plan table3.json --member cat4-run0
+    Example: timecat pretrain --plan table3.json --launcher slurm --slurm-partition gpu --slurm-time 4320
+
+    --launcher slurm (or local: processes of this machine) submits one submitit job per
+    member that is not done, running or already submitted, prints the job ids and
+    returns; `timecat status PLAN` shows the jobs. A preempted or timed-out job is
+    requeued and resumes from the member's last checkpoint.
     """
     from pipeline.core import distributed
     from pipeline.train import plan as plans
@@ -187,6 +195,9 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
         distributed.launch(nproc_per_node, [sys.executable, "-m", "cli", *argv])
         return
 
+    launch = options.make_config(LaunchConfig, params)
+    if launch.launcher is not None and plan_path is None:
+        raise click.UsageError("--launcher submits a plan's members: give --plan FILE (timecat plan writes one)")
     if plan_path is not None:
         plan = plans.load(plan_path)
         problem = plans.override_problem(plan, plan_path, options.typed(click.get_current_context()), only)
@@ -201,11 +212,32 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
         if missing:
             raise click.UsageError(f"missing {', '.join(missing)} (or give --plan FILE)")
         configs = [options.make_config(PretrainConfig, params)]
+    if launch.launcher is not None:
+        _submit_plan(configs, data_root, runs, launch, plan_path, as_json)
+        return
     outcomes = pretrain_all(configs, data_root, runs)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
     line = "{name}: {step} steps, test top-1 {test_top1:.2f}% -> {checkpoint}"
     _out(outcomes if plan_path else outcomes[0], as_json, lambda _: [line.format(**r) for r in outcomes])
+
+
+def _submit_plan(configs, data_root, runs, launch, plan_path, as_json) -> None:
+    """``pretrain --plan --launcher``: submit, print each member's job (or why none), how to watch them."""
+    from pipeline.train.launch import submit_plan
+
+    rows = submit_plan(configs, data_root, runs, launch)
+
+    def lines(rows):
+        out = []
+        for r in rows:
+            job = f" job {r['job_id']}, log {r['log']}" if r.get("job_id") else ""
+            out.append(f"{r['member']}: {r['state']}{job}" + (f": {r['error']}" if r.get("error") else ""))
+        return [*out, f"watch them: timecat status {plan_path} --runs {runs}"]
+
+    _out(rows, as_json, lines)
+    if any(r["state"] == "failed" for r in rows):
+        raise SystemExit(1)
 
 
 @main.command()
@@ -242,7 +274,13 @@ def status(plan_path, runs, as_json):
     """
     from pipeline.train import plan as plans
 
-    _out(plans.status(plans.load(plan_path), runs), as_json, plans.format_status)
+    rows = plans.status(plans.load(plan_path), runs)
+    if (Path(runs) / ".jobs").is_dir():  # members submitted through a launcher: their jobs beside their runs
+        from pipeline.train.launch import latest_jobs
+
+        jobs = latest_jobs(runs)
+        rows = [{**r, **({"job": jobs[r["member"]]} if r["member"] in jobs else {})} for r in rows]
+    _out(rows, as_json, plans.format_status)
 
 
 @main.command()

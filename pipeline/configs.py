@@ -779,6 +779,46 @@ class DemoConfig:
         return self.workdir / "results"
 
 
+# --- cluster jobs -----------------------------------------------------------------
+
+LAUNCHERS = ("local", "slurm")  # submitit's executors: processes of this machine, or SLURM jobs
+
+
+def slurm_pairs(field_name: str, values: tuple) -> None:
+    """Extra sbatch parameters as KEY=VALUE (e.g. exclusive=true, mail_type=END), passed to submitit as they are."""
+    for item in values:
+        key, eq, _ = str(item).partition("=")
+        if not eq or not re.fullmatch(r"[a-z][a-z0-9_]*", key):
+            raise TimecatError(f"--slurm-extra {item!r}: write KEY=VALUE, KEY an sbatch option in snake_case")
+
+
+@config
+class LaunchConfig:
+    """Where a plan's members run: this process (no launcher), or jobs submitted through submitit.
+
+    The defaults suit one 8-GPU node per member, as the paper's Table 3 was trained.
+    """
+
+    launcher: str | None = param(None, "Submit the work as jobs: local (processes here) or slurm.", choices=LAUNCHERS)
+    partition: str | None = param(None, "SLURM partition.", flag="--slurm-partition")
+    account: str | None = param(None, "SLURM account.", flag="--slurm-account")
+    qos: str | None = param(None, "SLURM quality of service.", flag="--slurm-qos")
+    time_min: int = param(72 * 60, "Time limit of each job; at its end the job is requeued and resumes.", unit="min",
+                          flag="--slurm-time", low=1)  # fmt: skip
+    nodes: int = param(1, "Nodes per job (DDP across them).", flag="--slurm-nodes", low=1)
+    gpus_per_node: int = param(8, "GPUs per node: one process each (at least one process on a CPU).",
+                               flag="--slurm-gpus-per-node", low=0)  # fmt: skip
+    cpus_per_task: int = param(10, "CPUs per process.", flag="--slurm-cpus-per-task", low=1)
+    mem_gb: int | None = param(None, "Memory per node (default: the partition's).", unit="GiB", flag="--slurm-mem-gb",
+                               low=1)  # fmt: skip
+    constraint: str | None = param(None, "SLURM constraint, e.g. h100.", flag="--slurm-constraint")
+    slurm_extra: tuple[str, ...] = param(
+        (), "More sbatch options, KEY=VALUE,...", flag="--slurm-extra", rule=slurm_pairs
+    )
+    jobs: Path | None = param(None, "Folder of the jobs' scripts and logs (default: RUNS/.jobs).", flag="--jobs-dir")
+    wait: bool = param(False, "Wait for the submitted jobs to end, then exit 1 if one failed.")
+
+
 # --- plan and report --------------------------------------------------------------
 
 

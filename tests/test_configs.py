@@ -30,7 +30,7 @@ CONFIGS = [c for c in vars(configs).values() if isinstance(c, type) and dataclas
 
 
 def test_every_config_runs_the_field_validator():
-    assert len(CONFIGS) == 10
+    assert len(CONFIGS) == 11  # LaunchConfig (cluster jobs) is the eleventh
     for cls in CONFIGS:
         assert cls.__post_init__.__qualname__ == "config.<locals>.post_init", cls.__name__
 

@@ -314,6 +314,11 @@ def format_status(rows: list[dict]) -> list[str]:
                 f"  damaged: {r['damage']} (move that file away, then `timecat pretrain --plan PLAN "
                 f"--member {r['member']}` trains it again)"
             )
+        if r.get("job"):
+            job = r["job"]
+            line += f"  job {job['job_id']} ({job['launcher']}): {job['job_state']}"
+            if job.get("error"):
+                line += f": {job['error']} (log: {job['log']})"
         if r["differs"]:
             shown = ", ".join(f"{k} {found} (plan {planned})" for k, (found, planned) in r["differs"].items())
             line += f"  another recipe under this name: {shown}; train the plan's with another --runs"

@@ -1,0 +1,204 @@
+"""A plan's members as jobs, through submitit: SLURM jobs, or processes of this machine (its local executor).
+
+``pretrain --plan FILE --launcher slurm|local`` submits one job per member that is neither done nor
+running nor already submitted, as one job array. Each job trains its member with
+``pipeline.train.pretrain`` under DDP over its processes: submitit's distributed environment gives every
+process the RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR that torchrun would. A job that SLURM preempts,
+or that reaches its time limit, is requeued by submitit (the job is ``Checkpointable``) and resumes from
+the member's last checkpoint.
+
+Every submission appends ``{member, job_id, launcher, folder}`` to ``JOBS/jobs.jsonl`` (``JOBS``:
+``--jobs-dir``, default ``RUNS/.jobs``), beside submitit's scripts and logs; ``timecat status`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import submitit
+
+from pipeline.configs import LaunchConfig, PretrainConfig
+from pipeline.core import files
+from pipeline.core.errors import TimecatError
+from pipeline.data.splits import read_manifest
+from pipeline.members import checkpoints
+
+JOBS_FILE = "jobs.jsonl"
+
+
+class MemberJob(submitit.helpers.Checkpointable):
+    """One member's training, as submitit runs it in each process of the job (requeued as it is)."""
+
+    def __init__(self, config: dict, data_root: str, runs_root: str):
+        self.config, self.data_root, self.runs_root = config, data_root, runs_root
+
+    def __call__(self) -> dict:
+        from pipeline.train.pretrain import pretrain_all
+
+        if submitit.JobEnvironment().num_tasks > 1:  # torchrun's contract, from SLURM's variables
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return pretrain_all([PretrainConfig(**self.config)], Path(self.data_root), Path(self.runs_root))[0]
+
+
+def jobs_folder(launch: LaunchConfig, runs_root: Path) -> Path:
+    return Path(launch.jobs) if launch.jobs is not None else Path(runs_root) / ".jobs"
+
+
+def executor(launch: LaunchConfig, folder: Path):
+    """submitit's executor for ``launch``: one task per GPU (one on a CPU), the cluster options asked for.
+
+    submitit's SLURM executor needs ``srun`` on this machine (a cluster's login node has it); without
+    one the error says so, and ``sbatch_script`` still writes the script it would submit.
+    """
+    tasks = max(1, launch.gpus_per_node)
+    slurm = _slurm_options(launch)
+    if launch.launcher != "slurm":
+        if slurm:
+            raise TimecatError(f"{', '.join(f'slurm {k}' for k in sorted(slurm))}: SLURM options need --launcher slurm")
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=launch.time_min, tasks_per_node=tasks, gpus_per_node=launch.gpus_per_node)
+        return ex
+    try:
+        ex = submitit.SlurmExecutor(folder=folder)
+    except RuntimeError as e:  # submitit looks for srun first
+        raise TimecatError(
+            f"--launcher slurm: no SLURM here ({e}); submit from the cluster's login node, or use --launcher local"
+        ) from None
+    ex.update_parameters(**slurm_parameters(launch, slurm))
+    return ex
+
+
+def _slurm_options(launch: LaunchConfig) -> dict:
+    """The SLURM-only options the user gave (partition, account, ...), in submitit's names."""
+    slurm = {
+        name: value
+        for name, value in (
+            ("partition", launch.partition),
+            ("account", launch.account),
+            ("qos", launch.qos),
+            ("constraint", launch.constraint),
+            ("mem", f"{launch.mem_gb}GB" if launch.mem_gb else None),
+        )
+        if value
+    }
+    if launch.slurm_extra:
+        slurm["additional_parameters"] = dict(pair.split("=", 1) for pair in launch.slurm_extra)
+    return slurm
+
+
+def slurm_parameters(launch: LaunchConfig, options: dict) -> dict:
+    """The parameters of submitit's SLURM executor (its sbatch options) for ``launch``."""
+    return {
+        "job_name": "timecat",
+        "time": launch.time_min,
+        "nodes": launch.nodes,
+        "ntasks_per_node": max(1, launch.gpus_per_node),
+        "gpus_per_node": launch.gpus_per_node,
+        "cpus_per_task": launch.cpus_per_task,
+        **options,
+    }
+
+
+def sbatch_script(launch: LaunchConfig, folder: Path, command: str = "python -m submitit.core._submit") -> str:
+    """The sbatch script submitit writes for ``launch``, made without a cluster (to show or to test it)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(launch, _slurm_options(launch)))
+
+
+def error_line(text: str) -> str:
+    """The line of a job's traceback or log that names its error (``TimecatError: ...``), shortened."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    for line in reversed(lines):
+        name, colon, message = line.partition(": ")
+        if colon and name.rsplit(".", 1)[-1].endswith(("Error", "Exception", "Interrupt")):
+            return f"{name.rsplit('.', 1)[-1]}: {message}"[:300]
+    return (lines[-1] if lines else "no error text")[:300]
+
+
+def _records(folder: Path) -> list[dict]:
+    path = folder / JOBS_FILE
+    if not path.is_file():
+        return []
+    return [record for _, record in files.read_jsonl(path)[0]]  # a line torn by a crash is skipped
+
+
+def latest_jobs(runs_root: Path, launch_folder: Path | None = None) -> dict[str, dict]:
+    """Each member's last submitted job, with its state now (``job_state``)."""
+    folder = launch_folder or Path(runs_root) / ".jobs"
+    latest = {}
+    for record in _records(folder):
+        latest[record["member"]] = record
+    return {member: {**record, **job_state(record, runs_root)} for member, record in latest.items()}
+
+
+def job_state(record: dict, runs_root: Path) -> dict:
+    """A submitted job's state: done, failed (with the end of its log), or SLURM's / the run folder's word."""
+    folder = Path(record["folder"])
+    paths = submitit.core.utils.JobPaths(folder, job_id=record["job_id"], task_id=0)
+    if paths.result_pickle.exists():
+        with open(paths.result_pickle, "rb") as f:
+            outcome, value = pickle.load(f)  # submitit's own file: ("success", result) or ("error", traceback)
+        if outcome == "success":
+            return {"job_state": "done"}
+        return {"job_state": "failed", "error": error_line(value), "log": str(paths.stderr)}
+    if record["launcher"] == "slurm":
+        return {"job_state": submitit.SlurmJob(folder, record["job_id"]).state.lower()}
+    held = checkpoints.holder(Path(runs_root), record["member"])
+    return {"job_state": "running" if held else "pending"}
+
+
+def submit_plan(configs: list[PretrainConfig], data_root: Path, runs_root: Path, launch: LaunchConfig) -> list[dict]:
+    """Submit the members of ``configs`` that need training; one row per member saying what was done."""
+    from pipeline.train.pretrain import recipe
+
+    folder = jobs_folder(launch, runs_root)
+    for dataset in sorted({c.dataset for c in configs}):  # an unprepared dataset: refused before any job
+        read_manifest(data_root, dataset, "train")
+    earlier = latest_jobs(runs_root, folder)
+    rows, todo = [], []
+    for config in configs:
+        payload = checkpoints.existing(runs_root, config.name, recipe(config))
+        holder = checkpoints.holder(runs_root, config.name)
+        job = earlier.get(config.name)
+        if payload is not None and payload["complete"]:
+            rows.append({"member": config.name, "state": "done", "submitted": False})
+        elif holder is not None:
+            rows.append({"member": config.name, "state": f"running ({json.dumps(holder)})", "submitted": False})
+        elif job is not None and job["job_state"] in ("pending", "running", "requeued"):
+            rows.append(
+                {"member": config.name, "state": f"already submitted as job {job['job_id']}", "submitted": False}
+            )
+        else:
+            todo.append(config)
+    if todo:
+        ex = executor(launch, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with ex.batch():
+            jobs = [ex.submit(MemberJob(asdict(c), str(data_root), str(runs_root))) for c in todo]
+        for config, job in zip(todo, jobs, strict=True):
+            record = {"member": config.name, "job_id": job.job_id, "launcher": launch.launcher, "folder": str(folder)}
+            with files.open_append(folder / JOBS_FILE) as fd:
+                files.append_all_or_nothing(fd, (json.dumps(record) + "\n").encode(), f"the job list {folder}")
+            rows.append({**record, "state": "submitted", "submitted": True, "log": str(job.paths.stderr)})
+        if launch.wait:
+            _wait(jobs, todo, rows)
+    return rows
+
+
+def _wait(jobs: list, configs: list[PretrainConfig], rows: list[dict]) -> None:
+    """Block until every job ends; a failed one's error goes into its row (the command then exits 1)."""
+    by_name = {r["member"]: r for r in rows}
+    while not all(job.done() for job in jobs):
+        time.sleep(1)
+    for config, job in zip(configs, jobs, strict=True):
+        try:
+            job.result()
+            by_name[config.name]["state"] = "done"
+        except Exception as e:  # submitit's FailedJobError, or UncompletedJobError for a killed job
+            by_name[config.name]["state"] = "failed"
+            by_name[config.name]["error"] = error_line(job.stderr() or str(e))

@@ -1,0 +1,121 @@
+"""A plan's members as submitit jobs (pipeline.train.launch): real processes through submitit's local executor,
+and the sbatch script its SLURM executor writes, read without a cluster."""
+
+import json
+
+import pytest
+import torch
+from conftest import run
+
+from pipeline.configs import LaunchConfig, PrepareConfig, PretrainConfig
+from pipeline.core.errors import TimecatError
+from pipeline.data.prepare import prepare
+from pipeline.members import checkpoints
+from pipeline.train import plan as plans
+from pipeline.train.pretrain import pretrain
+
+submitit = pytest.importorskip("submitit")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch") / "data"
+    prepare(PrepareConfig("digits", root))
+    return root
+
+
+def _plan(tmp_path, batch_size: int = 64):
+    made = plans.make_plan("digits", cat=2, total_steps=20, arch="small-resnet", batch_size=batch_size)
+    return made, plans.save(made, tmp_path / "plan.json")
+
+
+@pytest.mark.slow
+def test_a_plan_as_local_jobs_trains_what_this_process_trains_and_never_a_member_twice(data, tmp_path):
+    made, path = _plan(tmp_path)
+    for m in made.members:  # the reference: each member trained in this process
+        pretrain(PretrainConfig(m.name, "digits", m.seed, m.steps, batch_size=64), data, tmp_path / "ref")
+    runs = tmp_path / "runs"
+    args = ("pretrain", "--plan", path, "--launcher", "local", "--slurm-gpus-per-node", "0", "--runs", runs)
+    out = run(*args, "--data-root", data, "--wait", "--json")
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.stdout)
+    assert [(r["member"], r["state"], r["submitted"]) for r in rows] == [(m.name, "done", True) for m in made.members]
+    for m in made.members:
+        ref, job = (checkpoints.load(root / m.name / "checkpoint.pt")["model"] for root in (tmp_path / "ref", runs))
+        assert all(torch.equal(ref[k], job[k]) for k in ref), m.name  # bit for bit on the CPU
+
+    again = run(*args, "--data-root", data, "--json")  # submitted twice: nothing trains twice
+    assert [(r["state"], r["submitted"]) for r in json.loads(again.stdout)] == [("done", False)] * 2
+    assert len((runs / ".jobs/jobs.jsonl").read_text().splitlines()) == 2
+    status = run("status", path, "--runs", runs)
+    assert status.exit_code == 0 and status.output.count("(local): done") == 2, status.output
+
+
+def test_a_failing_job_reaches_the_exit_code_of_wait_and_status(data, tmp_path):
+    _, path = _plan(tmp_path, batch_size=4096)  # more than digits' 1,347 train images: each job fails
+    runs = tmp_path / "runs"
+    args = ("pretrain", "--plan", path, "--launcher", "local", "--slurm-gpus-per-node", "0", "--runs", runs)
+    out = run(*args, "--member", "run1", "--data-root", data, "--wait")
+    assert out.exit_code == 1 and "run1: failed" in out.output, out.output
+    assert "batch size 4096 exceeds the 1347 training images" in out.output
+    status = run("status", path, "--runs", runs)
+    assert "job" in status.output and "(local): failed: " in status.output and "batch size 4096" in status.output
+    assert "log: " in status.output
+
+
+def test_the_slurm_script_carries_the_partition_gpus_nodes_and_time_asked_for(tmp_path):
+    from pipeline.train.launch import executor, sbatch_script
+
+    extra = ("exclusive=true",)
+    launch = LaunchConfig(
+        launcher="slurm", partition="h100", account="vision", time_min=600, nodes=2, slurm_extra=extra
+    )
+    script = sbatch_script(launch, tmp_path)
+    for line in ("--partition=h100", "--account=vision", "--time=600", "--nodes=2", "--gpus-per-node=8"):
+        assert f"#SBATCH {line}" in script, line
+    assert "#SBATCH --ntasks-per-node=8" in script and "#SBATCH --exclusive=true" in script
+    assert "#SBATCH --signal=USR2@" in script  # submitit's preemption and timeout signal, which it requeues on
+    with pytest.raises(TimecatError, match="slurm partition: SLURM options need --launcher slurm"):
+        executor(LaunchConfig(launcher="local", partition="h100"), tmp_path)
+    with pytest.raises(TimecatError, match="--launcher slurm: no SLURM here .*or use --launcher local"):
+        executor(launch, tmp_path)  # this machine has no srun
+    out = run("pretrain", "--name", "x", "--launcher", "local")
+    assert out.exit_code == 2 and "--launcher submits a plan's members: give --plan FILE" in out.output
+
+
+@pytest.mark.slow
+def test_a_job_preempted_the_way_slurm_does_is_requeued_and_ends_where_an_uninterrupted_one_does(data, tmp_path):
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from pipeline.train.launch import submit_plan
+
+    made = plans.make_plan("digits", cat=1, total_steps=40, arch="small-resnet", batch_size=64)
+    member = made.members[0]
+    config = PretrainConfig(member.name, "digits", member.seed, 40, batch_size=64, checkpoint_every=5)
+    pretrain(PretrainConfig(member.name, "digits", member.seed, 40, batch_size=64), data, tmp_path / "ref")
+    runs = tmp_path / "runs"
+    launch = LaunchConfig(launcher="local", gpus_per_node=0)
+    rows = submit_plan([config], data, runs, launch)
+    job = submitit.LocalJob(tmp_path / "runs/.jobs", rows[0]["job_id"])
+    ckpt = runs / member.name / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # SLURM signals the job's processes; here they are the children of submitit's local controller.
+    job_id = rows[0]["job_id"]
+    children = [int(p) for p in Path(f"/proc/{job_id}/task/{job_id}/children").read_text().split()]
+    assert children, "the job's process is gone before it could be signalled"
+    for child in children:
+        os.kill(child, signal.SIGUSR2)  # what SLURM sends before preemption or the time limit (submitit's --signal)
+    deadline = time.monotonic() + 180
+    while not (job.paths.result_pickle.exists()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert f"Requeued job {job_id}" in job.paths.stdout.read_text()
+    result = job.result()
+    assert result["resumed_from"] >= 5 and result["step"] == 40  # from its checkpoint, not from the start
+    payload = checkpoints.load(ckpt)
+    ref = checkpoints.load(tmp_path / "ref" / member.name / "checkpoint.pt")["model"]
+    assert payload["complete"] and all(torch.equal(ref[k], payload["model"][k]) for k in ref)
