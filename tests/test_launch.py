@@ -119,3 +119,18 @@ def test_a_job_preempted_the_way_slurm_does_is_requeued_and_ends_where_an_uninte
     payload = checkpoints.load(ckpt)
     ref = checkpoints.load(tmp_path / "ref" / member.name / "checkpoint.pt")["model"]
     assert payload["complete"] and all(torch.equal(ref[k], payload["model"][k]) for k in ref)
+
+
+def test_a_local_job_killed_without_a_result_is_lost_and_its_member_can_be_submitted_again(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.train.launch import JOBS_FILE, latest_jobs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = tmp_path / "runs/.jobs"
+    folder.mkdir(parents=True)
+    record = {"member": "run0", "job_id": gone.stdout.strip(), "launcher": "local", "folder": str(folder)}
+    (folder / JOBS_FILE).write_text(json.dumps(record) + "\n")
+    job = latest_jobs(tmp_path / "runs")["run0"]
+    assert job["job_state"] == "lost" and "ended without a result" in job["error"]

@@ -181,6 +181,11 @@ def remove_stale(path: Path) -> list[Path]:
     return removed
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (another user's counts)."""
+    return _alive(pid)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -148,6 +148,10 @@ def job_state(record: dict, runs_root: Path) -> dict:
         return {"job_state": "failed", "error": error_line(value), "log": str(paths.stderr)}
     if record["launcher"] == "slurm":
         return {"job_state": submitit.SlurmJob(folder, record["job_id"]).state.lower()}
+    # A local job's id is its controller's pid: gone without a result, the job was killed (it is lost, and
+    # its member may be submitted again); alive, it trains once it holds the member's lock.
+    if not files.pid_alive(int(record["job_id"])):
+        return {"job_state": "lost", "error": "its process ended without a result (killed?)", "log": str(paths.stderr)}
     held = checkpoints.holder(Path(runs_root), record["member"])
     return {"job_state": "running" if held else "pending"}
 
