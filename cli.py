@@ -222,20 +222,21 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
     _out(outcomes if plan_path else outcomes[0], as_json, lambda _: [line.format(**r) for r in outcomes])
 
 
+def _job_lines(rows: list[dict]) -> list[str]:
+    """One line per submitted (or skipped) piece of work: its state, job id and log, and a failure's error."""
+    out = []
+    for r in rows:
+        job = f" job {r['job_id']}, log {r['log']}" if r.get("job_id") else ""
+        out.append(f"{r['member']}: {r['state']}{job}" + (f": {r['error']}" if r.get("error") else ""))
+    return out
+
+
 def _submit_plan(configs, data_root, runs, launch, plan_path, as_json) -> None:
     """``pretrain --plan --launcher``: submit, print each member's job (or why none), how to watch them."""
-    from pipeline.train.launch import submit_plan
+    from pipeline.jobs.launch import submit_plan
 
     rows = submit_plan(configs, data_root, runs, launch)
-
-    def lines(rows):
-        out = []
-        for r in rows:
-            job = f" job {r['job_id']}, log {r['log']}" if r.get("job_id") else ""
-            out.append(f"{r['member']}: {r['state']}{job}" + (f": {r['error']}" if r.get("error") else ""))
-        return [*out, f"watch them: timecat status {plan_path} --runs {runs}"]
-
-    _out(rows, as_json, lines)
+    _out(rows, as_json, lambda rows: [*_job_lines(rows), f"watch them: timecat status {plan_path} --runs {runs}"])
     if any(r["state"] == "failed" for r in rows):
         raise SystemExit(1)
 
@@ -276,7 +277,7 @@ def status(plan_path, runs, as_json):
 
     rows = plans.status(plans.load(plan_path), runs)
     if (Path(runs) / ".jobs").is_dir():  # members submitted through a launcher: their jobs beside their runs
-        from pipeline.train.launch import latest_jobs
+        from pipeline.jobs.launch import latest_jobs
 
         jobs = latest_jobs(runs)
         rows = [{**r, **({"job": jobs[r["member"]]} if r["member"] in jobs else {})} for r in rows]
@@ -285,6 +286,7 @@ def status(plan_path, runs, as_json):
 
 @main.command()
 @options.config_options(ExtractConfig)
+@options.config_options(LaunchConfig)
 @DATA_ROOT
 @RUNS
 @CACHE
@@ -310,6 +312,15 @@ def extract(data_root, runs, cache_path, as_json, **params):
 
     _require(params, "members", "dataset")
     config = options.make_config(ExtractConfig, params)
+    launch = options.make_config(LaunchConfig, params)
+    if launch.launcher is not None:  # one job: the dataset's extraction of these members, DDP over its GPUs
+        from pipeline.jobs.launch import submit_extract
+
+        rows = submit_extract(config, data_root, runs, str(cache_path), launch)
+        _out(rows, as_json, _job_lines)
+        if any(r["state"] == "failed" for r in rows):
+            raise SystemExit(1)
+        return
     summary = extract_stage(config, data_root, runs, cache_path)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports for the job
         _out(summary, as_json, lambda rows: [f"{_where(r)} {r['member']}: {r['state']}" for r in rows])

@@ -1,4 +1,4 @@
-"""A plan's members as submitit jobs (pipeline.train.launch): real processes through submitit's local executor,
+"""A plan's members as submitit jobs (pipeline.jobs.launch): real processes through submitit's local executor,
 and the sbatch script its SLURM executor writes, read without a cluster."""
 
 import json
@@ -64,7 +64,7 @@ def test_a_failing_job_reaches_the_exit_code_of_wait_and_status(data, tmp_path):
 
 
 def test_the_slurm_script_carries_the_partition_gpus_nodes_and_time_asked_for(tmp_path):
-    from pipeline.train.launch import executor, sbatch_script
+    from pipeline.jobs.launch import executor, sbatch_script
 
     extra = ("exclusive=true",)
     launch = LaunchConfig(
@@ -90,7 +90,7 @@ def test_a_job_preempted_the_way_slurm_does_is_requeued_and_ends_where_an_uninte
     import time
     from pathlib import Path
 
-    from pipeline.train.launch import submit_plan
+    from pipeline.jobs.launch import submit_plan
 
     made = plans.make_plan("digits", cat=1, total_steps=40, arch="small-resnet", batch_size=64)
     member = made.members[0]
@@ -125,7 +125,7 @@ def test_a_local_job_killed_without_a_result_is_lost_and_its_member_can_be_submi
     import subprocess
     import sys
 
-    from pipeline.train.launch import JOBS_FILE, latest_jobs
+    from pipeline.jobs.launch import JOBS_FILE, latest_jobs
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     folder = tmp_path / "runs/.jobs"
@@ -134,3 +134,22 @@ def test_a_local_job_killed_without_a_result_is_lost_and_its_member_can_be_submi
     (folder / JOBS_FILE).write_text(json.dumps(record) + "\n")
     job = latest_jobs(tmp_path / "runs")["run0"]
     assert job["job_state"] == "lost" and "ended without a result" in job["error"]
+
+
+def test_an_extraction_as_a_local_job_caches_what_this_process_caches(copy, tmp_path):
+    import numpy as np
+
+    import cache
+
+    store = tmp_path / "job.zarr"
+    args = ("extract", "--members", "run0,run1", "--dataset", "digits", "--batch-size", "128")
+    args += ("--data-root", copy["data"], "--runs", copy["runs"], "--cache", store)
+    out = run(*args, "--launcher", "local", "--slurm-gpus-per-node", "0", "--wait", "--json")
+    assert out.exit_code == 0, out.output
+    (row,) = json.loads(out.stdout)
+    assert row["state"] == "done" and row["member"] == "extract:digits:run0,run1"
+    for split in ("train", "test"):
+        ours = cache.open(str(store)).features("digits", split, ["run0", "run1"])[0]
+        theirs = cache.open(copy["cache"]).features("digits", split, ["run0", "run1"])[0]
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)  # another process: float32 rounding
+    assert "extract:digits:run0,run1" in (copy["runs"] / ".jobs/jobs.jsonl").read_text()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import submitit
 
-from pipeline.configs import LaunchConfig, PretrainConfig
+from pipeline.configs import ExtractConfig, LaunchConfig, PretrainConfig
 from pipeline.core import files
 from pipeline.core.errors import TimecatError
 from pipeline.data.splits import read_manifest
@@ -42,6 +42,44 @@ class MemberJob(submitit.helpers.Checkpointable):
         if submitit.JobEnvironment().num_tasks > 1:  # torchrun's contract, from SLURM's variables
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         return pretrain_all([PretrainConfig(**self.config)], Path(self.data_root), Path(self.runs_root))[0]
+
+
+class ExtractJob(submitit.helpers.Checkpointable):
+    """One extraction (a dataset, a group of members), as submitit runs it in each process of the job.
+
+    Requeued as it is after preemption, it resumes from each array's first missing chunk.
+    """
+
+    def __init__(self, config: dict, data_root: str, runs_root: str, cache_path: str):
+        self.config, self.data_root, self.runs_root, self.cache_path = config, data_root, runs_root, cache_path
+
+    def __call__(self) -> list[dict]:
+        from pipeline.features.extract import extract
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        config = ExtractConfig(**self.config)
+        return extract(config, Path(self.data_root), Path(self.runs_root), self.cache_path)
+
+
+def submit_extract(
+    config: ExtractConfig, data_root: Path, runs_root: Path, cache_path: str, launch: LaunchConfig
+) -> list[dict]:
+    """Submit ``config``'s extraction as one job (DDP over its GPUs); one row saying what was submitted."""
+    for split in config.splits:  # an unprepared dataset or split: refused before the job
+        read_manifest(data_root, config.dataset, split)
+    folder = jobs_folder(launch, runs_root)
+    ex = executor(launch, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    job = ex.submit(ExtractJob(asdict(config), str(data_root), str(runs_root), str(cache_path)))
+    name = f"extract:{config.dataset}:{','.join(config.members)}"
+    record = {"member": name, "job_id": job.job_id, "launcher": launch.launcher, "folder": str(folder)}
+    with files.open_append(folder / JOBS_FILE) as fd:
+        files.append_all_or_nothing(fd, (json.dumps(record) + "\n").encode(), f"the job list {folder}")
+    rows = [{**record, "state": "submitted", "submitted": True, "log": str(job.paths.stderr)}]
+    if launch.wait:
+        _wait([job], [name], rows)
+    return rows
 
 
 def jobs_folder(launch: LaunchConfig, runs_root: Path) -> Path:
@@ -190,19 +228,19 @@ def submit_plan(configs: list[PretrainConfig], data_root: Path, runs_root: Path,
                 files.append_all_or_nothing(fd, (json.dumps(record) + "\n").encode(), f"the job list {folder}")
             rows.append({**record, "state": "submitted", "submitted": True, "log": str(job.paths.stderr)})
         if launch.wait:
-            _wait(jobs, todo, rows)
+            _wait(jobs, [c.name for c in todo], rows)
     return rows
 
 
-def _wait(jobs: list, configs: list[PretrainConfig], rows: list[dict]) -> None:
+def _wait(jobs: list, names: list[str], rows: list[dict]) -> None:
     """Block until every job ends; a failed one's error goes into its row (the command then exits 1)."""
     by_name = {r["member"]: r for r in rows}
     while not all(job.done() for job in jobs):
         time.sleep(1)
-    for config, job in zip(configs, jobs, strict=True):
+    for name, job in zip(names, jobs, strict=True):
         try:
             job.result()
-            by_name[config.name]["state"] = "done"
+            by_name[name]["state"] = "done"
         except Exception as e:  # submitit's FailedJobError, or UncompletedJobError for a killed job
-            by_name[config.name]["state"] = "failed"
-            by_name[config.name]["error"] = error_line(job.stderr() or str(e))
+            by_name[name]["state"] = "failed"
+            by_name[name]["error"] = error_line(job.stderr() or str(e))
