@@ -600,6 +600,8 @@ def cache_ls(path, cache_path, as_json):
         shape = " x ".join(f"{n:,}" if n is not None else "?" for n in (r["rows"], r["dim"])) + f" {r['dtype']}"
         pre = p.get("preprocessing") or {}
         seen = f"{pre.get('resolution', '?')} px, crop {pre.get('crop_ratio', '?')}, {pre.get('interpolation', '?')}"
+        if "resize_px" in pre:  # a timm or torchvision model's own eval transform
+            seen += f" (Resize {pre['resize_px']} + CenterCrop {pre['resolution']})"
         return (
             f"{_where(r)} {r['member']}: {shape}, {r['status']}, {p.get('arch', '?')} ({_weights_text(p)}), "
             f"checkpoint {sha}, steps {steps}, features: {p.get('feature_layer', '?')}, input {seen}"

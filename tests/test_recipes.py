@@ -45,7 +45,7 @@ def test_bicubic_resizing_is_pils_kernel():
     x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
     bicubic = T.InterpolationMode.BICUBIC
     expected = np.asarray(T.Compose([T.Resize(256, interpolation=bicubic), T.CenterCrop(224)])(pil), np.float64)
-    ours = resize_center(x, 224, 224 / 256)[0].permute(1, 2, 0).numpy().clip(0, 255)
+    ours = resize_center(x, 224, 256)[0].permute(1, 2, 0).numpy().clip(0, 255)
     assert ours.shape == (224, 224, 3) and np.abs(ours - expected).mean() < 0.5  # PIL rounds and clamps per pass
     plain = torch.nn.functional.interpolate(x, size=(256, 256), mode="bicubic")[0, :, 16:240, 16:240]
     assert np.abs(plain.permute(1, 2, 0).numpy().clip(0, 255) - expected).mean() > 2  # a = -0.75 is not PIL's
@@ -89,7 +89,7 @@ def test_an_imported_member_gets_the_papers_cifar_preprocessing(tiny_cifar, tmp_
     mean, std = (torch.tensor(recipes.CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(recipes.CIFAR_STD).view(1, 3, 1, 1))
     x = (torch.from_numpy(cifar_pixels(tiny_cifar)) - mean) / std
     with torch.no_grad():
-        expected = member.model.backbone(resize_center(x, 224, 224 / 256)).numpy()
+        expected = member.model.backbone(resize_center(x, 224, 256)).numpy()
     X, _ = store.features("cifar10", "test", ["paper2"])
     np.testing.assert_allclose(X, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 

@@ -389,6 +389,32 @@ def eval_loader(
     )
 
 
+def whole_loader(
+    beton: Path,
+    size: tuple[int, int],
+    batch_size: int,
+    num_workers: int,
+    start_row: int = 0,
+    stop_row: int | None = None,
+) -> Loader:
+    """Like ``eval_loader``, but uint8 batches (B, 3, height, width) of each image unresized in its top-left
+    corner (pipeline.data.whole), for a resize and normalisation in torch; ``size``: the largest image's."""
+    from pipeline.data.whole import WholeImageDecoder
+
+    total = _row_count(beton)
+    quiet_numba_finalizers()
+    return Loader(
+        str(beton),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        os_cache=True,
+        indices=_row_indices(total, start_row, stop_row),
+        pipelines={"image": [WholeImageDecoder(*size), ToTensor(), ToTorchImage()], "label": _label_pipeline()},
+    )
+
+
 def _row_indices(total: int, start_row: int, stop_row: int | None) -> np.ndarray | None:
     stop_row = total if stop_row is None else stop_row
     if (start_row, stop_row) == (0, total):
@@ -450,6 +476,12 @@ def _check_allocations(beton: Path, reader, size: int) -> None:
 
 def _row_count(beton: Path) -> int:
     return open_reader(beton).num_samples
+
+
+def image_sizes(beton: Path) -> np.ndarray:
+    """The (n, 2) height and width of each stored image, from the .beton's metadata alone."""
+    image = open_reader(beton).metadata["f0"]
+    return np.stack([image["height"], image["width"]], axis=1).astype(np.int64)
 
 
 def read_labels(beton: Path, manifest: dict) -> np.ndarray:

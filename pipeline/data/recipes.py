@@ -30,6 +30,10 @@ CIFAR_MEAN = tuple(round(255 * v, 4) for v in (0.4914, 0.4822, 0.4465))  # the p
 CIFAR_STD = tuple(round(255 * v, 4) for v in (0.2023, 0.1994, 0.2010))
 
 INTERPOLATIONS = ("area", "bicubic")
+# The kernels of PIL's antialiased resize that torch reproduces (F.interpolate with antialias=True), by the
+# names timm's and torchvision's pretrained configs give them: a timm or torchvision member is resized with
+# its own (every pretrained config of timm 1.0.31 and torchvision 0.29 names one of these two).
+KERNELS = ("bicubic", "bilinear")
 CIFAR_GRID = (1e-2, 5e-2, 1e-4, 5e-4, 1e-3, 5e-3)
 
 

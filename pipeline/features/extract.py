@@ -4,7 +4,9 @@ Each batch is decoded once and fed to every member that shares its
 preprocessing, so caching N members costs one pass over the images, not N.
 How images are resized and augmented follows the dataset kind's recipe
 (pipeline.data.recipes); a member trained elsewhere gets the recipe's
-preprocessing for the kind, a timecat member its own pretraining's.
+preprocessing for the kind, a timecat member its own pretraining's, and a
+timm or torchvision model its own eval transform, applied in torch to whole,
+unresized images (``Decode.whole``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pipeline.core.errors import TimecatError
 from pipeline.core.progress import get_logger, plural, progress
 from pipeline.data import recipes
 from pipeline.data.splits import Preprocess, beton_path, read_manifest
-from pipeline.features.views import ViewSpec, augment, resize_center
+from pipeline.features.views import ViewSpec, augment, model_transform, resize_center
 from pipeline.members import checkpoints
 from pipeline.members.models import FEATURE_LAYER, Classifier
 
@@ -54,7 +56,11 @@ class Member:
         own = not self.foreign or "model_config" in self.payload
         self.preprocess = dict(self.payload["preprocess"]) if own else dict(recipe.foreign)
 
-    def provenance(self, dataset: str, split: str, fingerprint: str, recipe: recipes.Recipe, precision: str) -> dict:
+    def provenance(
+        self, dataset: str, split: str, fingerprint: str, recipe: recipes.Recipe, precision: str, own_kernel=False
+    ) -> dict:
+        """What this member's array of ``split`` records; ``own_kernel``: resized with the model's own eval
+        transform (a timm or torchvision model's plain features, not its views)."""
         cfg = self.payload["member"]
         return {
             "member": self.name,
@@ -67,13 +73,7 @@ class Member:
             "pretrain_dataset": cfg["dataset"],
             "feature_layer": getattr(self.model.backbone, "feature_layer", FEATURE_LAYER),
             "feature_dim": self.model.feature_dim,
-            "preprocessing": {
-                "eval": "centre crop, resize, normalize",
-                **self.preprocess,
-                "interpolation": recipe.interpolation,
-                # a timm or torchvision model's preprocessing as its library states it (its own resize kernel)
-                **({"model_config": self.payload["model_config"]} if "model_config" in self.payload else {}),
-            },
+            "preprocessing": self._preprocessing(recipe, own_kernel),
             "recipe": recipe.name,
             "precision": precision,
             "dataset": dataset,
@@ -82,6 +82,29 @@ class Member:
             "timecat_version": __version__,
             "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+    def _preprocessing(self, recipe: recipes.Recipe, own_kernel: bool) -> dict:
+        if not own_kernel:
+            return {
+                "eval": "centre crop, resize, normalize",
+                **self.preprocess,
+                "interpolation": recipe.interpolation,
+                **({"model_config": self.payload["model_config"]} if "model_config" in self.payload else {}),
+            }
+        resize, side = self.payload["resize"], self.preprocess["resolution"]
+        return {
+            "eval": f"Resize({resize['resize_px']}, {resize['kernel']}) + CenterCrop({side}), normalize: in torch",
+            **self.preprocess,
+            "interpolation": resize["kernel"],
+            "resize_px": resize["resize_px"],
+            "model_config": self.payload["model_config"],  # the model's preprocessing as its library states it
+            # PIL rounds between its two resize passes; torch keeps floats there and rounds at the end
+            "differences": ["PIL's rounding between its horizontal and vertical resize passes"],
+        }
+
+    def own_kernel(self) -> bool:
+        """A timm or torchvision model: resized on the device with its pretrained config's kernel."""
+        return "resize" in self.payload
 
 
 def _weights_source(payload: dict, path: str, sha256: str) -> dict:
@@ -168,28 +191,67 @@ def resolve(config: ExtractConfig, data_root: Path, device: torch.device) -> Set
 class Decode:
     """What the loader decodes for a group of arrays, and the resize torch applies after it."""
 
-    loader: Preprocess  # FFCV's centre crop, area resize and normalisation
-    resize: tuple[int, float] | None = None  # bicubic recipes: (side, crop ratio) of a torch Resize + CenterCrop
+    loader: Preprocess  # FFCV's centre crop, area resize and normalisation (whole images: mean and std only)
+    resize: tuple[int, int, str] | None = None  # torch's Resize + CenterCrop: (output side, resize side, kernel)
     out_px: int = 0  # the members' input side (views are resized to it)
+    whole: tuple[int, int] | None = None  # (height, width) holding every image, decoded whole and unresized
+    crop_mode: str = "center"  # whole images: timm's crop mode (center or squash)
+
+    def apply(self, images: torch.Tensor, sizes: np.ndarray | None) -> torch.Tensor:
+        """The members' input from a decoded batch (views are cropped from it instead); ``sizes``: each image's
+        (height, width), for ``whole`` images."""
+        if self.whole:
+            out_px, resize_px, kernel = self.resize
+            resize = {"resize_px": resize_px, "kernel": kernel, "crop_mode": self.crop_mode}
+            return model_transform(images, sizes, out_px, resize, self.loader.mean, self.loader.std)
+        return resize_center(images, *self.resize) if self.resize else images
 
 
-def decode_for(pre: Preprocess, recipe: recipes.Recipe, views: bool) -> Decode:
+def decode_for(
+    pre: Preprocess, recipe: recipes.Recipe, views: bool, resize: dict | None = None, largest=(0, 0)
+) -> Decode:
     """How to decode for one member's preprocessing under the kind's recipe (plain features or views).
 
     Area recipes let FFCV crop and resize. Bicubic ones (CIFAR) decode each image at
     its own fixed side without resizing, so torch can resize it bicubically: Resize
     + CenterCrop for plain features, random-resized crops for views.
+
+    A timm or torchvision model's plain features (``resize``: its own, from pipeline.members.hub) follow its
+    eval transform, Resize(resize_px, kernel) + CenterCrop(side): FFCV copies each image whole and unresized
+    into a buffer of ``largest`` (height, width), and torch resizes each from its own pixels.
     """
+    if resize is not None and not views:
+        body = (pre.resolution, resize["resize_px"], resize["kernel"])
+        return Decode(pre, body, pre.resolution, whole=tuple(largest), crop_mode=resize["crop_mode"])
     if recipe.interpolation == "area":
         return Decode(view_preprocess(pre) if views else pre, None, pre.resolution)
     native = replace(pre, resolution=recipe.source_px, crop_ratio=1.0)
-    return Decode(native, None if views else (pre.resolution, pre.crop_ratio), pre.resolution)
+    resize = None if views else (pre.resolution, round(pre.resolution / pre.crop_ratio), "bicubic")
+    return Decode(native, resize, pre.resolution)
+
+
+def image_sizes(data_root: Path, dataset: str, split: str) -> np.ndarray:
+    """The (n, 2) height and width of each stored image of a split, from the .beton's metadata."""
+    from pipeline.data.loaders import image_sizes as sizes
+
+    return sizes(beton_path(data_root, dataset, split))
+
+
+def member_decode(m: Member, recipe: recipes.Recipe, data_root: Path, dataset: str, split: str, views: bool):
+    """``decode_for`` one member's arrays of a split: a timm or torchvision model's plain features from whole
+    images, resized with its own eval transform."""
+    pre = Preprocess.from_dict(m.preprocess)
+    if m.own_kernel() and not views:
+        largest = image_sizes(data_root, dataset, split).max(axis=0, initial=1).tolist()
+        return decode_for(pre, recipe, views, m.payload["resize"], largest)
+    return decode_for(pre, recipe, views)
 
 
 def prepare_arrays(
     store: cache.WritableCache,
     config: ExtractConfig,
     setting: Setting,
+    data_root: Path,
     split: str,
     members: list[Member],
     manifest: dict,
@@ -202,7 +264,7 @@ def prepare_arrays(
     todo = []
     for m in members:
         for view in targets(config, split):
-            provenance = array_provenance(m, config, setting, split, fingerprint, view)
+            provenance = array_provenance(m, config, setting, data_root, split, fingerprint, view)
             action = store.decide(
                 config.dataset, split, m.name, provenance, overwrite=config.overwrite, repair=config.repair, view=view
             )
@@ -224,12 +286,13 @@ def prepare_arrays(
 
 
 def array_provenance(
-    m: Member, config: ExtractConfig, setting: Setting, split: str, fingerprint: str, view: int | None
+    m: Member, config: ExtractConfig, setting: Setting, data_root: Path, split: str, fingerprint: str, view: int | None
 ) -> dict:
     """What the array of member ``m`` (and ``view``) for ``split`` will record of where its features come from."""
-    provenance = m.provenance(config.dataset, split, fingerprint, setting.recipe, setting.precision)
+    own = m.own_kernel() and view is None
+    provenance = m.provenance(config.dataset, split, fingerprint, setting.recipe, setting.precision, own)
     if view is not None:
-        decode = decode_for(Preprocess.from_dict(m.preprocess), setting.recipe, views=True)
+        decode = member_decode(m, setting.recipe, data_root, config.dataset, split, views=True)
         spec = setting.view_spec
         provenance.update(view=view, view_seed=spec.seed, views=spec.describe(decode.loader.resolution, decode.out_px))
     return provenance
@@ -243,7 +306,7 @@ def refuse_before_writing(store: cache.WritableCache, config: ExtractConfig, set
         fingerprint = read_manifest(data_root, config.dataset, split)["fingerprint"]
         for m in members:
             for view in targets(config, split):
-                provenance = array_provenance(m, config, setting, split, fingerprint, view)
+                provenance = array_provenance(m, config, setting, data_root, split, fingerprint, view)
                 store.decide(
                     config.dataset,
                     split,
@@ -260,6 +323,7 @@ def _group_writers(
     store: cache.WritableCache,
     config: ExtractConfig,
     setting: Setting,
+    data_root: Path,
     split: str,
     todo: list[tuple[Member, int | None]],
     d: distributed.Dist,
@@ -277,7 +341,7 @@ def _group_writers(
         if writer.next_row > lo:
             where = cache.layout.describe(config.dataset, split, view)
             log.info("%s %s: resuming at row %d", where, m.name, writer.next_row)
-        decode = decode_for(Preprocess.from_dict(m.preprocess), setting.recipe, view is not None)
+        decode = member_decode(m, setting.recipe, data_root, config.dataset, split, view is not None)
         key = (decode, view is not None, writer.next_row, hi)
         groups.setdefault(key, []).append((m, view, writer))
     return groups
@@ -298,14 +362,20 @@ def run_members(
     Arrays that need the same decoded images and rows share one pass over them:
     every member's plain features in one pass, every member's views in another.
     """
-    from pipeline.data.loaders import eval_loader, to_model_input
+    from pipeline.data.loaders import eval_loader, to_model_input, whole_loader
 
     beton = beton_path(data_root, config.dataset, split)
-    for (decode, views, start, stop), group in _group_writers(store, config, setting, split, todo, d).items():
+    groups = _group_writers(store, config, setting, data_root, split, todo, d)
+    for (decode, views, start, stop), group in groups.items():
         names = ",".join(sorted({m.name for m, _, _ in group}))
         desc = f"extract {config.dataset}/{split}{' views' if views else ''} [{names}]"
         background = cache.BackgroundWriter(max_pending=4 * len(group))
-        loader = eval_loader(beton, decode.loader, config.batch_size, config.num_workers, start, stop)
+        if decode.whole:
+            sizes = image_sizes(data_root, config.dataset, split)
+            loader = whole_loader(beton, decode.whole, config.batch_size, config.num_workers, start, stop)
+        else:
+            sizes = None
+            loader = eval_loader(beton, decode.loader, config.batch_size, config.num_workers, start, stop)
         row = start
         with progress(total=stop - start, desc=desc, unit="img") as bar:
             try:
@@ -321,7 +391,8 @@ def run_members(
                             for v in sorted({view for _, view, _ in group})
                         }
                     else:
-                        inputs = {None: resize_center(images, *decode.resize) if decode.resize else images}
+                        batch_sizes = None if sizes is None else sizes[row : row + len(batch_labels)]
+                        inputs = {None: decode.apply(images, batch_sizes)}
                     for m, view, writer in group:
                         background.append(writer, extract_batch([m.model], inputs[view], setting.precision)[0])
                     row += len(batch_labels)
@@ -346,7 +417,7 @@ def extract_split(
 
     manifest = read_manifest(data_root, config.dataset, split)
     labels = read_labels(beton_path(data_root, config.dataset, split), manifest)
-    todo = prepare_arrays(store, config, setting, split, members, manifest, labels) if d.is_main else None
+    todo = prepare_arrays(store, config, setting, data_root, split, members, manifest, labels) if d.is_main else None
     todo = d.broadcast(todo)  # every rank waits here until rank 0 has created the arrays
     by_name = {m.name: m for m in members}
     run_members(store, config, setting, data_root, split, [(by_name[n], view) for n, view in todo], labels, d)

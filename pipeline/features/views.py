@@ -104,18 +104,55 @@ def augment(images: torch.Tensor, rows: np.ndarray, spec: ViewSpec, view: int, o
     return torch.where(flips, crops.flip(-1), crops).contiguous(memory_format=torch.channels_last)
 
 
-def _bicubic(images: torch.Tensor, out_px: int) -> torch.Tensor:
-    # antialias=True selects torch's separable kernels with PIL's bicubic coefficient (a = -0.5),
+def resize(images: torch.Tensor, out_px: int, kernel: str = "bicubic") -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, out_px, out_px) with PIL's antialiased ``kernel`` (recipes.KERNELS)."""
+    # antialias=True selects torch's separable kernels with PIL's coefficients (bicubic a = -0.5),
     # which torchvision's PIL transforms use; plain bicubic uses a = -0.75.
-    return F.interpolate(images, size=(out_px, out_px), mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(images, size=(out_px, out_px), mode=kernel, antialias=True, align_corners=False)
 
 
-def resize_center(images: torch.Tensor, out_px: int, crop_ratio: float) -> torch.Tensor:
-    """Resize(out_px / crop_ratio, bicubic) then CenterCrop(out_px), as torchvision: (B, C, H, W) -> (B, C, out, out).
+def _bicubic(images: torch.Tensor, out_px: int) -> torch.Tensor:
+    return resize(images, out_px, "bicubic")
 
-    The paper's CIFAR eval transform (Resize(256, bicubic) + CenterCrop(224)).
+
+def resize_center(images: torch.Tensor, out_px: int, resize_px: int, kernel: str = "bicubic") -> torch.Tensor:
+    """Resize(resize_px, kernel) then CenterCrop(out_px), as torchvision: (B, C, H, W) -> (B, C, out, out).
+
+    The paper's CIFAR eval transform is Resize(256, bicubic) + CenterCrop(224); a timm model's is
+    Resize(floor(side / crop_pct), its kernel) + CenterCrop(side).
     """
-    size = round(out_px / crop_ratio)
-    resized = _bicubic(images, size)
-    top = round((size - out_px) / 2.0)  # torchvision's CenterCrop offset
+    resized = resize(images, resize_px, kernel)
+    top = round((resize_px - out_px) / 2.0)  # torchvision's CenterCrop offset
     return resized[:, :, top : top + out_px, top : top + out_px].contiguous(memory_format=torch.channels_last)
+
+
+def resized_size(height: int, width: int, resize_px: int, crop_mode: str) -> tuple[int, int]:
+    """The size torchvision's Resize(resize_px) gives an image: its shorter side to ``resize_px``, the longer in
+    proportion, truncated (torchvision's ``_compute_resized_output_size``); timm's ``squash``: both sides."""
+    if crop_mode == "squash":
+        return resize_px, resize_px
+    longer = int(resize_px * max(height, width) / min(height, width))
+    return (longer, resize_px) if width <= height else (resize_px, longer)
+
+
+def model_transform(images: torch.Tensor, sizes: np.ndarray, out_px: int, resize: dict, mean, std) -> torch.Tensor:
+    """A timm or torchvision model's own eval transform, in torch on the batch's device.
+
+    ``images``: (B, 3, H, W) uint8 with image k unresized, ``sizes[k]`` = (height, width), in its top-left corner
+    (pipeline.data.whole). Each image is resized as torchvision's Resize does (``resized_size``) with PIL's
+    kernel ``resize["kernel"]``, rounded and clamped to 0-255 as PIL's uint8 output is, centre-cropped to
+    ``out_px`` at torchvision's CenterCrop offsets, and normalised with ``mean`` and ``std`` (0-255 scale):
+    (B, 3, out_px, out_px) float32. Images of one size share one interpolate call.
+    """
+    out = torch.empty((len(images), 3, out_px, out_px), dtype=torch.float32, device=images.device)
+    sizes = np.asarray(sizes).reshape(-1, 2)
+    for height, width in np.unique(sizes, axis=0).tolist():
+        rows = torch.from_numpy(np.flatnonzero((sizes == (height, width)).all(axis=1))).to(images.device)
+        new_h, new_w = resized_size(height, width, resize["resize_px"], resize["crop_mode"])
+        image = images[rows, :, :height, :width].float()
+        image = F.interpolate(image, size=(new_h, new_w), mode=resize["kernel"], antialias=True, align_corners=False)
+        top, left = round((new_h - out_px) / 2.0), round((new_w - out_px) / 2.0)  # torchvision's CenterCrop
+        out[rows] = image[:, :, top : top + out_px, left : left + out_px].round().clamp(0, 255)
+    mean = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return ((out - mean) / std).contiguous(memory_format=torch.channels_last)

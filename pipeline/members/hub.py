@@ -15,16 +15,16 @@ torchvision's); ``--download`` fetches what is missing. Every file is read weigh
 
 The feature layer is the input of the model's classifier: timm's pre-logits,
 ``forward_head(forward_features(x), pre_logits=True)``, and for torchvision the input of the
-model's last Linear layer, which becomes an Identity. A pretrained member's preprocessing (input
-side, centre-crop ratio, mean and std) is its own pretrained config's (timm's
-``resolve_model_data_config``; torchvision's weights transforms); the resize kernel is the dataset
-kind's, as for every imported member (FFCV's area resize, or torch's bicubic for CIFAR), so that
-extraction keeps FFCV's decoding. The model's own kernel is recorded beside it.
+model's last Linear layer, which becomes an Identity. A pretrained member's preprocessing is
+its own pretrained config's (timm's ``resolve_model_data_config``; torchvision's weights
+transforms): input side, centre-crop ratio, mean and std, and its resize kernel, which
+extraction applies on the device (``model_resize``).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -344,6 +344,31 @@ def _torchvision_preprocess(weights) -> tuple[dict, dict]:
     }
 
 
+def model_resize(model: str, stated: dict) -> dict:
+    """The model's eval resize as its library states it: the kernel, and the side the image's shorter edge is
+    resized to before the centre crop (timm: floor(side / crop_pct), as timm's eval transform; torchvision:
+    its weights' resize_size). A kernel torch cannot apply as PIL does is refused."""
+    from pipeline.data.recipes import KERNELS
+
+    kernel = stated["interpolation"]
+    if kernel not in KERNELS:
+        raise TimecatError(
+            f"{model}'s pretrained config resizes with {kernel!r}, which timecat cannot apply on the device as "
+            f"PIL does (it applies {list(KERNELS)}); give the model's weights a config with one of those"
+        )
+    if "resize_size" in stated:  # torchvision
+        side, resize = int(stated["crop_size"]), {"resize_px": int(stated["resize_size"]), "crop_mode": "center"}
+    else:  # timm's eval transform
+        side = int(stated["input_size"][-1])
+        resize = {"resize_px": math.floor(side / stated["crop_pct"]), "crop_mode": stated.get("crop_mode", "center")}
+    if resize["crop_mode"] not in ("center", "squash") or resize["resize_px"] < side:
+        raise TimecatError(
+            f"{model}'s pretrained config crops {side} px from a resize to {resize['resize_px']} px in crop mode "
+            f"{resize['crop_mode']!r}; timecat applies a centre or squash crop from at least the input side"
+        )
+    return {"kernel": kernel, **resize}
+
+
 def load_member(name: str, spec: HubSpec, download: bool) -> tuple[dict, Path, nn.Module]:
     """A pretrained timm or torchvision model as a member: its timecat-style payload, the weight file it was
     read from, and the loaded ``Classifier`` (extraction uses it as built: a library's builder may shape the
@@ -397,7 +422,8 @@ def load_member(name: str, spec: HubSpec, download: bool) -> tuple[dict, Path, n
         "num_classes": 1,
         "head": "none",
         "preprocess": pre,
-        "model_config": stated,  # the model's preprocessing as its library states it (its resize kernel, too)
+        "model_config": stated,  # the model's preprocessing as its library states it
+        "resize": model_resize(spec.text, stated),  # applied at extraction (pipeline.features.extract)
     }
     return payload, Path(path), model
 
