@@ -84,7 +84,9 @@ def test_the_slurm_script_carries_the_partition_gpus_nodes_and_time_asked_for(tm
 
 
 @pytest.mark.slow
-def test_a_job_preempted_the_way_slurm_does_is_requeued_and_ends_where_an_uninterrupted_one_does(data, tmp_path):
+def test_a_job_preempted_the_way_slurm_does_checkpoints_at_the_signal_and_resumes_there(data, tmp_path):
+    """No periodic checkpoint (checkpoint_every 0): the requeued job resumes at the step of the signal, so only
+    the work since the signal is lost, and it ends where an uninterrupted job ends, bit for bit."""
     import os
     import signal
     import time
@@ -92,31 +94,38 @@ def test_a_job_preempted_the_way_slurm_does_is_requeued_and_ends_where_an_uninte
 
     from pipeline.jobs.launch import submit_plan
 
-    made = plans.make_plan("digits", cat=1, total_steps=40, arch="small-resnet", batch_size=64)
+    made = plans.make_plan("digits", cat=1, total_steps=120, arch="small-resnet", batch_size=64)
     member = made.members[0]
-    config = PretrainConfig(member.name, "digits", member.seed, 40, batch_size=64, checkpoint_every=5)
-    pretrain(PretrainConfig(member.name, "digits", member.seed, 40, batch_size=64), data, tmp_path / "ref")
+    config = PretrainConfig(member.name, "digits", member.seed, 120, batch_size=64, checkpoint_every=0, log_every=2)
     runs = tmp_path / "runs"
-    launch = LaunchConfig(launcher="local", gpus_per_node=0)
-    rows = submit_plan([config], data, runs, launch)
+    rows = submit_plan([config], data, runs, LaunchConfig(launcher="local", gpus_per_node=0))
     job = submitit.LocalJob(tmp_path / "runs/.jobs", rows[0]["job_id"])
-    ckpt = runs / member.name / "checkpoint.pt"
+    log = runs / member.name / "log.jsonl"
+
+    def logged_step() -> int:
+        lines = log.read_text().splitlines() if log.is_file() else []
+        return max([json.loads(line).get("step", 0) for line in lines if line.endswith("}")], default=0)
+
     deadline = time.monotonic() + 120
-    while not ckpt.is_file() and time.monotonic() < deadline:
+    while logged_step() < 10 and time.monotonic() < deadline:
         time.sleep(0.02)
+    signalled_after = logged_step()
     # SLURM signals the job's processes; here they are the children of submitit's local controller.
     job_id = rows[0]["job_id"]
     children = [int(p) for p in Path(f"/proc/{job_id}/task/{job_id}/children").read_text().split()]
-    assert children, "the job's process is gone before it could be signalled"
+    assert children and signalled_after < 120, "the job ended before it could be signalled"
     for child in children:
         os.kill(child, signal.SIGUSR2)  # what SLURM sends before preemption or the time limit (submitit's --signal)
+    pretrain(PretrainConfig(member.name, "digits", member.seed, 120, batch_size=64), data, tmp_path / "ref")
     deadline = time.monotonic() + 180
     while not (job.paths.result_pickle.exists()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert f"Requeued job {job_id}" in job.paths.stdout.read_text()
     result = job.result()
-    assert result["resumed_from"] >= 5 and result["step"] == 40  # from its checkpoint, not from the start
-    payload = checkpoints.load(ckpt)
+    preempted = [json.loads(line) for line in log.read_text().splitlines() if '"preempted"' in line]
+    assert len(preempted) == 1 and result["resumed_from"] == preempted[0]["step"] >= signalled_after
+    assert result["step"] == 120
+    payload = checkpoints.load(runs / member.name / "checkpoint.pt")
     ref = checkpoints.load(tmp_path / "ref" / member.name / "checkpoint.pt")["model"]
     assert payload["complete"] and all(torch.equal(ref[k], payload["model"][k]) for k in ref)
 

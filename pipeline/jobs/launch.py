@@ -4,8 +4,9 @@
 running nor already submitted, as one job array. Each job trains its member with
 ``pipeline.train.pretrain`` under DDP over its processes: submitit's distributed environment gives every
 process the RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR that torchrun would. A job that SLURM preempts,
-or that reaches its time limit, is requeued by submitit (the job is ``Checkpointable``) and resumes from
-the member's last checkpoint.
+or that reaches its time limit, is requeued by submitit (the job is ``Checkpointable``). At SLURM's
+signal the training loop writes a checkpoint at its next step (pipeline.core.preemption) before submitit
+requeues the job, which resumes there.
 
 Every submission appends ``{member, job_id, launcher, folder}`` to ``JOBS/jobs.jsonl`` (``JOBS``:
 ``--jobs-dir``, default ``RUNS/.jobs``), beside submitit's scripts and logs; ``timecat status`` reads it.
@@ -22,7 +23,7 @@ from pathlib import Path
 import submitit
 
 from pipeline.configs import ExtractConfig, LaunchConfig, PretrainConfig
-from pipeline.core import files
+from pipeline.core import files, preemption
 from pipeline.core.errors import TimecatError
 from pipeline.data.splits import read_manifest
 from pipeline.members import checkpoints
@@ -39,9 +40,15 @@ class MemberJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         from pipeline.train.pretrain import pretrain_all
 
-        if submitit.JobEnvironment().num_tasks > 1:  # torchrun's contract, from SLURM's variables
+        environment = submitit.JobEnvironment()
+        if environment.num_tasks > 1:  # torchrun's contract, from SLURM's variables
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return pretrain_all([PretrainConfig(**self.config)], Path(self.data_root), Path(self.runs_root))[0]
+        # submitit's requeue waits for the training loop's next step, which checkpoints first.
+        preemption.arm(environment._usr_sig())
+        try:
+            return pretrain_all([PretrainConfig(**self.config)], Path(self.data_root), Path(self.runs_root))[0]
+        finally:
+            preemption.disarm()
 
 
 class ExtractJob(submitit.helpers.Checkpointable):

@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline import __version__
 from pipeline.configs import OPERATIONAL, PretrainConfig
-from pipeline.core import distributed, files
+from pipeline.core import distributed, files, preemption
 from pipeline.core.errors import TimecatError
 from pipeline.core.progress import get_logger, plural, progress
 from pipeline.data.datasets import get_spec
@@ -501,6 +501,10 @@ def train(run: Run, start: int, ckpt: Path, write, bar) -> None:
                     window_start, window_loss, window_steps, window = now, 0.0, 0, []
                 if step < config.steps:
                     _periodic(run, step, ckpt, write, window_loss / max(1, window_steps), window)
+                if step < config.steps and preemption.requested(d.device):  # a job's signal (pipeline.jobs)
+                    _periodic(run, step, ckpt, write, window_loss / max(1, window_steps), window, preempted=True)
+                    log.warning("%s: checkpoint at step %d on the job's preemption signal", config.name, step)
+                    preemption.handle(d.rank)  # submitit requeues the job, which resumes at this step
                 if step == config.steps:
                     break
 
@@ -545,15 +549,16 @@ def check_weights(run: Run, step: int) -> None:
         raise diverged(run, step, "the weights or BatchNorm statistics became non-finite")
 
 
-def _periodic(run: Run, step: int, ckpt: Path, write, mean: torch.Tensor, window: list) -> None:
-    """Test evaluation and resumable checkpoint when their intervals come round (rank 0 works, all wait).
+def _periodic(run: Run, step: int, ckpt: Path, write, mean: torch.Tensor, window: list, preempted=False) -> None:
+    """Test evaluation and resumable checkpoint when their intervals come round (rank 0 works, all wait);
+    ``preempted``: the checkpoint alone, now.
 
     The losses since the last log record and the weights are checked first, so a diverged member
     never overwrites its last good checkpoint.
     """
     config, d = run.config, run.d
-    evaluate_now = config.eval_every and step % config.eval_every == 0
-    save_now = config.checkpoint_every and step % config.checkpoint_every == 0
+    evaluate_now = not preempted and config.eval_every and step % config.eval_every == 0
+    save_now = preempted or (config.checkpoint_every and step % config.checkpoint_every == 0)
     if not (evaluate_now or save_now):
         return
     if window:
@@ -565,6 +570,8 @@ def _periodic(run: Run, step: int, ckpt: Path, write, mean: torch.Tensor, window
             write({"event": "eval", "step": step, **metrics})
         if save_now:
             checkpoints.save(ckpt, checkpoint_payload(run, step, weights, final=None))
+        if preempted:
+            write({"event": "preempted", "step": step})
     if save_now:
         run.saved_step = step
     d.barrier()
