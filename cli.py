@@ -179,8 +179,9 @@ def pretrain(plan_path, only, nproc_per_node, data_root, runs, as_json, **params
 
     --launcher slurm (or local: processes of this machine) submits one submitit job per
     member that is not done, running or already submitted, prints the job ids and
-    returns; `timecat status PLAN` shows the jobs. A preempted or timed-out job is
-    requeued and resumes from the member's last checkpoint.
+    returns; `timecat status PLAN` shows the jobs. At SLURM's signal before
+    preemption or the time limit, training checkpoints at its next step; submitit
+    then requeues the job, which resumes there.
     """
     from pipeline.core import distributed
     from pipeline.train import plan as plans
@@ -264,24 +265,52 @@ def plan(out, as_json, **params):
 
 
 @main.command()
-@click.argument("plan_path", type=click.Path(path_type=Path))
+@click.argument("plan_path", type=click.Path(path_type=Path), required=False)
 @RUNS
+@click.option("--jobs-dir", "jobs", type=click.Path(path_type=Path), help="Folder of the jobs (default: RUNS/.jobs).")
 @JSON
-def status(plan_path, runs, as_json):
+def status(plan_path, runs, jobs, as_json):
     """Show which members of a plan are done, running, stopped (resumable) or missing, and their steps.
+
+    Without a plan: every job submitted with --launcher (members, extractions,
+    sweeps' batches), each with its state and, if it failed, its error and log.
 
     \b
     Example: timecat status plan.json --runs runs
+    Example: timecat status --runs runs
     """
     from pipeline.train import plan as plans
 
+    if plan_path is None:
+        _job_status(runs, jobs, as_json)
+        return
     rows = plans.status(plans.load(plan_path), runs)
-    if (Path(runs) / ".jobs").is_dir():  # members submitted through a launcher: their jobs beside their runs
+    folder = jobs or Path(runs) / ".jobs"
+    if folder.is_dir():  # members submitted through a launcher: their jobs beside their runs
         from pipeline.jobs.launch import latest_jobs
 
-        jobs = latest_jobs(runs)
-        rows = [{**r, **({"job": jobs[r["member"]]} if r["member"] in jobs else {})} for r in rows]
+        latest = latest_jobs(runs, folder)
+        rows = [{**r, **({"job": latest[r["member"]]} if r["member"] in latest else {})} for r in rows]
     _out(rows, as_json, plans.format_status)
+
+
+def _job_status(runs, jobs, as_json) -> None:
+    """``status`` without a plan: each submitted job's latest state."""
+    folder = jobs or Path(runs) / ".jobs"
+    if not folder.is_dir():
+        raise click.UsageError(f"no jobs under {folder} (--launcher submits them); give a PLAN to see its members")
+    from pipeline.jobs.launch import latest_jobs
+
+    rows = [{"name": name, **job} for name, job in latest_jobs(runs, folder).items()]
+
+    def lines(rows):
+        out = []
+        for r in rows:
+            line = f"{r['name']}: {r['job_state']}, job {r['job_id']} ({r['launcher']})"
+            out.append(line + (f": {r['error']} (log: {r['log']})" if r.get("error") else ""))
+        return out
+
+    _out(rows, as_json, lines)
 
 
 @main.command()
@@ -332,6 +361,7 @@ def extract(data_root, runs, cache_path, as_json, **params):
 @click.option("--from", "pool", type=NAMES, help="Sweep: the pool of members, e.g. run0,run1,run2,run3,run4.")
 @click.option("--max-subsets", type=int, help="Sweep: a seeded sample of at most this many subsets.")
 @options.config_options(ProbeConfig)
+@options.config_options(LaunchConfig)
 @CACHE
 @RESULTS
 @RUNS
@@ -356,6 +386,14 @@ def probe(members, cat, pool, max_subsets, cache_path, results, runs, as_json, *
 
     Under torchrun (batched backend) the ranks split the subsets, or, for a
     single probe, the C candidates; each record is appended once.
+
+    \b
+    Example: timecat probe --cat 4 --from run0,...,run11 --dataset inat2018 --launcher slurm --slurm-partition gpu
+
+    --launcher slurm (or local: processes of this machine) submits a sweep as a
+    job array: one job per batch of subsets as one process cuts them
+    (--memory-gib; one subset per job for knn and bn-linear), on one GPU each.
+    Each job appends the records one process would; --wait prints their summary.
     """
     from pipeline.core.progress import plural
     from pipeline.probe.results import format_record, results_path
@@ -368,9 +406,18 @@ def probe(members, cat, pool, max_subsets, cache_path, results, runs, as_json, *
         raise click.UsageError("--cat N needs --from POOL (comma-separated members)")
     _require(params, "dataset")
     config = options.make_config(ProbeConfig, params, members=members or pool)
+    launch = options.make_config(LaunchConfig, params)
+    if launch.launcher is not None and (cat is None or config.shots is not None):
+        raise click.UsageError(
+            "--launcher submits a sweep's subsets as jobs: give --cat N --from POOL, without --shots (a single "
+            "probe or a few-shot probe runs here)"
+        )
     _require_cached(cache_path, config.dataset, config.members, runs, config.train_split)
     shots, draws = config.shots, config.draws
     path = results_path(results)
+    if launch.launcher is not None:
+        _submit_sweep(config, pool, cat, max_subsets, cache_path, results, runs, launch, as_json)
+        return
     if cat is None and shots is not None:
         records, summary = few_shot(config, cache_path, results)
         what = f"{shots}-shot Cat{len(members)} over {plural(len(records), 'draw')}"
@@ -389,6 +436,29 @@ def probe(members, cat, pool, max_subsets, cache_path, results, runs, as_json, *
         what = f"{shots}-shot Cat{cat} over {plural(len(records), 'record')}"
         over = f"{len(records) // draws} subsets x {draws} draws"
     _print_many(records, summary, what, over, path, as_json)
+
+
+def _submit_sweep(config, pool, cat, max_subsets, cache_path, results, runs, launch, as_json) -> None:
+    """``probe --cat --launcher``: submit the sweep's batches; with --wait, their records' summary."""
+    from pipeline.core import files
+    from pipeline.core.progress import plural
+    from pipeline.jobs.launch import submit_sweep
+    from pipeline.probe.results import results_path
+    from pipeline.probe.run import subsets, summarize
+
+    chosen = subsets(pool, cat, max_subsets, config.seed)
+    files.check_writable(results, "the results folder")  # now, not in every job
+    extra = {"sweep": {"cat": cat, "pool": list(pool), "subsets": len(chosen)}}
+    rows, records = submit_sweep(config, chosen, extra, str(cache_path), results, launch, runs)
+    path = results_path(results)
+    if records is not None:
+        what = f"Cat{cat} over {plural(len(records), 'subset')}"
+        _print_many(records, summarize(records), what, "subsets", path, as_json)
+        return
+    watch = f"records append to {path} as each job ends; watch the jobs: timecat status --runs {runs}"
+    _out(rows, as_json, lambda rows: [*_job_lines(rows), watch])
+    if any(r["state"] == "failed" for r in rows):
+        raise SystemExit(1)
 
 
 def _require_cached(cache_path, dataset: str, members, runs, split: str) -> None:

@@ -162,3 +162,100 @@ def test_an_extraction_as_a_local_job_caches_what_this_process_caches(copy, tmp_
         theirs = cache.open(copy["cache"]).features("digits", split, ["run0", "run1"])[0]
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)  # another process: float32 rounding
     assert "extract:digits:run0,run1" in (copy["runs"] / ".jobs/jobs.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_sweep_split_over_three_local_jobs_writes_the_records_one_process_writes(tmp_path):
+    """Six Cat2 subsets of four 16-d members, two per batch as one process cuts them (--memory-gib): three
+    jobs, each appending its batch's records, which agree with one process's and carry nothing more."""
+    from conftest import assert_agreeing_probe, digits_cache
+
+    from pipeline.configs import ProbeConfig
+    from pipeline.probe import c_search, results
+    from pipeline.probe.run import sweep
+
+    names = digits_cache(tmp_path / "c.zarr", members=4)
+    path = str(tmp_path / "c.zarr")
+    two = 2 * 8 * c_search.STATE_COPIES * 4 * 10 * 33  # two subsets: 8 candidates, 10 classes, 32 dims + intercept
+    config = ProbeConfig("digits", names, precision="fp32", memory_gib=two / 2**30)
+    single, _ = sweep(config, names, 2, None, path, tmp_path / "one")
+    assert single[0]["batch"]["batches"] == 3
+    args = ("probe", "--cat", "2", "--from", ",".join(names), "--dataset", "digits", "--precision", "fp32")
+    args += ("--memory-gib", str(config.memory_gib), "--cache", path, "--runs", tmp_path / "runs")
+    out = run(*args, "--results", tmp_path / "jobs", "--launcher", "local", "--slurm-gpus-per-node", "0", "--wait")
+    assert out.exit_code == 0, out.output
+    assert "Cat2 over 6 subsets" in out.stdout
+    saved = {tuple(r["members"]): r for r in results.load(tmp_path / "jobs")}
+    assert len(results.load(tmp_path / "jobs")) == 6 and len(saved) == 6  # each record appended once
+    for one in single:
+        two = saved[tuple(one["members"])]
+        assert set(two) == set(one) and two["sweep"] == one["sweep"]  # the record one process writes, no more
+        assert_agreeing_probe(one, two)
+    status = run("status", "--runs", tmp_path / "runs", "--json")
+    jobs = {r["name"]: r["job_state"] for r in json.loads(status.stdout)}
+    assert jobs == {f"probe:digits:Cat2:{k}/3": "done" for k in (1, 2, 3)}
+
+    refused = run(*args[:1], "--members", "m0,m1", *args[5:], "--launcher", "local")
+    assert refused.exit_code == 2 and "give --cat N --from POOL" in refused.output
+
+
+def test_a_preemption_signal_never_cuts_a_block_of_appends_in_two():
+    """A sweep's job protects its signal: inside ``uncut`` it is held; a finished block drops it (the records
+    are whole, the job returns), a failed one hands it on (the job is requeued and does the work again)."""
+    import os
+    import signal
+
+    from pipeline.core import preemption
+
+    seen = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        preemption.protect(signal.SIGUSR2)
+        with preemption.uncut():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert seen == []
+        assert seen == []  # dropped: the block finished
+        with pytest.raises(OSError), preemption.uncut():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            raise OSError("disk full")
+        assert seen == [signal.SIGUSR2]  # handed on: the block failed
+        preemption.disarm()
+        with preemption.uncut():  # nothing protected: a no-op
+            os.kill(os.getpid(), signal.SIGUSR2)
+        assert seen == [signal.SIGUSR2] * 2
+    finally:
+        preemption.disarm()
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_a_sweeps_records_are_appended_in_one_uncut_block(tmp_path, monkeypatch):
+    """The wiring: a signal that lands while the sweep appends its records waits for the last of them."""
+    import os
+    import signal
+
+    from conftest import digits_cache
+
+    from pipeline.configs import ProbeConfig
+    from pipeline.core import preemption
+    from pipeline.probe import results
+    from pipeline.probe import run as probe_run
+
+    names = digits_cache(tmp_path / "c.zarr", members=3)
+    seen, appended = [], []
+    save = probe_run._save
+
+    def save_and_signal(*args):
+        save(*args)
+        appended.append(len(seen))  # how many signals were handled when each record was appended
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    monkeypatch.setattr(probe_run, "_save", save_and_signal)
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        preemption.protect(signal.SIGUSR2)
+        config = ProbeConfig("digits", names, precision="fp32")
+        probe_run.sweep(config, names, 2, None, str(tmp_path / "c.zarr"), tmp_path / "r")
+    finally:
+        preemption.disarm()
+        signal.signal(signal.SIGUSR2, before)
+    assert appended == [0, 0, 0] and seen == [] and len(results.load(tmp_path / "r")) == 3

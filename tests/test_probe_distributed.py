@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import digits_cache
+from conftest import assert_agreeing_probe, digits_cache
 
 import cache
 from pipeline.configs import ProbeConfig
@@ -14,7 +14,6 @@ from pipeline.probe import c_search, results
 from pipeline.probe.run import probe, sweep
 
 REPO = os.path.dirname(cache.__path__[0])
-SAME = ("members", "dim", "n_train", "n_eval", "precision", "holdout")
 
 
 def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
@@ -22,20 +21,6 @@ def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
     command += ["-m", "cli", *map(str, args)]
     env = {**os.environ, "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo ranks on the CPU, even on a GPU box
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
-def assert_agreeing_probe(one: dict, two: dict) -> None:
-    """The same probe to the solver's tolerance: the same C, top-1 within two eval rows, every fit converged to
-    objectives within 2e-4 (each is within 1e-4 of the optimum). Not to the bit: processes and batch shapes
-    round their products differently, and nothing promises otherwise on every CPU."""
-    for key in SAME:
-        assert one[key] == two[key], (key, one[key], two[key])
-    assert one["chosen"]["C"] == two["chosen"]["C"]
-    assert abs(one["top1"] - two["top1"]) <= 2 * 100 / one["n_eval"] + 1e-9
-    assert [t["C"] for t in one["search"]] == [t["C"] for t in two["search"]]
-    for a, b in zip([*one["search"], one["chosen"]], [*two["search"], two["chosen"]], strict=True):
-        assert a["fit"]["status"] == b["fit"]["status"] == "converged"
-        assert a["fit"]["objective"] == pytest.approx(b["fit"]["objective"], rel=2e-4)
 
 
 @pytest.mark.slow

@@ -6,18 +6,21 @@ written there could catch the optimizer between two parameters' updates, and one
 every step since the last periodic checkpoint. So a job ``arm``s this module: the signal is only noted,
 and the training loop, at its next step boundary (``requested``), writes its checkpoint and then hands
 the signal to the handler it deferred (``handle``: submitit's, which requeues the job and exits).
+
+A probe sweep's job has no steps: its fit is simply redone when requeued. But its records must not be
+cut in two, or the requeued job would append again those already appended. So the job ``protect``s its
+signal, and the probe appends its records in one ``uncut`` block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
-import torch
-import torch.distributed as dist
-
 _armed: dict = {}  # signum -> the handler it deferred; noted: the signals received since
 _noted: list[int] = []
+_protected: list[int] = []  # signals that must not cut a block of appends (``uncut``)
 NON_MAIN_WAIT_S = 600  # how long a rank other than 0 waits, after the hand-over, for the requeue to end it
 
 
@@ -29,18 +32,54 @@ def arm(signum: int) -> None:
 
 
 def disarm() -> None:
-    """Put the deferred handlers back and forget what was noted (a job's end)."""
+    """Put the deferred handlers back and forget what was noted or protected (a job's end)."""
     for signum, handler in _armed.items():
         signal.signal(signum, handler)
     _armed.clear()
     _noted.clear()
+    _protected.clear()
 
 
-def requested(device: torch.device | None = None) -> bool:
+def protect(signum: int) -> None:
+    """From now on, ``signum`` (a job's preemption) waits for the end of every ``uncut`` block."""
+    _protected.append(signum)
+
+
+@contextlib.contextmanager
+def uncut():
+    """A block that a protected signal does not cut (a no-op outside a job that protects one).
+
+    A signal arriving inside is held. If the block fails, the handler in place then gets it (submitit's
+    requeues the job, which does the work again); if the block finishes, the work it saved is whole and the
+    job returns, so the signal is dropped rather than the job requeued to append the same records again.
+    """
+    if not _protected:
+        yield
+        return
+    held: list[int] = []
+    handlers = {signum: signal.getsignal(signum) for signum in _protected}
+    for signum in handlers:
+        signal.signal(signum, lambda received, frame: held.append(received))
+    try:
+        yield
+    except BaseException:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if held and callable(handlers[held[0]]):
+            handlers[held[0]](held[0], None)
+        raise
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def requested(device=None) -> bool:
     """Whether a deferred signal reached this process, or any rank of the job: ranks agree, so all save at
     the same step (one all-reduce of a flag per step, only while armed and under torch.distributed)."""
     if not _armed:
         return False
+    import torch  # here: the probe imports this module for ``uncut`` alone
+    import torch.distributed as dist
+
     flag = bool(_noted)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = torch.tensor([int(flag)], device=device)

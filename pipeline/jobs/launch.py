@@ -1,4 +1,5 @@
-"""A plan's members as jobs, through submitit: SLURM jobs, or processes of this machine (its local executor).
+"""A plan's members, extractions and probe sweeps as jobs, through submitit: SLURM jobs, or processes of
+this machine (its local executor).
 
 ``pretrain --plan FILE --launcher slurm|local`` submits one job per member that is neither done nor
 running nor already submitted, as one job array. Each job trains its member with
@@ -7,6 +8,10 @@ process the RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR that torchrun would. A 
 or that reaches its time limit, is requeued by submitit (the job is ``Checkpointable``). At SLURM's
 signal the training loop writes a checkpoint at its next step (pipeline.core.preemption) before submitit
 requeues the job, which resumes there.
+
+``extract --launcher`` submits the extraction as one job (DDP over its GPUs, resuming from each array's
+first missing chunk), and ``probe --cat N --from POOL --launcher`` one job per batch of subsets as one
+process cuts them (``--memory-gib``), each writing the records one process writes.
 
 Every submission appends ``{member, job_id, launcher, folder}`` to ``JOBS/jobs.jsonl`` (``JOBS``:
 ``--jobs-dir``, default ``RUNS/.jobs``), beside submitit's scripts and logs; ``timecat status`` reads it.
@@ -17,12 +22,12 @@ from __future__ import annotations
 import json
 import pickle
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import submitit
 
-from pipeline.configs import ExtractConfig, LaunchConfig, PretrainConfig
+from pipeline.configs import ExtractConfig, LaunchConfig, PretrainConfig, ProbeConfig
 from pipeline.core import files, preemption
 from pipeline.core.errors import TimecatError
 from pipeline.data.splits import read_manifest
@@ -69,6 +74,78 @@ class ExtractJob(submitit.helpers.Checkpointable):
         return extract(config, Path(self.data_root), Path(self.runs_root), self.cache_path)
 
 
+class SweepJob(submitit.helpers.Checkpointable):
+    """One batch of a ``--cat`` sweep's subsets, fitted as one process fits that batch: the same records.
+
+    Requeued as it is after preemption, it fits the batch again; its records are appended in one block the
+    signal does not cut (pipeline.core.preemption), so none is appended twice.
+    """
+
+    def __init__(self, config: ProbeConfig, subsets: list, order: list, cache_path: str, results_root, extra: dict):
+        self.config, self.subsets, self.order = config, subsets, order
+        self.cache_path, self.results_root, self.extra = cache_path, results_root, extra
+        # a share of a sweep of several subsets: fitted as one process fits that batch (pipeline.probe.run)
+        self.sizes = None if extra["sweep"]["subsets"] == 1 else [len(subsets)]
+
+    def __call__(self) -> list[dict]:
+        from pipeline.probe.run import probe, probe_many
+
+        environment = submitit.JobEnvironment()
+        if environment.num_tasks > 1:  # every task would append the same records
+            raise TimecatError(f"a sweep's job runs one process, not {environment.num_tasks}")
+        preemption.protect(environment._usr_sig())
+        try:
+            if self.config.batched:  # the batch as one process fits it: one fit, members in the sweep's order
+                return probe_many(
+                    self.config, self.subsets, self.cache_path, self.results_root, self.extra, sizes=self.sizes,
+                    order=self.order,
+                )  # fmt: skip
+            return [
+                probe(replace(self.config, members=tuple(s)), self.cache_path, self.results_root, self.extra)
+                for s in self.subsets
+            ]
+        finally:
+            preemption.disarm()
+
+
+def submit_sweep(
+    config: ProbeConfig, chosen: list[tuple[str, ...]], extra: dict, cache_path: str, results_root, launch, runs_root
+) -> tuple[list[dict], list[dict] | None]:
+    """Submit a sweep's subsets as a job array, one job per batch as one process cuts them (``--memory-gib``;
+    one subset per job for protocols without the batched solver). Returns a row per job and, with
+    ``launch.wait``, every record in subset order (None if a job failed)."""
+    from pipeline.probe.run import batch_positions
+
+    batched = config.batched  # one process's cut; the other protocols fit one subset at a time
+    batches = batch_positions(config, chosen, cache_path, 1) if batched else [[i] for i in range(len(chosen))]
+    order = list(dict.fromkeys(m for subset in chosen for m in subset))
+    folder = jobs_folder(launch, runs_root)
+    ex = executor(launch, folder, one_process=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    with ex.batch():
+        jobs = [
+            ex.submit(SweepJob(config, [chosen[i] for i in batch], order, cache_path, results_root, extra))
+            for batch in batches
+        ]
+    cat = len(chosen[0])
+    names = [f"probe:{config.dataset}:Cat{cat}:{k}/{len(jobs)}" for k in range(1, len(jobs) + 1)]
+    rows = [_record_job(name, job, launch, folder) for name, job in zip(names, jobs, strict=True)]
+    if not launch.wait:
+        return rows, None
+    _wait(jobs, names, rows)
+    if any(r["state"] == "failed" for r in rows):
+        return rows, None
+    return rows, [record for job in jobs for record in job.result()]
+
+
+def _record_job(name: str, job, launch: LaunchConfig, folder: Path) -> dict:
+    """Append a submitted job to the job list; its row (what was submitted, and its log)."""
+    record = {"member": name, "job_id": job.job_id, "launcher": launch.launcher, "folder": str(folder)}
+    with files.open_append(folder / JOBS_FILE) as fd:
+        files.append_all_or_nothing(fd, (json.dumps(record) + "\n").encode(), f"the job list {folder}")
+    return {**record, "state": "submitted", "submitted": True, "log": str(job.paths.stderr)}
+
+
 def submit_extract(
     config: ExtractConfig, data_root: Path, runs_root: Path, cache_path: str, launch: LaunchConfig
 ) -> list[dict]:
@@ -80,10 +157,7 @@ def submit_extract(
     folder.mkdir(parents=True, exist_ok=True)
     job = ex.submit(ExtractJob(asdict(config), str(data_root), str(runs_root), str(cache_path)))
     name = f"extract:{config.dataset}:{','.join(config.members)}"
-    record = {"member": name, "job_id": job.job_id, "launcher": launch.launcher, "folder": str(folder)}
-    with files.open_append(folder / JOBS_FILE) as fd:
-        files.append_all_or_nothing(fd, (json.dumps(record) + "\n").encode(), f"the job list {folder}")
-    rows = [{**record, "state": "submitted", "submitted": True, "log": str(job.paths.stderr)}]
+    rows = [_record_job(name, job, launch, folder)]
     if launch.wait:
         _wait([job], [name], rows)
     return rows
@@ -93,12 +167,15 @@ def jobs_folder(launch: LaunchConfig, runs_root: Path) -> Path:
     return Path(launch.jobs) if launch.jobs is not None else Path(runs_root) / ".jobs"
 
 
-def executor(launch: LaunchConfig, folder: Path):
-    """submitit's executor for ``launch``: one task per GPU (one on a CPU), the cluster options asked for.
+def executor(launch: LaunchConfig, folder: Path, one_process: bool = False):
+    """submitit's executor for ``launch``: one task per GPU (one on a CPU), the cluster options asked for;
+    ``one_process``: one task on one node with at most one GPU (a sweep's batch fits on one device).
 
     submitit's SLURM executor needs ``srun`` on this machine (a cluster's login node has it); without
     one the error says so, and ``sbatch_script`` still writes the script it would submit.
     """
+    if one_process:
+        launch = replace(launch, nodes=1, gpus_per_node=min(1, launch.gpus_per_node))
     tasks = max(1, launch.gpus_per_node)
     slurm = _slurm_options(launch)
     if launch.launcher != "slurm":
@@ -197,6 +274,8 @@ def job_state(record: dict, runs_root: Path) -> dict:
     # its member may be submitted again); alive, it trains once it holds the member's lock.
     if not files.pid_alive(int(record["job_id"])):
         return {"job_state": "lost", "error": "its process ended without a result (killed?)", "log": str(paths.stderr)}
+    if ":" in record["member"]:  # an extraction or a sweep's batch (a member's name has no colon): it runs
+        return {"job_state": "running"}
     held = checkpoints.holder(Path(runs_root), record["member"])
     return {"job_state": "running" if held else "pending"}
 
@@ -229,11 +308,7 @@ def submit_plan(configs: list[PretrainConfig], data_root: Path, runs_root: Path,
         folder.mkdir(parents=True, exist_ok=True)
         with ex.batch():
             jobs = [ex.submit(MemberJob(asdict(c), str(data_root), str(runs_root))) for c in todo]
-        for config, job in zip(todo, jobs, strict=True):
-            record = {"member": config.name, "job_id": job.job_id, "launcher": launch.launcher, "folder": str(folder)}
-            with files.open_append(folder / JOBS_FILE) as fd:
-                files.append_all_or_nothing(fd, (json.dumps(record) + "\n").encode(), f"the job list {folder}")
-            rows.append({**record, "state": "submitted", "submitted": True, "log": str(job.paths.stderr)})
+        rows += [_record_job(config.name, job, launch, folder) for config, job in zip(todo, jobs, strict=True)]
         if launch.wait:
             _wait(jobs, [c.name for c in todo], rows)
     return rows

@@ -30,7 +30,7 @@ import numpy as np
 import cache
 from pipeline import __version__
 from pipeline.configs import ProbeConfig
-from pipeline.core import distributed, files, stats
+from pipeline.core import distributed, files, preemption, stats
 from pipeline.core.errors import TimecatError
 from pipeline.core.memory import peak_rss_mib
 from pipeline.core.progress import get_logger, plural, progress
@@ -143,7 +143,8 @@ def probe(
     except cache.CacheError as e:
         raise TimecatError(str(e)) from None
     record = _record(config, measured, context, len(inputs.y_train), inputs.y_eval, started, extra)
-    _save(results_root, record, measured, inputs.y_eval, context)
+    with preemption.uncut():  # a job's record is appended whole, or not at all (pipeline.jobs)
+        _save(results_root, record, measured, inputs.y_eval, context)
     log_result(record, counter)
     return record
 
@@ -374,7 +375,7 @@ def _spread(place, config: ProbeConfig, subsets, cache_path: str, results_root, 
         return probe_many(config, subsets, cache_path, saved, extra, place, rows)
     # Ranks take whole batches, cut as one process cuts them: each batch is the same computation
     # on any number of ranks, so the records are those of one process, bit for bit.
-    batches = _batch_positions(config, subsets, cache_path, place.world_size)
+    batches = batch_positions(config, subsets, cache_path, place.world_size)
     mine = [i for batch in batches[place.rank :: place.world_size] for i in batch]
     sizes = [len(batch) for batch in batches[place.rank :: place.world_size]]
     records, order = [], list(dict.fromkeys(m for s in subsets for m in s))
@@ -385,7 +386,7 @@ def _spread(place, config: ProbeConfig, subsets, cache_path: str, results_root, 
     return [done[i] for i in range(len(subsets))]
 
 
-def _batch_positions(config: ProbeConfig, subsets, cache_path: str, ranks: int) -> list[list[int]]:
+def batch_positions(config: ProbeConfig, subsets, cache_path: str, ranks: int) -> list[list[int]]:
     """Subset positions in the batches one process would fit (from metadata alone).
 
     With fewer such batches than ranks, the subsets are dealt into ``ranks``
@@ -425,7 +426,8 @@ def _fit_subsets(store, config: ProbeConfig, members: list[str], subsets, rows, 
     where = c_search.device()
     try:
         context = _checked(store, config, members)
-        whole = len(subsets) == 1 and sum(context["dims"][m] for m in subsets[0]) <= bl.FULL_DIMS
+        # ``sizes``: a share of a larger sweep (a rank's or a job's), fitted as the whole sweep fits it
+        whole = sizes is None and len(subsets) == 1 and sum(context["dims"][m] for m in subsets[0]) <= bl.FULL_DIMS
         groups = [list(subsets[0])] if whole else [[m] for m in members]
         read = functools.partial(read_blocks, store, config, groups=groups, device=where)
         train, y_train, stats = read(config.train_split, rows=rows)
@@ -479,13 +481,16 @@ def probe_many(
     members = [m for m in (order or dict.fromkeys(m for subset in subsets for m in subset)) if m in used]
     store = cache.open(cache_path)
     measured, context, n_train, y_eval = _fit_subsets(store, config, members, subsets, rows, share, sizes)
-    records = []
-    for i, (subset, fitted) in enumerate(zip(subsets, measured, strict=True), 1):
-        record = _record(replace(config, members=tuple(subset)), fitted, context, n_train, y_eval, started, extra)
-        _save(results_root, record, fitted, y_eval, context)
+    records = [
+        _record(replace(config, members=tuple(subset)), fitted, context, n_train, y_eval, started, extra)
+        for subset, fitted in zip(subsets, measured, strict=True)
+    ]
+    with preemption.uncut():  # a job's batch of records is appended whole, or not at all (pipeline.jobs)
+        for record, fitted in zip(records, measured, strict=True):
+            _save(results_root, record, fitted, y_eval, context)
+    for i, record in enumerate(records, 1):
         if len(subsets) > 1:  # a single probe logs its line in probe()
             log_result(record, f"{i}/{len(subsets)}")
-        records.append(record)
     return records
 
 
