@@ -232,12 +232,18 @@ def _job_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def _watch(runs, launch, plan_path=None) -> str:
+    """The command that shows submitted jobs' states."""
+    jobs = f" --jobs-dir {launch.jobs}" if launch.jobs is not None else ""
+    return f"timecat status{f' {plan_path}' if plan_path else ''} --runs {runs}{jobs}"
+
+
 def _submit_plan(configs, data_root, runs, launch, plan_path, as_json) -> None:
     """``pretrain --plan --launcher``: submit, print each member's job (or why none), how to watch them."""
     from pipeline.jobs.launch import submit_plan
 
     rows = submit_plan(configs, data_root, runs, launch)
-    _out(rows, as_json, lambda rows: [*_job_lines(rows), f"watch them: timecat status {plan_path} --runs {runs}"])
+    _out(rows, as_json, lambda rows: [*_job_lines(rows), f"watch them: {_watch(runs, launch, plan_path)}"])
     if any(r["state"] == "failed" for r in rows):
         raise SystemExit(1)
 
@@ -346,7 +352,7 @@ def extract(data_root, runs, cache_path, as_json, **params):
         from pipeline.jobs.launch import submit_extract
 
         rows = submit_extract(config, data_root, runs, str(cache_path), launch)
-        _out(rows, as_json, _job_lines)
+        _out(rows, as_json, lambda rows: [*_job_lines(rows), f"watch it: {_watch(runs, launch)}"])
         if any(r["state"] == "failed" for r in rows):
             raise SystemExit(1)
         return
@@ -455,7 +461,7 @@ def _submit_sweep(config, pool, cat, max_subsets, cache_path, results, runs, lau
         what = f"Cat{cat} over {plural(len(records), 'subset')}"
         _print_many(records, summarize(records), what, "subsets", path, as_json)
         return
-    watch = f"records append to {path} as each job ends; watch the jobs: timecat status --runs {runs}"
+    watch = f"records append to {path} as each job ends; watch the jobs: {_watch(runs, launch)}"
     _out(rows, as_json, lambda rows: [*_job_lines(rows), watch])
     if any(r["state"] == "failed" for r in rows):
         raise SystemExit(1)

@@ -58,9 +58,14 @@ def test_a_failing_job_reaches_the_exit_code_of_wait_and_status(data, tmp_path):
     out = run(*args, "--member", "run1", "--data-root", data, "--wait")
     assert out.exit_code == 1 and "run1: failed" in out.output, out.output
     assert "batch size 4096 exceeds the 1347 training images" in out.output
+    assert f"watch them: timecat status {path} --runs {runs}" in out.output
     status = run("status", path, "--runs", runs)
     assert "job" in status.output and "(local): failed: " in status.output and "batch size 4096" in status.output
     assert "log: " in status.output
+    alone = run("status", "--runs", runs)  # every job, without the plan
+    assert alone.exit_code == 0 and "run1: failed, job " in alone.output and "batch size 4096" in alone.output
+    nothing = run("status", "--runs", tmp_path / "elsewhere")
+    assert nothing.exit_code == 2 and "no jobs under" in nothing.output
 
 
 def test_the_slurm_script_carries_the_partition_gpus_nodes_and_time_asked_for(tmp_path):
