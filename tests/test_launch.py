@@ -99,9 +99,9 @@ def test_a_job_preempted_the_way_slurm_does_checkpoints_at_the_signal_and_resume
 
     from pipeline.jobs.launch import submit_plan
 
-    made = plans.make_plan("digits", cat=1, total_steps=120, arch="small-resnet", batch_size=64)
+    made = plans.make_plan("digits", cat=1, total_steps=80, arch="small-resnet", batch_size=64)
     member = made.members[0]
-    config = PretrainConfig(member.name, "digits", member.seed, 120, batch_size=64, checkpoint_every=0, log_every=2)
+    config = PretrainConfig(member.name, "digits", member.seed, 80, batch_size=64, checkpoint_every=0, log_every=2)
     runs = tmp_path / "runs"
     rows = submit_plan([config], data, runs, LaunchConfig(launcher="local", gpus_per_node=0))
     job = submitit.LocalJob(tmp_path / "runs/.jobs", rows[0]["job_id"])
@@ -111,17 +111,17 @@ def test_a_job_preempted_the_way_slurm_does_checkpoints_at_the_signal_and_resume
         lines = log.read_text().splitlines() if log.is_file() else []
         return max([json.loads(line).get("step", 0) for line in lines if line.endswith("}")], default=0)
 
-    deadline = time.monotonic() + 120
-    while logged_step() < 10 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 80
+    while logged_step() < 6 and time.monotonic() < deadline:
         time.sleep(0.02)
     signalled_after = logged_step()
     # SLURM signals the job's processes; here they are the children of submitit's local controller.
     job_id = rows[0]["job_id"]
     children = [int(p) for p in Path(f"/proc/{job_id}/task/{job_id}/children").read_text().split()]
-    assert children and signalled_after < 120, "the job ended before it could be signalled"
+    assert children and signalled_after < 80, "the job ended before it could be signalled"
     for child in children:
         os.kill(child, signal.SIGUSR2)  # what SLURM sends before preemption or the time limit (submitit's --signal)
-    pretrain(PretrainConfig(member.name, "digits", member.seed, 120, batch_size=64), data, tmp_path / "ref")
+    pretrain(PretrainConfig(member.name, "digits", member.seed, 80, batch_size=64), data, tmp_path / "ref")
     deadline = time.monotonic() + 180
     while not (job.paths.result_pickle.exists()) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -129,7 +129,7 @@ def test_a_job_preempted_the_way_slurm_does_checkpoints_at_the_signal_and_resume
     result = job.result()
     preempted = [json.loads(line) for line in log.read_text().splitlines() if '"preempted"' in line]
     assert len(preempted) == 1 and result["resumed_from"] == preempted[0]["step"] >= signalled_after
-    assert result["step"] == 120
+    assert result["step"] == 80
     payload = checkpoints.load(runs / member.name / "checkpoint.pt")
     ref = checkpoints.load(tmp_path / "ref" / member.name / "checkpoint.pt")["model"]
     assert payload["complete"] and all(torch.equal(ref[k], payload["model"][k]) for k in ref)
@@ -195,10 +195,11 @@ def test_a_sweep_split_over_three_local_jobs_writes_the_records_one_process_writ
     for one in single:
         two = saved[tuple(one["members"])]
         assert set(two) == set(one) and two["sweep"] == one["sweep"]  # the record one process writes, no more
+        assert two["batch"] == one["batch"] == {"subsets": 6, "batches": 3, "memory_budget_gib": config.memory_gib}
         assert_agreeing_probe(one, two)
     status = run("status", "--runs", tmp_path / "runs", "--json")
-    jobs = {r["name"]: r["job_state"] for r in json.loads(status.stdout)}
-    assert jobs == {f"probe:digits:Cat2:{k}/3": "done" for k in (1, 2, 3)}
+    jobs = {r["name"].rsplit(":", 1)[1]: r["job_state"] for r in json.loads(status.stdout)}
+    assert jobs == {f"{k}/3": "done" for k in (1, 2, 3)}
 
     refused = run(*args[:1], "--members", "m0,m1", *args[5:], "--launcher", "local")
     assert refused.exit_code == 2 and "give --cat N --from POOL" in refused.output
@@ -233,8 +234,8 @@ def test_a_preemption_signal_never_cuts_a_block_of_appends_in_two():
         signal.signal(signal.SIGUSR2, before)
 
 
-def test_a_sweeps_records_are_appended_in_one_uncut_block(tmp_path, monkeypatch):
-    """The wiring: a signal that lands while the sweep appends its records waits for the last of them."""
+def test_a_sweeps_records_are_appended_in_one_uncut_write(tmp_path, monkeypatch):
+    """The wiring: a signal that lands while the sweep appends its records waits for the append, which is one."""
     import os
     import signal
 
@@ -246,15 +247,15 @@ def test_a_sweeps_records_are_appended_in_one_uncut_block(tmp_path, monkeypatch)
     from pipeline.probe import run as probe_run
 
     names = digits_cache(tmp_path / "c.zarr", members=3)
-    seen, appended = [], []
-    save = probe_run._save
+    seen, appends = [], []
+    append = results.append
 
-    def save_and_signal(*args):
-        save(*args)
-        appended.append(len(seen))  # how many signals were handled when each record was appended
-        os.kill(os.getpid(), signal.SIGUSR2)
+    def signalled_append(root, *records):
+        os.kill(os.getpid(), signal.SIGUSR2)  # SLURM's signal, in the middle of the append
+        appends.append((len(records), len(seen)))
+        return append(root, *records)
 
-    monkeypatch.setattr(probe_run, "_save", save_and_signal)
+    monkeypatch.setattr(results, "append", signalled_append)
     before = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
     try:
         preemption.protect(signal.SIGUSR2)
@@ -263,4 +264,93 @@ def test_a_sweeps_records_are_appended_in_one_uncut_block(tmp_path, monkeypatch)
     finally:
         preemption.disarm()
         signal.signal(signal.SIGUSR2, before)
-    assert appended == [0, 0, 0] and seen == [] and len(results.load(tmp_path / "r")) == 3
+    assert appends == [(3, 0)] and seen == [] and len(results.load(tmp_path / "r")) == 3
+
+
+def test_a_sweeps_cut_counts_the_bf16_reference_and_a_job_on_another_precision_refuses(tmp_path):
+    """bf16 fits keep a per-row reference, so one process cuts them into more batches; jobs are cut for the
+    precision they will fit in, and a job whose device resolves another one refuses rather than fit its batch
+    over the memory budget, or differently from one process."""
+    from conftest import digits_cache
+
+    from pipeline.configs import ProbeConfig
+    from pipeline.jobs.launch import SweepJob, sweep_precision
+    from pipeline.probe import c_search
+    from pipeline.probe.run import batch_positions, subsets
+
+    names = digits_cache(tmp_path / "c.zarr", members=4)
+    path, chosen = str(tmp_path / "c.zarr"), subsets(names, 2, None, 0)
+    fp32 = 6 * 8 * c_search.STATE_COPIES * 4 * 10 * 33  # every pair in one batch, without a reference
+    config = ProbeConfig("digits", names, precision="fp32", memory_gib=fp32 / 2**30)
+    assert len(batch_positions(config, chosen, path, 1, "fp32")) == 1
+    assert len(batch_positions(config, chosen, path, 1, "bf16")) == 6  # 1,400 rows' reference: one pair each
+    slurm = LaunchConfig(launcher="slurm", gpus_per_node=8)
+    assert sweep_precision(ProbeConfig("digits", names), slurm, 16) == "bf16"
+    assert sweep_precision(config, slurm, 16) == "fp32"  # asked for
+    cpu = LaunchConfig(launcher="local", gpus_per_node=0)
+    here = c_search.solver_precision("auto", torch.device("cpu"), 16)[0]
+    assert sweep_precision(ProbeConfig("digits", names), cpu, 16) == here
+
+    plan = {"order": list(names), "subsets": 6, "width": 16, "precision": "bf16"}
+    job = SweepJob(config, chosen[:1], plan, path, tmp_path / "r", {"sweep": {}})  # as submitit calls it
+    with pytest.raises(TimecatError, match=r"resolves --precision fp32 to fp32 \(asked for\), but the sweep was cut"):
+        job()
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def _ranks_agree(rank: int, port: int, out: str) -> None:
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from pipeline.core import preemption
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    handled = []
+    signal.signal(signal.SIGUSR2, lambda signum, frame: handled.append(signum))
+    preemption.arm(signal.SIGUSR2)
+    first = None
+    for step in range(1, 7):
+        if rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGUSR2)  # SLURM's signal reaches one rank only
+        if preemption.requested() and first is None:
+            first = step
+    preemption.disarm()
+    dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(f"{first} {len(handled)}")
+
+
+def test_ranks_agree_on_the_step_to_checkpoint_when_one_of_them_is_signalled(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ranks_agree, args=(port, str(tmp_path / "first")), nprocs=2)
+    # Both stop at the step the signal came in, and neither ran submitit's handler in the middle of a step.
+    assert [(tmp_path / f"first.{r}").read_text() for r in (0, 1)] == ["3 0", "3 0"]
+
+
+def test_a_signal_noted_after_the_last_step_is_handed_on_when_released():
+    import os
+    import signal
+
+    from pipeline.core import preemption
+
+    handled = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: handled.append(signum))
+    try:
+        preemption.arm(signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert handled == [] and preemption.requested()
+        preemption.release()  # the final stage: submitit's handler again, and the signal it missed
+        assert handled == [signal.SIGUSR2] and not preemption.requested()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert handled == [signal.SIGUSR2] * 2
+    finally:
+        preemption.disarm()
+        signal.signal(signal.SIGUSR2, before)

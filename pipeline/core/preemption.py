@@ -5,7 +5,8 @@ signal handler, which Python runs between two bytecodes of whatever the job is d
 written there could catch the optimizer between two parameters' updates, and one not written loses
 every step since the last periodic checkpoint. So a job ``arm``s this module: the signal is only noted,
 and the training loop, at its next step boundary (``requested``), writes its checkpoint and then hands
-the signal to the handler it deferred (``handle``: submitit's, which requeues the job and exits).
+the signal to the handler it deferred (``handle``: submitit's, which requeues the job and exits). After
+its last step the loop ``release``s the signal: the final evaluation and save run as any job's would.
 
 A probe sweep's job has no steps: its fit is simply redone when requeued. But its records must not be
 cut in two, or the requeued job would append again those already appended. So the job ``protect``s its
@@ -21,6 +22,7 @@ import time
 _armed: dict = {}  # signum -> the handler it deferred; noted: the signals received since
 _noted: list[int] = []
 _protected: list[int] = []  # signals that must not cut a block of appends (``uncut``)
+_flags = None  # the gloo group ``requested`` all-reduces its flag over
 NON_MAIN_WAIT_S = 600  # how long a rank other than 0 waits, after the hand-over, for the requeue to end it
 
 
@@ -33,11 +35,13 @@ def arm(signum: int) -> None:
 
 def disarm() -> None:
     """Put the deferred handlers back and forget what was noted or protected (a job's end)."""
+    global _flags
     for signum, handler in _armed.items():
         signal.signal(signum, handler)
     _armed.clear()
     _noted.clear()
     _protected.clear()
+    _flags = None  # its process group ends with the job's
 
 
 def protect(signum: int) -> None:
@@ -72,9 +76,12 @@ def uncut():
         signal.signal(signum, handler)
 
 
-def requested(device=None) -> bool:
+def requested() -> bool:
     """Whether a deferred signal reached this process, or any rank of the job: ranks agree, so all save at
-    the same step (one all-reduce of a flag per step, only while armed and under torch.distributed)."""
+    the same step. Under torch.distributed, one all-reduce of a flag per step, on the CPU over gloo (a group
+    of its own, made at the first call, which every rank makes at the same step), so the loop never waits
+    for the GPU; nothing at all while not armed."""
+    global _flags
     if not _armed:
         return False
     import torch  # here: the probe imports this module for ``uncut`` alone
@@ -82,10 +89,25 @@ def requested(device=None) -> bool:
 
     flag = bool(_noted)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        if _flags is None:
+            _flags = dist.new_group(backend="gloo")
+        box = torch.tensor([int(flag)])
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_flags)
         flag = bool(box.item())
     return flag
+
+
+def release() -> None:
+    """Stop deferring: the handlers in place again, and a signal noted but not handled handed on now (from
+    here on, as before ``arm``, submitit requeues at once, from the last checkpoint)."""
+    noted = list(_noted)
+    for signum, handler in _armed.items():
+        signal.signal(signum, handler)
+    handlers = dict(_armed)
+    _armed.clear()
+    _noted.clear()
+    if noted and callable(handlers[noted[0]]):
+        handlers[noted[0]](noted[0], None)
 
 
 def handle(rank: int) -> None:

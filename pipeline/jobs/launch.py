@@ -19,6 +19,7 @@ Every submission appends ``{member, job_id, launcher, folder}`` to ``JOBS/jobs.j
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import time
@@ -77,28 +78,37 @@ class ExtractJob(submitit.helpers.Checkpointable):
 class SweepJob(submitit.helpers.Checkpointable):
     """One batch of a ``--cat`` sweep's subsets, fitted as one process fits that batch: the same records.
 
-    Requeued as it is after preemption, it fits the batch again; its records are appended in one block the
+    Requeued as it is after preemption, it fits the batch again; its records are appended in one write its
     signal does not cut (pipeline.core.preemption), so none is appended twice.
     """
 
-    def __init__(self, config: ProbeConfig, subsets: list, order: list, cache_path: str, results_root, extra: dict):
-        self.config, self.subsets, self.order = config, subsets, order
+    def __init__(self, config: ProbeConfig, subsets: list, plan: dict, cache_path: str, results_root, extra: dict):
+        self.config, self.subsets, self.plan = config, subsets, plan
         self.cache_path, self.results_root, self.extra = cache_path, results_root, extra
-        # a share of a sweep of several subsets: fitted as one process fits that batch (pipeline.probe.run)
-        self.sizes = None if extra["sweep"]["subsets"] == 1 else [len(subsets)]
 
     def __call__(self) -> list[dict]:
+        from pipeline.probe import c_search
         from pipeline.probe.run import probe, probe_many
 
+        plan = self.plan
+        if self.config.batched:  # the batch was cut for a precision: this device must resolve the same one
+            found, why = c_search.solver_precision(self.config.precision, c_search.device(), plan["width"])
+            if found != plan["precision"]:
+                raise TimecatError(
+                    f"this job's device resolves --precision {self.config.precision} to {found} ({why}), but the "
+                    f"sweep was cut into batches for {plan['precision']}: submit it again with --precision {found}"
+                )
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:  # every task would append the same records
             raise TimecatError(f"a sweep's job runs one process, not {environment.num_tasks}")
         preemption.protect(environment._usr_sig())
         try:
             if self.config.batched:  # the batch as one process fits it: one fit, members in the sweep's order
+                # a share of a sweep of several subsets: fitted as one process fits that batch
+                sizes = None if plan["subsets"] == 1 else [len(self.subsets)]
                 return probe_many(
-                    self.config, self.subsets, self.cache_path, self.results_root, self.extra, sizes=self.sizes,
-                    order=self.order,
+                    self.config, self.subsets, self.cache_path, self.results_root, self.extra, sizes=sizes,
+                    order=plan["order"],
                 )  # fmt: skip
             return [
                 probe(replace(self.config, members=tuple(s)), self.cache_path, self.results_root, self.extra)
@@ -108,27 +118,50 @@ class SweepJob(submitit.helpers.Checkpointable):
             preemption.disarm()
 
 
+def sweep_precision(config: ProbeConfig, launch: LaunchConfig, width: int) -> str:
+    """The solver precision a sweep's jobs will fit in (the cut into batches depends on it): the one asked
+    for; for ``auto``, bf16 on a SLURM job's GPU (compute capability 8.0 and newer, checked by the job),
+    else what this machine resolves (a local job runs here; a CPU job on SLURM is checked by the job)."""
+    import torch
+
+    from pipeline.probe import c_search
+
+    if config.precision == "auto" and launch.launcher == "slurm" and launch.gpus_per_node:
+        return "bf16"
+    where = c_search.device() if launch.gpus_per_node else torch.device("cpu")
+    return c_search.solver_precision(config.precision, where, width)[0]
+
+
 def submit_sweep(
     config: ProbeConfig, chosen: list[tuple[str, ...]], extra: dict, cache_path: str, results_root, launch, runs_root
 ) -> tuple[list[dict], list[dict] | None]:
     """Submit a sweep's subsets as a job array, one job per batch as one process cuts them (``--memory-gib``;
     one subset per job for protocols without the batched solver). Returns a row per job and, with
     ``launch.wait``, every record in subset order (None if a job failed)."""
-    from pipeline.probe.run import batch_positions
+    from pipeline.probe.run import batch_positions, member_dims, order_of
 
-    batched = config.batched  # one process's cut; the other protocols fit one subset at a time
-    batches = batch_positions(config, chosen, cache_path, 1) if batched else [[i] for i in range(len(chosen))]
-    order = list(dict.fromkeys(m for subset in chosen for m in subset))
+    order = order_of(chosen)
+    plan = {"order": order, "subsets": len(chosen)}
+    if config.batched:  # one process's cut; the other protocols fit one subset at a time
+        dims, _, _ = member_dims(config, order, cache_path)
+        plan |= {"width": max(dims.values()), "precision": sweep_precision(config, launch, max(dims.values()))}
+        batches = batch_positions(config, chosen, cache_path, 1, plan["precision"])
+        # the records state the batch of one process's sweep, not the job's share of it
+        batch = {"subsets": len(chosen), "batches": len(batches), "memory_budget_gib": config.memory_gib}
+        extra = {**extra, "batch": batch}
+    else:
+        batches = [[i] for i in range(len(chosen))]
     folder = jobs_folder(launch, runs_root)
     ex = executor(launch, folder, one_process=True)
     folder.mkdir(parents=True, exist_ok=True)
     with ex.batch():
         jobs = [
-            ex.submit(SweepJob(config, [chosen[i] for i in batch], order, cache_path, results_root, extra))
+            ex.submit(SweepJob(config, [chosen[i] for i in batch], plan, cache_path, results_root, extra))
             for batch in batches
         ]
-    cat = len(chosen[0])
-    names = [f"probe:{config.dataset}:Cat{cat}:{k}/{len(jobs)}" for k in range(1, len(jobs) + 1)]
+    # The sweep's identity in its jobs' names, so that another sweep of the same dataset and N keeps its own.
+    sweep = hashlib.sha256(json.dumps([order, str(config)]).encode()).hexdigest()[:6]
+    names = [f"probe:{config.dataset}:Cat{len(chosen[0])}:{sweep}:{k}/{len(jobs)}" for k in range(1, len(jobs) + 1)]
     rows = [_record_job(name, job, launch, folder) for name, job in zip(names, jobs, strict=True)]
     if not launch.wait:
         return rows, None

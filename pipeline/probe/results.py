@@ -83,22 +83,29 @@ def results_path(results_root: Path) -> Path:
     return Path(results_root) / RESULTS_FILE
 
 
-def append(results_root: Path, record: dict) -> Path:
-    """Append one record as a single line, under an exclusive lock, all or nothing; return the file."""
+def append(results_root: Path, *records: dict) -> Path:
+    """Append records as lines in one write, under an exclusive lock, all or nothing; return the file."""
     path = results_path(results_root)
-    line = (json.dumps(files.json_safe(record), sort_keys=True, allow_nan=False) + "\n").encode()
+    text = "".join(json.dumps(files.json_safe(r), sort_keys=True, allow_nan=False) + "\n" for r in records)
     with files.open_append(path) as fd:
         try:
             locks.lock_fd(fd, str(path))  # released when the descriptor closes
         except CacheError as e:  # a filesystem without locks
             raise TimecatError(str(e)) from None
-        files.append_all_or_nothing(fd, line, f"a record to {path}")
+        what = f"a record to {path}" if len(records) == 1 else f"{len(records)} records to {path}"
+        files.append_all_or_nothing(fd, text.encode(), what)
     return path
 
 
 def save(results_root: Path, record: dict, top5: np.ndarray, labels: np.ndarray, head: Head | None = None) -> Path:
     """Write a probe's eval predictions (and its head), then append its record (which names them); return the
     JSONL file."""
+    write_outputs(results_root, record, top5, labels, head)
+    return append(results_root, record)
+
+
+def write_outputs(results_root: Path, record: dict, top5: np.ndarray, labels: np.ndarray, head: Head | None) -> None:
+    """Write a probe's eval predictions (and its head) and name them in its record, which is not appended yet."""
     relative = f"{PREDICTIONS_DIR}/{record['id']}.npz"
 
     def write(tmp: Path) -> None:
@@ -109,7 +116,6 @@ def save(results_root: Path, record: dict, top5: np.ndarray, labels: np.ndarray,
     record["predictions"] = relative
     if head is not None:
         record["head"] = save_head(results_root, record["id"], head)
-    return append(results_root, record)
 
 
 def save_head(results_root: Path, record_id: str, head: Head) -> str:

@@ -143,8 +143,7 @@ def probe(
     except cache.CacheError as e:
         raise TimecatError(str(e)) from None
     record = _record(config, measured, context, len(inputs.y_train), inputs.y_eval, started, extra)
-    with preemption.uncut():  # a job's record is appended whole, or not at all (pipeline.jobs)
-        _save(results_root, record, measured, inputs.y_eval, context)
+    _save(results_root, [record], [measured], inputs.y_eval, context)
     log_result(record, counter)
     return record
 
@@ -187,11 +186,19 @@ def _head_of(measured: Measured, members, context: dict) -> results.Head | None:
     return results.Head(tuple(members), dims, **measured.head, classes=tuple(map(str, context["classes"])))
 
 
-def _save(results_root, record: dict, measured: Measured, y_eval: np.ndarray, context: dict) -> None:
-    """With a results folder, the record, its eval predictions and its head (``results.save``)."""
-    if results_root is not None:
-        head = _head_of(measured, record["members"], context)
-        results.save(results_root, record, measured.eval_top5, y_eval, head)
+def _save(results_root, records: list[dict], measured: list[Measured], y_eval: np.ndarray, context: dict) -> None:
+    """With a results folder, each record's eval predictions and head, then the records in one append.
+
+    A job's records are appended whole or not at all: a requeued job, which probes again, never appends
+    again what was appended (the append is one write, in a block its preemption signal does not cut).
+    """
+    if results_root is None:
+        return
+    for record, fitted in zip(records, measured, strict=True):
+        head = _head_of(fitted, record["members"], context)
+        results.write_outputs(results_root, record, fitted.eval_top5, y_eval, head)
+    with preemption.uncut():
+        results.append(results_root, *records)
 
 
 def _checked(store: cache.Cache, config: ProbeConfig, members) -> dict:
@@ -375,10 +382,12 @@ def _spread(place, config: ProbeConfig, subsets, cache_path: str, results_root, 
         return probe_many(config, subsets, cache_path, saved, extra, place, rows)
     # Ranks take whole batches, cut as one process cuts them: each batch is the same computation
     # on any number of ranks, so the records are those of one process, bit for bit.
-    batches = batch_positions(config, subsets, cache_path, place.world_size)
+    dims, _, _ = member_dims(config, order_of(subsets), cache_path)
+    precision = c_search.solver_precision(config.precision, c_search.device(), max(dims.values()))[0]
+    batches = batch_positions(config, subsets, cache_path, place.world_size, precision, rows)
     mine = [i for batch in batches[place.rank :: place.world_size] for i in batch]
     sizes = [len(batch) for batch in batches[place.rank :: place.world_size]]
-    records, order = [], list(dict.fromkeys(m for s in subsets for m in s))
+    records, order = [], order_of(subsets)
     if mine:
         chosen = [subsets[i] for i in mine]
         records = probe_many(config, chosen, cache_path, results_root, extra, rows=rows, sizes=sizes, order=order)
@@ -386,21 +395,35 @@ def _spread(place, config: ProbeConfig, subsets, cache_path: str, results_root, 
     return [done[i] for i in range(len(subsets))]
 
 
-def batch_positions(config: ProbeConfig, subsets, cache_path: str, ranks: int) -> list[list[int]]:
-    """Subset positions in the batches one process would fit (from metadata alone).
+def order_of(subsets) -> list[str]:
+    """The members of ``subsets`` in order of first use: the order one process numbers (and sums) them in."""
+    return list(dict.fromkeys(m for subset in subsets for m in subset))
+
+
+def member_dims(config: ProbeConfig, members, cache_path: str) -> tuple[dict[str, int], int, int]:
+    """Each member's width, the train split's rows and the classes' width, from the cache's metadata alone."""
+    store = cache.open(cache_path)
+    try:
+        dims = {m: store.dim(config.dataset, config.train_split, m) for m in members}
+        rows = store.shape(config.dataset, config.train_split, next(iter(dims)))[0]
+        width = c_search.width_of(len(store.split_attrs(config.dataset, config.train_split)["classes"]))
+    except cache.CacheError as e:
+        raise TimecatError(str(e)) from None
+    return dims, rows, width
+
+
+def batch_positions(config: ProbeConfig, subsets, cache_path: str, ranks: int, precision: str, rows=None):
+    """Subset positions in the batches one process would fit (from metadata alone), for the solver's
+    ``precision`` (bf16 keeps a per-row reference, which the cut counts) on ``rows`` (default: every train row).
 
     With fewer such batches than ranks, the subsets are dealt into ``ranks``
     batches instead, so no rank idles; those records then agree with one
     process's to the solver's tolerance rather than bit for bit.
     """
-    store = cache.open(cache_path)
-    try:
-        members = dict.fromkeys(m for s in subsets for m in s)
-        dims = {m: store.dim(config.dataset, config.train_split, m) for m in members}
-        width = c_search.width_of(len(store.split_attrs(config.dataset, config.train_split)["classes"]))
-    except cache.CacheError as e:
-        raise TimecatError(str(e)) from None
-    cut = c_search.groups(subsets, dims, width, c_search.candidates(config), c_search.budget(config))
+    dims, n_rows, width = member_dims(config, order_of(subsets), cache_path)
+    n_rows = n_rows if rows is None else len(rows)
+    budget, reference = c_search.budget(config), c_search.reference_rows(precision, n_rows)
+    cut = c_search.groups(subsets, dims, width, c_search.candidates(config), budget, reference)
     if len(cut) < ranks:
         return [list(range(r, len(subsets), ranks)) for r in range(ranks)]
     ends = np.cumsum([0, *map(len, cut)])
@@ -485,9 +508,7 @@ def probe_many(
         _record(replace(config, members=tuple(subset)), fitted, context, n_train, y_eval, started, extra)
         for subset, fitted in zip(subsets, measured, strict=True)
     ]
-    with preemption.uncut():  # a job's batch of records is appended whole, or not at all (pipeline.jobs)
-        for record, fitted in zip(records, measured, strict=True):
-            _save(results_root, record, fitted, y_eval, context)
+    _save(results_root, records, measured, y_eval, context)
     for i, record in enumerate(records, 1):
         if len(subsets) > 1:  # a single probe logs its line in probe()
             log_result(record, f"{i}/{len(subsets)}")

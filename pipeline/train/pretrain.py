@@ -499,12 +499,12 @@ def train(run: Run, start: int, ckpt: Path, write, bar) -> None:
                     )
                     bar.set_postfix(loss=f"{loss:.3f}")
                     window_start, window_loss, window_steps, window = now, 0.0, 0, []
-                if step < config.steps:
-                    _periodic(run, step, ckpt, write, window_loss / max(1, window_steps), window)
-                if step < config.steps and preemption.requested(d.device):  # a job's signal (pipeline.jobs)
+                if preemption.requested():  # a job's signal (pipeline.jobs): save first, nothing else
                     _periodic(run, step, ckpt, write, window_loss / max(1, window_steps), window, preempted=True)
                     log.warning("%s: checkpoint at step %d on the job's preemption signal", config.name, step)
                     preemption.handle(d.rank)  # submitit requeues the job, which resumes at this step
+                if step < config.steps:
+                    _periodic(run, step, ckpt, write, window_loss / max(1, window_steps), window)
                 if step == config.steps:
                     break
 
@@ -642,6 +642,7 @@ def _train_member(config, data_root: Path, runs_root: Path, d: distributed.Dist,
             write({"event": "resume", "step": start, "world_size": d.world_size})
         with progress(total=config.steps, initial=start, desc=config.name, unit="step") as bar:
             train(run, start, ckpt, write, bar)
+        preemption.release()  # the final stage runs as any job's: a signal now requeues from the last checkpoint
         train_seconds = time.perf_counter() - started
         check_weights(run, config.steps)  # the last steps' losses were checked by their log record
         final = None
