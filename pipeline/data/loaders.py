@@ -368,14 +368,30 @@ def eval_loader(
     A rank of a multi-process extraction reads only its own contiguous range;
     FFCV's distributed mode would interleave rows across ranks instead.
     """
-    total = _row_count(beton)  # checks the file first
-    quiet_numba_finalizers()
     image = [
         CenterCropRGBImageDecoder((pre.resolution, pre.resolution), ratio=pre.crop_ratio),
         _normalize(pre),
         ToTensor(),
         ToTorchImage(),
     ]
+    return _in_order(beton, image, batch_size, num_workers, start_row, stop_row)
+
+
+def whole_loader(
+    beton: Path, size: tuple[int, int], batch_size: int, num_workers: int, start_row: int = 0, stop_row=None
+) -> Loader:
+    """Like ``eval_loader``, but uint8 batches (B, 3, height, width) of each image unresized in its top-left
+    corner (pipeline.data.whole), for a resize and normalisation in torch; ``size``: the largest image's."""
+    from pipeline.data.whole import WholeImageDecoder
+
+    image = [WholeImageDecoder(*size), ToTensor(), ToTorchImage()]
+    return _in_order(beton, image, batch_size, num_workers, start_row, stop_row)
+
+
+def _in_order(beton: Path, image: list, batch_size: int, num_workers: int, start_row: int, stop_row) -> Loader:
+    """FFCV's loader of rows [start_row, stop_row) in dataset order through the ``image`` pipeline."""
+    total = _row_count(beton)  # checks the file first
+    quiet_numba_finalizers()
     return Loader(
         str(beton),
         batch_size=batch_size,
@@ -386,32 +402,6 @@ def eval_loader(
         # uint64 like FFCV's own default: int64 indices mix with its uint64 maths into float64.
         indices=_row_indices(total, start_row, stop_row),
         pipelines={"image": image, "label": _label_pipeline()},
-    )
-
-
-def whole_loader(
-    beton: Path,
-    size: tuple[int, int],
-    batch_size: int,
-    num_workers: int,
-    start_row: int = 0,
-    stop_row: int | None = None,
-) -> Loader:
-    """Like ``eval_loader``, but uint8 batches (B, 3, height, width) of each image unresized in its top-left
-    corner (pipeline.data.whole), for a resize and normalisation in torch; ``size``: the largest image's."""
-    from pipeline.data.whole import WholeImageDecoder
-
-    total = _row_count(beton)
-    quiet_numba_finalizers()
-    return Loader(
-        str(beton),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        order=OrderOption.SEQUENTIAL,
-        drop_last=False,
-        os_cache=True,
-        indices=_row_indices(total, start_row, stop_row),
-        pipelines={"image": [WholeImageDecoder(*size), ToTensor(), ToTorchImage()], "label": _label_pipeline()},
     )
 
 
