@@ -137,21 +137,29 @@ def test_extraction_is_the_models_own_eval_transform_on_real_photos(weights, tmp
     src = str(tmp_path / "src")
     assert run("prepare", "imagefolder", "--train", src, "--test", src, "--data-root", data).exit_code == 0
     specs = f"vit=timm:test_vit@{weights['vit'][1]},cnn=timm:test_resnet@{weights['cnn'][1]}"
-    common = ("--dataset", "imagefolder", "--splits", "test", "--runs", tmp_path / "runs")
-    out = run("extract", "--members", specs, "--data-root", data, "--cache", store, *common)
+    common = ("--dataset", "imagefolder", "--splits", "test", "--runs", tmp_path / "runs", "--batch-size", "5")
+    common += ("--chunk-rows", "5", "--data-root", data, "--cache", store)
+    out = run("extract", "--members", specs, *common)
     assert out.exit_code == 0, out.output
 
     paths = sorted((tmp_path / "src").glob("*/*.png"))  # the imagefolder reader's row order
+    expected = {}
     for name, kernel in (("vit", "bicubic"), ("cnn", "bilinear")):
         net = weights[name][0]
         config = timm.data.resolve_model_data_config(net)
         transform = timm.data.create_transform(**config, is_training=False)
-        expected = _timm_features(net, torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]))
+        expected[name] = _timm_features(net, torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]))
         features, _ = cache.open(store).features("imagefolder", "test", [name])
-        error = np.linalg.norm(features - expected, axis=1) / np.linalg.norm(expected, axis=1)
+        error = np.linalg.norm(features - expected[name], axis=1) / np.linalg.norm(expected[name], axis=1)
         assert error.max() < 5e-3, (name, error)  # PIL rounds between its two resize passes; torch does not
         pre = cache.open(store).provenance("imagefolder", "test", name)["preprocessing"]
         assert (config["interpolation"], pre["interpolation"], pre["resize_px"]) == (kernel, kernel, 168)
+    # Resumed from row 5 (a deleted chunk), as a rank or a requeued job starts mid-split: each image keeps its size.
+    (tmp_path / "features.zarr/imagefolder/test/features/cnn/c/1/0").unlink()
+    assert run("extract", "--members", specs, *common).exit_code == 0
+    features, _ = cache.open(store).features("imagefolder", "test", ["cnn"])
+    error = np.linalg.norm(features - expected["cnn"], axis=1) / np.linalg.norm(expected["cnn"], axis=1)
+    assert error.max() < 5e-3, error
 
 
 def test_a_models_resize_is_its_librarys_and_one_timecat_cannot_apply_is_refused():
