@@ -201,9 +201,7 @@ class Decode:
         """The members' input from a decoded batch (views are cropped from it instead); ``sizes``: each image's
         (height, width), for ``whole`` images."""
         if self.whole:
-            out_px, resize_px, kernel = self.resize
-            resize = {"resize_px": resize_px, "kernel": kernel, "crop_mode": self.crop_mode}
-            return model_transform(images, sizes, out_px, resize, self.loader.mean, self.loader.std)
+            return model_transform(images, sizes, *self.resize, self.crop_mode, self.loader.mean, self.loader.std)
         return resize_center(images, *self.resize) if self.resize else images
 
 
@@ -237,13 +235,12 @@ def image_sizes(data_root: Path, dataset: str, split: str) -> np.ndarray:
     return sizes(beton_path(data_root, dataset, split))
 
 
-def member_decode(m: Member, recipe: recipes.Recipe, data_root: Path, dataset: str, split: str, views: bool):
+def member_decode(m: Member, recipe: recipes.Recipe, views: bool, sizes: np.ndarray | None = None) -> Decode:
     """``decode_for`` one member's arrays of a split: a timm or torchvision model's plain features from whole
-    images, resized with its own eval transform."""
+    images (``sizes``: the split's ``image_sizes``), resized with its own eval transform."""
     pre = Preprocess.from_dict(m.preprocess)
     if m.own_kernel() and not views:
-        largest = image_sizes(data_root, dataset, split).max(axis=0, initial=1).tolist()
-        return decode_for(pre, recipe, views, m.payload["resize"], largest)
+        return decode_for(pre, recipe, views, m.payload["resize"], sizes.max(axis=0, initial=1).tolist())
     return decode_for(pre, recipe, views)
 
 
@@ -251,7 +248,6 @@ def prepare_arrays(
     store: cache.WritableCache,
     config: ExtractConfig,
     setting: Setting,
-    data_root: Path,
     split: str,
     members: list[Member],
     manifest: dict,
@@ -264,7 +260,7 @@ def prepare_arrays(
     todo = []
     for m in members:
         for view in targets(config, split):
-            provenance = array_provenance(m, config, setting, data_root, split, fingerprint, view)
+            provenance = array_provenance(m, config, setting, split, fingerprint, view)
             action = store.decide(
                 config.dataset, split, m.name, provenance, overwrite=config.overwrite, repair=config.repair, view=view
             )
@@ -286,13 +282,13 @@ def prepare_arrays(
 
 
 def array_provenance(
-    m: Member, config: ExtractConfig, setting: Setting, data_root: Path, split: str, fingerprint: str, view: int | None
+    m: Member, config: ExtractConfig, setting: Setting, split: str, fingerprint: str, view: int | None
 ) -> dict:
     """What the array of member ``m`` (and ``view``) for ``split`` will record of where its features come from."""
     own = m.own_kernel() and view is None
     provenance = m.provenance(config.dataset, split, fingerprint, setting.recipe, setting.precision, own)
     if view is not None:
-        decode = member_decode(m, setting.recipe, data_root, config.dataset, split, views=True)
+        decode = member_decode(m, setting.recipe, views=True)
         spec = setting.view_spec
         provenance.update(view=view, view_seed=spec.seed, views=spec.describe(decode.loader.resolution, decode.out_px))
     return provenance
@@ -306,7 +302,7 @@ def refuse_before_writing(store: cache.WritableCache, config: ExtractConfig, set
         fingerprint = read_manifest(data_root, config.dataset, split)["fingerprint"]
         for m in members:
             for view in targets(config, split):
-                provenance = array_provenance(m, config, setting, data_root, split, fingerprint, view)
+                provenance = array_provenance(m, config, setting, split, fingerprint, view)
                 store.decide(
                     config.dataset,
                     split,
@@ -323,12 +319,13 @@ def _group_writers(
     store: cache.WritableCache,
     config: ExtractConfig,
     setting: Setting,
-    data_root: Path,
+    sizes: np.ndarray | None,
     split: str,
     todo: list[tuple[Member, int | None]],
     d: distributed.Dist,
 ) -> dict[tuple, list[tuple[Member, int | None, cache.FeatureWriter]]]:
-    """This rank's writers, grouped by what the loader must decode: (decode, views?, start row, stop row)."""
+    """This rank's writers, grouped by what the loader must decode: (decode, views?, start row, stop row);
+    ``sizes``: the split's image sizes, where a member decodes whole images."""
 
     groups: dict[tuple, list] = {}
     for m, view in todo:
@@ -341,7 +338,7 @@ def _group_writers(
         if writer.next_row > lo:
             where = cache.layout.describe(config.dataset, split, view)
             log.info("%s %s: resuming at row %d", where, m.name, writer.next_row)
-        decode = member_decode(m, setting.recipe, data_root, config.dataset, split, view is not None)
+        decode = member_decode(m, setting.recipe, view is not None, sizes)
         key = (decode, view is not None, writer.next_row, hi)
         groups.setdefault(key, []).append((m, view, writer))
     return groups
@@ -365,16 +362,16 @@ def run_members(
     from pipeline.data.loaders import eval_loader, to_model_input, whole_loader
 
     beton = beton_path(data_root, config.dataset, split)
-    groups = _group_writers(store, config, setting, data_root, split, todo, d)
+    whole = any(m.own_kernel() and view is None for m, view in todo)  # read the split's sizes once, if needed
+    sizes = image_sizes(data_root, config.dataset, split) if whole else None
+    groups = _group_writers(store, config, setting, sizes, split, todo, d)
     for (decode, views, start, stop), group in groups.items():
         names = ",".join(sorted({m.name for m, _, _ in group}))
         desc = f"extract {config.dataset}/{split}{' views' if views else ''} [{names}]"
         background = cache.BackgroundWriter(max_pending=4 * len(group))
         if decode.whole:
-            sizes = image_sizes(data_root, config.dataset, split)
             loader = whole_loader(beton, decode.whole, config.batch_size, config.num_workers, start, stop)
         else:
-            sizes = None
             loader = eval_loader(beton, decode.loader, config.batch_size, config.num_workers, start, stop)
         row = start
         with progress(total=stop - start, desc=desc, unit="img") as bar:
@@ -391,7 +388,7 @@ def run_members(
                             for v in sorted({view for _, view, _ in group})
                         }
                     else:
-                        batch_sizes = None if sizes is None else sizes[row : row + len(batch_labels)]
+                        batch_sizes = sizes[row : row + len(batch_labels)] if decode.whole else None
                         inputs = {None: decode.apply(images, batch_sizes)}
                     for m, view, writer in group:
                         background.append(writer, extract_batch([m.model], inputs[view], setting.precision)[0])
@@ -417,7 +414,7 @@ def extract_split(
 
     manifest = read_manifest(data_root, config.dataset, split)
     labels = read_labels(beton_path(data_root, config.dataset, split), manifest)
-    todo = prepare_arrays(store, config, setting, data_root, split, members, manifest, labels) if d.is_main else None
+    todo = prepare_arrays(store, config, setting, split, members, manifest, labels) if d.is_main else None
     todo = d.broadcast(todo)  # every rank waits here until rank 0 has created the arrays
     by_name = {m.name: m for m in members}
     run_members(store, config, setting, data_root, split, [(by_name[n], view) for n, view in todo], labels, d)

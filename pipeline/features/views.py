@@ -135,22 +135,24 @@ def resized_size(height: int, width: int, resize_px: int, crop_mode: str) -> tup
     return (longer, resize_px) if width <= height else (resize_px, longer)
 
 
-def model_transform(images: torch.Tensor, sizes: np.ndarray, out_px: int, resize: dict, mean, std) -> torch.Tensor:
+def model_transform(
+    images: torch.Tensor, sizes: np.ndarray, out_px: int, resize_px: int, kernel: str, crop_mode: str, mean, std
+) -> torch.Tensor:
     """A timm or torchvision model's own eval transform, in torch on the batch's device.
 
     ``images``: (B, 3, H, W) uint8 with image k unresized, ``sizes[k]`` = (height, width), in its top-left corner
-    (pipeline.data.whole). Each image is resized as torchvision's Resize does (``resized_size``) with PIL's
-    kernel ``resize["kernel"]``, rounded and clamped to 0-255 as PIL's uint8 output is, centre-cropped to
-    ``out_px`` at torchvision's CenterCrop offsets, and normalised with ``mean`` and ``std`` (0-255 scale):
+    (pipeline.data.whole). Each image is resized as torchvision's Resize(resize_px) does (``resized_size``) with
+    PIL's ``kernel``, rounded and clamped to 0-255 as PIL's uint8 output is, centre-cropped to ``out_px`` at
+    torchvision's CenterCrop offsets, and normalised with ``mean`` and ``std`` (0-255 scale):
     (B, 3, out_px, out_px) float32. Images of one size share one interpolate call.
     """
     out = torch.empty((len(images), 3, out_px, out_px), dtype=torch.float32, device=images.device)
     sizes = np.asarray(sizes).reshape(-1, 2)
     for height, width in np.unique(sizes, axis=0).tolist():
         rows = torch.from_numpy(np.flatnonzero((sizes == (height, width)).all(axis=1))).to(images.device)
-        new_h, new_w = resized_size(height, width, resize["resize_px"], resize["crop_mode"])
+        new_h, new_w = resized_size(height, width, resize_px, crop_mode)
         image = images[rows, :, :height, :width].float()
-        image = F.interpolate(image, size=(new_h, new_w), mode=resize["kernel"], antialias=True, align_corners=False)
+        image = F.interpolate(image, size=(new_h, new_w), mode=kernel, antialias=True, align_corners=False)
         top, left = round((new_h - out_px) / 2.0), round((new_w - out_px) / 2.0)  # torchvision's CenterCrop
         out[rows] = image[:, :, top : top + out_px, left : left + out_px].round().clamp(0, 255)
     mean = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)

@@ -382,9 +382,7 @@ def _spread(place, config: ProbeConfig, subsets, cache_path: str, results_root, 
         return probe_many(config, subsets, cache_path, saved, extra, place, rows)
     # Ranks take whole batches, cut as one process cuts them: each batch is the same computation
     # on any number of ranks, so the records are those of one process, bit for bit.
-    dims, _, _ = member_dims(config, order_of(subsets), cache_path)
-    precision = c_search.solver_precision(config.precision, c_search.device(), max(dims.values()))[0]
-    batches = batch_positions(config, subsets, cache_path, place.world_size, precision, rows)
+    batches = batch_positions(config, subsets, cache_path, place.world_size, None, rows)
     mine = [i for batch in batches[place.rank :: place.world_size] for i in batch]
     sizes = [len(batch) for batch in batches[place.rank :: place.world_size]]
     records, order = [], order_of(subsets)
@@ -412,9 +410,10 @@ def member_dims(config: ProbeConfig, members, cache_path: str) -> tuple[dict[str
     return dims, rows, width
 
 
-def batch_positions(config: ProbeConfig, subsets, cache_path: str, ranks: int, precision: str, rows=None):
+def batch_positions(config: ProbeConfig, subsets, cache_path: str, ranks: int, precision: str | None, rows=None):
     """Subset positions in the batches one process would fit (from metadata alone), for the solver's
-    ``precision`` (bf16 keeps a per-row reference, which the cut counts) on ``rows`` (default: every train row).
+    ``precision`` (bf16 keeps a per-row reference, which the cut counts; None: as this process resolves
+    ``config.precision``) on ``rows`` (default: every train row).
 
     With fewer such batches than ranks, the subsets are dealt into ``ranks``
     batches instead, so no rank idles; those records then agree with one
@@ -422,6 +421,8 @@ def batch_positions(config: ProbeConfig, subsets, cache_path: str, ranks: int, p
     """
     dims, n_rows, width = member_dims(config, order_of(subsets), cache_path)
     n_rows = n_rows if rows is None else len(rows)
+    if precision is None:  # as the fit resolves it: its widest block is one member's
+        precision = c_search.solver_precision(config.precision, c_search.device(), max(dims.values()))[0]
     budget, reference = c_search.budget(config), c_search.reference_rows(precision, n_rows)
     cut = c_search.groups(subsets, dims, width, c_search.candidates(config), budget, reference)
     if len(cut) < ranks:
